@@ -1,0 +1,241 @@
+"""Slack: the incident message with its buttons, posted once and updated in place."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError, SlackClientError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from workflows.incident_types import IncidentState, IncidentStatus, SlackMessageRef
+
+ACK_ACTION = "incident_acknowledge"
+RESOLVE_ACTION = "incident_resolve"
+
+# Slack's published Block Kit limits.
+HEADER_MAX = 150
+SECTION_MAX = 3000
+FALLBACK_TEXT_MAX = 3000
+MAX_BLOCKS = 50
+
+# Errors that the same request will get again, however often it is retried.
+_PERMANENT_ERRORS = frozenset(
+    {
+        "not_authed",
+        "invalid_auth",
+        "account_inactive",
+        "token_revoked",
+        "token_expired",
+        "no_permission",
+        "missing_scope",
+        "channel_not_found",
+        "is_archived",
+        "not_in_channel",
+        "msg_too_long",
+        "invalid_blocks",
+        "invalid_blocks_format",
+        "too_many_attachments",
+        "message_not_found",
+        "cant_update_message",
+        "edit_window_closed",
+        "user_not_in_channel",
+        "invalid_arguments",
+    }
+)
+
+_STATUS_ICON = {
+    IncidentStatus.DETECTED: ":rotating_light:",
+    IncidentStatus.ACKNOWLEDGED: ":eyes:",
+    IncidentStatus.MITIGATING: ":hammer_and_wrench:",
+    IncidentStatus.RESOLVED: ":white_check_mark:",
+}
+
+
+class SlackPermanentError(Exception):
+    """Slack refused the request for a reason a retry cannot fix."""
+
+
+def make_client(token: str, base_url: str) -> WebClient:
+    # No retry handlers: Temporal's retry policy owns retries and their backoff.
+    return WebClient(token=token, base_url=base_url, timeout=15, retry_handlers=[])
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _format_metric(name: str, value: float) -> str:
+    if name.endswith("_rate") or name.endswith("_ratio"):
+        return f"{value:.1%}"
+    if float(value).is_integer():
+        return f"{int(value)}"
+    return f"{value:.3g}"
+
+
+def fallback_text(state: IncidentState) -> str:
+    """The notification text; also what screen readers and old clients show."""
+    return _truncate(
+        f"[{state.severity}] {state.trigger} · {state.scope} is {state.status}: {state.summary}",
+        FALLBACK_TEXT_MAX,
+    )
+
+
+def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
+    """The Block Kit message for an incident in its current state."""
+    icon = _STATUS_ICON[state.status]
+    header = f"{state.severity} · {state.trigger} · {state.scope} · {state.status.upper()}"
+    fields = [
+        f"*Status*\n{icon} {state.status}",
+        f"*Severity*\n{state.severity}",
+        f"*Level*\nL{state.level}",
+        f"*Opened*\n<!date^{int(state.opened_at.timestamp())}^{{date_short}} {{time}}|"
+        f"{state.opened_at:%Y-%m-%d %H:%M} UTC>",
+    ]
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": _truncate(header, HEADER_MAX)}},
+        {
+            "type": "section",
+            "text": {
+                "type": "mrkdwn",
+                "text": _truncate(state.summary or header, SECTION_MAX),
+            },
+            "fields": [{"type": "mrkdwn", "text": f} for f in fields],
+        },
+    ]
+    if state.metrics:
+        lines = [f"• {name}: *{_format_metric(name, v)}*" for name, v in state.metrics.items()]
+        blocks.append(
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": _truncate("\n".join(lines), SECTION_MAX)},
+            }
+        )
+    context = [f"Incident `{state.incident_id}`"]
+    if state.acknowledged_by:
+        context.append(f"acknowledged by {_mention(state.acknowledged_by)}")
+    if state.resolved_by:
+        context.append(f"resolved by {_mention(state.resolved_by)}")
+    blocks.append(
+        {
+            "type": "context",
+            "elements": [{"type": "mrkdwn", "text": _truncate(" · ".join(context), 3000)}],
+        }
+    )
+    buttons = []
+    if state.status == IncidentStatus.DETECTED:
+        buttons.append(_button("Acknowledge", ACK_ACTION, state.incident_id, style="primary"))
+    if state.status != IncidentStatus.RESOLVED:
+        buttons.append(_button("Resolve", RESOLVE_ACTION, state.incident_id, style="danger"))
+    if buttons:
+        blocks.append({"type": "actions", "block_id": "incident_actions", "elements": buttons})
+    return blocks[:MAX_BLOCKS]
+
+
+def _mention(user: str) -> str:
+    # Slack user ids (U…/W…) render as mentions; other actors (CLI users, PagerDuty) as text.
+    return f"<@{user}>" if user[:1] in {"U", "W"} and user.isalnum() else user
+
+
+def _button(text: str, action_id: str, value: str, style: str) -> dict[str, Any]:
+    return {
+        "type": "button",
+        "text": {"type": "plain_text", "text": text},
+        "action_id": action_id,
+        "value": value,
+        "style": style,
+    }
+
+
+def _translate(exc: SlackClientError, what: str) -> Exception:
+    if isinstance(exc, SlackApiError):
+        error = str(exc.response.get("error", "")) if exc.response is not None else ""
+        status = exc.response.status_code if exc.response is not None else 0
+        if status == 429 or error == "ratelimited":
+            retry_after = int(exc.response.headers.get("Retry-After", "1"))
+            return ApplicationError(
+                f"Slack rate-limited {what}; retrying after {retry_after}s",
+                type="SlackRateLimited",
+                next_retry_delay=timedelta(seconds=retry_after),
+            )
+        if error in _PERMANENT_ERRORS:
+            return SlackPermanentError(f"Slack refused {what}: {error}")
+        return ApplicationError(f"Slack failed {what}: {error or status}", type="SlackError")
+    return ApplicationError(f"Slack unreachable for {what}: {exc}", type="SlackError")
+
+
+def post_message(
+    client: WebClient, channel: str, text: str, blocks: list[dict[str, Any]]
+) -> SlackMessageRef:
+    try:
+        response = client.chat_postMessage(channel=channel, text=text, blocks=blocks)
+    except SlackClientError as exc:
+        raise _translate(exc, "chat.postMessage") from exc
+    return SlackMessageRef(channel=str(response["channel"]), ts=str(response["ts"]))
+
+
+def update_message(
+    client: WebClient, ref: SlackMessageRef, text: str, blocks: list[dict[str, Any]]
+) -> None:
+    try:
+        client.chat_update(channel=ref.channel, ts=ref.ts, text=text, blocks=blocks)
+    except SlackClientError as exc:
+        raise _translate(exc, "chat.update") from exc
+
+
+def post_ephemeral(client: WebClient, channel: str, user: str, text: str) -> None:
+    try:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+    except SlackClientError as exc:
+        raise _translate(exc, "chat.postEphemeral") from exc
+
+
+@dataclass
+class SlackPostRequest:
+    channel: str
+    state: IncidentState
+
+
+@dataclass
+class SlackUpdateRequest:
+    message: SlackMessageRef
+    state: IncidentState
+
+
+class SlackActivities:
+    """Registered even when Slack is off, so an incident opened while it was on fails its
+    Slack steps cleanly (on its timeline) instead of waiting for a worker that has them."""
+
+    def __init__(self, client: WebClient | None) -> None:
+        self._client = client
+
+    def _require_client(self) -> WebClient:
+        if self._client is None:
+            raise SlackPermanentError("Slack is off: PAGERLOOP_SLACK_BOT_TOKEN is not set")
+        return self._client
+
+    @activity.defn(name="slack.post_incident")
+    async def post_incident(self, request: SlackPostRequest) -> SlackMessageRef:
+        state = request.state
+        return await asyncio.to_thread(
+            post_message,
+            self._require_client(),
+            request.channel,
+            fallback_text(state),
+            incident_blocks(state),
+        )
+
+    @activity.defn(name="slack.update_incident")
+    async def update_incident(self, request: SlackUpdateRequest) -> None:
+        state = request.state
+        await asyncio.to_thread(
+            update_message,
+            self._require_client(),
+            request.message,
+            fallback_text(state),
+            incident_blocks(state),
+        )

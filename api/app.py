@@ -1,0 +1,92 @@
+"""The FastAPI application: Slack interactions, ingest, status, health and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import health, ingest, slack, status
+from api.deps import Services
+from api.telemetry import REJECTED_REQUESTS
+
+INGEST_PATHS = ("/v1/",)
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """413 before reading more than `max_bytes` of an ingest body, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(INGEST_PATHS):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLargeError
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLargeError:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        REJECTED_REQUESTS.labels("ingest", "too_large").inc()
+        response = JSONResponse(
+            {"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413
+        )
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    path = ""
+    for part in loc:
+        if part == "body":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    REJECTED_REQUESTS.labels(request.url.path, "invalid").inc()
+    messages = [f"{_field_path(error['loc'])}: {error['msg']}" for error in errors]
+    return JSONResponse(
+        {"detail": "; ".join(messages[:20]), "errors": [dict(e, ctx=None) for e in errors[:100]]},
+        status_code=422,
+    )
+
+
+def create_app(svc: Services) -> FastAPI:
+    app = FastAPI(title="pagerloop", version="0.1.0")
+    app.state.services = svc
+    app.add_middleware(BodySizeLimit, max_bytes=svc.settings.ingest_max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for module in (ingest, slack, status, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,107 @@
+"""POST /slack/interactions: a button click on an incident message becomes a workflow update."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import timedelta
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from slack_sdk.signature import SignatureVerifier
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.slack import ACK_ACTION, RESOLVE_ACTION, post_ephemeral
+from api.deps import Services, services
+from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
+from workflows.incident import IncidentWorkflow
+from workflows.incident_types import ActionRequest
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+# Slack gives up on an interaction after 3 s; leave room for the answer to travel.
+UPDATE_DEADLINE = timedelta(seconds=2.5)
+
+UPDATES = {ACK_ACTION: IncidentWorkflow.acknowledge, RESOLVE_ACTION: IncidentWorkflow.resolve}
+
+
+def _verify(svc: Services, body: bytes, request: Request) -> None:
+    secret = svc.settings.slack_signing_secret
+    timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+    signature = request.headers.get("X-Slack-Signature", "")
+    if secret is None:
+        REJECTED_REQUESTS.labels("slack", "no_signing_secret").inc()
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Slack interactions are refused: PAGERLOOP_SLACK_SIGNING_SECRET is not set",
+        )
+    if not SignatureVerifier(secret.get_secret_value()).is_valid(body, timestamp, signature):
+        REJECTED_REQUESTS.labels("slack", "bad_signature").inc()
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or stale Slack signature")
+
+
+def _payload(body: bytes) -> dict[str, Any]:
+    try:
+        raw = parse_qs(body.decode(), strict_parsing=True)["payload"][0]
+        payload = json.loads(raw)
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"payload: not a Slack interaction ({exc})"
+        ) from None
+    if not isinstance(payload, dict):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "payload: expected an object")
+    return payload
+
+
+@router.post("/slack/interactions")
+async def slack_interactions(
+    request: Request, svc: Annotated[Services, Depends(services)]
+) -> Response:
+    body = await request.body()
+    _verify(svc, body, request)
+    payload = _payload(body)
+    if payload.get("type") != "block_actions":
+        return Response(status_code=status.HTTP_200_OK)
+    user = str(payload.get("user", {}).get("id", ""))
+    channel = str((payload.get("channel") or {}).get("id", ""))
+    for action in payload.get("actions", []):
+        update = UPDATES.get(action.get("action_id", ""))
+        if update is None:
+            continue
+        incident_id = str(action.get("value", ""))
+        refusal = await _apply(svc, update, incident_id, user)
+        outcome = "refused" if refusal else "applied"
+        SLACK_ACTIONS.labels(action["action_id"], outcome).inc()
+        if refusal:
+            await _tell(svc, channel, user, refusal)
+    return Response(status_code=status.HTTP_200_OK)
+
+
+async def _apply(svc: Services, update: Any, incident_id: str, user: str) -> str | None:
+    """Run the update; return the reason it was refused, if it was."""
+    handle = svc.temporal.get_workflow_handle(incident_id)
+    try:
+        await handle.execute_update(
+            update, ActionRequest(user=user, channel="slack"), rpc_timeout=UPDATE_DEADLINE
+        )
+    except WorkflowUpdateFailedError as exc:
+        return str(exc.cause.message if hasattr(exc.cause, "message") else exc.cause)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return f"Incident `{incident_id}` does not exist or is closed."
+        log.warning("update %s on %s failed: %s", update, incident_id, exc)
+        return f"Could not reach incident `{incident_id}` right now; try again."
+    return None
+
+
+async def _tell(svc: Services, channel: str, user: str, text: str) -> None:
+    if svc.slack is None or not channel or not user:
+        return
+    try:
+        await asyncio.to_thread(post_ephemeral, svc.slack, channel, user, text)
+    except Exception as exc:  # the click's answer must not fail on a side message
+        log.warning("could not tell %s in Slack: %s", user, exc)

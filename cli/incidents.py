@@ -1,0 +1,134 @@
+"""`pagerloop incidents ...`: operate incidents without Slack."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+import worker
+from config import load_settings
+from workflows import search_attributes as sa
+from workflows.incident import IncidentWorkflow
+from workflows.incident_types import ActionRequest, IncidentState
+
+app = typer.Typer(help="List, inspect, acknowledge and resolve incidents.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+User = Annotated[str | None, typer.Option(help="who is acting (default: your login)")]
+Note = Annotated[str, typer.Option(help="a note for the timeline")]
+
+
+async def _client() -> Client:
+    return await worker.connect_temporal(load_settings())
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]{message}[/red]")
+    return typer.Exit(1)
+
+
+@app.command("list")
+def list_incidents(
+    all_: Annotated[bool, typer.Option("--all", help="include closed incidents")] = False,
+    status: Annotated[str | None, typer.Option(help="only this IncidentStatus")] = None,
+) -> None:
+    """Open incidents (or all of them), newest first."""
+    query = "WorkflowType = 'IncidentWorkflow'"
+    if not all_:
+        query += " AND ExecutionStatus = 'Running'"
+    if status:
+        query += f" AND IncidentStatus = '{status}'"
+
+    async def fetch() -> list[Any]:
+        client = await _client()
+        return [execution async for execution in client.list_workflows(query, limit=500)]
+
+    executions = asyncio.run(fetch())
+    table = Table("incident", "severity", "trigger", "scope", "status", "level", "opened")
+    for execution in executions:
+        attrs = execution.typed_search_attributes
+        table.add_row(
+            execution.id,
+            attrs.get(sa.INCIDENT_SEVERITY),
+            attrs.get(sa.INCIDENT_TRIGGER),
+            attrs.get(sa.INCIDENT_SCOPE),
+            attrs.get(sa.INCIDENT_STATUS),
+            f"L{attrs.get(sa.INCIDENT_LEVEL)}",
+            f"{execution.start_time:%Y-%m-%d %H:%M:%S}",
+        )
+    out.print(table if executions else "no incidents")
+
+
+@app.command()
+def show(incident_id: str) -> None:
+    """An incident's state and timeline."""
+
+    async def fetch() -> IncidentState:
+        client = await _client()
+        handle = client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+        return await handle.query(IncidentWorkflow.state)
+
+    try:
+        state = asyncio.run(fetch())
+    except RPCError as exc:
+        raise _unknown(incident_id, exc) from None
+    out.print(
+        f"[bold]{state.incident_id}[/bold]  {state.severity} {state.trigger} on {state.scope}"
+        f"  [bold]{state.status}[/bold]  L{state.level}"
+    )
+    if state.summary:
+        out.print(state.summary)
+    for name, value in state.metrics.items():
+        out.print(f"  {name}: {value:.4g}")
+    table = Table("at (UTC)", "what", "who", "via", "text")
+    for entry in state.timeline:
+        table.add_row(
+            f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.kind, entry.actor, entry.channel, entry.text
+        )
+    out.print(table)
+
+
+def _unknown(incident_id: str, exc: RPCError) -> typer.Exit:
+    if exc.status == RPCStatusCode.NOT_FOUND:
+        return _fail(f"no incident {incident_id!r}: see `pagerloop incidents list --all`")
+    return _fail(f"could not reach incident {incident_id!r}: {exc}")
+
+
+def _act(incident_id: str, update: Any, request: ActionRequest) -> IncidentState:
+    async def send() -> IncidentState:
+        client = await _client()
+        state: IncidentState = await client.get_workflow_handle(incident_id).execute_update(
+            update, request, result_type=IncidentState
+        )
+        return state
+
+    try:
+        return asyncio.run(send())
+    except WorkflowUpdateFailedError as exc:
+        raise _fail(f"refused: {getattr(exc.cause, 'message', exc.cause)}") from None
+    except RPCError as exc:
+        raise _unknown(incident_id, exc) from None
+
+
+@app.command()
+def ack(incident_id: str, user: User = None, note: Note = "") -> None:
+    """Acknowledge an incident."""
+    request = ActionRequest(user or getpass.getuser(), "cli", note)
+    state = _act(incident_id, IncidentWorkflow.acknowledge, request)
+    out.print(f"{state.incident_id} is {state.status} (by {state.acknowledged_by})")
+
+
+@app.command()
+def resolve(incident_id: str, user: User = None, note: Note = "") -> None:
+    """Resolve an incident."""
+    request = ActionRequest(user or getpass.getuser(), "cli", note)
+    state = _act(incident_id, IncidentWorkflow.resolve, request)
+    out.print(f"{state.incident_id} is {state.status} (by {state.resolved_by})")

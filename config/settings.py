@@ -1,0 +1,141 @@
+"""The one configuration object of pagerloop, read from `PAGERLOOP_*` variables and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ConfigurationError(Exception):
+    """The configuration cannot run the service; the message names the variables."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PAGERLOOP_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    dev_mode: bool = False
+    data_dir: Path = Path(".pagerloop")
+    log_level: str = "INFO"
+
+    database_url: str = "sqlite:///.pagerloop/stores.db"
+
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "pagerloop"
+    temporal_ui_port: int = Field(default=8233, ge=1, le=65535)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    public_url: str = ""
+    ingest_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    ingest_max_body_bytes: int = Field(default=5_000_000, gt=0)
+    user_hash_salt: SecretStr = SecretStr("")
+
+    detector_interval_seconds: int = Field(default=30, ge=1)
+    detector_window_seconds: int = Field(default=300, ge=10)
+
+    slack_bot_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_channel: str = "#llm-oncall"
+    slack_api_url: HttpUrl = HttpUrl("https://slack.com/api/")
+    slack_allowed_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    pagerduty_routing_key: SecretStr | None = None
+    pagerduty_events_url: HttpUrl = HttpUrl("https://events.pagerduty.com")
+    pagerduty_webhook_secret: SecretStr | None = None
+
+    jira_url: HttpUrl | None = None
+    jira_email: str | None = None
+    jira_token: SecretStr | None = None
+    jira_project: str = "OPS"
+
+    daily_budget_usd: float = Field(default=500.0, gt=0)
+
+    escalation_policy_file: Path | None = None
+    rules_file: Path | None = None
+
+    @field_validator("ingest_api_keys", "slack_allowed_users", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator(
+        "slack_bot_token",
+        "slack_signing_secret",
+        "pagerduty_routing_key",
+        "pagerduty_webhook_secret",
+        "jira_token",
+        mode="before",
+    )
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("jira_url", mode="before")
+    @classmethod
+    def _empty_url_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def slack_enabled(self) -> bool:
+        return self.slack_bot_token is not None
+
+    @property
+    def pagerduty_enabled(self) -> bool:
+        return self.pagerduty_routing_key is not None
+
+    @property
+    def jira_enabled(self) -> bool:
+        return self.jira_url is not None
+
+    @property
+    def api_url(self) -> str:
+        return self.public_url or f"http://{self.api_host}:{self.api_port}"
+
+    def missing_inbound_secrets(self) -> list[str]:
+        """Inbound integrations that are configured but could not verify who is calling."""
+        missing = []
+        if self.slack_enabled and self.slack_signing_secret is None:
+            missing.append(
+                "PAGERLOOP_SLACK_SIGNING_SECRET (Slack is on: PAGERLOOP_SLACK_BOT_TOKEN is set)"
+            )
+        if not self.ingest_api_keys:
+            missing.append("PAGERLOOP_INGEST_API_KEYS (the ingest endpoints need bearer keys)")
+        return missing
+
+    def require_inbound_secrets(self) -> None:
+        """Refuse to serve outside dev mode when a request could not be verified."""
+        if self.dev_mode:
+            return
+        missing = self.missing_inbound_secrets()
+        if missing:
+            raise ConfigurationError(
+                "refusing to start outside dev mode without the secrets that verify inbound "
+                "requests: " + "; ".join(missing) + ". Set them, or run `pagerloop dev`."
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with a readable error naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(f"PAGERLOOP_{field.upper()}: {error['msg']}")
+        raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Instrumentation: pricing, user-id hashing and (later) the OpenAI SDK wrapper."""

@@ -1,0 +1,1 @@
+"""Stores: sqlmodel tables and the engine they live in (SQLite by default, or PostgreSQL)."""

@@ -1,0 +1,148 @@
+"""Shared test ground: Temporal servers, a real PostgreSQL, stores, and the vendor fakes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import SQLModel
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from stores.engine import create_schema, make_engine
+from tests import postgres
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from workflows import search_attributes as sa
+
+BIN = Path(sys.executable).parent
+
+
+def _binary(name: str) -> str:
+    beside = BIN / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is missing: run the tests with `uv run pytest`")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def postgres_required() -> bool:
+    return bool(os.environ.get("CI") or os.environ.get("PAGERLOOP_REQUIRE_POSTGRES"))
+
+
+# --- Temporal -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The time-skipping test server, with the contract's search attributes registered."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=_binary("temporal-test-server"),
+        data_converter=pydantic_data_converter,
+    )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                key.name: IndexedValueType.ValueType(key.indexed_value_type.value)
+                for key in sa.ALL
+            },
+        )
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The local dev server (real time, visibility, schedules) with the search attributes."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=_binary("temporal"),
+        data_converter=pydantic_data_converter,
+        search_attributes=list(sa.ALL),
+        dev_server_extra_args=["--ui-disable-news-fetch", "--headless"],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+def task_queue() -> str:
+    """Each test its own queue, so tests sharing a server never see each other's work."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+# --- PostgreSQL and the stores ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of its own on a real PostgreSQL, dropped after the run."""
+    admin = postgres.configured_url()
+    cluster: postgres.OwnCluster | None = None
+    if not postgres.answers(admin):
+        cluster = postgres.OwnCluster()
+        if not cluster.available:
+            reason = f"no PostgreSQL answers at {admin} and no server binaries to start one"
+            if postgres_required():
+                pytest.fail(reason)
+            pytest.skip(reason)
+        admin = cluster.start()
+    name = f"pagerloop_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    url = postgres.create_database(admin, name)
+    yield url.render_as_string(hide_password=False)
+    postgres.drop_database(admin, name)
+    if cluster is not None:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """The stores on SQLite and on PostgreSQL, empty for each test."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'stores.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = make_engine(url)
+    SQLModel.metadata.drop_all(engine)
+    create_schema(engine)
+    yield engine
+    SQLModel.metadata.drop_all(engine)
+    engine.dispose()
+
+
+# --- vendor fakes --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_slack() -> Iterator[FakeSlack]:
+    with FakeSlack() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_pagerduty() -> Iterator[FakePagerDuty]:
+    with FakePagerDuty() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_jira() -> Iterator[FakeJira]:
+    with FakeJira() as server:
+        yield server

@@ -1,0 +1,197 @@
+"""A local Slack Web API: chat.postMessage, chat.update, chat.postEphemeral, auth.test.
+
+Speaks Slack's wire format: form or JSON bodies, `Authorization: Bearer xoxb-…`, HTTP 200 with
+`{"ok": false, "error": …}` for API errors, HTTP 429 with `Retry-After` when rate limited, and
+the Block Kit limits Slack enforces (`invalid_blocks`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tests.fakes.server import FakeServer, read_body
+
+
+@dataclass
+class Fault:
+    method: str
+    error: str
+    status: int = 200
+    retry_after: int | None = None
+
+
+@dataclass
+class Message:
+    channel: str
+    ts: str
+    text: str
+    blocks: list[dict[str, Any]]
+    edits: list[dict[str, Any]] = field(default_factory=list)
+
+
+def block_errors(blocks: list[dict[str, Any]]) -> list[str]:
+    """Violations of Slack's published Block Kit limits."""
+    errors = []
+    if len(blocks) > 50:
+        errors.append(f"too many blocks: {len(blocks)} > 50")
+    for i, block in enumerate(blocks):
+        kind = block.get("type")
+        text = (block.get("text") or {}).get("text", "")
+        if kind == "header" and len(text) > 150:
+            errors.append(f"blocks[{i}].text: header longer than 150")
+        if kind == "section":
+            if len(text) > 3000:
+                errors.append(f"blocks[{i}].text: section text longer than 3000")
+            fields = block.get("fields", [])
+            if len(fields) > 10:
+                errors.append(f"blocks[{i}].fields: more than 10")
+            errors += [
+                f"blocks[{i}].fields[{j}]: longer than 2000"
+                for j, f in enumerate(fields)
+                if len(f.get("text", "")) > 2000
+            ]
+        if kind == "actions":
+            elements = block.get("elements", [])
+            if len(elements) > 25:
+                errors.append(f"blocks[{i}].elements: more than 25")
+            for j, element in enumerate(elements):
+                if len(element.get("text", {}).get("text", "")) > 75:
+                    errors.append(f"blocks[{i}].elements[{j}].text: longer than 75")
+                if len(element.get("action_id", "")) > 255:
+                    errors.append(f"blocks[{i}].elements[{j}].action_id: longer than 255")
+                if len(element.get("value", "")) > 2000:
+                    errors.append(f"blocks[{i}].elements[{j}].value: longer than 2000")
+    return errors
+
+
+class FakeSlack(FakeServer):
+    def __init__(self, missing_channels: tuple[str, ...] = ()) -> None:
+        super().__init__([Route("/api/{method}", self._handle, methods=["POST", "GET"])])
+        self.revoked_tokens: set[str] = set()
+        self.missing_channels = set(missing_channels)
+        self.faults: deque[Fault] = deque()
+        self.messages: dict[tuple[str, str], Message] = {}
+        self.ephemeral: list[dict[str, Any]] = []
+        self._channel_ids: dict[str, str] = {}
+        self._ts = itertools.count(1)
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api/"
+
+    def fail_next(self, method: str, error: str, status: int = 200, retry_after: int | None = None):
+        self.faults.append(Fault(method, error, status, retry_after))
+
+    def calls(self, method: str) -> list[dict[str, Any]]:
+        return [r.data for r in self.received(f"/api/{method}")]
+
+    def channel_id(self, name: str) -> str:
+        name = name.lstrip("#")
+        if name not in self._channel_ids:
+            self._channel_ids[name] = f"C{len(self._channel_ids) + 1:08d}"
+        return self._channel_ids[name]
+
+    async def _handle(self, request: Request) -> JSONResponse:
+        method = request.path_params["method"]
+        body, data = await read_body(request)
+        self.record(request, body, data)
+        token = request.headers.get("authorization", "").removeprefix("Bearer ") or data.get(
+            "token", ""
+        )
+        with self.lock:
+            fault = next((f for f in self.faults if f.method == method), None)
+            if fault is not None:
+                self.faults.remove(fault)
+        if fault is not None:
+            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
+            return JSONResponse({"ok": False, "error": fault.error}, fault.status, headers)
+        if not token:
+            return _error("not_authed")
+        if not token.startswith("xox") or token in self.revoked_tokens:
+            return _error("invalid_auth")
+        handler = {
+            "auth.test": self._auth_test,
+            "chat.postMessage": self._post_message,
+            "chat.update": self._update,
+            "chat.postEphemeral": self._post_ephemeral,
+        }.get(method)
+        if handler is None:
+            return _error("unknown_method")
+        return handler(data)
+
+    def _resolve_channel(self, channel: str) -> str | None:
+        if not channel or channel.lstrip("#") in self.missing_channels:
+            return None
+        if channel.startswith("C") and channel in self._channel_ids.values():
+            return channel
+        return self.channel_id(channel)
+
+    @staticmethod
+    def _blocks(data: dict[str, Any]) -> list[dict[str, Any]]:
+        blocks = data.get("blocks") or []
+        return json.loads(blocks) if isinstance(blocks, str) else list(blocks)
+
+    def _auth_test(self, data: dict[str, Any]) -> JSONResponse:
+        return JSONResponse({"ok": True, "team": "pagerloop", "user": "pagerloop", "bot_id": "B1"})
+
+    def _post_message(self, data: dict[str, Any]) -> JSONResponse:
+        channel = self._resolve_channel(str(data.get("channel", "")))
+        if channel is None:
+            return _error("channel_not_found")
+        blocks = self._blocks(data)
+        if not data.get("text") and not blocks:
+            return _error("no_text")
+        if problems := block_errors(blocks):
+            return _error("invalid_blocks", errors=problems)
+        if len(str(data.get("text", ""))) > 40_000:
+            return _error("msg_too_long")
+        ts = f"{int(time.time())}.{next(self._ts):06d}"
+        message = Message(channel, ts, str(data.get("text", "")), blocks)
+        with self.lock:
+            self.messages[(channel, ts)] = message
+        return JSONResponse(
+            {
+                "ok": True,
+                "channel": channel,
+                "ts": ts,
+                "message": {"type": "message", "text": message.text, "blocks": blocks, "ts": ts},
+            }
+        )
+
+    def _update(self, data: dict[str, Any]) -> JSONResponse:
+        channel, ts = str(data.get("channel", "")), str(data.get("ts", ""))
+        if channel not in self._channel_ids.values():
+            return _error("channel_not_found")
+        message = self.messages.get((channel, ts))
+        if message is None:
+            return _error("message_not_found")
+        blocks = self._blocks(data)
+        if problems := block_errors(blocks):
+            return _error("invalid_blocks", errors=problems)
+        with self.lock:
+            message.edits.append({"text": message.text, "blocks": message.blocks})
+            message.text, message.blocks = str(data.get("text", message.text)), blocks
+        return JSONResponse({"ok": True, "channel": channel, "ts": ts, "text": message.text})
+
+    def _post_ephemeral(self, data: dict[str, Any]) -> JSONResponse:
+        channel = self._resolve_channel(str(data.get("channel", "")))
+        if channel is None:
+            return _error("channel_not_found")
+        if not data.get("user"):
+            return _error("user_not_in_channel")
+        with self.lock:
+            self.ephemeral.append(dict(data))
+        return JSONResponse({"ok": True, "message_ts": f"{int(time.time())}.{next(self._ts):06d}"})
+
+
+def _error(error: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"ok": False, "error": error, **extra})

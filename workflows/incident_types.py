@@ -1,0 +1,127 @@
+"""Data that crosses the incident workflow's boundary: inputs, updates, state, timeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class IncidentStatus(StrEnum):
+    DETECTED = "detected"
+    ACKNOWLEDGED = "acknowledged"
+    MITIGATING = "mitigating"
+    RESOLVED = "resolved"
+
+
+class Severity(StrEnum):
+    SEV1 = "SEV1"
+    SEV2 = "SEV2"
+    SEV3 = "SEV3"
+    SEV4 = "SEV4"
+
+
+class Trigger(StrEnum):
+    RATE_LIMIT_EXHAUSTION = "rate_limit_exhaustion"
+    ELEVATED_LATENCY = "elevated_latency"
+    ERROR_RATE = "error_rate"
+    API_OUTAGE = "api_outage"
+    COST_SPIKE = "cost_spike"
+    BUDGET_EXHAUSTION = "budget_exhaustion"
+    TOKEN_QUOTA = "token_quota"
+    QUALITY_DEGRADATION = "quality_degradation"
+
+
+@dataclass
+class Breach:
+    """What a detector saw: a rule over its threshold for long enough."""
+
+    trigger: Trigger
+    scope: str
+    severity: Severity
+    observed_at: datetime
+    summary: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class NotificationPlan:
+    """Where this incident is announced; decided when it opens, kept for its whole life."""
+
+    slack_channel: str | None = None
+    pagerduty: bool = False
+    allowed_slack_users: list[str] = field(default_factory=list)
+    status_url: str = ""
+
+
+@dataclass
+class IncidentInput:
+    incident_id: str
+    trigger: Trigger
+    scope: str
+    severity: Severity
+    opened_at: datetime
+    notify: NotificationPlan = field(default_factory=NotificationPlan)
+
+
+@dataclass
+class ActionRequest:
+    """A responder acting on an incident, and through which channel."""
+
+    user: str
+    channel: str = "api"
+    note: str = ""
+
+
+@dataclass
+class TimelineEntry:
+    at: datetime
+    kind: str
+    text: str
+    actor: str = "pagerloop"
+    channel: str = "workflow"
+
+
+@dataclass
+class SlackMessageRef:
+    channel: str
+    ts: str
+
+
+@dataclass
+class IncidentState:
+    incident_id: str
+    trigger: Trigger
+    scope: str
+    severity: Severity
+    status: IncidentStatus
+    opened_at: datetime
+    level: int = 1
+    summary: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    breach_count: int = 0
+    last_breach_at: datetime | None = None
+    acknowledged_by: str | None = None
+    acknowledged_at: datetime | None = None
+    resolved_by: str | None = None
+    resolved_at: datetime | None = None
+    slack_message: SlackMessageRef | None = None
+    timeline: list[TimelineEntry] = field(default_factory=list)
+
+
+@dataclass
+class BreachReceipt:
+    incident_id: str
+    status: IncidentStatus
+    breach_count: int
+
+
+@dataclass
+class IncidentResult:
+    incident_id: str
+    status: IncidentStatus
+    opened_at: datetime
+    acknowledged_at: datetime | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    timeline: list[TimelineEntry]

@@ -1,0 +1,54 @@
+"""Named timeouts and retry policies for every activity call the workflows make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+
+@dataclass(frozen=True)
+class ActivityPolicy:
+    start_to_close: timedelta
+    schedule_to_close: timedelta | None
+    retry: RetryPolicy
+
+
+# A page must never be lost: vendor calls retry with backoff for a day unless the error
+# says retrying cannot help (bad token, unknown channel, invalid payload).
+VENDOR_CALL = ActivityPolicy(
+    start_to_close=timedelta(seconds=30),
+    schedule_to_close=timedelta(hours=24),
+    retry=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(minutes=5),
+        non_retryable_error_types=[
+            "SlackPermanentError",
+            "PagerDutyPermanentError",
+            "JiraPermanentError",
+        ],
+    ),
+)
+
+# Store queries are cheap and the next evaluation comes soon: give up quickly.
+STORE_QUERY = ActivityPolicy(
+    start_to_close=timedelta(seconds=20),
+    schedule_to_close=timedelta(minutes=1),
+    retry=RetryPolicy(
+        initial_interval=timedelta(milliseconds=500),
+        maximum_interval=timedelta(seconds=5),
+        maximum_attempts=5,
+    ),
+)
+
+# Opening an incident talks to Temporal itself; transient failures clear fast.
+OPEN_INCIDENT = ActivityPolicy(
+    start_to_close=timedelta(seconds=30),
+    schedule_to_close=timedelta(minutes=5),
+    retry=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        maximum_interval=timedelta(seconds=15),
+    ),
+)

@@ -1,0 +1,27 @@
+"""The contract's search attributes: what operators filter incidents by in the Temporal UI."""
+
+from __future__ import annotations
+
+from temporalio.common import SearchAttributeKey
+
+INCIDENT_STATUS = SearchAttributeKey.for_keyword("IncidentStatus")
+INCIDENT_SEVERITY = SearchAttributeKey.for_keyword("IncidentSeverity")
+INCIDENT_TRIGGER = SearchAttributeKey.for_keyword("IncidentTrigger")
+INCIDENT_SCOPE = SearchAttributeKey.for_keyword("IncidentScope")
+INCIDENT_LEVEL = SearchAttributeKey.for_int("IncidentLevel")
+
+ALL: tuple[SearchAttributeKey[str] | SearchAttributeKey[int], ...] = (
+    INCIDENT_STATUS,
+    INCIDENT_SEVERITY,
+    INCIDENT_TRIGGER,
+    INCIDENT_SCOPE,
+    INCIDENT_LEVEL,
+)
+
+
+def dev_server_flags() -> list[str]:
+    """`--search-attribute Name=Type` flags for `temporal server start-dev`."""
+    flags = []
+    for key in ALL:
+        flags += ["--search-attribute", f"{key.name}={key.indexed_value_type.name.title()}"]
+    return flags
