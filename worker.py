@@ -40,10 +40,10 @@ from api.deps import Services
 from cli.devserver import EmbeddedTemporal, answers
 from config import Settings, load_settings
 from detectors.detector import (
-    DETECTOR_WORKFLOW_ID,
     DetectorConfig,
     DetectorInput,
     DetectorWorkflow,
+    detector_workflow_id,
 )
 from stores.engine import create_schema, make_engine
 from workflows import search_attributes as sa
@@ -147,7 +147,7 @@ async def ensure_detector(client: Client, settings: Settings) -> None:
     handle = await client.start_workflow(
         DetectorWorkflow.run,
         DetectorInput(config=config),
-        id=DETECTOR_WORKFLOW_ID,
+        id=detector_workflow_id(settings.task_queue),
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         static_summary="pagerloop detector: LLM golden signals → incidents",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from temporalio import activity
@@ -17,10 +18,13 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import Breach, IncidentInput, IncidentStatus, NotificationPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +43,14 @@ class OpenIncidentResult:
     incident_id: str | None  # None: that incident is resolved, propose a new id
     opened: bool = False
     breach_count: int = 0
+
+
+def open_incidents_query(task_queue: str) -> str:
+    """Visibility query for this deployment's running incidents."""
+    return (
+        "WorkflowType = 'IncidentWorkflow' AND ExecutionStatus = 'Running' "
+        f"AND TaskQueue = '{task_queue}'"
+    )
 
 
 def incident_summary(breach: Breach) -> str:
@@ -86,9 +98,11 @@ class IncidentActivities:
             receipt = await self._client.execute_update_with_start_workflow(
                 IncidentWorkflow.report_breach, breach, start_workflow_operation=start
             )
-        except (WorkflowAlreadyStartedError, WorkflowUpdateFailedError) as exc:
-            # Closed, or running but already resolved: that incident is over.
-            activity.logger.info("incident %s is over (%s)", incident_id, exc)
+        except (WorkflowAlreadyStartedError, WorkflowUpdateFailedError, RPCError) as exc:
+            # Closed (servers differ in how they say so), or running but already resolved.
+            if isinstance(exc, RPCError) and exc.status != RPCStatusCode.ALREADY_EXISTS:
+                raise
+            log.info("incident %s is over (%s)", incident_id, exc)
             return OpenIncidentResult(incident_id=None)
         return OpenIncidentResult(
             incident_id=receipt.incident_id,
@@ -98,8 +112,8 @@ class IncidentActivities:
 
     async def _find_open(self, breach: Breach) -> str | None:
         query = (
-            "WorkflowType = 'IncidentWorkflow' AND ExecutionStatus = 'Running' "
-            f"AND IncidentTrigger = '{breach.trigger}' AND IncidentScope = '{breach.scope}' "
+            f"{open_incidents_query(self._task_queue)} AND IncidentTrigger = '{breach.trigger}' "
+            f"AND IncidentScope = '{breach.scope}' "
             f"AND IncidentStatus != '{IncidentStatus.RESOLVED}'"
         )
         async for execution in self._client.list_workflows(query, limit=1):

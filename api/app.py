@@ -16,12 +16,8 @@ from api.telemetry import REJECTED_REQUESTS
 INGEST_PATHS = ("/v1/",)
 
 
-class BodyTooLargeError(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """413 before reading more than `max_bytes` of an ingest body, declared or streamed."""
+    """413 for an ingest body over `max_bytes`, declared or streamed, before any parsing."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -35,20 +31,30 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        # Read the body here (bounded) so a streamed, undeclared body is measured too.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise BodyTooLargeError
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except BodyTooLargeError:
-            await self._refuse(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         REJECTED_REQUESTS.labels("ingest", "too_large").inc()

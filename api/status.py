@@ -10,12 +10,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
+from activities.incidents import open_incidents_query
 from api.deps import Services, services
 from workflows import search_attributes as sa
 
 router = APIRouter()
-
-OPEN_INCIDENTS = "WorkflowType = 'IncidentWorkflow' AND ExecutionStatus = 'Running'"
 
 
 class OpenIncident(BaseModel):
@@ -42,7 +41,8 @@ def overall_state(incidents: list[OpenIncident]) -> str:
 
 async def open_incidents(svc: Services) -> list[OpenIncident]:
     found = []
-    async for execution in svc.temporal.list_workflows(OPEN_INCIDENTS, limit=200):
+    query = open_incidents_query(svc.settings.task_queue)
+    async for execution in svc.temporal.list_workflows(query, limit=200):
         attrs = execution.typed_search_attributes
         found.append(
             OpenIncident(

@@ -41,14 +41,15 @@ def list_incidents(
     status: Annotated[str | None, typer.Option(help="only this IncidentStatus")] = None,
 ) -> None:
     """Open incidents (or all of them), newest first."""
-    query = "WorkflowType = 'IncidentWorkflow'"
+    settings = load_settings()
+    query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{settings.task_queue}'"
     if not all_:
         query += " AND ExecutionStatus = 'Running'"
     if status:
         query += f" AND IncidentStatus = '{status}'"
 
     async def fetch() -> list[Any]:
-        client = await _client()
+        client = await worker.connect_temporal(settings)
         return [execution async for execution in client.list_workflows(query, limit=500)]
 
     executions = asyncio.run(fetch())

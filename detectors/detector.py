@@ -28,7 +28,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.incident_types import Breach
     from workflows.policies import OPEN_INCIDENT, STORE_QUERY
 
-DETECTOR_WORKFLOW_ID = "pagerloop-detector"
 GLOBAL_SCOPE = "global"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
@@ -55,6 +54,11 @@ class DetectorStatus:
     last_evaluated_at: datetime | None
     rule_states: dict[str, RuleState]
     last_verdicts: dict[str, str]
+
+
+def detector_workflow_id(task_queue: str) -> str:
+    """One detector per deployment; deployments sharing a namespace differ by task queue."""
+    return f"detector-{task_queue}"
 
 
 def rule_key(rule: ThresholdRule, scope: str) -> str:

@@ -52,6 +52,8 @@ class LLMCall(SQLModel, table=True):
 
 def insert_calls(engine: Engine, calls: list[LLMCall]) -> int:
     """Insert a batch in one transaction: all rows land or none do."""
+    for call in calls:
+        call.ts = utc(call.ts)  # SQLite compares the stored text: one zone for every row
     with Session(engine) as session:
         session.add_all(calls)
         session.commit()
@@ -70,6 +72,7 @@ class ErrorCounts:
 
 def error_counts(engine: Engine, start: datetime, end: datetime) -> ErrorCounts:
     """Calls and non-success calls with start <= ts < end."""
+    start, end = utc(start), utc(end)
     not_ok = case((col(LLMCall.status) != "success", 1), else_=0)
     query = select(func.count(), func.coalesce(func.sum(not_ok), 0)).where(
         col(LLMCall.ts) >= start, col(LLMCall.ts) < end

@@ -60,8 +60,7 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
         AddSearchAttributesRequest(
             namespace=env.client.namespace,
             search_attributes={
-                key.name: IndexedValueType.ValueType(key.indexed_value_type.value)
-                for key in sa.ALL
+                key.name: IndexedValueType.ValueType(key.indexed_value_type.value) for key in sa.ALL
             },
         )
     )

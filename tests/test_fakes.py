@@ -44,9 +44,9 @@ def test_slack_errors_have_slack_shapes(fake_slack: FakeSlack) -> None:
         slack_client(fake_slack, token="not-a-token").chat_postMessage(channel="#a", text="x")
     assert bad_token.value.response["error"] == "invalid_auth"
 
+    client = slack_client(fake_slack)
+    channel = client.chat_postMessage(channel="#a", text="x")["channel"]
     with pytest.raises(SlackApiError) as unknown_ts:
-        client = slack_client(fake_slack)
-        channel = client.chat_postMessage(channel="#a", text="x")["channel"]
         client.chat_update(channel=channel, ts="1.000000", text="y")
     assert unknown_ts.value.response["error"] == "message_not_found"
 

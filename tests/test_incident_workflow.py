@@ -1,0 +1,216 @@
+"""IncidentWorkflow on the time-skipping server, with the real Slack and PagerDuty clients
+talking to the local fakes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities import pagerduty, slack
+from activities.incidents import IncidentActivities, OpenIncidentRequest
+from activities.pagerduty import PagerDutyActivities
+from activities.slack import SlackActivities
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import eventually
+from workflows import search_attributes as sa
+from workflows.incident import IncidentWorkflow
+from workflows.incident_types import (
+    ActionRequest,
+    Breach,
+    IncidentResult,
+    IncidentState,
+    IncidentStatus,
+    NotificationPlan,
+    Severity,
+    Trigger,
+)
+
+ROUTING_KEY = "R" * 32
+
+
+def breach(scope: str = "global") -> Breach:
+    return Breach(
+        trigger=Trigger.ERROR_RATE,
+        scope=scope,
+        severity=Severity.SEV2,
+        observed_at=datetime(2026, 11, 26, 12, tzinfo=UTC),
+        summary="error rate 40.0% > 5% (20/50 calls in 300s)",
+        metrics={"error_rate": 0.4, "calls": 50, "errors": 20},
+    )
+
+
+class Stack:
+    def __init__(self, client: Client, task_queue: str, plan: NotificationPlan) -> None:
+        self.client = client
+        self.opener = IncidentActivities(client, task_queue, plan)
+
+    async def open(self, incident_id: str | None = None) -> tuple[str, WorkflowHandle]:
+        incident_id = incident_id or f"incident-error_rate-global-{uuid.uuid4().hex[:8]}"
+        result = await self.opener.open_or_update(
+            OpenIncidentRequest(incident_id, breach(), join_open_incident=False)
+        )
+        assert result.incident_id == incident_id
+        return incident_id, self.client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+
+
+@pytest.fixture
+def plan() -> NotificationPlan:
+    return NotificationPlan(slack_channel="#llm-oncall", pagerduty=True)
+
+
+@pytest.fixture
+async def stack(
+    time_skipping_env: WorkflowEnvironment,
+    task_queue: str,
+    fake_slack: FakeSlack,
+    fake_pagerduty: FakePagerDuty,
+    plan: NotificationPlan,
+) -> AsyncIterator[Stack]:
+    slack_activities = SlackActivities(slack.make_client("xoxb-test", fake_slack.api_url))
+    pd_activities = PagerDutyActivities(pagerduty.make_session(ROUTING_KEY, fake_pagerduty.url))
+    async with Worker(
+        time_skipping_env.client,
+        task_queue=task_queue,
+        workflows=[IncidentWorkflow],
+        activities=[
+            slack_activities.post_incident,
+            slack_activities.update_incident,
+            pd_activities.trigger,
+            pd_activities.acknowledge,
+            pd_activities.resolve,
+        ],
+    ):
+        yield Stack(time_skipping_env.client, task_queue, plan)
+
+
+async def state_of(handle: WorkflowHandle) -> IncidentState:
+    return await handle.query(IncidentWorkflow.state)
+
+
+async def test_opens_pages_posts_and_updates_in_place(
+    stack: Stack, fake_slack: FakeSlack, fake_pagerduty: FakePagerDuty
+) -> None:
+    incident_id, handle = await stack.open()
+
+    await eventually(lambda: len(fake_pagerduty.events("trigger")) == 1)
+    await eventually(lambda: len(fake_slack.messages) == 1)
+    [trigger] = fake_pagerduty.events("trigger")
+    assert trigger["dedup_key"] == incident_id
+    assert trigger["payload"]["severity"] == "error"
+    assert trigger["payload"]["custom_details"]["error_rate"] == 0.4
+    [message] = fake_slack.messages.values()
+    assert "incident_acknowledge" in str(message.blocks)
+
+    acked = await handle.execute_update(
+        IncidentWorkflow.acknowledge, ActionRequest("U024BE7LH", "slack")
+    )
+    assert acked.status == IncidentStatus.ACKNOWLEDGED
+    await eventually(lambda: len(fake_pagerduty.events("acknowledge")) == 1)
+    await eventually(lambda: len(message.edits) == 1)
+    assert fake_pagerduty.events("acknowledge")[0]["dedup_key"] == incident_id
+    assert "acknowledged by <@U024BE7LH>" in str(message.blocks)
+    assert "incident_acknowledge" not in str(message.blocks)
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(sa.INCIDENT_STATUS) == "acknowledged"
+    assert described.typed_search_attributes.get(sa.INCIDENT_LEVEL) == 1
+
+    await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli", "fixed"))
+    result: IncidentResult = await handle.result()
+    assert result.status == IncidentStatus.RESOLVED
+    assert result.resolved_by == "alice"
+    assert fake_pagerduty.alerts[incident_id] == "resolved"
+    assert "incident_resolve" not in str(message.blocks)
+    assert len(fake_slack.calls("chat.postMessage")) == 1
+    kinds = [entry.kind for entry in result.timeline]
+    assert kinds[:2] == ["opened", "breach"]
+    assert {"notified", "paged", "acknowledged", "resolved"} <= set(kinds)
+
+
+async def test_a_second_acknowledge_says_who_acked_and_when(stack: Stack) -> None:
+    _, handle = await stack.open()
+    await handle.execute_update(IncidentWorkflow.acknowledge, ActionRequest("U1", "slack"))
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await handle.execute_update(IncidentWorkflow.acknowledge, ActionRequest("U2", "slack"))
+    message = str(refused.value.cause)
+    assert "already acknowledged by U1 at " in message
+    assert (await state_of(handle)).acknowledged_by == "U1"
+
+
+async def test_a_storm_of_breaches_is_one_incident(
+    stack: Stack, fake_slack: FakeSlack, fake_pagerduty: FakePagerDuty
+) -> None:
+    incident_id, handle = await stack.open()
+    for _ in range(5):
+        await stack.open(incident_id)
+    assert (await state_of(handle)).breach_count == 6
+    await eventually(lambda: len(fake_pagerduty.events("trigger")) == 1)
+    await eventually(lambda: len(fake_slack.messages) == 1)
+
+
+async def test_a_resolved_incident_takes_no_more_breaches(stack: Stack) -> None:
+    incident_id, handle = await stack.open()
+    await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
+    await handle.result()
+    again = await stack.opener.open_or_update(
+        OpenIncidentRequest(incident_id, breach(), join_open_incident=False)
+    )
+    assert again.incident_id is None
+
+
+async def test_slack_refusing_does_not_hold_back_the_page(
+    stack: Stack, fake_slack: FakeSlack, fake_pagerduty: FakePagerDuty
+) -> None:
+    fake_slack.missing_channels.add("llm-oncall")
+    _, handle = await stack.open()
+    await eventually(lambda: len(fake_pagerduty.events("trigger")) == 1)
+
+    async def failure_recorded() -> bool:
+        timeline = (await state_of(handle)).timeline
+        return any(
+            e.kind == "notification_failed" and "channel_not_found" in e.text for e in timeline
+        )
+
+    await eventually(failure_recorded)
+    assert fake_slack.messages == {}
+
+
+async def test_rate_limited_slack_is_retried_and_posts_once(
+    stack: Stack, fake_slack: FakeSlack
+) -> None:
+    fake_slack.fail_next("chat.postMessage", "ratelimited", status=429, retry_after=1)
+    fake_slack.fail_next("chat.postMessage", "ratelimited", status=429, retry_after=1)
+    _, handle = await stack.open()
+    await eventually(lambda: len(fake_slack.messages) == 1, timeout=30)
+    assert len(fake_slack.calls("chat.postMessage")) == 3
+    state = await state_of(handle)
+    assert state.slack_message is not None
+
+
+async def test_pagerduty_throttling_is_retried_until_the_page_lands(
+    stack: Stack, fake_pagerduty: FakePagerDuty
+) -> None:
+    for _ in range(4):
+        fake_pagerduty.fail_next(429, retry_after=1)
+    incident_id, _ = await stack.open()
+    await eventually(lambda: fake_pagerduty.alerts.get(incident_id) == "triggered", timeout=30)
+
+
+@pytest.mark.parametrize(
+    "plan", [NotificationPlan(slack_channel="#llm-oncall", allowed_slack_users=["U1"])]
+)
+async def test_slack_users_outside_the_allow_list_are_refused(stack: Stack) -> None:
+    _, handle = await stack.open()
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await handle.execute_update(IncidentWorkflow.acknowledge, ActionRequest("U2", "slack"))
+    assert "not allowed" in str(refused.value.cause)
+    allowed = await handle.execute_update(
+        IncidentWorkflow.acknowledge, ActionRequest("U1", "slack")
+    )
+    assert allowed.acknowledged_by == "U1"

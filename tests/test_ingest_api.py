@@ -1,0 +1,172 @@
+"""POST /v1/llm-calls through the real FastAPI app."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+from temporalio.testing import WorkflowEnvironment
+
+from api.app import create_app
+from api.deps import Services
+from config import Settings
+from stores.engine import create_schema, make_engine
+from stores.llm_calls import LLMCall
+
+KEY = "ingest-key-1"
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
+    create_schema(engine)
+    return engine
+
+
+def make_client(env: WorkflowEnvironment, engine: Engine, **settings: object) -> httpx.AsyncClient:
+    config = Settings(_env_file=None, user_hash_salt="pepper", **settings)  # type: ignore[call-arg]
+    app = create_app(Services(config, engine, env.client, slack=None))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.fixture
+async def api(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(time_skipping_env, engine, ingest_api_keys=KEY) as client:
+        yield client
+
+
+def rows(engine: Engine) -> list[LLMCall]:
+    with Session(engine) as session:
+        return list(session.exec(select(LLMCall).order_by(LLMCall.id)))
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+async def test_accepts_a_batch_hashes_users_and_prices_calls(
+    api: httpx.AsyncClient, engine: Engine
+) -> None:
+    body = {
+        "calls": [
+            {
+                "model": "gpt-4.1-2025-04-14",
+                "status": "success",
+                "latency_ms": 847.3,
+                "timestamp": "2026-11-26T13:00:00+01:00",
+                "feature": "chat",
+                "user": "customer_42",
+                "input_tokens": 1_000_000,
+                "output_tokens": 1_000_000,
+                "metadata": {"prompt_version": "v7"},
+            },
+            {"model": "my-finetune", "status": "rate_limited", "latency_ms": 10, "input_tokens": 5},
+            {"model": "gpt-4.1", "status": "error", "latency_ms": 10, "cost_usd": 0.5},
+        ]
+    }
+    response = await api.post("/v1/llm-calls", json=body, headers=AUTH)
+    assert response.status_code == 202, response.text
+    assert response.json() == {"accepted": 3}
+
+    first, unknown, explicit = rows(engine)
+    assert first.user_hash is not None
+    assert first.user_hash.startswith("user_")
+    assert "customer_42" not in first.user_hash
+    assert first.cost_usd == pytest.approx(2.00 + 8.00)  # dated snapshot priced as gpt-4.1
+    assert first.ts.hour == 12  # stored as UTC
+    assert first.metadata_ == {"prompt_version": "v7"}
+    assert unknown.cost_usd is None  # an unknown model is never priced as gpt-4.1
+    assert explicit.cost_usd == 0.5
+
+
+async def test_the_same_user_gets_the_same_pseudonym(
+    api: httpx.AsyncClient, engine: Engine
+) -> None:
+    call = {"model": "gpt-4.1", "status": "success", "latency_ms": 1, "user": "u42"}
+    other = {**call, "user": "u43"}
+    await api.post("/v1/llm-calls", json={"calls": [call, call, other]}, headers=AUTH)
+    hashes = [row.user_hash for row in rows(engine)]
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}],
+)
+async def test_requires_a_valid_bearer_key(
+    api: httpx.AsyncClient, engine: Engine, headers: dict[str, str]
+) -> None:
+    call = {"model": "gpt-4.1", "status": "success", "latency_ms": 1}
+    response = await api.post("/v1/llm-calls", json={"calls": [call]}, headers=headers)
+    assert response.status_code == 401
+    assert rows(engine) == []
+
+
+async def test_without_keys_ingest_is_open_only_in_dev_mode(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    body = {"calls": [{"model": "gpt-4.1", "status": "success", "latency_ms": 1}]}
+    async with make_client(time_skipping_env, engine, dev_mode=False) as closed:
+        refused = await closed.post("/v1/llm-calls", json=body)
+    async with make_client(time_skipping_env, engine, dev_mode=True) as dev:
+        accepted = await dev.post("/v1/llm-calls", json=body)
+    assert refused.status_code == 401
+    assert "PAGERLOOP_INGEST_API_KEYS" in refused.text
+    assert accepted.status_code == 202
+
+
+async def test_a_bad_record_names_field_and_index_and_writes_nothing(
+    api: httpx.AsyncClient, engine: Engine
+) -> None:
+    good = {"model": "gpt-4.1", "status": "success", "latency_ms": 1}
+    bad = {"model": "gpt-4.1", "status": "exploded", "latency_ms": 1}
+    response = await api.post("/v1/llm-calls", json={"calls": [good, good, bad]}, headers=AUTH)
+    assert response.status_code == 422
+    assert "calls[2].status" in response.json()["detail"]
+    assert rows(engine) == []
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"status": "success", "latency_ms": 1}, "calls[0].model"),
+        ({"model": "m", "status": "success", "latency_ms": -5}, "calls[0].latency_ms"),
+        (
+            {"model": "m", "status": "success", "latency_ms": 1, "timestamp": "2026-11-26T12:00"},
+            "calls[0].timestamp",
+        ),
+        ({"model": "m", "status": "success", "latency_ms": 1, "colour": "red"}, "calls[0].colour"),
+    ],
+)
+async def test_validation_messages_name_the_field(
+    api: httpx.AsyncClient, record: dict[str, object], field: str
+) -> None:
+    response = await api.post("/v1/llm-calls", json={"calls": [record]}, headers=AUTH)
+    assert response.status_code == 422
+    assert field in response.json()["detail"]
+
+
+async def test_oversized_bodies_get_413(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    call = {"model": "gpt-4.1", "status": "success", "latency_ms": 1, "error_message": "x" * 500}
+    body = json.dumps({"calls": [call] * 10}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 256):
+            yield body[start : start + 256]
+
+    async with make_client(
+        time_skipping_env, engine, ingest_api_keys=KEY, ingest_max_body_bytes=2000
+    ) as client:
+        declared = await client.post("/v1/llm-calls", content=body, headers=AUTH)
+        streamed = await client.post("/v1/llm-calls", content=chunks(), headers=AUTH)
+    assert declared.status_code == 413
+    assert streamed.status_code == 413
+    assert rows(engine) == []

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from activities.slack import ACK_ACTION, RESOLVE_ACTION, fallback_text, incident_blocks
+from tests.fakes.slack import block_errors
+from workflows.incident_types import IncidentState, IncidentStatus, Severity, Trigger
+
+
+def state(**changes: object) -> IncidentState:
+    base = IncidentState(
+        incident_id="incident-error_rate-global-20261126T120000Z",
+        trigger=Trigger.ERROR_RATE,
+        scope="global",
+        severity=Severity.SEV2,
+        status=IncidentStatus.DETECTED,
+        opened_at=datetime(2026, 11, 26, 12, tzinfo=UTC),
+        summary="error rate 12.0% > 5% (6/50 calls in 300s)",
+        metrics={"error_rate": 0.12, "calls": 50},
+    )
+    for key, value in changes.items():
+        setattr(base, key, value)
+    return base
+
+
+def buttons(blocks: list[dict]) -> dict[str, str]:
+    found = {}
+    for block in blocks:
+        if block["type"] == "actions":
+            found |= {e["action_id"]: e["value"] for e in block["elements"]}
+    return found
+
+
+def test_detected_incident_offers_acknowledge_and_resolve() -> None:
+    blocks = incident_blocks(state())
+    assert buttons(blocks) == {
+        ACK_ACTION: "incident-error_rate-global-20261126T120000Z",
+        RESOLVE_ACTION: "incident-error_rate-global-20261126T120000Z",
+    }
+    text = str(blocks)
+    assert "SEV2 · error_rate · global · DETECTED" in text
+    assert "error_rate: *12.0%*" in text
+    assert "calls: *50*" in text
+
+
+def test_acknowledged_shows_who_and_offers_only_resolve() -> None:
+    blocks = incident_blocks(state(status=IncidentStatus.ACKNOWLEDGED, acknowledged_by="U024BE7LH"))
+    assert list(buttons(blocks)) == [RESOLVE_ACTION]
+    assert "acknowledged by <@U024BE7LH>" in str(blocks)
+
+
+def test_resolved_has_no_buttons() -> None:
+    blocks = incident_blocks(state(status=IncidentStatus.RESOLVED, resolved_by="alice"))
+    assert buttons(blocks) == {}
+    assert "resolved by alice" in str(blocks)
+
+
+def test_huge_content_stays_within_block_kit_limits() -> None:
+    big = state(
+        scope="feature:" + "x" * 500,
+        summary="y" * 10_000,
+        metrics={f"metric_{i}_" + "z" * 40: float(i) for i in range(500)},
+    )
+    blocks = incident_blocks(big)
+    assert block_errors(blocks) == []
+    assert len(fallback_text(big)) <= 3000
