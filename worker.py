@@ -45,7 +45,7 @@ from detectors.detector import (
     DetectorWorkflow,
     detector_workflow_id,
 )
-from stores.engine import create_schema, make_engine
+from stores.engine import create_schema, make_engine, ping
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import NotificationPlan
@@ -155,6 +155,28 @@ async def ensure_detector(client: Client, settings: Settings) -> None:
     await handle.signal(DetectorWorkflow.reconfigure, config)
 
 
+async def check_dependencies(settings: Settings, temporal: bool, store: bool) -> dict[str, str]:
+    """What `pagerloop check` and container health checks ask: can we reach our servers?"""
+    results: dict[str, str] = {}
+    if temporal:
+        try:
+            client = await asyncio.wait_for(connect_temporal(settings), timeout=5)
+            await client.service_client.check_health()
+            results["temporal"] = "ok"
+        except Exception as exc:
+            results["temporal"] = f"failing: {exc}"
+    if store:
+        engine = make_engine(settings.database_url)
+        try:
+            await asyncio.to_thread(ping, engine)
+            results["store"] = "ok"
+        except Exception as exc:
+            results["store"] = f"failing: {exc}"
+        finally:
+            engine.dispose()
+    return results
+
+
 def open_store(settings: Settings) -> Engine:
     engine = make_engine(settings.database_url)
     create_schema(engine)
@@ -196,6 +218,7 @@ async def serve(settings: Settings, *, run_api: bool, run_worker: bool) -> None:
     worker = build_worker(settings, client, engine) if run_worker else None
     server = api_server(settings, build_api(settings, client, engine)) if run_api else None
     if worker is not None:
+        await register_search_attributes(client, settings.temporal_namespace)
         tasks.append(asyncio.create_task(worker.run()))
         await ensure_detector(client, settings)
     if server is not None:

@@ -8,17 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import Engine, text
 
 from api.deps import Services, services
 from api.telemetry import REGISTRY
+from stores.engine import ping
 
 router = APIRouter()
-
-
-def _ping_store(engine: Engine) -> None:
-    with engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
 
 
 async def _check(probe: Any) -> str:
@@ -32,7 +27,7 @@ async def _check(probe: Any) -> str:
 @router.get("/healthz")
 async def healthz(svc: Annotated[Services, Depends(services)]) -> JSONResponse:
     checks = {
-        "store": await _check(asyncio.to_thread(_ping_store, svc.engine)),
+        "store": await _check(asyncio.to_thread(ping, svc.engine)),
         "temporal": await _check(svc.temporal.service_client.check_health()),
     }
     healthy = all(result == "ok" for result in checks.values())

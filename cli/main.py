@@ -57,5 +57,18 @@ def api(
     asyncio.run(worker.serve(settings, run_api=True, run_worker=with_worker))
 
 
+@app.command()
+def check(
+    temporal: Annotated[bool, typer.Option(help="check the Temporal frontend")] = True,
+    store: Annotated[bool, typer.Option(help="check the stores' database")] = True,
+) -> None:
+    """Check that Temporal and the stores answer; exit 1 if one does not."""
+    results = asyncio.run(worker.check_dependencies(settings_or_exit(), temporal, store))
+    for name, result in results.items():
+        Console().print(f"{name}: {result}")
+    if any(result != "ok" for result in results.values()):
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

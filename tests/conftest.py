@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -15,9 +16,13 @@ from sqlalchemy import Engine
 from sqlmodel import SQLModel
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+import worker
+from config import Settings
+from detectors.detector import detector_workflow_id
 from stores.engine import create_schema, make_engine
 from tests import postgres
 from tests.fakes.jira import FakeJira
@@ -145,3 +150,51 @@ def fake_pagerduty() -> Iterator[FakePagerDuty]:
 def fake_jira() -> Iterator[FakeJira]:
     with FakeJira() as server:
         yield server
+
+
+# --- the whole service, wired as `pagerloop dev` wires it ------------------------------------
+
+SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+INGEST_KEY = "test-ingest-key"
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, task_queue: str, fake_slack: FakeSlack, fake_pagerduty: FakePagerDuty
+) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=f"sqlite:///{tmp_path / 'stores.db'}",
+        task_queue=task_queue,
+        api_port=free_port(),
+        detector_interval_seconds=1,
+        ingest_api_keys=INGEST_KEY,
+        slack_bot_token="xoxb-test",
+        slack_signing_secret=SIGNING_SECRET,
+        slack_api_url=fake_slack.api_url,
+        pagerduty_routing_key="R" * 32,
+        pagerduty_events_url=fake_pagerduty.url,
+    )
+
+
+@pytest.fixture
+async def running(dev_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Client]:
+    """Worker, detector and API on the local dev server, serving on settings.api_url."""
+    client = dev_env.client
+    engine = worker.open_store(settings)
+    server = worker.api_server(settings, worker.build_api(settings, client, engine))
+    async with worker.build_worker(settings, client, engine):
+        serving = asyncio.create_task(server.serve())
+        await worker.ensure_detector(client, settings)
+        while not server.started:
+            await asyncio.sleep(0.02)
+        yield client
+        server.should_exit = True
+        await serving
+        await client.get_workflow_handle(detector_workflow_id(settings.task_queue)).terminate()
+    engine.dispose()
+
+
+async def incident_ids(client: Client, task_queue: str, where: str = "") -> list[str]:
+    query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{task_queue}' {where}"
+    return [execution.id async for execution in client.list_workflows(query)]

@@ -195,3 +195,50 @@ class FakeSlack(FakeServer):
 
 def _error(error: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"ok": False, "error": error, **extra})
+
+
+def button_click(
+    message: Message, action_id: str, user: str, signing_secret: str, at: float | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The signed, form-encoded `block_actions` request Slack sends when a button is clicked."""
+    from urllib.parse import urlencode
+
+    from slack_sdk.signature import SignatureVerifier
+
+    button = next(
+        element
+        for block in message.blocks
+        if block["type"] == "actions"
+        for element in block["elements"]
+        if element["action_id"] == action_id
+    )
+    payload = {
+        "type": "block_actions",
+        "user": {"id": user, "username": user.lower(), "team_id": "T0001"},
+        "api_app_id": "A0001",
+        "team": {"id": "T0001", "domain": "acme"},
+        "container": {"type": "message", "message_ts": message.ts, "channel_id": message.channel},
+        "channel": {"id": message.channel, "name": "llm-oncall"},
+        "message": {"ts": message.ts, "text": message.text, "blocks": message.blocks},
+        "response_url": "https://hooks.slack.com/actions/T0001/1/abc",
+        "trigger_id": "1.2.3",
+        "actions": [
+            {
+                "type": "button",
+                "action_id": button["action_id"],
+                "block_id": "incident_actions",
+                "value": button["value"],
+                "text": button["text"],
+                "action_ts": f"{time.time():.6f}",
+            }
+        ],
+    }
+    body = urlencode({"payload": json.dumps(payload)})
+    timestamp = str(int(at if at is not None else time.time()))
+    signature = SignatureVerifier(signing_secret).generate_signature(timestamp=timestamp, body=body)
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Slack-Request-Timestamp": timestamp,
+        "X-Slack-Signature": signature or "",
+    }
+    return body.encode(), headers

@@ -1,0 +1,89 @@
+"""DetectorWorkflow against the store on the local dev server (real time, real visibility)."""
+
+from __future__ import annotations
+
+import httpx
+from temporalio.client import Client, WorkflowHandle
+
+import worker
+from config import Settings
+from detectors.detector import DetectorWorkflow, detector_workflow_id
+from tests.conftest import INGEST_KEY, incident_ids
+from tests.helpers import eventually
+from workflows.incident import IncidentWorkflow
+from workflows.incident_types import ActionRequest
+
+
+async def post_calls(settings: Settings, count: int, status: str = "server_error") -> None:
+    calls = [{"model": "gpt-4.1", "status": status, "latency_ms": 500}] * count
+    async with httpx.AsyncClient(base_url=settings.api_url) as api:
+        response = await api.post(
+            "/v1/llm-calls",
+            json={"calls": calls},
+            headers={"Authorization": f"Bearer {INGEST_KEY}"},
+        )
+    assert response.status_code == 202
+
+
+def detector(client: Client, settings: Settings) -> WorkflowHandle:
+    return client.get_workflow_handle_for(
+        DetectorWorkflow.run, detector_workflow_id(settings.task_queue)
+    )
+
+
+async def evaluations_after(client: Client, settings: Settings, more: int) -> None:
+    start = (await detector(client, settings).query(DetectorWorkflow.status)).evaluations
+
+    async def done() -> bool:
+        status = await detector(client, settings).query(DetectorWorkflow.status)
+        return status.evaluations >= start + more
+
+    await eventually(done, timeout=30)
+
+
+async def test_nineteen_failed_calls_open_nothing(running: Client, settings: Settings) -> None:
+    await post_calls(settings, 19)
+    await evaluations_after(running, settings, 3)
+    assert await incident_ids(running, settings.task_queue) == []
+    status = await detector(running, settings).query(DetectorWorkflow.status)
+    assert status.last_verdicts["error_rate|global"] == "insufficient_data"
+
+
+async def test_mostly_successful_traffic_opens_nothing(running: Client, settings: Settings) -> None:
+    await post_calls(settings, 2, "error")
+    await post_calls(settings, 98, "success")  # 2 % errors: under the 5 % line
+    await evaluations_after(running, settings, 3)
+    assert await incident_ids(running, settings.task_queue) == []
+
+
+async def test_a_breach_after_resolution_opens_a_new_incident(
+    running: Client, settings: Settings
+) -> None:
+    await post_calls(settings, 50)
+    [first] = await eventually(lambda: incident_ids(running, settings.task_queue))
+    handle = running.get_workflow_handle_for(IncidentWorkflow.run, first)
+    await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
+    await handle.result()
+
+    async def a_second_one() -> list[str]:
+        open_now = await incident_ids(
+            running, settings.task_queue, "AND ExecutionStatus = 'Running'"
+        )
+        return [i for i in open_now if i != first]
+
+    [second] = await eventually(a_second_one, timeout=30)
+    assert second.startswith("incident-error_rate-global-")
+
+
+async def test_a_detector_that_lost_its_state_joins_the_open_incident(
+    running: Client, settings: Settings
+) -> None:
+    await post_calls(settings, 50)
+    [incident_id] = await eventually(lambda: incident_ids(running, settings.task_queue))
+    await detector(running, settings).terminate("simulating a lost detector")
+    await worker.ensure_detector(running, settings)
+    await evaluations_after(running, settings, 4)
+
+    assert await incident_ids(running, settings.task_queue) == [incident_id]
+    status = await detector(running, settings).query(DetectorWorkflow.status)
+    assert status.rule_states["error_rate|global"].incident_id == incident_id
