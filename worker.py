@@ -43,8 +43,8 @@ from detectors.detector import (
     DetectorConfig,
     DetectorInput,
     DetectorWorkflow,
-    detector_workflow_id,
 )
+from detectors.naming import detector_workflow_id
 from stores.engine import create_schema, make_engine, ping
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
@@ -222,6 +222,11 @@ async def serve(settings: Settings, *, run_api: bool, run_worker: bool) -> None:
         tasks.append(asyncio.create_task(worker.run()))
         await ensure_detector(client, settings)
     if server is not None:
+        if not settings.dev_mode and not settings.user_hash_salt.get_secret_value():
+            log.warning(
+                "PAGERLOOP_USER_HASH_SALT is empty: end-user ids are hashed without a secret, "
+                "so a known id can be matched to its hash"
+            )
         tasks.append(asyncio.create_task(server.serve()))
     stopper = asyncio.create_task(_until_signalled())
     done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -20,6 +20,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from detectors.naming import detector_workflow_id
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import Breach, IncidentInput, IncidentStatus, NotificationPlan
@@ -78,6 +79,7 @@ class IncidentActivities:
                 severity=breach.severity,
                 opened_at=breach.observed_at,
                 notify=self._plan,
+                detector_workflow_id=detector_workflow_id(self._task_queue),
             ),
             id=incident_id,
             task_queue=self._task_queue,

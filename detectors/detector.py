@@ -31,6 +31,9 @@ with workflow.unsafe.imports_passed_through():
 GLOBAL_SCOPE = "global"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
+# A firing rule refreshes its open incident's metrics at most this often (like Alertmanager's
+# group_interval), so a week-long incident's history stays small.
+REPORT_INTERVAL = timedelta(seconds=60)
 
 
 @dataclass
@@ -54,11 +57,6 @@ class DetectorStatus:
     last_evaluated_at: datetime | None
     rule_states: dict[str, RuleState]
     last_verdicts: dict[str, str]
-
-
-def detector_workflow_id(task_queue: str) -> str:
-    """One detector per deployment; deployments sharing a namespace differ by task queue."""
-    return f"detector-{task_queue}"
 
 
 def rule_key(rule: ThresholdRule, scope: str) -> str:
@@ -111,6 +109,13 @@ class DetectorWorkflow:
         self._wake = True
 
     @workflow.signal
+    def incident_closed(self, incident_id: str) -> None:
+        for key, state in self._rule_states.items():
+            if state.incident_id == incident_id:
+                self._rule_states[key] = replace(state, incident_id=None, reported_at=None)
+        self._wake = True
+
+    @workflow.signal
     def pause(self) -> None:
         self._paused = True
         self._wake = True
@@ -157,7 +162,8 @@ class DetectorWorkflow:
         key = rule_key(rule, scope)
         state, verdict = evaluate(rule, self._rule_states.get(key, RuleState()), value, samples)
         self._last_verdicts[key] = str(verdict)
-        if verdict == Verdict.FIRING:
+        due = state.reported_at is None or now - state.reported_at >= REPORT_INTERVAL
+        if verdict == Verdict.FIRING and (state.incident_id is None or due):
             state = await self._open_or_update(rule, scope, state, now, value, signal)
         self._rule_states[key] = state
 
@@ -184,13 +190,13 @@ class DetectorWorkflow:
         if state.incident_id is not None:
             result = await self._open(state.incident_id, breach, join_open_incident=False)
             if result.incident_id is not None:
-                return replace(state, incident_id=result.incident_id)
+                return replace(state, incident_id=result.incident_id, reported_at=now)
         # No incident on record, or the one on record is over: a new one opens.
         incident_id = proposed_incident_id(rule, scope, now)
         if incident_id == state.incident_id:
             return replace(state, incident_id=None)  # resolved this very second: next time
         result = await self._open(incident_id, breach, join_open_incident=True)
-        return replace(state, incident_id=result.incident_id)
+        return replace(state, incident_id=result.incident_id, reported_at=now)
 
     async def _open(
         self, incident_id: str, breach: Breach, join_open_incident: bool

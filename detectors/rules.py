@@ -7,6 +7,7 @@ so one bad minute does not wake anybody.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
 
 from workflows.incident_types import Severity, Trigger
@@ -46,6 +47,7 @@ ERROR_RATE_RULE = ThresholdRule(
 class RuleState:
     consecutive_breaches: int = 0
     incident_id: str | None = None
+    reported_at: datetime | None = None
 
 
 def evaluate(

@@ -22,7 +22,7 @@ from temporalio.testing import WorkflowEnvironment
 
 import worker
 from config import Settings
-from detectors.detector import detector_workflow_id
+from detectors.naming import detector_workflow_id
 from stores.engine import create_schema, make_engine
 from tests import postgres
 from tests.fakes.jira import FakeJira

@@ -7,7 +7,8 @@ from temporalio.client import Client, WorkflowHandle
 
 import worker
 from config import Settings
-from detectors.detector import DetectorWorkflow, detector_workflow_id
+from detectors.detector import DetectorWorkflow
+from detectors.naming import detector_workflow_id
 from tests.conftest import INGEST_KEY, incident_ids
 from tests.helpers import eventually
 from workflows.incident import IncidentWorkflow

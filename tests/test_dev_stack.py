@@ -14,6 +14,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
 
 from cli.devserver import answers
 from tests.conftest import SIGNING_SECRET, free_port, incident_ids
@@ -43,7 +44,7 @@ class DevStack:
     def ui(self) -> str:
         return f"http://127.0.0.1:{self.env['PAGERLOOP_TEMPORAL_UI_PORT']}"
 
-    def start(self) -> float:
+    def start(self, expect_ui: bool = True) -> float:
         """Start `pagerloop dev`; return the seconds until the UI and the API both answer."""
         started = time.monotonic()
         with self.log.open("ab") as log:
@@ -59,9 +60,9 @@ class DevStack:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
             try:
-                ui = httpx.get(self.ui, timeout=1)
+                ui_ok = not expect_ui or httpx.get(self.ui, timeout=1).status_code == 200
                 health = httpx.get(f"{self.api}/healthz", timeout=1)
-                if ui.status_code == 200 and health.status_code == 200:
+                if ui_ok and health.status_code == 200:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
@@ -148,3 +149,23 @@ async def test_dev_stack_pages_survives_a_kill_and_stops_cleanly(
     assert "pagerloop dev stopped" in stack.log.read_text()
     assert not answers(stack.temporal)
     assert not answers(f"127.0.0.1:{stack.env['PAGERLOOP_API_PORT']}")
+
+
+async def test_dev_uses_a_temporal_server_that_already_answers(
+    stack: DevStack, dev_env: WorkflowEnvironment
+) -> None:
+    existing = dev_env.client.service_client.config.target_host
+    stack.env["PAGERLOOP_TEMPORAL_ADDRESS"] = existing
+    stack.env["PAGERLOOP_TASK_QUEUE"] = "dev-on-existing-server"
+    stack.start(expect_ui=False)
+    assert not (stack.cwd / ".pagerloop" / "temporal.db").exists()
+    assert f"using the Temporal server already at {existing}" in stack.log.read_text()
+
+    failed = {"model": "gpt-4.1", "status": "timeout", "latency_ms": 30_000}
+    async with httpx.AsyncClient(base_url=stack.api) as api:
+        await api.post("/v1/llm-calls", json={"calls": [failed] * 30})
+    await eventually(lambda: incident_ids(dev_env.client, "dev-on-existing-server"), timeout=30)
+
+    assert stack.interrupt() == 0
+    assert answers(existing), "pagerloop dev must leave a server it did not start running"
+    await dev_env.client.get_workflow_handle("detector-dev-on-existing-server").terminate()

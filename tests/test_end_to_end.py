@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 
 import httpx
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 
 from config import Settings
-from detectors.detector import DetectorWorkflow, detector_workflow_id
+from detectors.detector import DetectorWorkflow
+from detectors.naming import detector_workflow_id
 from tests.conftest import INGEST_KEY, SIGNING_SECRET, incident_ids
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack, Message, button_click
@@ -46,7 +47,7 @@ async def test_failed_calls_page_and_a_signed_click_acknowledges(
 
         # The storm goes on for several more evaluations: still one of everything.
         handle = client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
-        await eventually(lambda: _breaches(handle, at_least=4), timeout=30, interval=0.5)
+        await eventually(lambda: _firing_for(client, settings, evaluations=4), timeout=30)
         assert await incidents(client, settings) == [incident_id]
         assert len(fake_slack.calls("chat.postMessage")) == 1
         assert len(fake_pagerduty.events("trigger")) == 1
@@ -100,8 +101,15 @@ async def test_failed_calls_page_and_a_signed_click_acknowledges(
         await eventually(lambda: "resolved by <@U0LATE000>" in str(message.blocks))
 
 
-async def _breaches(handle: WorkflowHandle, at_least: int) -> bool:
-    return (await handle.query(IncidentWorkflow.state)).breach_count >= at_least
+async def _firing_for(client: Client, settings: Settings, evaluations: int) -> bool:
+    detector = client.get_workflow_handle_for(
+        DetectorWorkflow.run, detector_workflow_id(settings.task_queue)
+    )
+    status = await detector.query(DetectorWorkflow.status)
+    state = status.rule_states["error_rate|global"]
+    return status.last_verdicts["error_rate|global"] == "firing" and (
+        state.consecutive_breaches >= evaluations
+    )
 
 
 def as_first_posted(message: Message) -> Message:

@@ -78,6 +78,7 @@ class IncidentWorkflow:
             self._drain(self._pagerduty, self._pagerduty_action),
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._tell_detector()
         state = self._state
         return IncidentResult(
             incident_id=state.incident_id,
@@ -263,6 +264,17 @@ class IncidentWorkflow:
             retry_policy=policy.retry,
             summary=summary,
         )
+
+    async def _tell_detector(self) -> None:
+        detector = self._input.detector_workflow_id
+        if detector is None:
+            return
+        try:
+            await workflow.get_external_workflow_handle(detector).signal(
+                "incident_closed", self._state.incident_id
+            )
+        except Exception as err:  # the detector is optional; the incident is over regardless
+            workflow.logger.info("detector %s not told: %s", detector, err)
 
     # --- bookkeeping -----------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ class IncidentInput:
     severity: Severity
     opened_at: datetime
     notify: NotificationPlan = field(default_factory=NotificationPlan)
+    # Told when this incident closes, so a breach that goes on opens a new incident at once.
+    detector_workflow_id: str | None = None
 
 
 @dataclass
