@@ -7,15 +7,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from slack_sdk import WebClient
 from sqlalchemy import Engine
@@ -24,7 +21,17 @@ from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
@@ -34,10 +41,10 @@ from activities import pagerduty, slack
 from activities.incidents import IncidentActivities
 from activities.metrics import MetricsActivities
 from activities.pagerduty import PagerDutyActivities
+from activities.retention import RetentionActivities
 from activities.slack import SlackActivities
 from api.app import create_app
 from api.deps import Services
-from cli.devserver import EmbeddedTemporal, answers
 from config import Settings, load_settings
 from detectors.detector import (
     DetectorConfig,
@@ -45,22 +52,27 @@ from detectors.detector import (
     DetectorWorkflow,
 )
 from detectors.naming import detector_workflow_id
+from instrumentation.pricing import PriceTable
 from stores.engine import create_schema, make_engine, ping
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import NotificationPlan
+from workflows.retention import RetentionInput, RetentionWorkflow
 
 log = logging.getLogger("pagerloop")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-WORKFLOWS: list[type] = [IncidentWorkflow, DetectorWorkflow]
+WORKFLOWS: list[type] = [IncidentWorkflow, DetectorWorkflow, RetentionWorkflow]
 
 
-async def connect_temporal(settings: Settings) -> Client:
+async def connect_temporal(settings: Settings, lazy: bool = False) -> Client:
+    """A Temporal client; `lazy` ones connect on first use (the API must start, and ingest
+    must work, while Temporal is away)."""
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        lazy=lazy,
     )
 
 
@@ -117,7 +129,9 @@ def build_activities(
     incidents = IncidentActivities(client, settings.task_queue, notification_plan(settings))
     slack_activities = SlackActivities(slack_client)
     pd_activities = PagerDutyActivities(pd_session)
+    retention = RetentionActivities(engine)
     return [
+        retention.purge,
         metrics.error_rate,
         incidents.open_or_update,
         slack_activities.post_incident,
@@ -177,6 +191,31 @@ async def check_dependencies(settings: Settings, temporal: bool, store: bool) ->
     return results
 
 
+def retention_schedule_id(task_queue: str) -> str:
+    return f"retention-{task_queue}"
+
+
+async def ensure_retention_schedule(client: Client, settings: Settings) -> None:
+    """An hourly purge, visible (and pausable) under Schedules in the Temporal UI."""
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            RetentionWorkflow.run,
+            RetentionInput(settings.retention_days, settings.rollup_retention_days),
+            id=f"retention-run-{settings.task_queue}",
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(hours=1))]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    schedule_id = retention_schedule_id(settings.task_queue)
+    try:
+        await client.create_schedule(schedule_id, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(schedule_id).update(
+            lambda _: ScheduleUpdate(schedule=schedule)
+        )
+
+
 def open_store(settings: Settings) -> Engine:
     engine = make_engine(settings.database_url)
     create_schema(engine)
@@ -184,102 +223,15 @@ def open_store(settings: Settings) -> Engine:
 
 
 def build_api(settings: Settings, client: Client, engine: Engine) -> FastAPI:
-    return create_app(Services(settings, engine, client, make_slack_client(settings)))
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn that leaves signal handling to the process that embeds it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def api_server(settings: Settings, app: FastAPI) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app, host=settings.api_host, port=settings.api_port, log_level="warning", lifespan="off"
-    )
-    return _QuietServer(config)
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-
-
-async def serve(settings: Settings, *, run_api: bool, run_worker: bool) -> None:
-    """Run the API and/or the worker until SIGINT or SIGTERM, then stop them cleanly."""
-    client = await connect_temporal(settings)
-    engine = open_store(settings)
-    tasks: list[asyncio.Task[Any]] = []
-    worker = build_worker(settings, client, engine) if run_worker else None
-    server = api_server(settings, build_api(settings, client, engine)) if run_api else None
-    if worker is not None:
-        await register_search_attributes(client, settings.temporal_namespace)
-        tasks.append(asyncio.create_task(worker.run()))
-        await ensure_detector(client, settings)
-    if server is not None:
-        if not settings.dev_mode and not settings.user_hash_salt.get_secret_value():
-            log.warning(
-                "PAGERLOOP_USER_HASH_SALT is empty: end-user ids are hashed without a secret, "
-                "so a known id can be matched to its hash"
-            )
-        tasks.append(asyncio.create_task(server.serve()))
-    stopper = asyncio.create_task(_until_signalled())
-    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    if server is not None:
-        server.should_exit = True
-    if worker is not None:
-        await worker.shutdown()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    stopper.cancel()
-    engine.dispose()
-    for task in done:
-        if task is not stopper and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-
-
-async def run_dev(settings: Settings) -> None:
-    """The embedded stack: Temporal dev server with UI, API, worker and detector."""
-    settings = settings.model_copy(update={"dev_mode": True})
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    temporal: EmbeddedTemporal | None = None
-    if answers(settings.temporal_address):
-        log.info("using the Temporal server already at %s", settings.temporal_address)
-    else:
-        temporal = EmbeddedTemporal(
-            settings.temporal_address,
-            settings.temporal_ui_port,
-            settings.temporal_namespace,
-            db_file=settings.data_dir / "temporal.db",
-            log_file=settings.data_dir / "temporal.log",
-        )
-        temporal.start()
-    try:
-        client = await connect_temporal(settings)
-        await register_search_attributes(client, settings.temporal_namespace)
-        ui = temporal.ui_url if temporal else "(the existing server's UI)"
-        print(
-            f"pagerloop dev\n  Temporal UI  {ui}\n  API          {settings.api_url}\n"
-            f"  Temporal     {settings.temporal_address} (namespace {settings.temporal_namespace})"
-            f"\n  stores       {settings.database_url}\n  Ctrl-C stops everything.",
-            flush=True,
-        )
-        await serve(settings, run_api=True, run_worker=True)
-    finally:
-        if temporal is not None:
-            temporal.stop()
-        print("pagerloop dev stopped", flush=True)
+    prices = PriceTable.from_file(settings.prices_file)
+    return create_app(Services(settings, engine, client, make_slack_client(settings), prices))
 
 
 def main(argv: list[str]) -> None:
+    from cli.stack import run_dev, serve
+
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
     if "--dev" in argv:
         asyncio.run(run_dev(settings))
     else:

@@ -50,7 +50,7 @@ def open_incidents_query(task_queue: str) -> str:
     """Visibility query for this deployment's running incidents."""
     return (
         "WorkflowType = 'IncidentWorkflow' AND ExecutionStatus = 'Running' "
-        f"AND TaskQueue = '{task_queue}'"
+        f"AND TaskQueue = {sa.literal(task_queue)}"
     )
 
 
@@ -114,8 +114,9 @@ class IncidentActivities:
 
     async def _find_open(self, breach: Breach) -> str | None:
         query = (
-            f"{open_incidents_query(self._task_queue)} AND IncidentTrigger = '{breach.trigger}' "
-            f"AND IncidentScope = '{breach.scope}' "
+            f"{open_incidents_query(self._task_queue)} "
+            f"AND IncidentTrigger = {sa.literal(breach.trigger)} "
+            f"AND IncidentScope = {sa.literal(breach.scope)} "
             f"AND IncidentStatus != '{IncidentStatus.RESOLVED}'"
         )
         async for execution in self._client.list_workflows(query, limit=1):

@@ -42,6 +42,8 @@ def make_session(routing_key: str, events_url: str) -> pdpyras.EventsAPISession:
     session.retry = {429: 1, 500: 1, 502: 1, 503: 1, 504: 1}
     session.sleep_timer = 0.0
     session.max_network_attempts = 0
+    # Shorter than the activity's 30 s: a hung call must not outlive its attempt in a thread.
+    session.timeout = 10
     return session
 
 

@@ -23,29 +23,10 @@ SECTION_MAX = 3000
 FALLBACK_TEXT_MAX = 3000
 MAX_BLOCKS = 50
 
-# Errors that the same request will get again, however often it is retried.
-_PERMANENT_ERRORS = frozenset(
-    {
-        "not_authed",
-        "invalid_auth",
-        "account_inactive",
-        "token_revoked",
-        "token_expired",
-        "no_permission",
-        "missing_scope",
-        "channel_not_found",
-        "is_archived",
-        "not_in_channel",
-        "msg_too_long",
-        "invalid_blocks",
-        "invalid_blocks_format",
-        "too_many_attachments",
-        "message_not_found",
-        "cant_update_message",
-        "edit_window_closed",
-        "user_not_in_channel",
-        "invalid_arguments",
-    }
+# Slack errors worth another try; any other `ok: false` error gets the same answer however
+# often the request is sent (bad token, unknown channel, invalid blocks, missing scope...).
+_TRANSIENT_ERRORS = frozenset(
+    {"ratelimited", "service_unavailable", "fatal_error", "internal_error", "request_timeout"}
 )
 
 _STATUS_ICON = {
@@ -162,7 +143,7 @@ def _translate(exc: SlackClientError, what: str) -> Exception:
                 type="SlackRateLimited",
                 next_retry_delay=timedelta(seconds=retry_after),
             )
-        if error in _PERMANENT_ERRORS:
+        if error and error not in _TRANSIENT_ERRORS and status < 500:
             return SlackPermanentError(f"Slack refused {what}: {error}")
         return ApplicationError(f"Slack failed {what}: {error or status}", type="SlackError")
     return ApplicationError(f"Slack unreachable for {what}: {exc}", type="SlackError")

@@ -9,27 +9,37 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import health, ingest, slack, status
+from api import feedback, health, ingest, otlp, slack, status
 from api.deps import Services
 from api.telemetry import REJECTED_REQUESTS
 
-INGEST_PATHS = ("/v1/",)
+# Webhooks are small; only the ingest endpoints take big batches.
+WEBHOOK_MAX_BYTES = 1_000_000
 
 
 class BodySizeLimit:
-    """413 for an ingest body over `max_bytes`, declared or streamed, before any parsing."""
+    """413 for a body over the limit of its path prefix, declared or streamed, before any
+    parsing or signature check."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(INGEST_PATHS):
+        limit = next(
+            (
+                size
+                for prefix, size in self.limits.items()
+                if scope.get("path", "").startswith(prefix)
+            ),
+            None,
+        )
+        if scope["type"] != "http" or limit is None:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         # Read the body here (bounded) so a streamed, undeclared body is measured too.
         chunks: list[bytes] = []
@@ -40,8 +50,8 @@ class BodySizeLimit:
                 return  # the client went away
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(send)
+            if size > limit:
+                await self._refuse(send, limit)
                 return
             if not message.get("more_body", False):
                 break
@@ -56,10 +66,11 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        REJECTED_REQUESTS.labels("ingest", "too_large").inc()
+    @staticmethod
+    async def _refuse(send: Send, limit: int) -> None:
+        REJECTED_REQUESTS.labels("any", "too_large").inc()
         response = JSONResponse(
-            {"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413
+            {"detail": f"request body larger than {limit} bytes"}, status_code=413
         )
         await response({"type": "http"}, _no_receive, send)
 
@@ -91,8 +102,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 def create_app(svc: Services) -> FastAPI:
     app = FastAPI(title="pagerloop", version="0.1.0")
     app.state.services = svc
-    app.add_middleware(BodySizeLimit, max_bytes=svc.settings.ingest_max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        limits={
+            "/v1/": svc.settings.ingest_max_body_bytes,
+            "/slack/": WEBHOOK_MAX_BYTES,
+            "/pagerduty/": WEBHOOK_MAX_BYTES,
+        },
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for module in (ingest, slack, status, health):
+    for module in (ingest, otlp, feedback, slack, status, health):
         app.include_router(module.router)
     return app

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from temporalio.client import Client
 
 from config import Settings
+from instrumentation.pricing import DEFAULT_PRICES, PriceTable
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Services:
     engine: Engine
     temporal: Client
     slack: WebClient | None
+    prices: PriceTable = DEFAULT_PRICES
 
 
 def services(request: Request) -> Services:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from datetime import timedelta
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from slack_sdk.signature import SignatureVerifier
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.slack import ACK_ACTION, RESOLVE_ACTION, post_ephemeral
@@ -23,8 +23,11 @@ from workflows.incident_types import ActionRequest
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-# Slack gives up on an interaction after 3 s; leave room for the answer to travel.
-UPDATE_DEADLINE = timedelta(seconds=2.5)
+# Slack gives up on an interaction after 3 s: answer by then, whatever the update is doing.
+ANSWER_WITHIN_SECONDS = 2.3
+# An update still pending then (a worker restarting, Temporal slow) goes on in the background.
+UPDATE_PATIENCE_SECONDS = 60
+_background: set[asyncio.Task[None]] = set()
 
 UPDATES = {ACK_ACTION: IncidentWorkflow.acknowledge, RESOLVE_ACTION: IncidentWorkflow.resolve}
 
@@ -39,7 +42,11 @@ def _verify(svc: Services, body: bytes, request: Request) -> None:
             status.HTTP_401_UNAUTHORIZED,
             "Slack interactions are refused: PAGERLOOP_SLACK_SIGNING_SECRET is not set",
         )
-    if not SignatureVerifier(secret.get_secret_value()).is_valid(body, timestamp, signature):
+    try:
+        valid = SignatureVerifier(secret.get_secret_value()).is_valid(body, timestamp, signature)
+    except ValueError:  # a timestamp that is not a number
+        valid = False
+    if not valid:
         REJECTED_REQUESTS.labels("slack", "bad_signature").inc()
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or stale Slack signature")
 
@@ -69,32 +76,51 @@ async def slack_interactions(
     user = str(payload.get("user", {}).get("id", ""))
     channel = str((payload.get("channel") or {}).get("id", ""))
     for action in payload.get("actions", []):
-        update = UPDATES.get(action.get("action_id", ""))
+        action_id = str(action.get("action_id", ""))
+        update = UPDATES.get(action_id)
         if update is None:
             continue
-        incident_id = str(action.get("value", ""))
-        refusal = await _apply(svc, update, incident_id, user)
-        outcome = "refused" if refusal else "applied"
-        SLACK_ACTIONS.labels(action["action_id"], outcome).inc()
-        if refusal:
-            await _tell(svc, channel, user, refusal)
+        work = asyncio.create_task(
+            _apply_and_tell(svc, update, action_id, str(action.get("value", "")), user, channel)
+        )
+        _background.add(work)
+        work.add_done_callback(_background.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(work), ANSWER_WITHIN_SECONDS)
     return Response(status_code=status.HTTP_200_OK)
 
 
+async def _apply_and_tell(
+    svc: Services, update: Any, action_id: str, incident_id: str, user: str, channel: str
+) -> None:
+    allowed = svc.settings.slack_allowed_users
+    if allowed and user not in allowed:
+        refusal: str | None = (
+            f"<@{user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
+        )
+    else:
+        refusal = await _apply(svc, update, incident_id, user)
+    SLACK_ACTIONS.labels(action_id, "refused" if refusal else "applied").inc()
+    if refusal:
+        await _tell(svc, channel, user, refusal)
+
+
 async def _apply(svc: Services, update: Any, incident_id: str, user: str) -> str | None:
-    """Run the update; return the reason it was refused, if it was."""
+    """Run the update; return the reason it was refused or failed, if it was."""
     handle = svc.temporal.get_workflow_handle(incident_id)
     try:
-        await handle.execute_update(
-            update, ActionRequest(user=user, channel="slack"), rpc_timeout=UPDATE_DEADLINE
-        )
+        async with asyncio.timeout(UPDATE_PATIENCE_SECONDS):
+            await handle.execute_update(update, ActionRequest(user=user, channel="slack"))
     except WorkflowUpdateFailedError as exc:
-        return str(exc.cause.message if hasattr(exc.cause, "message") else exc.cause)
+        return str(getattr(exc.cause, "message", None) or exc.cause)
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             return f"Incident `{incident_id}` does not exist or is closed."
-        log.warning("update %s on %s failed: %s", update, incident_id, exc)
-        return f"Could not reach incident `{incident_id}` right now; try again."
+        log.warning("update on %s failed: %s", incident_id, exc)
+        return f"Could not reach incident `{incident_id}` ({exc.status.name}); try again."
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        log.warning("update on %s did not complete in %ss", incident_id, UPDATE_PATIENCE_SECONDS)
+        return f"Incident `{incident_id}` did not answer in time; try again."
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 from datetime import datetime
 from typing import Annotated
@@ -9,12 +10,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
+from temporalio.service import RPCError
 
 from activities.incidents import open_incidents_query
 from api.deps import Services, services
 from workflows import search_attributes as sa
 
 router = APIRouter()
+STATUS_DEADLINE_SECONDS = 3
 
 
 class OpenIncident(BaseModel):
@@ -60,11 +63,17 @@ async def open_incidents(svc: Services) -> list[OpenIncident]:
 
 @router.get("/status", response_model=StatusPage)
 async def status_page(request: Request, svc: Annotated[Services, Depends(services)]) -> Response:
-    incidents = await open_incidents(svc)
-    page = StatusPage(overall=overall_state(incidents), open_incidents=incidents)
+    code = 200
+    try:
+        async with asyncio.timeout(STATUS_DEADLINE_SECONDS):
+            incidents = await open_incidents(svc)
+        page = StatusPage(overall=overall_state(incidents), open_incidents=incidents)
+    except (TimeoutError, RPCError):
+        # Temporal is away: say so rather than "operational".
+        page, code = StatusPage(overall="unknown", open_incidents=[]), 503
     if "text/html" in request.headers.get("accept", ""):
-        return HTMLResponse(_render(page))
-    return JSONResponse(page.model_dump(mode="json"))
+        return HTMLResponse(_render(page), status_code=code)
+    return JSONResponse(page.model_dump(mode="json"), status_code=code)
 
 
 def _render(page: StatusPage) -> str:

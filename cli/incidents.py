@@ -42,11 +42,14 @@ def list_incidents(
 ) -> None:
     """Open incidents (or all of them), newest first."""
     settings = load_settings()
-    query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{settings.task_queue}'"
+    query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = {sa.literal(settings.task_queue)}"
     if not all_:
         query += " AND ExecutionStatus = 'Running'"
     if status:
-        query += f" AND IncidentStatus = '{status}'"
+        try:
+            query += f" AND IncidentStatus = {sa.literal(status)}"
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
 
     async def fetch() -> list[Any]:
         client = await worker.connect_temporal(settings)

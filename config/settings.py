@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     ingest_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     ingest_max_body_bytes: int = Field(default=5_000_000, gt=0)
     user_hash_salt: SecretStr = SecretStr("")
+    quality_sample_rate: float = Field(default=0.1, ge=0, le=1)
+    prices_file: Path | None = None
+    retention_days: int = Field(default=30, ge=1)
+    rollup_retention_days: int = Field(default=400, ge=1)
 
     detector_interval_seconds: int = Field(default=30, ge=1)
     detector_window_seconds: int = Field(default=300, ge=10)

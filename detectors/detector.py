@@ -77,6 +77,7 @@ class DetectorWorkflow:
         self._evaluations = 0
         self._last_evaluated_at: datetime | None = None
         self._last_verdicts: dict[str, str] = {}
+        self._closed: set[str] = set()
         self._wake = False
 
     @workflow.run
@@ -110,6 +111,8 @@ class DetectorWorkflow:
 
     @workflow.signal
     def incident_closed(self, incident_id: str) -> None:
+        # Also remembered: an evaluation in flight may be about to write this id back.
+        self._closed.add(incident_id)
         for key, state in self._rule_states.items():
             if state.incident_id == incident_id:
                 self._rule_states[key] = replace(state, incident_id=None, reported_at=None)
@@ -165,6 +168,8 @@ class DetectorWorkflow:
         due = state.reported_at is None or now - state.reported_at >= REPORT_INTERVAL
         if verdict == Verdict.FIRING and (state.incident_id is None or due):
             state = await self._open_or_update(rule, scope, state, now, value, signal)
+            if state.incident_id in self._closed:
+                state = replace(state, incident_id=None, reported_at=None)
         self._rule_states[key] = state
 
     async def _open_or_update(

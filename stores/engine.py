@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
-from sqlmodel import SQLModel, create_engine
+from sqlmodel import create_engine
 
-import stores.llm_calls  # noqa: F401  (registers the table on SQLModel.metadata)
+from stores import schema
 
 
 def make_engine(database_url: str) -> Engine:
@@ -33,7 +33,8 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_schema(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
+    """Create or upgrade the stores' tables to the newest schema version."""
+    schema.upgrade(engine)
 
 
 def ping(engine: Engine) -> None:

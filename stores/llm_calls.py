@@ -1,9 +1,16 @@
-"""The LLM call log: one row per call to the OpenAI API, whatever path it arrived by."""
+"""The LLM call log: one row per call to the OpenAI API, whatever path it arrived by.
+
+Cost lives in columns of the call row (a call's cost belongs to the call: one write, no join),
+and `usage_rollup` sums calls, statuses, tokens and cost per minute and dimension so that the
+detectors' cost-rate and budget queries read a few hundred rows, not millions.
+"""
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,11 +18,54 @@ from sqlalchemy import JSON, Column, DateTime, Engine, Index, case, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
 CALL_STATUSES = ("success", "error", "timeout", "rate_limited", "server_error")
+ERROR_MESSAGE_MAX = 500
 
 
 def utc(value: datetime) -> datetime:
     """SQLite returns naive datetimes and PostgreSQL aware ones: both mean UTC here."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def new_call_id() -> str:
+    """A UUIDv7 in hex: time-ordered, so the unique index grows at its end (twice the insert
+    rate of random ids on SQLite), and still unique across processes."""
+    millis = time.time_ns() // 1_000_000
+    rand_a = int.from_bytes(os.urandom(2), "big") & 0xFFF
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (millis << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
+    return f"{value:032x}"
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One LLM call, as the instrumentation, the ingest API and OTLP all deliver it."""
+
+    ts: datetime
+    model: str
+    status: str
+    latency_ms: float
+    call_id: str = field(default_factory=new_call_id)
+    operation: str = "chat"
+    response_model: str | None = None
+    http_status: int | None = None
+    ttft_ms: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    cost_usd: float | None = None
+    feature: str | None = None
+    team: str | None = None
+    environment: str | None = None
+    session_id: str | None = None
+    user_hash: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retry_count: int = 0
+    finish_reason: str | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+    source: str = "sdk"
+    metadata: dict[str, Any] | None = None
 
 
 class LLMCall(SQLModel, table=True):
@@ -27,37 +77,58 @@ class LLMCall(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    call_id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=64, unique=True)
+    call_id: str = Field(default_factory=new_call_id, max_length=32, unique=True)
     ts: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    operation: str = Field(default="chat", max_length=32)
     model: str = Field(max_length=128)
+    response_model: str | None = Field(default=None, max_length=128)
     status: str = Field(max_length=16)
+    http_status: int | None = None
     latency_ms: float
+    ttft_ms: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    cost_usd: float | None = None
     feature: str | None = Field(default=None, max_length=128)
     team: str | None = Field(default=None, max_length=128)
     environment: str | None = Field(default=None, max_length=64)
     session_id: str | None = Field(default=None, max_length=128)
     user_hash: str | None = Field(default=None, max_length=64)
-    http_status: int | None = None
-    ttft_ms: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_usd: float | None = None
     error_type: str | None = Field(default=None, max_length=128)
-    error_message: str | None = Field(default=None, max_length=2000)
+    error_message: str | None = Field(default=None, max_length=ERROR_MESSAGE_MAX)
     retry_count: int = 0
+    finish_reason: str | None = Field(default=None, max_length=64)
     request_id: str | None = Field(default=None, max_length=128)
     trace_id: str | None = Field(default=None, max_length=64)
+    source: str = Field(default="sdk", max_length=16)
     metadata_: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
 
 
-def insert_calls(engine: Engine, calls: list[LLMCall]) -> int:
-    """Insert a batch in one transaction: all rows land or none do."""
-    for call in calls:
-        call.ts = utc(call.ts)  # SQLite compares the stored text: one zone for every row
-    with Session(engine) as session:
-        session.add_all(calls)
-        session.commit()
-    return len(calls)
+class UsageRollup(SQLModel, table=True):
+    """Per minute and dimension: what the cost and traffic detectors aggregate."""
+
+    __tablename__ = "usage_rollup"
+    __table_args__ = (Index("ix_usage_rollup_minute", "minute"),)
+
+    # Missing dimensions are stored as "" so that they can be part of the key.
+    minute: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    model: str = Field(primary_key=True, max_length=128)
+    feature: str = Field(primary_key=True, max_length=128)
+    team: str = Field(primary_key=True, max_length=128)
+    environment: str = Field(primary_key=True, max_length=64)
+    calls: int = 0
+    successes: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced_calls: int = 0
+    latency_ms_sum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,3 +151,10 @@ def error_counts(engine: Engine, start: datetime, end: datetime) -> ErrorCounts:
     with Session(engine) as session:
         total, errors = session.exec(query).one()
     return ErrorCounts(total=int(total), errors=int(errors))
+
+
+def write_calls(engine: Engine, records: Sequence[CallRecord]) -> int:
+    """Insert a batch and its rollup in one transaction: all of it lands or none does."""
+    from stores.writer import write_batch
+
+    return write_batch(engine, records)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
-from sqlmodel import SQLModel
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
@@ -21,8 +20,10 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 import worker
+from cli.stack import api_server
 from config import Settings
 from detectors.naming import detector_workflow_id
+from stores import schema
 from stores.engine import create_schema, make_engine
 from tests import postgres
 from tests.fakes.jira import FakeJira
@@ -124,10 +125,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     else:
         url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
-    SQLModel.metadata.drop_all(engine)
+    schema.downgrade(engine, "base")
     create_schema(engine)
     yield engine
-    SQLModel.metadata.drop_all(engine)
+    schema.downgrade(engine, "base")
     engine.dispose()
 
 
@@ -182,7 +183,7 @@ async def running(dev_env: WorkflowEnvironment, settings: Settings) -> AsyncIter
     """Worker, detector and API on the local dev server, serving on settings.api_url."""
     client = dev_env.client
     engine = worker.open_store(settings)
-    server = worker.api_server(settings, worker.build_api(settings, client, engine))
+    server = api_server(settings, worker.build_api(settings, client, engine))
     async with worker.build_worker(settings, client, engine):
         serving = asyncio.create_task(server.serve())
         await worker.ensure_detector(client, settings)

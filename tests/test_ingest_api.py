@@ -17,6 +17,7 @@ from api.deps import Services
 from config import Settings
 from stores.engine import create_schema, make_engine
 from stores.llm_calls import LLMCall
+from stores.quality import QualityScore
 
 KEY = "ingest-key-1"
 
@@ -170,3 +171,67 @@ async def test_oversized_bodies_get_413(
     assert declared.status_code == 413
     assert streamed.status_code == 413
     assert rows(engine) == []
+
+
+async def test_a_duplicate_call_id_is_a_conflict_and_writes_nothing(
+    api: httpx.AsyncClient, engine: Engine
+) -> None:
+    call = {"model": "gpt-4.1", "status": "success", "latency_ms": 1, "call_id": "0123456789abcdef"}
+    assert (
+        await api.post("/v1/llm-calls", json={"calls": [call]}, headers=AUTH)
+    ).status_code == 202
+    other = {**call, "call_id": "fedcba9876543210"}
+    again = await api.post("/v1/llm-calls", json={"calls": [other, call]}, headers=AUTH)
+    assert again.status_code == 409
+    assert [row.call_id for row in rows(engine)] == ["0123456789abcdef"]
+
+
+async def test_feedback_and_eval_scores_attach_to_recorded_calls(
+    api: httpx.AsyncClient, engine: Engine
+) -> None:
+    calls = [
+        {"model": "gpt-4.1", "status": "success", "latency_ms": 1, "call_id": "aaaaaaaaaaaaaaaa",
+         "feature": "chat"},
+        {"model": "gpt-4.1-mini", "status": "success", "latency_ms": 1, "request_id": "req_42"},
+    ]  # fmt: skip
+    await api.post("/v1/llm-calls", json={"calls": calls}, headers=AUTH)
+
+    thumbs = {"call_id": "aaaaaaaaaaaaaaaa", "thumbs": "down", "comment": "made up a number"}
+    response = await api.post("/v1/feedback", json=thumbs, headers=AUTH)
+    assert response.status_code == 202, response.text
+    evals = [
+        {"call_id": "req_42", "score": 0.92, "source": "eval", "evaluator": "faithfulness-v3"},
+        {"call_id": "aaaaaaaaaaaaaaaa", "score": 0.4, "source": "eval", "evaluator": "judge"},
+    ]
+    assert (await api.post("/v1/feedback", json=evals, headers=AUTH)).json() == {"accepted": 2}
+
+    with Session(engine) as session:
+        scores = session.exec(select(QualityScore).order_by(QualityScore.id)).all()
+    assert [(s.call_id, s.source, s.score, s.label) for s in scores] == [
+        ("aaaaaaaaaaaaaaaa", "feedback", 0.0, "down"),
+        (rows(engine)[1].call_id, "eval", 0.92, None),
+        ("aaaaaaaaaaaaaaaa", "eval", 0.4, None),
+    ]
+    assert (scores[0].model, scores[0].feature) == ("gpt-4.1", "chat")
+    assert scores[1].model == "gpt-4.1-mini"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ({"call_id": "nope", "score": 0.5}, 404, "nope"),
+        ({"call_id": "aaaaaaaaaaaaaaaa", "score": 1.5}, 422, "score"),
+        ({"call_id": "aaaaaaaaaaaaaaaa"}, 422, "exactly one of"),
+        ({"call_id": "aaaaaaaaaaaaaaaa", "score": 1, "thumbs": "up"}, 422, "exactly one of"),
+    ],
+)
+async def test_bad_feedback_is_refused_with_a_reason(
+    api: httpx.AsyncClient, engine: Engine, body: dict[str, object], status: int, expected: str
+) -> None:
+    call = {"model": "gpt-4.1", "status": "success", "latency_ms": 1, "call_id": "aaaaaaaaaaaaaaaa"}
+    await api.post("/v1/llm-calls", json={"calls": [call]}, headers=AUTH)
+    response = await api.post("/v1/feedback", json=body, headers=AUTH)
+    assert response.status_code == status
+    assert expected in response.json()["detail"]
+    with Session(engine) as session:
+        assert session.exec(select(QualityScore)).all() == []

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         ActionRequest,
         Breach,
         BreachReceipt,
+        CarriedState,
         IncidentInput,
         IncidentResult,
         IncidentState,
@@ -56,6 +57,15 @@ class IncidentWorkflow:
     @workflow.init
     def __init__(self, input: IncidentInput) -> None:
         self._input = input
+        self._slack = _Lane("slack", enabled=input.notify.slack_channel is not None)
+        self._pagerduty = _Lane("pagerduty", enabled=input.notify.pagerduty)
+        self._updates = 0
+        self._published: tuple[object, ...] = ()
+        if input.carried is not None:
+            self._state = input.carried.state
+            self._slack.pending.extend(input.carried.pending_slack)
+            self._pagerduty.pending.extend(input.carried.pending_pagerduty)
+            return
         self._state = IncidentState(
             incident_id=input.incident_id,
             trigger=input.trigger,
@@ -65,8 +75,6 @@ class IncidentWorkflow:
             opened_at=input.opened_at,
         )
         self._record("opened", f"{input.severity} {input.trigger} on {input.scope}")
-        self._slack = _Lane("slack", enabled=input.notify.slack_channel is not None)
-        self._pagerduty = _Lane("pagerduty", enabled=input.notify.pagerduty)
         self._slack.push("post")
         self._pagerduty.push("trigger")
 
@@ -78,6 +86,14 @@ class IncidentWorkflow:
             self._drain(self._pagerduty, self._pagerduty_action),
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
+        if self._state.status != IncidentStatus.RESOLVED:
+            # The lanes stopped for a fresh run: carry the state and whatever is still queued.
+            carried = CarriedState(
+                state=self._state,
+                pending_slack=list(self._slack.pending),
+                pending_pagerduty=list(self._pagerduty.pending),
+            )
+            workflow.continue_as_new(replace(input, carried=carried))
         await self._tell_detector()
         state = self._state
         return IncidentResult(
@@ -94,6 +110,7 @@ class IncidentWorkflow:
 
     @workflow.update
     def report_breach(self, breach: Breach) -> BreachReceipt:
+        self._updates += 1
         state = self._state
         state.breach_count += 1
         state.last_breach_at = breach.observed_at
@@ -110,6 +127,7 @@ class IncidentWorkflow:
 
     @workflow.update
     def acknowledge(self, request: ActionRequest) -> IncidentState:
+        self._updates += 1
         state = self._state
         state.status = IncidentStatus.ACKNOWLEDGED
         state.acknowledged_by = request.user
@@ -133,6 +151,7 @@ class IncidentWorkflow:
 
     @workflow.update
     def resolve(self, request: ActionRequest) -> IncidentState:
+        self._updates += 1
         state = self._state
         state.status = IncidentStatus.RESOLVED
         state.resolved_by = request.user
@@ -172,10 +191,22 @@ class IncidentWorkflow:
 
     # --- side effects ----------------------------------------------------------------------
 
+    def _time_for_a_fresh_run(self) -> bool:
+        return (
+            self._updates >= self._input.updates_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
     async def _drain(self, lane: _Lane, perform: Callable[[str], Awaitable[None]]) -> None:
+        """Perform the lane's actions in order; stop once resolved (or due for a fresh run)
+        with nothing left to do."""
         while True:
             await workflow.wait_condition(
-                lambda: bool(lane.pending) or self._state.status == IncidentStatus.RESOLVED
+                lambda: (
+                    bool(lane.pending)
+                    or self._state.status == IncidentStatus.RESOLVED
+                    or self._time_for_a_fresh_run()
+                )
             )
             if not lane.pending:
                 return
@@ -216,6 +247,12 @@ class IncidentWorkflow:
 
     async def _pagerduty_action(self, action: str) -> None:
         state = self._state
+        pending = self._pagerduty.pending
+        if action == "trigger" and "resolve" in pending:
+            # Resolved before the page could go out (PagerDuty was failing): nobody to wake.
+            pending.clear()
+            self._record("not_paged", "resolved before PagerDuty accepted the page")
+            return
         if action == "trigger":
             await self._activity(
                 PagerDutyActivities.trigger,
@@ -287,17 +324,21 @@ class IncidentWorkflow:
         )
 
     def _publish(self) -> None:
-        """Mirror the state into search attributes and the UI's current details."""
+        """Mirror the state into search attributes (when they change: each upsert is a history
+        event) and into the UI's current details."""
         state = self._state
-        workflow.upsert_search_attributes(
-            [
-                sa.INCIDENT_STATUS.value_set(str(state.status)),
-                sa.INCIDENT_SEVERITY.value_set(str(state.severity)),
-                sa.INCIDENT_TRIGGER.value_set(str(state.trigger)),
-                sa.INCIDENT_SCOPE.value_set(state.scope),
-                sa.INCIDENT_LEVEL.value_set(state.level),
-            ]
-        )
+        published = (state.status, state.severity, state.trigger, state.scope, state.level)
+        if published != self._published:
+            self._published = published
+            workflow.upsert_search_attributes(
+                [
+                    sa.INCIDENT_STATUS.value_set(str(state.status)),
+                    sa.INCIDENT_SEVERITY.value_set(str(state.severity)),
+                    sa.INCIDENT_TRIGGER.value_set(str(state.trigger)),
+                    sa.INCIDENT_SCOPE.value_set(state.scope),
+                    sa.INCIDENT_LEVEL.value_set(state.level),
+                ]
+            )
         lines = [
             f"**{state.severity} {state.trigger}** on `{state.scope}`: **{state.status}**",
             "",

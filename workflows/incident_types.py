@@ -64,6 +64,18 @@ class IncidentInput:
     notify: NotificationPlan = field(default_factory=NotificationPlan)
     # Told when this incident closes, so a breach that goes on opens a new incident at once.
     detector_workflow_id: str | None = None
+    # Set by continue-as-new: where the previous run left off.
+    carried: CarriedState | None = None
+    # Updates handled per run before continuing as new (keeps week-long incidents' history
+    # short; Temporal may also suggest it earlier).
+    updates_per_run: int = 1000
+
+
+@dataclass
+class CarriedState:
+    state: IncidentState
+    pending_slack: list[str] = field(default_factory=list)
+    pending_pagerduty: list[str] = field(default_factory=list)
 
 
 @dataclass

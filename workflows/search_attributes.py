@@ -25,3 +25,11 @@ def dev_server_flags() -> list[str]:
     for key in ALL:
         flags += ["--search-attribute", f"{key.name}={key.indexed_value_type.name.title()}"]
     return flags
+
+
+def literal(value: str) -> str:
+    """`value` as a quoted literal of a visibility query; quotes inside are refused, since a
+    scope built from ingested model or feature names must never rewrite the query."""
+    if any(char in value for char in "'\"\\`"):
+        raise ValueError(f"not usable in a visibility query: {value!r}")
+    return f"'{value}'"

@@ -37,13 +37,11 @@ async def read_body(request: Request) -> tuple[bytes, dict[str, Any]]:
     return body, dict(request.query_params)
 
 
-class FakeServer:
-    """Subclasses pass their routes; handlers call `self.record(...)`."""
+class ThreadedServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a background thread."""
 
-    def __init__(self, routes: list[BaseRoute]) -> None:
-        self._routes = routes
-        self.requests: list[Recorded] = []
-        self.lock = threading.Lock()
+    def __init__(self, app: Any) -> None:
+        self.app = app
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -52,22 +50,12 @@ class FakeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def record(self, request: Request, body: bytes, data: dict[str, Any]) -> None:
-        with self.lock:
-            self.requests.append(
-                Recorded(request.method, request.url.path, dict(request.headers), body, data)
-            )
-
-    def received(self, path: str) -> list[Recorded]:
-        with self.lock:
-            return [r for r in self.requests if r.path == path]
-
     def start(self) -> Self:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(Starlette(routes=self._routes), log_level="warning", lifespan="off")
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
@@ -91,3 +79,22 @@ class FakeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FakeServer(ThreadedServer):
+    """Subclasses pass their routes; handlers call `self.record(...)`."""
+
+    def __init__(self, routes: list[BaseRoute]) -> None:
+        super().__init__(Starlette(routes=routes))
+        self.requests: list[Recorded] = []
+        self.lock = threading.Lock()
+
+    def record(self, request: Request, body: bytes, data: dict[str, Any]) -> None:
+        with self.lock:
+            self.requests.append(
+                Recorded(request.method, request.url.path, dict(request.headers), body, data)
+            )
+
+    def received(self, path: str) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]

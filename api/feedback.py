@@ -1,0 +1,106 @@
+"""POST /v1/feedback: user feedback and external eval scores for recorded calls."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Depends, HTTPException, status
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import Engine, or_
+from sqlmodel import Session, col, select
+
+from api.deps import Services, services
+from api.ingest import require_ingest_key
+from api.telemetry import INGESTED_CALLS
+from stores.llm_calls import LLMCall
+from stores.quality import ScoreRecord, write_scores
+
+router = APIRouter()
+
+
+class FeedbackIn(BaseModel):
+    """A verdict on one call, referenced by its `call_id` or its OpenAI `request_id`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    call_id: Annotated[str, Field(min_length=1, max_length=128)]
+    score: float | None = Field(default=None, ge=0, le=1)
+    thumbs: Literal["up", "down"] | None = None
+    source: Literal["feedback", "eval"] = "feedback"
+    evaluator: Annotated[str, Field(max_length=128)] | None = None
+    label: Annotated[str, Field(max_length=64)] | None = None
+    comment: Annotated[str, Field(max_length=1000)] | None = None
+    timestamp: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _one_verdict(self) -> FeedbackIn:
+        if (self.score is None) == (self.thumbs is None):
+            raise ValueError("give exactly one of `score` (0..1) or `thumbs` (up/down)")
+        return self
+
+    @property
+    def value(self) -> float:
+        if self.score is not None:
+            return self.score
+        return 1.0 if self.thumbs == "up" else 0.0
+
+
+class FeedbackResult(BaseModel):
+    accepted: int
+
+
+def _calls_by_reference(engine: Engine, references: set[str]) -> dict[str, LLMCall]:
+    query = select(LLMCall).where(
+        or_(col(LLMCall.call_id).in_(references), col(LLMCall.request_id).in_(references))
+    )
+    found: dict[str, LLMCall] = {}
+    with Session(engine) as session:
+        for call in session.exec(query):
+            found[call.call_id] = call
+            if call.request_id:
+                found[call.request_id] = call
+    return found
+
+
+@router.post(
+    "/v1/feedback",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_ingest_key)],
+)
+async def post_feedback(
+    body: Annotated[FeedbackIn | list[FeedbackIn], Body()],
+    svc: Annotated[Services, Depends(services)],
+) -> FeedbackResult:
+    items = body if isinstance(body, list) else [body]
+    calls = await asyncio.to_thread(
+        _calls_by_reference, svc.engine, {item.call_id for item in items}
+    )
+    unknown = sorted({item.call_id for item in items} - calls.keys())
+    if unknown:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"no recorded call with call_id or request_id {', '.join(unknown[:10])}; "
+            "nothing written",
+        )
+    now = datetime.now(UTC)
+    scores = []
+    for item in items:
+        call = calls[item.call_id]
+        scores.append(
+            ScoreRecord(
+                call_id=call.call_id,
+                ts=item.timestamp or now,
+                source=item.source,
+                score=item.value,
+                evaluator=item.evaluator,
+                label=item.label or item.thumbs,
+                comment=item.comment,
+                model=call.response_model or call.model,
+                feature=call.feature,
+            )
+        )
+    await asyncio.to_thread(write_scores, svc.engine, scores)
+    INGESTED_CALLS.labels("feedback").inc(len(scores))
+    return FeedbackResult(accepted=len(scores))

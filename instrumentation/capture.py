@@ -1,0 +1,214 @@
+"""What the wrapper notes about one call on the caller's path, and how the recorder turns it
+into a stored record off that path.
+
+The caller's path only takes timestamps and references; reading usage, pricing, hashing,
+scoring and logging all happen in the recorder's thread (`finalize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from instrumentation.classify import classify_exception
+from instrumentation.context import LLMContext
+from instrumentation.pricing import PriceTable
+from instrumentation.privacy import hash_user_id
+from stores.llm_calls import ERROR_MESSAGE_MAX, CallRecord
+
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+
+
+@dataclass(slots=True)
+class PendingCall:
+    operation: str  # chat | responses | embeddings
+    model: str
+    started: float  # perf_counter at the call
+    ts: datetime
+    context: LLMContext
+    stream: bool = False
+    hide_usage_chunk: bool = False
+    score_quality: bool = False
+    expected_format: str = "text"
+    prompt: Any = None  # messages / input, kept only when the call is sampled for quality
+    ended: float = 0.0
+    first_token: float | None = None
+    status: str = "success"
+    http_status: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retry_count: int = 0
+    request_id: str | None = None
+    response: Any = None  # the parsed response of a non-streamed call
+    response_model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    finish_reason: str | None = None
+    output_parts: list[str] = field(default_factory=list)
+    trace_id: str | None = None
+
+    def fail(self, exc: BaseException, ended: float) -> None:
+        self.ended = ended
+        self.status, self.http_status = classify_exception(exc)
+        self.error_type = type(exc).__name__
+        self.error_message = str(getattr(exc, "message", None) or exc)[:ERROR_MESSAGE_MAX]
+        request = getattr(exc, "request", None)
+        response = getattr(exc, "response", None)
+        if response is not None:
+            self.request_id = response.headers.get("x-request-id") or self.request_id
+            request = getattr(response, "request", request)
+        if request is not None:
+            self.retry_count = _int(request.headers.get(RETRY_COUNT_HEADER))
+
+    def observe_chunk(self, chunk: Any, now: float) -> None:
+        """A chat.completions stream chunk."""
+        if self.response_model is None:
+            self.response_model = getattr(chunk, "model", None)
+        usage = getattr(chunk, "usage", None)
+        if usage is not None:
+            self._chat_usage(usage)
+        for choice in chunk.choices or ():
+            delta = choice.delta
+            if delta is not None and (delta.content or delta.tool_calls or delta.refusal):
+                if self.first_token is None:
+                    self.first_token = now
+                if self.score_quality and delta.content:
+                    self.output_parts.append(delta.content)
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+
+    def observe_event(self, event: Any, now: float) -> None:
+        """A responses stream event."""
+        kind = getattr(event, "type", "")
+        if kind == "response.output_text.delta" or kind.endswith("arguments.delta"):
+            if self.first_token is None:
+                self.first_token = now
+            if self.score_quality and kind == "response.output_text.delta":
+                self.output_parts.append(event.delta)
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            self._response(event.response)
+            if kind == "response.failed":
+                error = getattr(event.response, "error", None)
+                self.status = "error"
+                self.error_type = getattr(error, "code", None) or "ResponseFailed"
+                self.error_message = str(getattr(error, "message", "") or "")[:ERROR_MESSAGE_MAX]
+        elif kind == "response.created":
+            self.response_model = getattr(event.response, "model", None)
+        elif kind == "error":
+            self.status = "error"
+            self.error_type = getattr(event, "code", None) or "StreamError"
+            self.error_message = str(getattr(event, "message", "") or "")[:ERROR_MESSAGE_MAX]
+
+    def _chat_usage(self, usage: Any) -> None:
+        self.input_tokens = usage.prompt_tokens
+        self.output_tokens = usage.completion_tokens
+        details = getattr(usage, "prompt_tokens_details", None)
+        self.cached_input_tokens = getattr(details, "cached_tokens", None) or 0
+
+    def _response(self, response: Any) -> None:
+        """Usage, model and finish reason of a complete response object."""
+        self.response_model = getattr(response, "model", None) or self.response_model
+        usage = getattr(response, "usage", None)
+        if self.operation == "chat":
+            if usage is not None:
+                self._chat_usage(usage)
+            choices = getattr(response, "choices", None) or ()
+            if choices:
+                self.finish_reason = choices[0].finish_reason
+        elif self.operation == "responses":
+            if usage is not None:
+                self.input_tokens = usage.input_tokens
+                self.output_tokens = usage.output_tokens
+                details = getattr(usage, "input_tokens_details", None)
+                self.cached_input_tokens = getattr(details, "cached_tokens", None) or 0
+            details = getattr(response, "incomplete_details", None)
+            status = getattr(response, "status", None)
+            self.finish_reason = getattr(details, "reason", None) or status
+        elif usage is not None:  # embeddings
+            self.input_tokens = usage.prompt_tokens
+            self.output_tokens = 0
+
+    def output_text(self) -> str:
+        if self.output_parts:
+            return "".join(self.output_parts)
+        response = self.response
+        if response is None:
+            return ""
+        if self.operation == "chat" and response.choices:
+            return response.choices[0].message.content or ""
+        if self.operation == "responses":
+            return str(getattr(response, "output_text", "") or "")
+        return ""
+
+
+def _int(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
+
+
+def prompt_text(prompt: Any) -> str:
+    """The last user message of a chat, or a responses `input`, as plain text."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        for message in reversed(prompt):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    return content
+                if isinstance(content, list):
+                    return " ".join(
+                        str(part.get("text", "")) for part in content if isinstance(part, dict)
+                    )
+    return ""
+
+
+def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
+    """The stored record of a finished call (runs in the recorder's thread)."""
+    if call.response is not None:
+        call._response(call.response)
+        if call.request_id is None:
+            call.request_id = getattr(call.response, "_request_id", None)
+    if call.stream and call.status == "success" and call.finish_reason is None:
+        # Ended without a finish reason (or `response.completed`): the answer is cut short.
+        call.status = "error"
+        call.error_type = call.error_type or "IncompleteStream"
+    ctx = call.context
+    model = call.response_model or call.model
+    cost = None
+    if call.input_tokens is not None:
+        cost = prices.cost_usd(
+            model, call.input_tokens, call.output_tokens or 0, call.cached_input_tokens or 0
+        )
+    ttft = None
+    if call.first_token is not None:
+        ttft = round((call.first_token - call.started) * 1000, 3)
+    return CallRecord(
+        ts=call.ts,
+        operation=call.operation,
+        model=call.model,
+        response_model=call.response_model,
+        status=call.status,
+        http_status=call.http_status,
+        latency_ms=round((call.ended - call.started) * 1000, 3),
+        ttft_ms=ttft,
+        input_tokens=call.input_tokens,
+        output_tokens=call.output_tokens,
+        cached_input_tokens=call.cached_input_tokens,
+        cost_usd=cost,
+        feature=ctx.feature,
+        team=ctx.team,
+        environment=ctx.environment,
+        session_id=ctx.session_id,
+        user_hash=hash_user_id(ctx.user_id, salt) if ctx.user_id else None,
+        error_type=call.error_type,
+        error_message=call.error_message,
+        retry_count=call.retry_count,
+        finish_reason=call.finish_reason,
+        request_id=call.request_id,
+        trace_id=call.trace_id or ctx.trace_id,
+        source="sdk",
+        metadata=dict(ctx.metadata) or None,
+    )

@@ -1,0 +1,115 @@
+"""OpenTelemetry GenAI spans (as `opentelemetry-instrumentation-genai-openai` and other GenAI
+semantic-convention instrumentations emit them) read as LLM call records.
+
+What a span cannot say is left empty: no request id or retry count unless the app's HTTP
+hooks added `openai.request.id` / `http.request.resend_count`; the HTTP status only from the
+SDK's "Error code: NNN" message. A stream the caller stopped reading and one the provider cut
+short look alike on a span (no finish reason, no error); both are taken as successes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from instrumentation.classify import status_for_error_type, status_for_http
+
+GENAI_OPERATIONS = {"chat", "embeddings", "text_completion", "generate_content"}
+_HTTP_CODE = re.compile(r"^Error code: (\d{3})")
+ABANDONED = ("_OTHER", "abandoned stream")
+
+
+@dataclass(frozen=True)
+class SpanView:
+    """The parts of an OTLP span the mapping needs, decoded from protobuf or JSON."""
+
+    trace_id: str
+    start_ns: int
+    end_ns: int
+    error: bool
+    status_message: str
+    attributes: Mapping[str, Any]
+    resource: Mapping[str, Any]
+
+
+def _first(attributes: Mapping[str, Any], resource: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if attributes.get(key) is not None:
+            return attributes[key]
+    for key in keys:
+        if resource.get(key) is not None:
+            return resource[key]
+    return None
+
+
+def call_fields(span: SpanView) -> dict[str, Any] | None:
+    """The `/v1/llm-calls` record of a GenAI call span; None for any other span."""
+    attrs = span.attributes
+    operation_name = attrs.get("gen_ai.operation.name")
+    model = attrs.get("gen_ai.request.model")
+    if operation_name not in GENAI_OPERATIONS or not model:
+        return None
+    if operation_name == "embeddings":
+        operation = "embeddings"
+    else:
+        operation = "responses" if attrs.get("openai.api.type") == "responses" else "chat"
+
+    finish_reasons = attrs.get("gen_ai.response.finish_reasons") or []
+    finish_reason = str(finish_reasons[0]) if finish_reasons else None
+    http_status = attrs.get("http.response.status_code")
+    error_type = attrs.get("error.type")
+    error_message = None
+    if span.error and (error_type, span.status_message) == ABANDONED:
+        status, finish_reason, error_type = "success", "client_closed", None
+    elif span.error:
+        match = _HTTP_CODE.match(span.status_message)
+        if match:
+            http_status = int(match.group(1))
+        if http_status is not None and http_status >= 400:
+            status = status_for_http(int(http_status))
+        else:
+            status, code = status_for_error_type(str(error_type or "error"))
+            http_status = http_status or code
+        error_message = span.status_message or None
+    else:
+        status = "success"
+        http_status = http_status or 200
+
+    input_tokens = attrs.get("gen_ai.usage.input_tokens")
+    output_tokens = attrs.get("gen_ai.usage.output_tokens")
+    if operation == "embeddings" and input_tokens is not None and output_tokens is None:
+        output_tokens = 0
+    cached = attrs.get("gen_ai.usage.cache_read.input_tokens")
+    ttft = attrs.get("gen_ai.response.time_to_first_chunk")
+    fields: dict[str, Any] = {
+        "timestamp": datetime.fromtimestamp(span.start_ns / 1e9, UTC),
+        "operation": operation,
+        "model": model,
+        "response_model": attrs.get("gen_ai.response.model"),
+        "status": status,
+        "http_status": http_status,
+        "latency_ms": round(max(span.end_ns - span.start_ns, 0) / 1e6, 3),
+        "ttft_ms": round(float(ttft) * 1000, 3) if ttft is not None else None,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cached_input_tokens": cached
+        if cached is not None or operation == "embeddings"
+        else (0 if input_tokens is not None else None),
+        "finish_reason": finish_reason,
+        "error_type": str(error_type)[:128] if error_type else None,
+        "error_message": error_message,
+        "retry_count": int(attrs.get("http.request.resend_count") or 0),
+        "request_id": attrs.get("openai.request.id"),
+        "trace_id": span.trace_id or None,
+        "feature": _first(attrs, span.resource, "pagerloop.feature"),
+        "team": _first(attrs, span.resource, "pagerloop.team"),
+        "environment": _first(
+            attrs, span.resource, "deployment.environment.name", "deployment.environment"
+        ),
+        "session_id": _first(attrs, span.resource, "session.id", "gen_ai.conversation.id"),
+        "user": _first(attrs, span.resource, "user.id", "enduser.id"),
+    }
+    return {key: value for key, value in fields.items() if value is not None}

@@ -1,0 +1,160 @@
+"""The bulk write path of the call log: the instrumentation's writer, ingest and OTLP use it.
+
+SQLite gets one `executemany` of plain tuples, PostgreSQL gets `COPY`: the ORM would cost a
+third of the throughput. The rollup is aggregated in Python per batch and upserted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+
+from stores.llm_calls import CallRecord, utc
+
+CALL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
+ROLLUP_KEYS = ("minute", "model", "feature", "team", "environment")
+ROLLUP_SUMS = (
+    "calls",
+    "successes",
+    "errors",
+    "timeouts",
+    "rate_limited",
+    "server_errors",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost_usd",
+    "unpriced_calls",
+    "latency_ms_sum",
+)
+_STATUS_COUNTER = {
+    "success": "successes",
+    "error": "errors",
+    "timeout": "timeouts",
+    "rate_limited": "rate_limited",
+    "server_error": "server_errors",
+}
+
+
+def sqlite_datetime(value: datetime) -> str:
+    """The text SQLAlchemy's SQLite DateTime type stores and compares (UTC, naive)."""
+    return utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def rollup(records: Iterable[CallRecord]) -> dict[tuple[datetime, str, str, str, str], list[float]]:
+    """Sum a batch per minute and dimension (missing dimensions are "")."""
+    buckets: dict[tuple[datetime, str, str, str, str], list[float]] = {}
+    index = {name: i for i, name in enumerate(ROLLUP_SUMS)}
+    for record in records:
+        ts = utc(record.ts)
+        key = (
+            ts.replace(second=0, microsecond=0),
+            record.model,
+            record.feature or "",
+            record.team or "",
+            record.environment or "",
+        )
+        sums = buckets.get(key)
+        if sums is None:
+            sums = buckets[key] = [0.0] * len(ROLLUP_SUMS)
+        sums[0] += 1
+        sums[index[_STATUS_COUNTER.get(record.status, "errors")]] += 1
+        sums[6] += record.input_tokens or 0
+        sums[7] += record.output_tokens or 0
+        sums[8] += record.cached_input_tokens or 0
+        if record.cost_usd is None:
+            sums[10] += 1
+        else:
+            sums[9] += record.cost_usd
+        sums[11] += record.latency_ms
+    return buckets
+
+
+def _rollup_sql(placeholder: str) -> str:
+    columns = ROLLUP_KEYS + ROLLUP_SUMS
+    updates = ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS)
+    values = ", ".join([placeholder] * len(columns))
+    return (
+        f"INSERT INTO usage_rollup ({', '.join(columns)}) VALUES ({values}) "  # noqa: S608
+        f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET {updates}"
+    )
+
+
+def _rollup_rows(records: Sequence[CallRecord], minute: Any) -> list[tuple[Any, ...]]:
+    rows = []
+    for (bucket, *dims), sums in rollup(records).items():
+        ints = [int(v) for v in sums[:9]] + [sums[9], int(sums[10]), sums[11]]
+        rows.append((minute(bucket), *dims, *ints))
+    return rows
+
+
+def _metadata(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+
+_TS = CALL_COLUMNS.index("ts")
+_METADATA = CALL_COLUMNS.index("metadata")
+_COLUMN_LIST = ", ".join(CALL_COLUMNS)
+
+
+def _call_tuple(record: CallRecord, ts: Any) -> tuple[Any, ...]:
+    values = [getattr(record, name) for name in CALL_COLUMNS]
+    values[_TS] = ts(record.ts)
+    values[_METADATA] = _metadata(record.metadata)
+    return tuple(values)
+
+
+def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
+    marks = ", ".join("?" * len(CALL_COLUMNS))
+    insert = f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({marks})"  # noqa: S608
+    calls = [_call_tuple(r, sqlite_datetime) for r in records]
+    rollups = _rollup_rows(records, sqlite_datetime)
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.executemany(insert, calls)
+        cursor.executemany(_rollup_sql("?"), rollups)
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        connection.close()
+
+
+def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> None:
+    rollups = _rollup_rows(records, lambda value: value)
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        with cursor.copy(f"COPY llm_calls ({_COLUMN_LIST}) FROM STDIN") as copy:
+            for record in records:
+                copy.write_row(_call_tuple(record, utc))
+        cursor.executemany(_rollup_sql("%s"), rollups)
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        connection.close()
+
+
+def write_batch(engine: Engine, records: Sequence[CallRecord]) -> int:
+    if not records:
+        return 0
+    backend = engine.dialect.name
+    write = {"sqlite": _write_sqlite, "postgresql": _write_postgres}.get(backend)
+    if write is None:
+        raise ValueError(f"unsupported store backend {backend!r}: use SQLite or PostgreSQL")
+    try:
+        write(engine, records)
+    except engine.dialect.loaded_dbapi.IntegrityError as exc:
+        # The same exception the ORM path would raise, whichever driver is underneath.
+        raise IntegrityError("INSERT INTO llm_calls", None, exc) from exc
+    return len(records)
