@@ -118,6 +118,9 @@ async def _apply(svc: Services, update: Any, incident_id: str, user: str) -> str
             return f"Incident `{incident_id}` does not exist or is closed."
         log.warning("update on %s failed: %s", incident_id, exc)
         return f"Could not reach incident `{incident_id}` ({exc.status.name}); try again."
+    except RuntimeError as exc:  # a lazy client that cannot connect
+        log.warning("update on %s failed: %s", incident_id, exc)
+        return f"Could not reach incident `{incident_id}` (Temporal is unreachable); try again."
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
         log.warning("update on %s did not complete in %ss", incident_id, UPDATE_PATIENCE_SECONDS)
         return f"Incident `{incident_id}` did not answer in time; try again."

@@ -68,8 +68,8 @@ async def status_page(request: Request, svc: Annotated[Services, Depends(service
         async with asyncio.timeout(STATUS_DEADLINE_SECONDS):
             incidents = await open_incidents(svc)
         page = StatusPage(overall=overall_state(incidents), open_incidents=incidents)
-    except (TimeoutError, RPCError):
-        # Temporal is away: say so rather than "operational".
+    except (TimeoutError, RPCError, RuntimeError):
+        # Temporal is away (a lazy client fails to connect with RuntimeError): say so.
         page, code = StatusPage(overall="unknown", open_incidents=[]), 503
     if "text/html" in request.headers.get("accept", ""):
         return HTMLResponse(_render(page), status_code=code)

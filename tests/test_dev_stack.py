@@ -169,3 +169,25 @@ async def test_dev_uses_a_temporal_server_that_already_answers(
     assert stack.interrupt() == 0
     assert answers(existing), "pagerloop dev must leave a server it did not start running"
     await dev_env.client.get_workflow_handle("detector-dev-on-existing-server").terminate()
+
+
+def test_dev_stops_with_a_clear_error_when_the_api_port_is_taken(stack: DevStack) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(stack.env["PAGERLOOP_API_PORT"])))
+        taken.listen()
+        with stack.log.open("ab") as log:
+            process = subprocess.Popen(
+                [PAGERLOOP, "dev"], cwd=stack.cwd, env=stack.env, stdout=log, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            assert process.wait(60) != 0
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    output = stack.log.read_text()
+    assert "could not listen on 127.0.0.1" in output
+    assert "pagerloop dev stopped" in output
+    assert not answers(stack.temporal)  # the embedded server went down with it

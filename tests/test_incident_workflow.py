@@ -24,6 +24,7 @@ from workflows.incident import IncidentWorkflow
 from workflows.incident_types import (
     ActionRequest,
     Breach,
+    IncidentInput,
     IncidentResult,
     IncidentState,
     IncidentStatus,
@@ -154,8 +155,11 @@ async def test_a_storm_of_breaches_is_one_incident(
     await eventually(lambda: len(fake_slack.messages) == 1)
 
 
-async def test_a_resolved_incident_takes_no_more_breaches(stack: Stack) -> None:
+async def test_a_resolved_incident_takes_no_more_breaches(
+    stack: Stack, fake_pagerduty: FakePagerDuty
+) -> None:
     incident_id, handle = await stack.open()
+    await eventually(lambda: fake_pagerduty.alerts.get(incident_id) == "triggered")
     await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
     await handle.result()
     again = await stack.opener.open_or_update(
@@ -214,3 +218,78 @@ async def test_slack_users_outside_the_allow_list_are_refused(stack: Stack) -> N
         IncidentWorkflow.acknowledge, ActionRequest("U1", "slack")
     )
     assert allowed.acknowledged_by == "U1"
+
+
+async def test_a_long_incident_continues_as_new_without_losing_anything(
+    stack: Stack, task_queue: str, fake_slack: FakeSlack, fake_pagerduty: FakePagerDuty
+) -> None:
+    incident_id = f"incident-error_rate-global-{uuid.uuid4().hex[:8]}"
+    handle = await stack.client.start_workflow(
+        IncidentWorkflow.run,
+        IncidentInput(
+            incident_id=incident_id,
+            trigger=Trigger.ERROR_RATE,
+            scope="global",
+            severity=Severity.SEV2,
+            opened_at=datetime(2026, 11, 26, 12, tzinfo=UTC),
+            notify=NotificationPlan(slack_channel="#llm-oncall", pagerduty=True),
+            updates_per_run=3,
+        ),
+        id=incident_id,
+        task_queue=task_queue,
+    )
+    first_run = handle.result_run_id
+    await eventually(lambda: len(fake_slack.messages) == 1)
+    for _ in range(7):
+        await handle.execute_update(IncidentWorkflow.report_breach, breach())
+    await handle.execute_update(IncidentWorkflow.acknowledge, ActionRequest("U1", "slack"))
+
+    described = await stack.client.get_workflow_handle(incident_id).describe()
+    assert described.run_id != first_run  # it moved on to fresh runs...
+    state = await stack.client.get_workflow_handle_for(IncidentWorkflow.run, incident_id).query(
+        IncidentWorkflow.state
+    )
+    assert state.breach_count == 7  # ...carrying its state
+    assert state.acknowledged_by == "U1"
+    assert state.slack_message is not None
+
+    latest = stack.client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+    await latest.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
+    result = await latest.result()
+    assert result.status == IncidentStatus.RESOLVED
+    assert [e.kind for e in result.timeline].count("opened") == 1
+    [message] = fake_slack.messages.values()  # the one message, updated in place all along
+    assert "resolved by alice" in str(message.blocks)
+    assert len(fake_slack.calls("chat.postMessage")) == 1
+    assert len(fake_pagerduty.events("trigger")) == 1
+    assert fake_pagerduty.alerts[incident_id] == "resolved"
+
+
+async def test_no_page_for_an_incident_resolved_while_pagerduty_was_failing(
+    stack: Stack, fake_pagerduty: FakePagerDuty
+) -> None:
+    for _ in range(50):
+        fake_pagerduty.fail_next(503)
+    incident_id, handle = await stack.open()
+    await eventually(lambda: len(fake_pagerduty.events("trigger")) >= 2)  # retrying
+    await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
+    fake_pagerduty.faults.clear()
+    result = await handle.result()
+    kinds = [entry.kind for entry in result.timeline]
+    assert "not_paged" in kinds
+    assert "paged" not in kinds
+    assert fake_pagerduty.alerts.get(incident_id) is None  # nobody was woken up
+
+
+async def test_an_unknown_slack_error_is_not_retried_for_a_day(
+    stack: Stack, fake_slack: FakeSlack, fake_pagerduty: FakePagerDuty
+) -> None:
+    fake_slack.fail_next("chat.postMessage", "not_allowed_token_type")
+    _, handle = await stack.open()
+
+    async def failed() -> bool:
+        timeline = (await state_of(handle)).timeline
+        return any("not_allowed_token_type" in entry.text for entry in timeline)
+
+    await eventually(failed)
+    assert len(fake_slack.calls("chat.postMessage")) == 1

@@ -8,10 +8,11 @@ Slack outage never holds back the page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -34,6 +35,9 @@ with workflow.unsafe.imports_passed_through():
         TimelineEntry,
     )
     from workflows.policies import VENDOR_CALL, ActivityPolicy
+
+# After a resolve, how long a page still being retried may go on before it is called off.
+PAGE_GRACE = timedelta(seconds=30)
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -247,33 +251,8 @@ class IncidentWorkflow:
 
     async def _pagerduty_action(self, action: str) -> None:
         state = self._state
-        pending = self._pagerduty.pending
-        if action == "trigger" and "resolve" in pending:
-            # Resolved before the page could go out (PagerDuty was failing): nobody to wake.
-            pending.clear()
-            self._record("not_paged", "resolved before PagerDuty accepted the page")
-            return
         if action == "trigger":
-            await self._activity(
-                PagerDutyActivities.trigger,
-                PagerDutyTrigger(
-                    dedup_key=state.incident_id,
-                    summary=f"[{state.severity}] {state.summary or state.trigger}",
-                    source=f"pagerloop/{state.scope}",
-                    severity=state.severity,
-                    custom_details={
-                        "incident_id": state.incident_id,
-                        "trigger": str(state.trigger),
-                        "scope": state.scope,
-                        **state.metrics,
-                    },
-                    links=[{"href": self._input.notify.status_url, "text": "pagerloop status"}]
-                    if self._input.notify.status_url
-                    else [],
-                ),
-                summary=f"PagerDuty: trigger {state.incident_id}",
-            )
-            self._record("paged", "PagerDuty incident triggered", channel="pagerduty")
+            await self._page()
         elif action == "acknowledge":
             await self._activity(
                 PagerDutyActivities.acknowledge,
@@ -284,6 +263,43 @@ class IncidentWorkflow:
             await self._activity(
                 PagerDutyActivities.resolve, state.incident_id, summary="PagerDuty: resolve"
             )
+
+    async def _page(self) -> None:
+        """Trigger PagerDuty, unless the incident is resolved while PagerDuty still refuses the
+        page: then stop trying (the queued resolve still goes out, in case a try got through)."""
+        state = self._state
+        event = PagerDutyTrigger(
+            dedup_key=state.incident_id,
+            summary=f"[{state.severity}] {state.summary or state.trigger}",
+            source=f"pagerloop/{state.scope}",
+            severity=state.severity,
+            custom_details={
+                "incident_id": state.incident_id,
+                "trigger": str(state.trigger),
+                "scope": state.scope,
+                **state.metrics,
+            },
+            links=[{"href": self._input.notify.status_url, "text": "pagerloop status"}]
+            if self._input.notify.status_url
+            else [],
+        )
+        paging = workflow.start_activity_method(
+            PagerDutyActivities.trigger,
+            event,
+            start_to_close_timeout=VENDOR_CALL.start_to_close,
+            schedule_to_close_timeout=VENDOR_CALL.schedule_to_close,
+            retry_policy=VENDOR_CALL.retry,
+            summary=f"PagerDuty: trigger {state.incident_id}",
+        )
+        await workflow.wait_condition(lambda: paging.done() or "resolve" in self._pagerduty.pending)
+        if not paging.done():
+            paging.cancel()
+            with contextlib.suppress(ActivityError, asyncio.CancelledError):
+                await paging
+            self._record("not_paged", "resolved before PagerDuty accepted the page")
+            return
+        await paging
+        self._record("paged", "PagerDuty incident triggered", channel="pagerduty")
 
     async def _activity(
         self,
