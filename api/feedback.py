@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import Engine, or_
+from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from api.deps import Services, services
@@ -18,6 +18,7 @@ from stores.llm_calls import LLMCall
 from stores.quality import ScoreRecord, write_scores
 
 router = APIRouter()
+REQUEST_ID_WINDOW = timedelta(days=2)
 
 
 class FeedbackIn(BaseModel):
@@ -52,15 +53,20 @@ class FeedbackResult(BaseModel):
 
 
 def _calls_by_reference(engine: Engine, references: set[str]) -> dict[str, LLMCall]:
-    query = select(LLMCall).where(
-        or_(col(LLMCall.call_id).in_(references), col(LLMCall.request_id).in_(references))
-    )
+    """Calls by our call_id (indexed), else by OpenAI request id among recent calls (request
+    ids are not indexed: feedback by request id must come within REQUEST_ID_WINDOW)."""
     found: dict[str, LLMCall] = {}
+    since = datetime.now(UTC) - REQUEST_ID_WINDOW
     with Session(engine) as session:
-        for call in session.exec(query):
+        for call in session.exec(select(LLMCall).where(col(LLMCall.call_id).in_(references))):
             found[call.call_id] = call
-            if call.request_id:
-                found[call.request_id] = call
+        rest = references - found.keys()
+        if rest:
+            query = select(LLMCall).where(
+                col(LLMCall.ts) >= since, col(LLMCall.request_id).in_(rest)
+            )
+            for call in session.exec(query):
+                found[call.request_id or call.call_id] = call
     return found
 
 
@@ -81,8 +87,8 @@ async def post_feedback(
     if unknown:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,
-            f"no recorded call with call_id or request_id {', '.join(unknown[:10])}; "
-            "nothing written",
+            f"no recorded call with call_id {', '.join(unknown[:10])} (or with that request_id "
+            "in the last two days); nothing written",
         )
     now = datetime.now(UTC)
     scores = []

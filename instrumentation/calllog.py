@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import fields
+from operator import attrgetter
 from typing import Any
 
 from stores.llm_calls import CallRecord
@@ -26,18 +27,25 @@ LEVELS = {
 }
 
 
+_FIELDS = tuple(f.name for f in fields(CallRecord) if f.name != "ts")
+_values = attrgetter(*_FIELDS)
+
+
 def as_log_fields(record: CallRecord) -> dict[str, Any]:
-    fields = {k: v for k, v in asdict(record).items() if v is not None and v != ""}
-    fields["timestamp"] = record.ts.isoformat()
-    fields.pop("ts", None)
-    fields["total_tokens"] = (record.input_tokens or 0) + (record.output_tokens or 0)
-    fields["event"] = f"llm_call_{record.status}"
-    return fields
+    found = {k: v for k, v in zip(_FIELDS, _values(record), strict=True) if v is not None}
+    found["timestamp"] = record.ts.isoformat()
+    found["total_tokens"] = (record.input_tokens or 0) + (record.output_tokens or 0)
+    found["event"] = f"llm_call_{record.status}"
+    return found
 
 
-def emit(record: CallRecord) -> None:
-    level = LEVELS.get(record.status, logging.ERROR)
-    if not logger.isEnabledFor(level):
+def emit(records: list[CallRecord]) -> None:
+    """Log a batch; the levels are checked once, so a quiet logger costs nothing per record."""
+    enabled = {status for status, level in LEVELS.items() if logger.isEnabledFor(level)}
+    if not enabled:
         return
-    fields = as_log_fields(record)
-    logger.log(level, json.dumps(fields, default=str), extra={"llm_call": fields})
+    for record in records:
+        if record.status in enabled or record.status not in LEVELS:
+            fields = as_log_fields(record)
+            level = LEVELS.get(record.status, logging.ERROR)
+            logger.log(level, json.dumps(fields, default=str), extra={"llm_call": fields})

@@ -1,8 +1,10 @@
 """The recorder: a bounded queue on the caller's side, one background thread on the other.
 
-`submit` never blocks and never does I/O: when the queue is full the record is dropped and
-counted. The thread finalizes records (hash, price, score, log) and writes them in batches to
-its sink; `flush()` waits for what is queued, and an atexit hook flushes on exit.
+`submit` never blocks and never does I/O: it turns the finished call into its record (a few
+microseconds of arithmetic: usage, price, pseudonym) and queues it; when the queue is full the
+record is dropped and counted. The thread does everything slow: quality scoring of the sampled
+calls, the JSON log line, and the batched writes to its sink. `flush()` waits for what is
+queued, and an atexit hook flushes on exit.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge
@@ -89,7 +90,8 @@ class Recorder:
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.sink_attempts = sink_attempts
-        self._queue: deque[PendingCall] = deque()
+        # Each record with its call when that call is to be scored for quality.
+        self._queue: deque[tuple[CallRecord, PendingCall | None]] = deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._busy = False
@@ -108,13 +110,29 @@ class Recorder:
 
     def submit(self, call: PendingCall) -> None:
         """Queue a finished call. Never blocks, never raises."""
+        if len(self._queue) >= self.max_queue:
+            self.dropped += 1
+            RECORDS.labels("dropped").inc()
+            return
+        try:
+            record = finalize(call, self.salt, self.prices)
+        except Exception:
+            log.exception("could not make a record of an LLM call")
+            self.failed += 1
+            RECORDS.labels("failed").inc()
+            return
+        scored = call if call.score_quality and record.status == "success" else None
+        self.enqueue(record, scored)
+
+    def enqueue(self, record: CallRecord, scored: PendingCall | None = None) -> None:
+        """Queue a finished record (and the call to score, if any)."""
         if self._thread is None:
             self._start()
         if len(self._queue) >= self.max_queue:
             self.dropped += 1
             RECORDS.labels("dropped").inc()
             return
-        self._queue.append(call)
+        self._queue.append((record, scored))
         self.submitted += 1
         if len(self._queue) >= self.batch_size:
             self._wake.set()
@@ -152,25 +170,17 @@ class Recorder:
                 self._busy = False
                 self._idle.notify_all()
 
-    def _write(self, batch: list[PendingCall]) -> None:
-        calls: list[CallRecord] = []
+    def _write(self, batch: list[tuple[CallRecord, PendingCall | None]]) -> None:
+        calls = [record for record, _ in batch]
         scores: list[ScoreRecord] = []
-        for pending in batch:
-            try:
-                record = finalize(pending, self.salt, self.prices)
-            except Exception:
-                log.exception("could not finalize an LLM call record")
-                self.failed += 1
-                RECORDS.labels("failed").inc()
-                continue
-            calls.append(record)
-            if record.cost_usd is None and record.input_tokens is not None:
-                UNPRICED.labels(record.response_model or record.model).inc()
-            if pending.score_quality and record.status == "success":
+        for record, pending in batch:
+            if pending is not None:
                 scored = self._score(pending, record)
                 if scored is not None:
                     scores.append(scored)
-            calllog.emit(record)
+            if record.cost_usd is None and record.input_tokens is not None:
+                UNPRICED.labels(record.response_model or record.model).inc()
+        calllog.emit(calls)
         for attempt in range(1, self.sink_attempts + 1):
             try:
                 self.sink.write(calls, scores)
@@ -232,7 +242,3 @@ class Recorder:
         return RecorderStats(
             self.submitted, self.written, self.dropped, self.failed, len(self._queue)
         )
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

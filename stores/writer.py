@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
-from datetime import datetime
+from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import Engine
@@ -17,7 +18,10 @@ from sqlalchemy.exc import IntegrityError
 
 from stores.llm_calls import CallRecord, utc
 
-CALL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
+# The plain columns first, then the two that need converting: ts and metadata.
+_PLAIN = tuple(f.name for f in fields(CallRecord) if f.name not in ("ts", "metadata"))
+CALL_COLUMNS: tuple[str, ...] = (*_PLAIN, "ts", "metadata")
+_plain_values = attrgetter(*_PLAIN)
 ROLLUP_KEYS = ("minute", "model", "feature", "team", "environment")
 ROLLUP_SUMS = (
     "calls",
@@ -44,7 +48,9 @@ _STATUS_COUNTER = {
 
 def sqlite_datetime(value: datetime) -> str:
     """The text SQLAlchemy's SQLite DateTime type stores and compares (UTC, naive)."""
-    return utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if value.tzinfo is not UTC:
+        value = utc(value)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def rollup(records: Iterable[CallRecord]) -> dict[tuple[datetime, str, str, str, str], list[float]]:
@@ -68,10 +74,10 @@ def rollup(records: Iterable[CallRecord]) -> dict[tuple[datetime, str, str, str,
         sums[6] += record.input_tokens or 0
         sums[7] += record.output_tokens or 0
         sums[8] += record.cached_input_tokens or 0
-        if record.cost_usd is None:
-            sums[10] += 1
-        else:
+        if record.cost_usd is not None:
             sums[9] += record.cost_usd
+        elif record.input_tokens is not None:
+            sums[10] += 1  # tokens known, model without a price
         sums[11] += record.latency_ms
     return buckets
 
@@ -94,32 +100,48 @@ def _rollup_rows(records: Sequence[CallRecord], minute: Any) -> list[tuple[Any, 
     return rows
 
 
-def _metadata(value: dict[str, Any] | None) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
 
 
-_TS = CALL_COLUMNS.index("ts")
-_METADATA = CALL_COLUMNS.index("metadata")
 _COLUMN_LIST = ", ".join(CALL_COLUMNS)
 
 
 def _call_tuple(record: CallRecord, ts: Any) -> tuple[Any, ...]:
-    values = [getattr(record, name) for name in CALL_COLUMNS]
-    values[_TS] = ts(record.ts)
-    values[_METADATA] = _metadata(record.metadata)
-    return tuple(values)
+    metadata = record.metadata
+    return (*_plain_values(record), ts(record.ts), None if metadata is None else _json(metadata))
+
+
+_KNOWN_STATUSES = "'success', 'timeout', 'rate_limited', 'server_error'"
+# SQLite sums the batch it has just inserted itself (in C, without the GIL): the rows with
+# an id above the largest before the insert, which the IMMEDIATE transaction keeps ours.
+_SQLITE_ROLLUP = (
+    f"INSERT INTO usage_rollup ({', '.join(ROLLUP_KEYS + ROLLUP_SUMS)}) "  # noqa: S608
+    "SELECT substr(ts, 1, 16) || ':00.000000', model, coalesce(feature, ''), "
+    "coalesce(team, ''), coalesce(environment, ''), count(*), "
+    "sum(status = 'success'), "
+    f"sum(status NOT IN ({_KNOWN_STATUSES})), "
+    "sum(status = 'timeout'), sum(status = 'rate_limited'), sum(status = 'server_error'), "
+    "sum(coalesce(input_tokens, 0)), sum(coalesce(output_tokens, 0)), "
+    "sum(coalesce(cached_input_tokens, 0)), sum(coalesce(cost_usd, 0)), "
+    "sum(cost_usd IS NULL AND input_tokens IS NOT NULL), sum(latency_ms) "
+    "FROM llm_calls WHERE id > ? GROUP BY 1, 2, 3, 4, 5 "
+    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET "
+    + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS)
+)
 
 
 def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
     marks = ", ".join("?" * len(CALL_COLUMNS))
     insert = f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({marks})"  # noqa: S608
     calls = [_call_tuple(r, sqlite_datetime) for r in records]
-    rollups = _rollup_rows(records, sqlite_datetime)
     connection = engine.raw_connection()
     try:
         cursor = connection.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        (before,) = cursor.execute("SELECT coalesce(max(id), 0) FROM llm_calls").fetchone()
         cursor.executemany(insert, calls)
-        cursor.executemany(_rollup_sql("?"), rollups)
+        cursor.execute(_SQLITE_ROLLUP, (before,))
         connection.commit()
     except BaseException:
         connection.rollback()

@@ -141,7 +141,8 @@ async def test_dev_stack_pages_survives_a_kill_and_stops_cleanly(
     async with httpx.AsyncClient(base_url=stack.api) as api:
         clicked = await api.post("/slack/interactions", content=body, headers=headers)
     assert clicked.status_code == 200
-    await eventually(lambda: len(fake_pagerduty.events("acknowledge")) == 1)
+    # The killed worker's sticky task queue must time out before the new worker takes over.
+    await eventually(lambda: len(fake_pagerduty.events("acknowledge")) == 1, timeout=60)
     assert len(fake_slack.calls("chat.postMessage")) == 1
     assert len(fake_pagerduty.events("trigger")) == 1
 

@@ -53,9 +53,9 @@ def upgrade() -> None:
         sa.Column("source", sa.String(16), nullable=False),
         sa.Column("metadata", sa.JSON),
     )
+    # Scoped questions (per model, per feature) go to usage_rollup; raw rows are only read by
+    # time window (an index on random request ids would halve the insert rate).
     op.create_index("ix_llm_calls_ts", "llm_calls", ["ts"])
-    op.create_index("ix_llm_calls_model_ts", "llm_calls", ["model", "ts"])
-    op.create_index("ix_llm_calls_feature_ts", "llm_calls", ["feature", "ts"])
 
     op.create_table(
         "quality_scores",
