@@ -46,6 +46,7 @@ from activities.slack import SlackActivities
 from api.app import create_app
 from api.deps import Services
 from config import Settings, load_settings
+from detectors.config import load_rules
 from detectors.detector import (
     DetectorConfig,
     DetectorInput,
@@ -126,14 +127,16 @@ def build_activities(
         else None
     )
     metrics = MetricsActivities(engine)
-    incidents = IncidentActivities(client, settings.task_queue, notification_plan(settings))
+    plan = notification_plan(settings)
+    incidents = IncidentActivities(client, settings.task_queue, plan, engine)
     slack_activities = SlackActivities(slack_client)
     pd_activities = PagerDutyActivities(pd_session)
     retention = RetentionActivities(engine)
     return [
         retention.purge,
-        metrics.error_rate,
+        metrics.window_aggregates,
         incidents.open_or_update,
+        incidents.report_recovery,
         slack_activities.post_incident,
         slack_activities.update_incident,
         pd_activities.trigger,
@@ -152,12 +155,18 @@ def build_worker(settings: Settings, client: Client, engine: Engine) -> Worker:
     )
 
 
-async def ensure_detector(client: Client, settings: Settings) -> None:
-    """Start the detector once; a running one keeps its state and takes the new settings."""
-    config = DetectorConfig(
+def detector_config(settings: Settings) -> DetectorConfig:
+    return DetectorConfig(
         interval_seconds=settings.detector_interval_seconds,
         window_seconds=settings.detector_window_seconds,
+        daily_budget_usd=settings.daily_budget_usd,
+        rules=load_rules(settings.rules_file),
     )
+
+
+async def ensure_detector(client: Client, settings: Settings) -> None:
+    """Start the detector once; a running one keeps its state and takes the new settings."""
+    config = detector_config(settings)
     handle = await client.start_workflow(
         DetectorWorkflow.run,
         DetectorInput(config=config),

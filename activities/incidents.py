@@ -1,10 +1,13 @@
-"""Opening incidents: one update-with-start per breach, one open incident per trigger + scope."""
+"""Opening incidents: one update-with-start per breach, one open incident per trigger + scope,
+none while a silence covers them; and telling open incidents that their signal recovered."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from sqlalchemy import Engine
 from temporalio import activity
 from temporalio.client import (
     Client,
@@ -21,29 +24,48 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from detectors.naming import detector_workflow_id
+from stores import silences
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import Breach, IncidentInput, IncidentStatus, NotificationPlan
+from workflows.incident_types import (
+    Breach,
+    BreachReceipt,
+    IncidentInput,
+    IncidentStatus,
+    NotificationPlan,
+    Recovery,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class OpenIncidentRequest:
-    # Proposed by the detector and stable across activity retries, so a retry after a
-    # crash lands on the incident the first attempt started.
-    incident_id: str
     breach: Breach
-    # The detector has no incident on record for this trigger + scope (first breach, or its
-    # state was lost): join a running one if visibility knows it.
-    join_open_incident: bool = True
+    # Made by the detector from its own clock, so an activity retry after a crash lands on
+    # the incident the first attempt started.
+    proposed_id: str
+    # The open incident the detector has on record for this trigger + scope, if any.
+    known_id: str | None = None
 
 
 @dataclass
 class OpenIncidentResult:
-    incident_id: str | None  # None: that incident is resolved, propose a new id
+    incident_id: str | None  # the open incident that took the breach; None: none did
     opened: bool = False
-    breach_count: int = 0
+    silenced_by: int | None = None
+    silence_reason: str | None = None
+
+
+@dataclass
+class RecoveryReport:
+    incident_id: str
+    recovery: Recovery
+
+
+@dataclass
+class RecoveryResults:
+    told: list[str] = field(default_factory=list)
 
 
 def open_incidents_query(task_queue: str) -> str:
@@ -59,17 +81,51 @@ def incident_summary(breach: Breach) -> str:
 
 
 class IncidentActivities:
-    def __init__(self, client: Client, task_queue: str, plan: NotificationPlan) -> None:
+    def __init__(
+        self, client: Client, task_queue: str, plan: NotificationPlan, engine: Engine
+    ) -> None:
         self._client = client
         self._task_queue = task_queue
         self._plan = plan
+        self._engine = engine
 
     @activity.defn(name="incidents.open_or_update")
-    async def open_or_update(self, request: OpenIncidentRequest) -> OpenIncidentResult:
+    async def open_or_update(self, requests: list[OpenIncidentRequest]) -> list[OpenIncidentResult]:
+        return [await self._open_or_update(request) for request in requests]
+
+    @activity.defn(name="incidents.report_recovery")
+    async def report_recovery(self, reports: list[RecoveryReport]) -> RecoveryResults:
+        told = RecoveryResults()
+        for report in reports:
+            handle = self._client.get_workflow_handle(report.incident_id)
+            try:
+                await handle.execute_update(IncidentWorkflow.report_recovery, report.recovery)
+            except (WorkflowUpdateFailedError, RPCError) as exc:
+                log.info("incident %s not told of recovery: %s", report.incident_id, exc)
+                continue
+            told.told.append(report.incident_id)
+        return told
+
+    async def _open_or_update(self, request: OpenIncidentRequest) -> OpenIncidentResult:
         breach = request.breach
-        incident_id = request.incident_id
-        if request.join_open_incident:
-            incident_id = await self._find_open(breach) or incident_id
+        if request.known_id and await self._report(request.known_id, breach):
+            return OpenIncidentResult(request.known_id)
+        joined = await self._find_open(breach)
+        if joined and await self._report(joined, breach):
+            return OpenIncidentResult(joined)
+        silence = await asyncio.to_thread(
+            silences.matching, self._engine, breach.trigger, breach.scope, breach.observed_at
+        )
+        if silence is not None:
+            return OpenIncidentResult(None, silenced_by=silence.id, silence_reason=silence.reason)
+        receipt = await self._report(request.proposed_id, breach)
+        if receipt is None:  # that id belongs to an incident resolved in the meantime
+            return OpenIncidentResult(None)
+        return OpenIncidentResult(request.proposed_id, opened=receipt.breach_count == 1)
+
+    async def _report(self, incident_id: str, breach: Breach) -> BreachReceipt | None:
+        """Update-with-start: the breach lands on the running incident or starts it. None when
+        that incident is over (closed, or running but resolved)."""
         start = WithStartWorkflowOperation(
             IncidentWorkflow.run,
             IncidentInput(
@@ -97,7 +153,7 @@ class IncidentActivities:
             static_summary=incident_summary(breach),
         )
         try:
-            receipt = await self._client.execute_update_with_start_workflow(
+            receipt: BreachReceipt = await self._client.execute_update_with_start_workflow(
                 IncidentWorkflow.report_breach, breach, start_workflow_operation=start
             )
         except (WorkflowAlreadyStartedError, WorkflowUpdateFailedError, RPCError) as exc:
@@ -105,12 +161,8 @@ class IncidentActivities:
             if isinstance(exc, RPCError) and exc.status != RPCStatusCode.ALREADY_EXISTS:
                 raise
             log.info("incident %s is over (%s)", incident_id, exc)
-            return OpenIncidentResult(incident_id=None)
-        return OpenIncidentResult(
-            incident_id=receipt.incident_id,
-            opened=receipt.breach_count == 1,
-            breach_count=receipt.breach_count,
-        )
+            return None
+        return receipt
 
     async def _find_open(self, breach: Breach) -> str | None:
         query = (
@@ -119,6 +171,10 @@ class IncidentActivities:
             f"AND IncidentScope = {sa.literal(breach.scope)} "
             f"AND IncidentStatus != '{IncidentStatus.RESOLVED}'"
         )
-        async for execution in self._client.list_workflows(query, limit=1):
-            return execution.id
+        try:
+            async for execution in self._client.list_workflows(query, limit=1):
+                return execution.id
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.UNIMPLEMENTED:  # a server without visibility
+                raise
         return None

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 import worker
-from cli import incidents, stack
+from cli import detector, incidents, silences, stack
 from config import ConfigurationError, Settings, load_settings
 
 app = typer.Typer(
@@ -18,6 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(incidents.app, name="incidents")
+app.add_typer(silences.app, name="silences")
+app.add_typer(detector.app, name="detector")
 err = Console(stderr=True)
 
 

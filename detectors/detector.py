@@ -1,16 +1,18 @@
-"""DetectorWorkflow: evaluates the rules every interval and opens incidents on breaches.
+"""DetectorWorkflow: every interval, every rule on every scope; breaches open or update the
+incident of their trigger + scope, recoveries are reported to it.
 
-A durable loop rather than a Schedule: the consecutive-breach counts live in workflow state,
-so they survive worker restarts without a store of their own, and continue-as-new keeps the
-history short. Reconfigure it with the `reconfigure` signal; pause it from the Temporal UI by
-suspending nothing more than this one workflow (or `temporal workflow signal`).
+A durable loop rather than a Temporal Schedule: the anti-flap counters (consecutive breaches,
+consecutive good evaluations) and the incident on record per trigger + scope live in workflow
+state, so they survive worker restarts without a store of their own, and continue-as-new keeps
+the history short. Pause and resume it with the `pause` / `resume` signals (Temporal UI:
+Signal; CLI: `pagerloop detector pause`); `reconfigure` takes new settings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -21,18 +23,20 @@ with workflow.unsafe.imports_passed_through():
         IncidentActivities,
         OpenIncidentRequest,
         OpenIncidentResult,
+        RecoveryReport,
     )
-    from activities.metrics import MetricsActivities
-    from detectors.rules import ERROR_RATE_RULE, RuleState, ThresholdRule, Verdict, evaluate
-    from detectors.signals import ErrorRateSignal, WindowQuery
-    from workflows.incident_types import Breach
+    from activities.metrics import MetricsActivities, WindowQuery
+    from detectors.config import DetectorRules
+    from detectors.evaluation import Evaluation, Finding, evaluate, trigger_key
+    from detectors.rules import RuleState
+    from detectors.signals import WindowAggregates
+    from workflows.incident_types import Breach, Recovery, severity_rank
     from workflows.policies import OPEN_INCIDENT, STORE_QUERY
 
-GLOBAL_SCOPE = "global"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
-# A firing rule refreshes its open incident's metrics at most this often (like Alertmanager's
-# group_interval), so a week-long incident's history stays small.
+# A firing trigger refreshes its open incident's metrics at most this often (like
+# Alertmanager's group_interval); a higher severity is reported at once.
 REPORT_INTERVAL = timedelta(seconds=60)
 
 
@@ -40,12 +44,25 @@ REPORT_INTERVAL = timedelta(seconds=60)
 class DetectorConfig:
     interval_seconds: int
     window_seconds: int
+    daily_budget_usd: float = 500.0
+    rules: DetectorRules = field(default_factory=DetectorRules)
+
+
+@dataclass
+class TriggerState:
+    """What the detector knows of the incident of one trigger + scope."""
+
+    incident_id: str | None = None
+    reported_at: datetime | None = None
+    severity: str | None = None
+    silenced_by: int | None = None
 
 
 @dataclass
 class DetectorInput:
     config: DetectorConfig
     rule_states: dict[str, RuleState] = field(default_factory=dict)
+    trigger_states: dict[str, TriggerState] = field(default_factory=dict)
     paused: bool = False
 
 
@@ -56,15 +73,14 @@ class DetectorStatus:
     evaluations: int
     last_evaluated_at: datetime | None
     rule_states: dict[str, RuleState]
+    trigger_states: dict[str, TriggerState]
     last_verdicts: dict[str, str]
+    firing: list[str]
+    inhibited: list[str]
 
 
-def rule_key(rule: ThresholdRule, scope: str) -> str:
-    return f"{rule.trigger}|{scope}"
-
-
-def proposed_incident_id(rule: ThresholdRule, scope: str, at: datetime) -> str:
-    return f"incident-{rule.trigger}-{scope}-{at:%Y%m%dT%H%M%SZ}"
+def proposed_incident_id(finding: Finding, at: datetime) -> str:
+    return f"incident-{finding.trigger}-{finding.scope}-{at:%Y%m%dT%H%M%SZ}"
 
 
 @workflow.defn
@@ -73,10 +89,11 @@ class DetectorWorkflow:
     def __init__(self, input: DetectorInput) -> None:
         self._config = input.config
         self._rule_states = dict(input.rule_states)
+        self._triggers = dict(input.trigger_states)
         self._paused = input.paused
         self._evaluations = 0
         self._last_evaluated_at: datetime | None = None
-        self._last_verdicts: dict[str, str] = {}
+        self._last: Evaluation | None = None
         self._closed: set[str] = set()
         self._wake = False
 
@@ -101,8 +118,10 @@ class DetectorWorkflow:
                 break
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(
-            DetectorInput(config=self._config, rule_states=self._rule_states, paused=self._paused)
+            DetectorInput(self._config, self._rule_states, self._triggers, self._paused)
         )
+
+    # --- signals and queries ---------------------------------------------------------------
 
     @workflow.signal
     def reconfigure(self, config: DetectorConfig) -> None:
@@ -113,9 +132,9 @@ class DetectorWorkflow:
     def incident_closed(self, incident_id: str) -> None:
         # Also remembered: an evaluation in flight may be about to write this id back.
         self._closed.add(incident_id)
-        for key, state in self._rule_states.items():
+        for key, state in self._triggers.items():
             if state.incident_id == incident_id:
-                self._rule_states[key] = replace(state, incident_id=None, reported_at=None)
+                self._triggers[key] = TriggerState()
         self._wake = True
 
     @workflow.signal
@@ -130,99 +149,124 @@ class DetectorWorkflow:
 
     @workflow.query
     def status(self) -> DetectorStatus:
+        last = self._last
         return DetectorStatus(
             config=self._config,
             paused=self._paused,
             evaluations=self._evaluations,
             last_evaluated_at=self._last_evaluated_at,
             rule_states=dict(self._rule_states),
-            last_verdicts=dict(self._last_verdicts),
+            trigger_states=dict(self._triggers),
+            last_verdicts=dict(last.verdicts) if last else {},
+            firing=[trigger_key(f.trigger, f.scope) for f in last.firing] if last else [],
+            inhibited=list(last.inhibited) if last else [],
         )
+
+    # --- one evaluation --------------------------------------------------------------------
 
     async def _evaluate(self) -> None:
         now = workflow.now()
-        signal: ErrorRateSignal = await workflow.execute_activity_method(
-            MetricsActivities.error_rate,
-            WindowQuery(end=now, window_seconds=self._config.window_seconds),
+        config = self._config
+        aggregates: WindowAggregates = await workflow.execute_activity_method(
+            MetricsActivities.window_aggregates,
+            WindowQuery(end=now, window_seconds=config.window_seconds),
             start_to_close_timeout=STORE_QUERY.start_to_close,
             schedule_to_close_timeout=STORE_QUERY.schedule_to_close,
             retry_policy=STORE_QUERY.retry,
-            summary="error rate over the window",
+            summary=f"signals over the last {config.window_seconds}s",
         )
+        evaluation = evaluate(config.rules, aggregates, self._rule_states, config.daily_budget_usd)
+        self._rule_states = evaluation.rule_states
         self._evaluations += 1
         self._last_evaluated_at = now
-        await self._apply(ERROR_RATE_RULE, GLOBAL_SCOPE, signal.rate, signal.total, now, signal)
+        self._last = evaluation
+        await self._report_breaches(evaluation.firing, now)
+        await self._report_recoveries(evaluation, now)
 
-    async def _apply(
-        self,
-        rule: ThresholdRule,
-        scope: str,
-        value: float,
-        samples: int,
-        now: datetime,
-        signal: ErrorRateSignal,
-    ) -> None:
-        key = rule_key(rule, scope)
-        state, verdict = evaluate(rule, self._rule_states.get(key, RuleState()), value, samples)
-        self._last_verdicts[key] = str(verdict)
-        due = state.reported_at is None or now - state.reported_at >= REPORT_INTERVAL
-        if verdict == Verdict.FIRING and (state.incident_id is None or due):
-            state = await self._open_or_update(rule, scope, state, now, value, signal)
-            if state.incident_id in self._closed:
-                state = replace(state, incident_id=None, reported_at=None)
-        self._rule_states[key] = state
-
-    async def _open_or_update(
-        self,
-        rule: ThresholdRule,
-        scope: str,
-        state: RuleState,
-        now: datetime,
-        value: float,
-        signal: ErrorRateSignal,
-    ) -> RuleState:
-        breach = Breach(
-            trigger=rule.trigger,
-            scope=scope,
-            severity=rule.severity,
-            observed_at=now,
-            summary=(
-                f"{rule.signal.replace('_', ' ')} {value:.1%} > {rule.threshold:.0%} "
-                f"({signal.errors}/{signal.total} calls in {self._config.window_seconds}s)"
-            ),
-            metrics={rule.signal: value, "calls": signal.total, "errors": signal.errors},
-        )
-        if state.incident_id is not None:
-            result = await self._open(state.incident_id, breach, join_open_incident=False)
-            if result.incident_id is not None:
-                return replace(state, incident_id=result.incident_id, reported_at=now)
-        # No incident on record, or the one on record is over: a new one opens.
-        incident_id = proposed_incident_id(rule, scope, now)
-        if incident_id == state.incident_id:
-            return replace(state, incident_id=None)  # resolved this very second: next time
-        result = await self._open(incident_id, breach, join_open_incident=True)
-        return replace(state, incident_id=result.incident_id, reported_at=now)
-
-    async def _open(
-        self, incident_id: str, breach: Breach, join_open_incident: bool
-    ) -> OpenIncidentResult:
-        return await workflow.execute_activity_method(
+    async def _report_breaches(self, findings: list[Finding], now: datetime) -> None:
+        requests: list[OpenIncidentRequest] = []
+        for finding in findings:
+            state = self._triggers.get(trigger_key(finding.trigger, finding.scope), TriggerState())
+            raised = state.severity is not None and severity_rank(finding.severity) > severity_rank(
+                state.severity
+            )
+            due = state.reported_at is None or now - state.reported_at >= REPORT_INTERVAL
+            if state.incident_id is None or raised or due:
+                breach = Breach(
+                    trigger=finding.trigger,
+                    scope=finding.scope,
+                    severity=finding.severity,
+                    observed_at=now,
+                    summary=finding.summary,
+                    metrics=finding.metrics,
+                )
+                proposed = proposed_incident_id(finding, now)
+                requests.append(OpenIncidentRequest(breach, proposed, state.incident_id))
+        if not requests:
+            return
+        results: list[OpenIncidentResult] = await workflow.execute_activity_method(
             IncidentActivities.open_or_update,
-            OpenIncidentRequest(incident_id, breach, join_open_incident),
+            requests,
             start_to_close_timeout=OPEN_INCIDENT.start_to_close,
             schedule_to_close_timeout=OPEN_INCIDENT.schedule_to_close,
             retry_policy=OPEN_INCIDENT.retry,
-            summary=f"open or update the {breach.trigger} incident on {breach.scope}",
+            summary=", ".join(f"{r.breach.trigger} on {r.breach.scope}" for r in requests),
+        )
+        for request, result in zip(requests, results, strict=True):
+            key = trigger_key(request.breach.trigger, request.breach.scope)
+            incident_id = result.incident_id
+            if incident_id in self._closed:
+                incident_id = None
+            self._triggers[key] = TriggerState(
+                incident_id=incident_id,
+                reported_at=now if incident_id else None,
+                severity=str(request.breach.severity) if incident_id else None,
+                silenced_by=result.silenced_by,
+            )
+
+    async def _report_recoveries(self, evaluation: Evaluation, now: datetime) -> None:
+        reports = []
+        for trigger, scope in evaluation.recovered:
+            state = self._triggers.get(trigger_key(trigger, scope))
+            if state is not None and state.incident_id is not None:
+                summary = f"{trigger} on {scope} back within thresholds"
+                reports.append(
+                    RecoveryReport(state.incident_id, Recovery(trigger, scope, now, summary))
+                )
+        if not reports:
+            return
+        await workflow.execute_activity_method(
+            IncidentActivities.report_recovery,
+            reports,
+            start_to_close_timeout=OPEN_INCIDENT.start_to_close,
+            schedule_to_close_timeout=OPEN_INCIDENT.schedule_to_close,
+            retry_policy=OPEN_INCIDENT.retry,
+            summary="report recoveries",
         )
 
     def _describe(self) -> None:
+        config = self._config
         lines = [
-            f"**detector** every {self._config.interval_seconds}s over "
-            f"{self._config.window_seconds}s{' (paused)' if self._paused else ''}",
+            f"**detector** every {config.interval_seconds}s over {config.window_seconds}s"
+            f"{' (paused)' if self._paused else ''}, {self._evaluations} evaluations this run",
             "",
         ]
-        for key, verdict in sorted(self._last_verdicts.items()):
-            state = self._rule_states.get(key, RuleState())
-            incident = f" → {state.incident_id}" if state.incident_id else ""
-            lines.append(f"- `{key}`: {verdict} ({state.consecutive_breaches} in a row){incident}")
+        last = self._last
+        if last is not None:
+            for finding in last.firing:
+                state = self._triggers.get(trigger_key(finding.trigger, finding.scope))
+                where = state.incident_id if state and state.incident_id else "no incident"
+                if state and state.silenced_by:
+                    where = f"silenced by #{state.silenced_by}"
+                lines.append(
+                    f"- firing `{finding.trigger}` on `{finding.scope}` ({finding.severity}): "
+                    f"{finding.summary} → {where}"
+                )
+            for key in last.inhibited:
+                lines.append(f"- inhibited `{key}`")
+            pending = [k for k, v in last.verdicts.items() if v in ("pending", "recovering")]
+            for key in pending:
+                lines.append(f"- {last.verdicts[key]} `{key}`")
+            if not last.firing and not pending:
+                lines.append("- all quiet")
         workflow.set_current_details("\n".join(lines))

@@ -1,64 +1,140 @@
-"""Pure rule evaluation: thresholds, minimum samples and consecutive-breach counting.
+"""Alert rules and their anti-flap state machine (pure functions).
 
-A rule fires only after `for_evaluations` consecutive breaching evaluations (Prometheus' `for:`),
-so one bad minute does not wake anybody.
+A rule watches one signal of one scope. It fires after `for_evaluations` consecutive breaching
+evaluations (Prometheus' `for:`), with at least `min_samples` behind each; once firing it
+recovers only after `recover_evaluations` consecutive evaluations on the good side of the
+hysteresis line (`hysteresis` of the way back from the warning threshold), so a value hovering
+at the threshold does not open and close incidents. An evaluation without enough samples
+changes nothing: quiet traffic neither fires nor recovers a rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime
 from enum import StrEnum
 
 from workflows.incident_types import Severity, Trigger
 
 
-class Verdict(StrEnum):
+class Level(StrEnum):
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Event(StrEnum):
     INSUFFICIENT_DATA = "insufficient_data"
     OK = "ok"
     PENDING = "pending"
     FIRING = "firing"
+    RECOVERING = "recovering"
+    RECOVERED = "recovered"
 
 
 @dataclass(frozen=True)
-class ThresholdRule:
-    trigger: Trigger
+class Rule:
+    name: str
     signal: str
-    threshold: float
-    severity: Severity
-    min_samples: int
-    for_evaluations: int
+    trigger: Trigger
+    above: bool  # True: breaches above the thresholds; False: below them
+    warning: float | None
+    critical: float | None
+    warning_severity: Severity = Severity.SEV3
+    critical_severity: Severity = Severity.SEV2
+    sample_signal: str = "calls"
+    min_samples: int = 20
+    for_evaluations: int = 2
+    recover_evaluations: int = 3
+    hysteresis: float = 0.2
+    scopes: tuple[str, ...] = ("global", "model", "feature")
+    enabled: bool = True
 
-    def breached(self, value: float) -> bool:
-        return value > self.threshold
+    def level(self, value: float) -> Level | None:
+        def beyond(threshold: float | None) -> bool:
+            if threshold is None:
+                return False
+            return value > threshold if self.above else value < threshold
 
+        if beyond(self.critical):
+            return Level.CRITICAL
+        if beyond(self.warning):
+            return Level.WARNING
+        return None
 
-ERROR_RATE_RULE = ThresholdRule(
-    trigger=Trigger.ERROR_RATE,
-    signal="error_rate",
-    threshold=0.05,
-    severity=Severity.SEV2,
-    min_samples=20,
-    for_evaluations=2,
-)
+    def clear_line(self) -> float:
+        """The value a firing rule must get back past (not just to) before it recovers."""
+        threshold = self.warning if self.warning is not None else self.critical
+        assert threshold is not None
+        if self.above:
+            return threshold * (1 - self.hysteresis)
+        return threshold + abs(threshold) * self.hysteresis
+
+    def cleared(self, value: float) -> bool:
+        line = self.clear_line()
+        return value < line if self.above else value > line
+
+    def severity(self, level: Level) -> Severity:
+        return self.critical_severity if level == Level.CRITICAL else self.warning_severity
 
 
 @dataclass(frozen=True)
 class RuleState:
-    consecutive_breaches: int = 0
-    incident_id: str | None = None
-    reported_at: datetime | None = None
+    breaches: int = 0  # consecutive breaching evaluations
+    good: int = 0  # consecutive evaluations past the clear line, while firing
+    firing: bool = False
+    level: Level | None = None
 
 
-def evaluate(
-    rule: ThresholdRule, state: RuleState, value: float, samples: int
-) -> tuple[RuleState, Verdict]:
+def step(
+    rule: Rule, state: RuleState, value: float | None, samples: float
+) -> tuple[RuleState, Event]:
     """The rule's state after one more evaluation, and what that evaluation means."""
-    if samples < rule.min_samples:
-        return replace(state, consecutive_breaches=0), Verdict.INSUFFICIENT_DATA
-    if not rule.breached(value):
-        return replace(state, consecutive_breaches=0), Verdict.OK
-    state = replace(state, consecutive_breaches=state.consecutive_breaches + 1)
-    if state.consecutive_breaches >= rule.for_evaluations:
-        return state, Verdict.FIRING
-    return state, Verdict.PENDING
+    if value is None or samples < rule.min_samples:
+        # Quiet traffic proves nothing: a firing rule stays firing, a pending one starts over.
+        return (state if state.firing else replace(state, breaches=0)), Event.INSUFFICIENT_DATA
+    level = rule.level(value)
+    if level is not None:
+        breaches = state.breaches + 1
+        if state.firing or breaches >= rule.for_evaluations:
+            return RuleState(breaches, 0, True, level), Event.FIRING
+        return RuleState(breaches, 0, False, level), Event.PENDING
+    if not state.firing:
+        return RuleState(), Event.OK
+    if not rule.cleared(value):  # inside the hysteresis band: still firing
+        return replace(state, breaches=0, good=0), Event.FIRING
+    good = state.good + 1
+    if good >= rule.recover_evaluations:
+        return RuleState(), Event.RECOVERED
+    return replace(state, breaches=0, good=good), Event.RECOVERING
+
+
+S = Severity
+T = Trigger
+
+# The seed's thresholds. Latency in milliseconds, rates as fractions, ratios of quota / budget.
+DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule("latency_p50", "latency_p50_ms", T.ELEVATED_LATENCY, True, 2000, 5000),
+    Rule("latency_p95", "latency_p95_ms", T.ELEVATED_LATENCY, True, 8000, 15000),
+    Rule("error_rate", "error_rate", T.ERROR_RATE, True, 0.02, 0.05),
+    Rule("rate_limit", "rate_limit_rate", T.RATE_LIMIT_EXHAUSTION, True, 0.01, 0.05),
+    Rule(
+        "api_outage", "server_error_rate", T.API_OUTAGE, True, None, 0.5,
+        critical_severity=S.SEV1, min_samples=10,
+    ),
+    Rule("token_quota", "tpm_quota_ratio", T.TOKEN_QUOTA, True, 0.80, 0.95, min_samples=1),
+    Rule("cost_rate", "cost_rate_ratio", T.COST_SPIKE, True, 1.2, 1.5, min_samples=1),
+    Rule(
+        "budget", "budget_consumed_ratio", T.BUDGET_EXHAUSTION, True, 0.80, 0.95,
+        min_samples=0, scopes=("global",),
+    ),
+    Rule(
+        "quality", "quality_mean", T.QUALITY_DEGRADATION, False, 0.7, 0.5,
+        sample_signal="quality_scores", hysteresis=0.1,
+    ),
+    Rule(
+        "quality_drift", "quality_drift_z", T.QUALITY_DEGRADATION, False, -2.0, None,
+        sample_signal="quality_scores", hysteresis=0.5,
+    ),
+)  # fmt: skip
+
+# A firing rule of the key hides the same scope's value rule: an outage's 5xx are errors too.
+INHIBITS: dict[Trigger, tuple[Trigger, ...]] = {T.API_OUTAGE: (T.ERROR_RATE,)}

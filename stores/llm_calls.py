@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Engine, Index, case, func
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlalchemy import JSON, Column, DateTime, Engine, Index, SmallInteger
+from sqlmodel import Field, SQLModel
 
 CALL_STATUSES = ("success", "error", "timeout", "rate_limited", "server_error")
 ERROR_MESSAGE_MAX = 500
@@ -104,6 +104,7 @@ class LLMCall(SQLModel, table=True):
     trace_id: str | None = Field(default=None, max_length=64)
     source: str = Field(default="sdk", max_length=16)
     metadata_: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
+    latency_bucket: int | None = Field(default=None, sa_column=Column(SmallInteger))
 
 
 class UsageRollup(SQLModel, table=True):
@@ -132,26 +133,19 @@ class UsageRollup(SQLModel, table=True):
     latency_ms_sum: float = 0.0
 
 
-@dataclass(frozen=True)
-class ErrorCounts:
-    total: int
-    errors: int
+class LatencyRollup(SQLModel, table=True):
+    """Per minute and dimension: how many calls fell in each latency bucket (stores.latency)."""
 
-    @property
-    def rate(self) -> float:
-        return self.errors / self.total if self.total else 0.0
+    __tablename__ = "latency_rollup"
+    __table_args__ = (Index("ix_latency_rollup_minute", "minute"),)
 
-
-def error_counts(engine: Engine, start: datetime, end: datetime) -> ErrorCounts:
-    """Calls and non-success calls with start <= ts < end."""
-    start, end = utc(start), utc(end)
-    not_ok = case((col(LLMCall.status) != "success", 1), else_=0)
-    query = select(func.count(), func.coalesce(func.sum(not_ok), 0)).where(
-        col(LLMCall.ts) >= start, col(LLMCall.ts) < end
-    )
-    with Session(engine) as session:
-        total, errors = session.exec(query).one()
-    return ErrorCounts(total=int(total), errors=int(errors))
+    minute: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    model: str = Field(primary_key=True, max_length=128)
+    feature: str = Field(primary_key=True, max_length=128)
+    team: str = Field(primary_key=True, max_length=128)
+    environment: str = Field(primary_key=True, max_length=64)
+    bucket: int = Field(sa_column=Column(SmallInteger, primary_key=True))
+    calls: int = 0
 
 
 def write_calls(engine: Engine, records: Sequence[CallRecord]) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Column, DateTime, Engine, Index, insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
 from stores.llm_calls import utc
@@ -51,6 +53,49 @@ class ScoreRecord:
     feature: str | None = None
 
 
+class QualityRollup(SQLModel, table=True):
+    """Per hour, model and feature: the sums a drift baseline needs (mean and deviation)."""
+
+    __tablename__ = "quality_rollup"
+    __table_args__ = (Index("ix_quality_rollup_hour", "hour"),)
+
+    hour: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    model: str = Field(primary_key=True, max_length=128)
+    feature: str = Field(primary_key=True, max_length=128)
+    scores: int = 0
+    score_sum: float = 0.0
+    score_sumsq: float = 0.0
+
+
+def _rollup(scores: Sequence[ScoreRecord]) -> list[dict[str, object]]:
+    sums: dict[tuple[datetime, str, str], list[float]] = {}
+    for score in scores:
+        key = (utc(score.ts).replace(minute=0, second=0, microsecond=0), score.model or "",
+               score.feature or "")  # fmt: skip
+        entry = sums.setdefault(key, [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += score.score
+        entry[2] += score.score * score.score
+    return [
+        {"hour": h, "model": m, "feature": f, "scores": int(n), "score_sum": s, "score_sumsq": q}
+        for (h, m, f), (n, s, q) in sums.items()
+    ]
+
+
+def _upsert_rollup(engine: Engine) -> Any:
+    table = QualityRollup.__table__  # type: ignore[attr-defined]
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=["hour", "model", "feature"],
+        set_={
+            "scores": table.c.scores + statement.excluded.scores,
+            "score_sum": table.c.score_sum + statement.excluded.score_sum,
+            "score_sumsq": table.c.score_sumsq + statement.excluded.score_sumsq,
+        },
+    )
+
+
 def write_scores(engine: Engine, scores: Sequence[ScoreRecord]) -> int:
     if not scores:
         return 0
@@ -73,4 +118,5 @@ def write_scores(engine: Engine, scores: Sequence[ScoreRecord]) -> int:
     ]
     with engine.begin() as connection:
         connection.execute(insert(QualityScore), rows)
+        connection.execute(_upsert_rollup(engine), _rollup(scores))
     return len(rows)

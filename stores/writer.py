@@ -16,11 +16,12 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
+from stores import latency
 from stores.llm_calls import CallRecord, utc
 
-# The plain columns first, then the two that need converting: ts and metadata.
+# The plain columns first, then those that need converting or computing.
 _PLAIN = tuple(f.name for f in fields(CallRecord) if f.name not in ("ts", "metadata"))
-CALL_COLUMNS: tuple[str, ...] = (*_PLAIN, "ts", "metadata")
+CALL_COLUMNS: tuple[str, ...] = (*_PLAIN, "ts", "metadata", "latency_bucket")
 _plain_values = attrgetter(*_PLAIN)
 ROLLUP_KEYS = ("minute", "model", "feature", "team", "environment")
 ROLLUP_SUMS = (
@@ -109,7 +110,12 @@ _COLUMN_LIST = ", ".join(CALL_COLUMNS)
 
 def _call_tuple(record: CallRecord, ts: Any) -> tuple[Any, ...]:
     metadata = record.metadata
-    return (*_plain_values(record), ts(record.ts), None if metadata is None else _json(metadata))
+    return (
+        *_plain_values(record),
+        ts(record.ts),
+        None if metadata is None else _json(metadata),
+        latency.bucket(record.latency_ms),
+    )
 
 
 _KNOWN_STATUSES = "'success', 'timeout', 'rate_limited', 'server_error'"
@@ -131,6 +137,37 @@ _SQLITE_ROLLUP = (
 )
 
 
+_SQLITE_LATENCY_ROLLUP = (
+    f"INSERT INTO latency_rollup ({', '.join(ROLLUP_KEYS)}, bucket, calls) "  # noqa: S608
+    "SELECT substr(ts, 1, 16) || ':00.000000', model, coalesce(feature, ''), "
+    "coalesce(team, ''), coalesce(environment, ''), latency_bucket, count(*) "
+    "FROM llm_calls WHERE id > ? GROUP BY 1, 2, 3, 4, 5, 6 "
+    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}, bucket) DO UPDATE SET "
+    "calls = latency_rollup.calls + excluded.calls"
+)
+_LATENCY_ROLLUP_UPSERT = (
+    f"INSERT INTO latency_rollup ({', '.join(ROLLUP_KEYS)}, bucket, calls) "  # noqa: S608
+    "VALUES (%s, %s, %s, %s, %s, %s, %s) "
+    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}, bucket) DO UPDATE SET "
+    "calls = latency_rollup.calls + excluded.calls"
+)
+
+
+def _latency_rows(records: Sequence[CallRecord]) -> list[tuple[Any, ...]]:
+    counts: dict[tuple[Any, ...], int] = {}
+    for record in records:
+        key = (
+            utc(record.ts).replace(second=0, microsecond=0),
+            record.model,
+            record.feature or "",
+            record.team or "",
+            record.environment or "",
+            latency.bucket(record.latency_ms),
+        )
+        counts[key] = counts.get(key, 0) + 1
+    return [(*key, count) for key, count in counts.items()]
+
+
 def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
     marks = ", ".join("?" * len(CALL_COLUMNS))
     insert = f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({marks})"  # noqa: S608
@@ -142,6 +179,7 @@ def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
         (before,) = cursor.execute("SELECT coalesce(max(id), 0) FROM llm_calls").fetchone()
         cursor.executemany(insert, calls)
         cursor.execute(_SQLITE_ROLLUP, (before,))
+        cursor.execute(_SQLITE_LATENCY_ROLLUP, (before,))
         connection.commit()
     except BaseException:
         connection.rollback()
@@ -159,6 +197,7 @@ def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> None:
             for record in records:
                 copy.write_row(_call_tuple(record, utc))
         cursor.executemany(_rollup_sql("%s"), rollups)
+        cursor.executemany(_LATENCY_ROLLUP_UPSERT, _latency_rows(records))
         connection.commit()
     except BaseException:
         connection.rollback()

@@ -15,7 +15,7 @@ from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest
 
 
-async def post_calls(settings: Settings, count: int, status: str = "server_error") -> None:
+async def post_calls(settings: Settings, count: int, status: str = "error") -> None:
     calls = [{"model": "gpt-4.1", "status": status, "latency_ms": 500}] * count
     async with httpx.AsyncClient(base_url=settings.api_url) as api:
         response = await api.post(
@@ -87,4 +87,4 @@ async def test_a_detector_that_lost_its_state_joins_the_open_incident(
 
     assert await incident_ids(running, settings.task_queue) == [incident_id]
     status = await detector(running, settings).query(DetectorWorkflow.status)
-    assert status.rule_states["error_rate|global"].incident_id == incident_id
+    assert status.trigger_states["error_rate|global"].incident_id == incident_id

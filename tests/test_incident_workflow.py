@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities import pagerduty, slack
-from activities.incidents import IncidentActivities, OpenIncidentRequest
+from activities.incidents import IncidentActivities, OpenIncidentRequest, OpenIncidentResult
 from activities.pagerduty import PagerDutyActivities
 from activities.slack import SlackActivities
+from stores.engine import create_schema, make_engine
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from tests.helpers import eventually
@@ -29,6 +33,7 @@ from workflows.incident_types import (
     IncidentState,
     IncidentStatus,
     NotificationPlan,
+    Recovery,
     Severity,
     Trigger,
 )
@@ -48,15 +53,22 @@ def breach(scope: str = "global") -> Breach:
 
 
 class Stack:
-    def __init__(self, client: Client, task_queue: str, plan: NotificationPlan) -> None:
+    def __init__(
+        self, client: Client, task_queue: str, plan: NotificationPlan, engine: Engine
+    ) -> None:
         self.client = client
-        self.opener = IncidentActivities(client, task_queue, plan)
+        self.opener = IncidentActivities(client, task_queue, plan, engine)
+
+    async def report(self, incident_id: str) -> OpenIncidentResult:
+        # The time-skipping server cannot list workflows: always name the incident.
+        [result] = await self.opener.open_or_update(
+            [OpenIncidentRequest(breach(), proposed_id=incident_id, known_id=incident_id)]
+        )
+        return result
 
     async def open(self, incident_id: str | None = None) -> tuple[str, WorkflowHandle]:
         incident_id = incident_id or f"incident-error_rate-global-{uuid.uuid4().hex[:8]}"
-        result = await self.opener.open_or_update(
-            OpenIncidentRequest(incident_id, breach(), join_open_incident=False)
-        )
+        result = await self.report(incident_id)
         assert result.incident_id == incident_id
         return incident_id, self.client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
 
@@ -73,7 +85,10 @@ async def stack(
     fake_slack: FakeSlack,
     fake_pagerduty: FakePagerDuty,
     plan: NotificationPlan,
+    tmp_path: Path,
 ) -> AsyncIterator[Stack]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
+    create_schema(engine)
     slack_activities = SlackActivities(slack.make_client("xoxb-test", fake_slack.api_url))
     pd_activities = PagerDutyActivities(pagerduty.make_session(ROUTING_KEY, fake_pagerduty.url))
     async with Worker(
@@ -88,7 +103,7 @@ async def stack(
             pd_activities.resolve,
         ],
     ):
-        yield Stack(time_skipping_env.client, task_queue, plan)
+        yield Stack(time_skipping_env.client, task_queue, plan, engine)
 
 
 async def state_of(handle: WorkflowHandle) -> IncidentState:
@@ -162,9 +177,7 @@ async def test_a_resolved_incident_takes_no_more_breaches(
     await eventually(lambda: fake_pagerduty.alerts.get(incident_id) == "triggered")
     await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
     await handle.result()
-    again = await stack.opener.open_or_update(
-        OpenIncidentRequest(incident_id, breach(), join_open_incident=False)
-    )
+    again = await stack.report(incident_id)
     assert again.incident_id is None
 
 
@@ -293,3 +306,32 @@ async def test_an_unknown_slack_error_is_not_retried_for_a_day(
 
     await eventually(failed)
     assert len(fake_slack.calls("chat.postMessage")) == 1
+
+
+async def test_a_worse_breach_raises_the_severity_and_a_recovery_is_recorded(
+    stack: Stack, fake_slack: FakeSlack
+) -> None:
+    _, handle = await stack.open()
+    await eventually(lambda: len(fake_slack.messages) == 1)
+    worse = replace(breach(), severity=Severity.SEV1, summary="error rate 80.0% > 5.0%")
+    await handle.execute_update(IncidentWorkflow.report_breach, worse)
+    state = await state_of(handle)
+    assert state.severity == Severity.SEV1
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(sa.INCIDENT_SEVERITY) == "SEV1"
+    [message] = fake_slack.messages.values()
+    await eventually(lambda: "SEV1" in str(message.blocks))
+
+    milder = replace(breach(), severity=Severity.SEV3)  # never lowered by the detector
+    await handle.execute_update(IncidentWorkflow.report_breach, milder)
+    assert (await state_of(handle)).severity == Severity.SEV1
+
+    recovery = Recovery(Trigger.ERROR_RATE, "global", datetime(2026, 11, 26, 12, 30, tzinfo=UTC))
+    await handle.execute_update(IncidentWorkflow.report_recovery, recovery)
+    await handle.execute_update(IncidentWorkflow.report_recovery, recovery)  # told twice: once
+    state = await state_of(handle)
+    assert state.recovered_at == recovery.observed_at
+    kinds = [entry.kind for entry in state.timeline]
+    assert kinds.count("recovered") == 1
+    assert kinds.count("severity_raised") == 1
+    assert state.status == IncidentStatus.DETECTED  # recovery alone resolves nothing

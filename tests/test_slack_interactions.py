@@ -72,10 +72,10 @@ async def test_a_click_while_the_worker_is_away_is_answered_in_time_and_applied_
     api: httpx.AsyncClient, dev_env: WorkflowEnvironment, settings: Settings, task_queue: str
 ) -> None:
     client = dev_env.client
-    opener = IncidentActivities(client, task_queue, NotificationPlan())
+    opener = IncidentActivities(client, task_queue, NotificationPlan(), worker.open_store(settings))
     incident_id = f"incident-error_rate-global-{uuid.uuid4().hex[:8]}"
     async with Worker(client, task_queue=task_queue, workflows=[IncidentWorkflow]):
-        await opener.open_or_update(OpenIncidentRequest(incident_id, breach(), False))
+        await opener.open_or_update([OpenIncidentRequest(breach(), incident_id)])
     # No worker now: the update cannot run.
     body, headers = button_click(
         message_for(incident_id), "incident_acknowledge", "U1", SIGNING_SECRET

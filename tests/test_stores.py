@@ -11,8 +11,16 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, select
 
-from stores import schema
-from stores.llm_calls import CallRecord, LLMCall, UsageRollup, error_counts, utc, write_calls
+from stores import latency, schema
+from stores.aggregates import window_aggregates
+from stores.llm_calls import (
+    CallRecord,
+    LatencyRollup,
+    LLMCall,
+    UsageRollup,
+    utc,
+    write_calls,
+)
 from stores.quality import QualityScore, ScoreRecord, write_scores
 from stores.retention import purge
 
@@ -20,13 +28,8 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 def call(seconds_ago: float, status: str = "success", **extra: object) -> CallRecord:
-    return CallRecord(
-        ts=NOW - timedelta(seconds=seconds_ago),
-        model="gpt-4.1",
-        status=status,
-        latency_ms=100.0,
-        **extra,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = {"model": "gpt-4.1", "latency_ms": 100.0, **extra}
+    return CallRecord(ts=NOW - timedelta(seconds=seconds_ago), status=status, **fields)  # type: ignore[arg-type]
 
 
 def rows(engine: Engine) -> list[LLMCall]:
@@ -47,26 +50,51 @@ def test_upgrade_is_idempotent(store: Engine) -> None:
     assert len(rows(store)) == 1
 
 
-def test_error_counts_cover_exactly_the_window(store: Engine) -> None:
+def test_window_aggregates_cover_the_minutes_of_the_window(store: Engine) -> None:
     write_calls(
         store,
         [
-            call(0.5, "error"),  # inside
-            call(100, "rate_limited"),  # inside
-            call(299, "success"),  # inside
-            call(300, "timeout"),  # the start: inside (start <= ts)
-            call(301, "error"),  # before the window
-            call(-1, "error"),  # after the end
+            call(0.5, "error", model="gpt-4.1", feature="chat"),
+            call(100, "rate_limited", model="gpt-4.1", feature="chat", input_tokens=10),
+            call(299, "success", model="o3", feature="search", input_tokens=100, cost_usd=0.5),
+            call(270, "timeout", model="o3"),  # 11:55:30
+            call(330, "error", model="o3"),  # 11:54:30: before the window
+            call(-30, "error", model="o3"),  # after the end
         ],
     )
-    counts = error_counts(store, NOW - timedelta(seconds=300), NOW)
-    assert (counts.total, counts.errors) == (4, 3)
-    assert counts.rate == pytest.approx(0.75)
+    found = window_aggregates(store, NOW, 300)
+    assert found.window_seconds == 300  # 11:55:00 to 12:00:00: five whole minutes
+    # A partial minute at the start counts whole: the window covers the minutes it touches.
+    assert window_aggregates(store, NOW - timedelta(seconds=15), 300).window_seconds == 345
+    assert set(found.cells) == {"gpt-4.1", "o3"}
+    everything = found.scope("global")
+    assert (everything.calls, everything.errors, everything.rate_limited) == (4, 1, 1)
+    assert (everything.timeouts, everything.successes) == (1, 1)
+    assert everything.input_tokens == 110
+    assert everything.cost_usd == pytest.approx(0.5)
+    assert sum(everything.latency_histogram.values()) == 4
+    assert found.scope("model:o3").calls == 2
+    assert found.scope("feature:chat").calls == 2
+    assert found.global_without(["model:gpt-4.1"]).calls == 2
+    assert found.cost_today_usd == pytest.approx(0.5)
 
 
-def test_empty_window_has_rate_zero(store: Engine) -> None:
-    counts = error_counts(store, NOW - timedelta(seconds=60), NOW)
-    assert (counts.total, counts.errors, counts.rate) == (0, 0, 0.0)
+def test_quality_sums_for_the_window_and_the_baseline(store: Engine) -> None:
+    recent = [
+        ScoreRecord(f"c{i}", NOW - timedelta(seconds=i), "scorer", 0.4, model="o3")
+        for i in range(5)
+    ]
+    history = [
+        ScoreRecord(
+            f"h{i}", NOW - timedelta(hours=3, minutes=i), "scorer", 0.8 + (i % 2) * 0.1, model="o3"
+        )
+        for i in range(40)
+    ]
+    write_scores(store, recent + history)
+    found = window_aggregates(store, NOW, 300).scope("model:o3")
+    assert (found.quality_count, found.quality_sum) == (5, pytest.approx(2.0))
+    assert found.baseline_count == 40
+    assert found.baseline_sum == pytest.approx(40 * 0.85)
 
 
 def test_every_field_round_trips(store: Engine) -> None:
@@ -98,18 +126,20 @@ def test_every_field_round_trips(store: Engine) -> None:
     stored = {name: getattr(row, name) for name in LLMCall.model_fields if name not in ("id",)}
     stored["metadata"] = stored.pop("metadata_")
     stored["ts"] = utc(stored["ts"])
+    assert stored.pop("latency_bucket") == latency.bucket(record.latency_ms)
     expected = {name: getattr(record, name) for name in record.__slots__}
     assert stored == expected
 
 
 def test_any_time_zone_in_means_the_same_instant(store: Engine) -> None:
     tokyo = timezone(timedelta(hours=9))
-    write_calls(
-        store, [CallRecord(ts=NOW.astimezone(tokyo), model="m", status="error", latency_ms=1)]
-    )
-    assert error_counts(store, NOW - timedelta(seconds=1), NOW + timedelta(seconds=1)).total == 1
-    assert error_counts(store, NOW.astimezone(tokyo), NOW + timedelta(days=1)).total == 1
-    assert error_counts(store, NOW + timedelta(seconds=1), NOW + timedelta(hours=9)).total == 0
+    record = CallRecord(ts=NOW.astimezone(tokyo), model="m", status="error", latency_ms=1)
+    write_calls(store, [record])
+    assert window_aggregates(store, NOW + timedelta(seconds=1), 60).scope("global").calls == 1
+    later = NOW.astimezone(tokyo) + timedelta(minutes=5)
+    assert window_aggregates(store, later, 60).scope("global").calls == 0
+    with Session(store) as session:
+        assert utc(session.exec(select(LLMCall.ts)).one()) == NOW
 
 
 def test_a_failing_batch_writes_nothing(store: Engine) -> None:
@@ -161,3 +191,47 @@ def test_scores_and_retention(store: Engine) -> None:
         assert [s.source for s in session.exec(select(QualityScore))] == ["feedback"]
         assert len(session.exec(select(UsageRollup)).all()) == 2  # the rollup stays longer
     assert purge(store, NOW, retention_days=30, rollup_days=10).rollup_rows == 1
+
+
+def test_latency_histograms_merge_into_percentiles_within_the_stated_bound(store: Engine) -> None:
+    import random
+
+    rng = random.Random(3)
+    values = [rng.lognormvariate(7, 1.2) for _ in range(3000)]  # about 0.1 s to 100 s
+    records = [
+        call(i % 240, latency_ms=v, feature="chat" if i % 3 else "search")  # 4 minutes
+        for i, v in enumerate(values)
+    ]
+    for start in range(0, len(records), 700):  # several batches add to the same buckets
+        write_calls(store, records[start : start + 700])
+    with Session(store) as session:
+        rows = session.exec(select(LatencyRollup)).all()
+    histogram: dict[int, int] = {}
+    for row in rows:
+        histogram[row.bucket] = histogram.get(row.bucket, 0) + row.calls
+    assert sum(histogram.values()) == len(values)
+    assert len({utc(row.minute) for row in rows}) >= 4
+    for q in (0.5, 0.95, 0.99):
+        exact = latency.exact_percentile(values, q)
+        estimate = latency.percentile(histogram, q)
+        assert estimate is not None
+        assert abs(estimate - exact) / exact <= latency.RELATIVE_ERROR
+
+
+def test_an_older_schema_is_upgraded_in_place(store: Engine) -> None:
+    schema.downgrade(store, "0001")
+    from sqlalchemy import text
+
+    with store.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO llm_calls (call_id, ts, operation, model, status, latency_ms, "
+                "retry_count, source) VALUES ('0123456789abcdef', :ts, 'chat', 'gpt-4.1', "
+                "'success', 12.5, 0, 'sdk')"
+            ),
+            {"ts": NOW},
+        )
+    schema.upgrade(store)
+    assert schema.current_revision(store) == schema.head_revision()
+    [row] = rows(store)
+    assert (row.call_id, row.latency_ms, row.latency_bucket) == ("0123456789abcdef", 12.5, None)

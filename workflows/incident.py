@@ -32,7 +32,9 @@ with workflow.unsafe.imports_passed_through():
         IncidentResult,
         IncidentState,
         IncidentStatus,
+        Recovery,
         TimelineEntry,
+        severity_rank,
     )
     from workflows.policies import VENDOR_CALL, ActivityPolicy
 
@@ -122,8 +124,36 @@ class IncidentWorkflow:
         state.summary = breach.summary
         if state.breach_count == 1:
             self._record("breach", breach.summary, actor="detector", channel="detector")
+        elif state.recovered_at is not None:
+            self._record("breach", f"breaching again: {breach.summary}", "detector", "detector")
+        state.recovered_at = None
+        if severity_rank(breach.severity) > severity_rank(state.severity):
+            self._record(
+                "severity_raised",
+                f"{state.severity} -> {breach.severity}: {breach.summary}",
+                actor="detector",
+                channel="detector",
+            )
+            state.severity = breach.severity
+            self._slack.push("update")
         self._publish()
         return BreachReceipt(state.incident_id, state.status, state.breach_count)
+
+    @workflow.update
+    def report_recovery(self, recovery: Recovery) -> IncidentState:
+        self._updates += 1
+        state = self._state
+        if state.recovered_at is None:
+            state.recovered_at = recovery.observed_at
+            text = recovery.summary or f"{recovery.trigger} back to normal on {recovery.scope}"
+            self._record("recovered", text, actor="detector", channel="detector")
+            self._slack.push("update")
+            self._publish()
+        return self.state()
+
+    @report_recovery.validator
+    def _validate_recovery(self, recovery: Recovery) -> None:
+        self._reject_if_resolved()
 
     @report_breach.validator
     def _validate_breach(self, breach: Breach) -> None:
@@ -365,6 +395,8 @@ class IncidentWorkflow:
             lines.append(f"- acknowledged by {state.acknowledged_by}")
         if state.resolved_by:
             lines.append(f"- resolved by {state.resolved_by}")
+        if state.recovered_at:
+            lines.append(f"- signal recovered at {state.recovered_at:%H:%M:%S} UTC")
         if state.metrics:
             lines.append("")
             lines += [f"- {name}: {value:.4g}" for name, value in state.metrics.items()]

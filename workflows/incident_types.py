@@ -21,6 +21,11 @@ class Severity(StrEnum):
     SEV4 = "SEV4"
 
 
+def severity_rank(severity: Severity | str) -> int:
+    """SEV1 is the most severe: the highest rank."""
+    return 5 - int(str(severity)[-1])
+
+
 class Trigger(StrEnum):
     RATE_LIMIT_EXHAUSTION = "rate_limit_exhaustion"
     ELEVATED_LATENCY = "elevated_latency"
@@ -42,6 +47,16 @@ class Breach:
     observed_at: datetime
     summary: str
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Recovery:
+    """The detector saw the breached signal back on the good side for long enough."""
+
+    trigger: Trigger
+    scope: str
+    observed_at: datetime
+    summary: str = ""
 
 
 @dataclass
@@ -115,6 +130,7 @@ class IncidentState:
     metrics: dict[str, float] = field(default_factory=dict)
     breach_count: int = 0
     last_breach_at: datetime | None = None
+    recovered_at: datetime | None = None
     acknowledged_by: str | None = None
     acknowledged_at: datetime | None = None
     resolved_by: str | None = None

@@ -6,7 +6,8 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import stores.llm_calls
-import stores.quality  # noqa: F401
+import stores.quality
+import stores.silences  # noqa: F401
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -1,0 +1,113 @@
+"""The detector's rules: the seed's defaults, overridable with `PAGERLOOP_RULES_FILE` (TOML).
+
+scopes = ["global", "model", "feature"]   # which scopes are evaluated
+for_evaluations = 2                       # defaults for every rule
+recover_evaluations = 3
+
+[tpm_quota]                               # tokens per minute, per model ("*": global)
+"gpt-4.1" = 2_000_000
+
+[rules.error_rate]                        # any field of a rule; names as in DEFAULT_RULES
+warning = 0.03
+critical = 0.08
+min_samples = 50
+critical_severity = "SEV1"
+
+[rules.quality_drift]
+enabled = false
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from detectors.rules import DEFAULT_RULES, Rule
+from workflows.incident_types import Severity
+
+ScopeKind = Literal["global", "model", "feature"]
+
+
+class RulesFileError(ValueError):
+    pass
+
+
+class RuleOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    warning: float | None = None
+    critical: float | None = None
+    warning_severity: Severity | None = None
+    critical_severity: Severity | None = None
+    min_samples: int | None = Field(default=None, ge=0)
+    for_evaluations: int | None = Field(default=None, ge=1)
+    recover_evaluations: int | None = Field(default=None, ge=1)
+    hysteresis: float | None = Field(default=None, ge=0, lt=1)
+    scopes: list[ScopeKind] | None = None
+    enabled: bool | None = None
+
+
+class RulesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scopes: list[ScopeKind] = ["global", "model", "feature"]
+    for_evaluations: int | None = Field(default=None, ge=1)
+    recover_evaluations: int | None = Field(default=None, ge=1)
+    tpm_quota: dict[str, int] = {}
+    rules: dict[str, RuleOverride] = {}
+
+
+@dataclass(frozen=True)
+class DetectorRules:
+    rules: tuple[Rule, ...] = DEFAULT_RULES
+    scopes: tuple[str, ...] = ("global", "model", "feature")
+    tpm_quota: dict[str, int] = field(default_factory=dict)
+
+    def quota_for(self, scope: str) -> float | None:
+        if scope == "global":
+            return self.tpm_quota.get("*")
+        kind, _, name = scope.partition(":")
+        return self.tpm_quota.get(name) if kind == "model" else None
+
+
+def apply(parsed: RulesFile) -> DetectorRules:
+    known = {rule.name: rule for rule in DEFAULT_RULES}
+    unknown = sorted(set(parsed.rules) - known.keys())
+    if unknown:
+        raise RulesFileError(f"unknown rules {unknown}; the rules are {sorted(known)}")
+    rules = []
+    for rule in DEFAULT_RULES:
+        defaults = {
+            "for_evaluations": parsed.for_evaluations,
+            "recover_evaluations": parsed.recover_evaluations,
+        }
+        changes: dict[str, Any] = {k: v for k, v in defaults.items() if v is not None}
+        override = parsed.rules.get(rule.name)
+        if override is not None:
+            changes |= override.model_dump(exclude_unset=True)
+        if "scopes" in changes:
+            changes["scopes"] = tuple(changes["scopes"])
+        rule = replace(rule, **changes)
+        if rule.warning is None and rule.critical is None:
+            raise RulesFileError(f"rules.{rule.name}: needs a warning or a critical threshold")
+        rules.append(rule)
+    return DetectorRules(tuple(rules), tuple(parsed.scopes), dict(parsed.tpm_quota))
+
+
+def load_rules(path: Path | None) -> DetectorRules:
+    if path is None:
+        return DetectorRules()
+    try:
+        parsed = RulesFile.model_validate(tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RulesFileError(f"PAGERLOOP_RULES_FILE {path}: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise RulesFileError(f"PAGERLOOP_RULES_FILE {path}: {problems}") from None
+    return apply(parsed)
