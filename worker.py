@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
+from jira import JIRA
 from slack_sdk import WebClient
 from sqlalchemy import Engine
 from temporalio.api.enums.v1 import IndexedValueType
@@ -37,8 +38,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
-from activities import pagerduty, slack
+from activities import jira, slack
 from activities.incidents import IncidentActivities
+from activities.jira import JiraActivities
 from activities.metrics import MetricsActivities
 from activities.pagerduty import PagerDutyActivities
 from activities.retention import RetentionActivities
@@ -46,6 +48,7 @@ from activities.slack import SlackActivities
 from api.app import create_app
 from api.deps import Services
 from config import Settings, load_settings
+from config.escalation import Escalation, load_escalation
 from detectors.config import load_rules
 from detectors.detector import (
     DetectorConfig,
@@ -106,31 +109,37 @@ def make_slack_client(settings: Settings) -> WebClient | None:
     )
 
 
-def notification_plan(settings: Settings) -> NotificationPlan:
+def notification_plan(settings: Settings, escalation: Escalation) -> NotificationPlan:
     return NotificationPlan(
         slack_channel=settings.slack_channel if settings.slack_enabled else None,
-        pagerduty=settings.pagerduty_enabled,
+        pagerduty=settings.pagerduty_enabled or bool(escalation.routing_keys),
+        jira=settings.jira_enabled,
+        jira_project=settings.jira_project,
         allowed_slack_users=list(settings.slack_allowed_users),
         status_url=f"{settings.api_url}/status",
+        policies=dict(escalation.policies),
     )
+
+
+def make_jira_client(settings: Settings) -> JIRA | None:
+    if settings.jira_url is None:
+        return None
+    token = settings.jira_token.get_secret_value() if settings.jira_token else ""
+    return jira.make_client(str(settings.jira_url), settings.jira_email, token)
 
 
 def build_activities(
     settings: Settings, client: Client, engine: Engine
 ) -> list[Callable[..., Any]]:
-    slack_client = make_slack_client(settings)
-    pd_session = (
-        pagerduty.make_session(
-            settings.pagerduty_routing_key.get_secret_value(), str(settings.pagerduty_events_url)
-        )
-        if settings.pagerduty_routing_key is not None
-        else None
-    )
+    escalation = load_escalation(settings.escalation_policy_file)
     metrics = MetricsActivities(engine)
-    plan = notification_plan(settings)
+    plan = notification_plan(settings, escalation)
     incidents = IncidentActivities(client, settings.task_queue, plan, engine)
-    slack_activities = SlackActivities(slack_client)
-    pd_activities = PagerDutyActivities(pd_session)
+    slack_activities = SlackActivities(make_slack_client(settings))
+    pd_activities = PagerDutyActivities(
+        str(settings.pagerduty_events_url), settings.pagerduty_routing_key, escalation
+    )
+    jira_activities = JiraActivities(make_jira_client(settings), settings.jira_issue_type)
     retention = RetentionActivities(engine)
     return [
         retention.purge,
@@ -139,9 +148,14 @@ def build_activities(
         incidents.report_recovery,
         slack_activities.post_incident,
         slack_activities.update_incident,
+        slack_activities.reply,
+        slack_activities.notify,
         pd_activities.trigger,
         pd_activities.acknowledge,
         pd_activities.resolve,
+        jira_activities.open_ticket,
+        jira_activities.comment,
+        jira_activities.resolve,
     ]
 
 

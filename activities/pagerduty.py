@@ -1,5 +1,8 @@
 """PagerDuty Events API v2: trigger, acknowledge and resolve, keyed by the incident id.
 
+Each escalation level may page its own service (a routing key per level in the escalation
+policy file, kept here in the worker: keys never enter workflow history); a level paging the
+default key shares the incident id as dedup key, another service gets `<incident id>/<level>`.
 `pdpyras` stays behind this module so that moving to the `pagerduty` package is a one-file change.
 """
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from pydantic import SecretStr
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -19,7 +23,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import pdpyras
 
-from workflows.incident_types import Severity
+from config.escalation import Escalation
+from workflows.incident_types import PagedTarget, Severity
 
 # PagerDuty's payload.severity values for our severities.
 PD_SEVERITY = {
@@ -42,7 +47,7 @@ def make_session(routing_key: str, events_url: str) -> pdpyras.EventsAPISession:
     session.retry = {429: 1, 500: 1, 502: 1, 503: 1, 504: 1}
     session.sleep_timer = 0.0
     session.max_network_attempts = 0
-    # Shorter than the activity's 30 s: a hung call must not outlive its attempt in a thread.
+    # Shorter than the activity's timeout: a hung call must not outlive its attempt in a thread.
     session.timeout = 10
     return session
 
@@ -63,65 +68,94 @@ def _translate(exc: pdpyras.PDClientError, what: str) -> Exception:
 
 
 @dataclass
-class PagerDutyTrigger:
-    dedup_key: str
+class PageRequest:
+    incident_id: str
+    level: str
+    severity: Severity
     summary: str
     source: str
-    severity: Severity
     custom_details: dict[str, Any] = field(default_factory=dict)
     links: list[dict[str, str]] = field(default_factory=list)
 
 
-def trigger(session: pdpyras.EventsAPISession, event: PagerDutyTrigger) -> str:
-    try:
-        dedup_key: str = session.trigger(
-            summary=event.summary[:1024],
-            source=event.source,
-            dedup_key=event.dedup_key,
-            severity=PD_SEVERITY[event.severity],
-            custom_details=event.custom_details,
-            links=event.links or None,
-        )
-    except pdpyras.PDClientError as exc:
-        raise _translate(exc, "trigger") from exc
-    return dedup_key
-
-
-def acknowledge(session: pdpyras.EventsAPISession, dedup_key: str) -> None:
-    try:
-        session.acknowledge(dedup_key)
-    except pdpyras.PDClientError as exc:
-        raise _translate(exc, "acknowledge") from exc
-
-
-def resolve(session: pdpyras.EventsAPISession, dedup_key: str) -> None:
-    try:
-        session.resolve(dedup_key)
-    except pdpyras.PDClientError as exc:
-        raise _translate(exc, "resolve") from exc
+@dataclass
+class PageUpdate:
+    targets: list[PagedTarget]
 
 
 class PagerDutyActivities:
     """Registered even when PagerDuty is off, so its steps fail cleanly onto the timeline."""
 
-    def __init__(self, session: pdpyras.EventsAPISession | None) -> None:
-        self._session = session
+    def __init__(
+        self,
+        events_url: str,
+        default_key: SecretStr | None,
+        escalation: Escalation | None = None,
+    ) -> None:
+        self._events_url = events_url
+        self._default_key = default_key
+        self._escalation = escalation or Escalation()
+        self._sessions: dict[str, pdpyras.EventsAPISession] = {}
 
-    def _require_session(self) -> pdpyras.EventsAPISession:
-        if self._session is None:
+    def _key(self, severity: str, level: str) -> SecretStr:
+        key = self._escalation.routing_key(severity, level, self._default_key)
+        if key is None:
             raise PagerDutyPermanentError(
                 "PagerDuty is off: PAGERLOOP_PAGERDUTY_ROUTING_KEY is not set"
             )
-        return self._session
+        return key
+
+    def _session(self, key: SecretStr) -> pdpyras.EventsAPISession:
+        secret = key.get_secret_value()
+        if secret not in self._sessions:
+            self._sessions[secret] = make_session(secret, self._events_url)
+        return self._sessions[secret]
+
+    def target(self, incident_id: str, severity: str, level: str) -> PagedTarget:
+        key = self._key(severity, level)
+        shared = self._default_key is not None and key == self._default_key
+        dedup_key = incident_id if shared else f"{incident_id}/{level}"
+        return PagedTarget(dedup_key, severity, level)
 
     @activity.defn(name="pagerduty.trigger")
-    async def trigger(self, event: PagerDutyTrigger) -> str:
-        return await asyncio.to_thread(trigger, self._require_session(), event)
+    async def trigger(self, request: PageRequest) -> PagedTarget:
+        target = self.target(request.incident_id, str(request.severity), request.level)
+        session = self._session(self._key(target.severity, target.level))
+
+        def send() -> None:
+            try:
+                session.trigger(
+                    summary=request.summary[:1024],
+                    source=request.source,
+                    dedup_key=target.dedup_key,
+                    severity=PD_SEVERITY[request.severity],
+                    custom_details=request.custom_details,
+                    links=request.links or None,
+                )
+            except pdpyras.PDClientError as exc:
+                raise _translate(exc, "trigger") from exc
+
+        await asyncio.to_thread(send)
+        return target
 
     @activity.defn(name="pagerduty.acknowledge")
-    async def acknowledge(self, dedup_key: str) -> None:
-        await asyncio.to_thread(acknowledge, self._require_session(), dedup_key)
+    async def acknowledge(self, update: PageUpdate) -> None:
+        await self._send_all(update, "acknowledge")
 
     @activity.defn(name="pagerduty.resolve")
-    async def resolve(self, dedup_key: str) -> None:
-        await asyncio.to_thread(resolve, self._require_session(), dedup_key)
+    async def resolve(self, update: PageUpdate) -> None:
+        await self._send_all(update, "resolve")
+
+    async def _send_all(self, update: PageUpdate, action: str) -> None:
+        for target in update.targets:
+            session = self._session(self._key(target.severity, target.level))
+
+            def send(
+                session: pdpyras.EventsAPISession = session, key: str = target.dedup_key
+            ) -> None:
+                try:
+                    session.send_event(action, dedup_key=key)
+                except pdpyras.PDClientError as exc:
+                    raise _translate(exc, action) from exc
+
+            await asyncio.to_thread(send)

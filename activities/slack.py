@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from slack_sdk import WebClient
@@ -16,6 +17,11 @@ from workflows.incident_types import IncidentState, IncidentStatus, SlackMessage
 
 ACK_ACTION = "incident_acknowledge"
 RESOLVE_ACTION = "incident_resolve"
+ESCALATE_ACTION = "incident_escalate"
+SNOOZE_ACTION = "incident_snooze"
+SNOOZE_MINUTES = 30
+# Slack message metadata marking an incident's message, so a retried post finds the first.
+METADATA_EVENT = "pagerloop_incident"
 
 # Slack's published Block Kit limits.
 HEADER_MAX = 150
@@ -73,10 +79,21 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
     fields = [
         f"*Status*\n{icon} {state.status}",
         f"*Severity*\n{state.severity}",
-        f"*Level*\nL{state.level}",
-        f"*Opened*\n<!date^{int(state.opened_at.timestamp())}^{{date_short}} {{time}}|"
-        f"{state.opened_at:%Y-%m-%d %H:%M} UTC>",
+        f"*Level*\n{state.level_name}",
+        f"*Opened*\n{_date(state.opened_at)}",
     ]
+    upcoming = [
+        (at, what)
+        for at, what in (
+            (state.ack_by, "acknowledged"),
+            (state.resolve_by, "resolved"),
+            (state.remind_at, "reminded"),
+        )
+        if at is not None
+    ]
+    if upcoming and state.status != IncidentStatus.RESOLVED:
+        at, what = min(upcoming)
+        fields.append(f"*Next deadline*\n{what} by {_date(at)}")
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": _truncate(header, HEADER_MAX)}},
         {
@@ -112,6 +129,8 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
         buttons.append(_button("Acknowledge", ACK_ACTION, state.incident_id, style="primary"))
     if state.status != IncidentStatus.RESOLVED:
         buttons.append(_button("Resolve", RESOLVE_ACTION, state.incident_id, style="danger"))
+        buttons.append(_button("Escalate", ESCALATE_ACTION, state.incident_id))
+        buttons.append(_button(f"Snooze {SNOOZE_MINUTES} min", SNOOZE_ACTION, state.incident_id))
     if buttons:
         blocks.append({"type": "actions", "block_id": "incident_actions", "elements": buttons})
     return blocks[:MAX_BLOCKS]
@@ -122,14 +141,20 @@ def _mention(user: str) -> str:
     return f"<@{user}>" if user[:1] in {"U", "W"} and user.isalnum() else user
 
 
-def _button(text: str, action_id: str, value: str, style: str) -> dict[str, Any]:
-    return {
+def _date(at: datetime) -> str:
+    return f"<!date^{int(at.timestamp())}^{{date_short}} {{time}}|{at:%Y-%m-%d %H:%M} UTC>"
+
+
+def _button(text: str, action_id: str, value: str, style: str = "") -> dict[str, Any]:
+    button = {
         "type": "button",
         "text": {"type": "plain_text", "text": text},
         "action_id": action_id,
         "value": value,
-        "style": style,
     }
+    if style:
+        button["style"] = style
+    return button
 
 
 def _translate(exc: SlackClientError, what: str) -> Exception:
@@ -150,13 +175,62 @@ def _translate(exc: SlackClientError, what: str) -> Exception:
 
 
 def post_message(
-    client: WebClient, channel: str, text: str, blocks: list[dict[str, Any]]
+    client: WebClient,
+    channel: str,
+    text: str,
+    blocks: list[dict[str, Any]] | None = None,
+    *,
+    thread_ts: str | None = None,
+    incident_id: str | None = None,
 ) -> SlackMessageRef:
+    metadata = (
+        {"event_type": METADATA_EVENT, "event_payload": {"incident_id": incident_id}}
+        if incident_id
+        else None
+    )
     try:
-        response = client.chat_postMessage(channel=channel, text=text, blocks=blocks)
+        response = client.chat_postMessage(
+            channel=channel, text=text, blocks=blocks, thread_ts=thread_ts, metadata=metadata
+        )
     except SlackClientError as exc:
         raise _translate(exc, "chat.postMessage") from exc
     return SlackMessageRef(channel=str(response["channel"]), ts=str(response["ts"]))
+
+
+def find_incident_message(
+    client: WebClient, channel: str, incident_id: str
+) -> SlackMessageRef | None:
+    """The incident's message if an earlier attempt did post it (found by its metadata)."""
+    try:
+        channel_id = channel if not channel.startswith("#") else _channel_id(client, channel)
+        if channel_id is None:
+            return None
+        history = client.conversations_history(
+            channel=channel_id, include_all_metadata=True, limit=100
+        )
+    except SlackClientError as exc:
+        raise _translate(exc, "conversations.history") from exc
+    messages: list[dict[str, Any]] = history.get("messages", [])
+    for message in messages:
+        metadata = message.get("metadata") or {}
+        ours = metadata.get("event_type") == METADATA_EVENT
+        if ours and (metadata.get("event_payload") or {}).get("incident_id") == incident_id:
+            return SlackMessageRef(channel=channel_id, ts=str(message["ts"]))
+    return None
+
+
+def _channel_id(client: WebClient, name: str) -> str | None:
+    wanted = name.lstrip("#")
+    cursor = None
+    while True:
+        page = client.conversations_list(limit=1000, cursor=cursor, exclude_archived=True)
+        channels: list[dict[str, Any]] = page.get("channels", [])
+        for channel in channels:
+            if channel.get("name") == wanted:
+                return str(channel["id"])
+        cursor = (page.get("response_metadata") or {}).get("next_cursor")
+        if not cursor:
+            return None
 
 
 def update_message(
@@ -179,12 +253,19 @@ def post_ephemeral(client: WebClient, channel: str, user: str, text: str) -> Non
 class SlackPostRequest:
     channel: str
     state: IncidentState
+    note: str = ""
 
 
 @dataclass
 class SlackUpdateRequest:
     message: SlackMessageRef
     state: IncidentState
+
+
+@dataclass
+class SlackReplyRequest:
+    message: SlackMessageRef
+    text: str
 
 
 class SlackActivities:
@@ -201,13 +282,41 @@ class SlackActivities:
 
     @activity.defn(name="slack.post_incident")
     async def post_incident(self, request: SlackPostRequest) -> SlackMessageRef:
+        """Exactly one message per incident: a retry first looks for the message an earlier
+        attempt may have posted before it was cut off."""
         state = request.state
+        client = self._require_client()
+        if activity.info().attempt > 1:
+            found = await asyncio.to_thread(
+                find_incident_message, client, request.channel, state.incident_id
+            )
+            if found is not None:
+                return found
         return await asyncio.to_thread(
-            post_message,
-            self._require_client(),
+            partial(post_message, incident_id=state.incident_id),
+            client,
             request.channel,
             fallback_text(state),
             incident_blocks(state),
+        )
+
+    @activity.defn(name="slack.reply")
+    async def reply(self, request: SlackReplyRequest) -> None:
+        text = _truncate(request.text, FALLBACK_TEXT_MAX)
+        await asyncio.to_thread(
+            partial(post_message, thread_ts=request.message.ts),
+            self._require_client(),
+            request.message.channel,
+            text,
+        )
+
+    @activity.defn(name="slack.notify")
+    async def notify(self, request: SlackPostRequest) -> None:
+        """A heads-up in another channel (an escalation level's own)."""
+        state = request.state
+        text = f"{fallback_text(state)}\n{request.note}"
+        await asyncio.to_thread(
+            post_message, self._require_client(), request.channel, _truncate(text, 3000)
         )
 
     @activity.defn(name="slack.update_incident")

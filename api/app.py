@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import feedback, health, ingest, otlp, silences, slack, status
+from api import feedback, health, ingest, otlp, pagerduty, silences, slack, status
 from api.deps import Services
 from api.telemetry import REJECTED_REQUESTS
 
@@ -111,6 +111,6 @@ def create_app(svc: Services) -> FastAPI:
         },
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for module in (ingest, otlp, feedback, silences, slack, status, health):
+    for module in (ingest, otlp, feedback, silences, slack, pagerduty, status, health):
         app.include_router(module.router)
     return app

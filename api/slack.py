@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
@@ -14,11 +15,18 @@ from slack_sdk.signature import SignatureVerifier
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.slack import ACK_ACTION, RESOLVE_ACTION, post_ephemeral
+from activities.slack import (
+    ACK_ACTION,
+    ESCALATE_ACTION,
+    RESOLVE_ACTION,
+    SNOOZE_ACTION,
+    SNOOZE_MINUTES,
+    post_ephemeral,
+)
 from api.deps import Services, services
 from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest
+from workflows.incident_types import ActionRequest, SnoozeRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -29,7 +37,25 @@ ANSWER_WITHIN_SECONDS = 2.3
 UPDATE_PATIENCE_SECONDS = 60
 _background: set[asyncio.Task[None]] = set()
 
-UPDATES = {ACK_ACTION: IncidentWorkflow.acknowledge, RESOLVE_ACTION: IncidentWorkflow.resolve}
+UPDATES: dict[str, Any] = {
+    ACK_ACTION: IncidentWorkflow.acknowledge,
+    RESOLVE_ACTION: IncidentWorkflow.resolve,
+    ESCALATE_ACTION: IncidentWorkflow.escalate,
+    SNOOZE_ACTION: IncidentWorkflow.snooze,
+}
+# Slack accepts a signed request for 5 minutes: within that time, one use per signature.
+REPLAY_WINDOW_SECONDS = 5 * 60
+_seen_signatures: dict[str, float] = {}
+
+
+def _replayed(signature: str) -> bool:
+    now = time.monotonic()
+    for old in [s for s, at in _seen_signatures.items() if now - at > REPLAY_WINDOW_SECONDS]:
+        del _seen_signatures[old]
+    if signature in _seen_signatures:
+        return True
+    _seen_signatures[signature] = now
+    return False
 
 
 def _verify(svc: Services, body: bytes, request: Request) -> None:
@@ -49,6 +75,9 @@ def _verify(svc: Services, body: bytes, request: Request) -> None:
     if not valid:
         REJECTED_REQUESTS.labels("slack", "bad_signature").inc()
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or stale Slack signature")
+    if _replayed(signature):
+        REJECTED_REQUESTS.labels("slack", "replayed").inc()
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this signed request was already used")
 
 
 def _payload(body: bytes) -> dict[str, Any]:
@@ -108,9 +137,12 @@ async def _apply_and_tell(
 async def _apply(svc: Services, update: Any, incident_id: str, user: str) -> str | None:
     """Run the update; return the reason it was refused or failed, if it was."""
     handle = svc.temporal.get_workflow_handle(incident_id)
+    request: Any = ActionRequest(user=user, channel="slack")
+    if update is IncidentWorkflow.snooze:
+        request = SnoozeRequest(user=user, minutes=SNOOZE_MINUTES, channel="slack")
     try:
         async with asyncio.timeout(UPDATE_PATIENCE_SECONDS):
-            await handle.execute_update(update, ActionRequest(user=user, channel="slack"))
+            await handle.execute_update(update, request)
     except WorkflowUpdateFailedError as exc:
         return str(getattr(exc.cause, "message", None) or exc.cause)
     except RPCError as exc:

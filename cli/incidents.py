@@ -16,7 +16,7 @@ import worker
 from config import load_settings
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest, IncidentState
+from workflows.incident_types import ActionRequest, IncidentState, SnoozeRequest
 
 app = typer.Typer(help="List, inspect, acknowledge and resolve incidents.", no_args_is_help=True)
 out = Console()
@@ -86,8 +86,18 @@ def show(incident_id: str) -> None:
         raise _unknown(incident_id, exc) from None
     out.print(
         f"[bold]{state.incident_id}[/bold]  {state.severity} {state.trigger} on {state.scope}"
-        f"  [bold]{state.status}[/bold]  L{state.level}"
+        f"  [bold]{state.status}[/bold]  {state.level_name}"
     )
+    deadlines = [
+        (state.ack_by, "acknowledge"),
+        (state.resolve_by, "resolve"),
+        (state.remind_at, "reminder"),
+    ]
+    for at, what in deadlines:
+        if at is not None:
+            out.print(f"  {what} by {at:%Y-%m-%d %H:%M:%S} UTC")
+    if state.jira_issue:
+        out.print(f"  ticket {state.jira_issue}")
     if state.summary:
         out.print(state.summary)
     for name, value in state.metrics.items():
@@ -106,7 +116,7 @@ def _unknown(incident_id: str, exc: RPCError) -> typer.Exit:
     return _fail(f"could not reach incident {incident_id!r}: {exc}")
 
 
-def _act(incident_id: str, update: Any, request: ActionRequest) -> IncidentState:
+def _act(incident_id: str, update: Any, request: ActionRequest | SnoozeRequest) -> IncidentState:
     async def send() -> IncidentState:
         client = await _client()
         state: IncidentState = await client.get_workflow_handle(incident_id).execute_update(
@@ -136,3 +146,30 @@ def resolve(incident_id: str, user: User = None, note: Note = "") -> None:
     request = ActionRequest(user or getpass.getuser(), "cli", note)
     state = _act(incident_id, IncidentWorkflow.resolve, request)
     out.print(f"{state.incident_id} is {state.status} (by {state.resolved_by})")
+
+
+@app.command()
+def escalate(incident_id: str, reason: Note = "", user: User = None) -> None:
+    """Hand an incident to its next escalation level now."""
+    request = ActionRequest(user or getpass.getuser(), "cli", reason)
+    state = _act(incident_id, IncidentWorkflow.escalate, request)
+    out.print(f"{state.incident_id} is at {state.level_name}")
+
+
+@app.command()
+def snooze(incident_id: str, minutes: int = 30, user: User = None) -> None:
+    """Push the incident's escalation deadlines back."""
+    request = SnoozeRequest(user or getpass.getuser(), minutes, "cli")
+    state = _act(incident_id, IncidentWorkflow.snooze, request)
+    out.print(f"{state.incident_id}: next deadline pushed to at least {minutes} min from now")
+
+
+@app.command()
+def note(incident_id: str, text: str, user: User = None) -> None:
+    """Add a note to the incident's timeline (and its Slack thread and ticket)."""
+    _act(
+        incident_id,
+        IncidentWorkflow.add_note,
+        ActionRequest(user or getpass.getuser(), "cli", text),
+    )
+    out.print("noted")

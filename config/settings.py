@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     jira_email: str | None = None
     jira_token: SecretStr | None = None
     jira_project: str = "OPS"
+    jira_issue_type: str = "Task"
 
     daily_budget_usd: float = Field(default=500.0, gt=0)
 

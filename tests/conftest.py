@@ -161,7 +161,11 @@ INGEST_KEY = "test-ingest-key"
 
 @pytest.fixture
 def settings(
-    tmp_path: Path, task_queue: str, fake_slack: FakeSlack, fake_pagerduty: FakePagerDuty
+    tmp_path: Path,
+    task_queue: str,
+    fake_slack: FakeSlack,
+    fake_pagerduty: FakePagerDuty,
+    fake_jira: FakeJira,
 ) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -175,6 +179,8 @@ def settings(
         slack_api_url=fake_slack.api_url,
         pagerduty_routing_key="R" * 32,
         pagerduty_events_url=fake_pagerduty.url,
+        jira_url=fake_jira.url,
+        jira_token="jira-test-token",
     )
 
 

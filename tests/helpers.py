@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
+
+from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from workflows.incident import IncidentWorkflow
+from workflows.incident_types import ActionRequest
 
 T = TypeVar("T")
 
@@ -34,3 +41,17 @@ async def eventually(
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+async def close_incidents(handles: list[WorkflowHandle]) -> None:
+    """Resolve a test's open incidents and let them finish. Left running on the shared
+    time-skipping server, their timers would fire with no worker while the next test skips
+    time; terminated with an activity in flight, they stop the server from skipping at all."""
+    for handle in handles:
+        with contextlib.suppress(WorkflowUpdateFailedError, RPCError):
+            await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("pytest", "cli"))
+        try:
+            await asyncio.wait_for(handle.result(), timeout=15)
+        except (TimeoutError, WorkflowFailureError, RPCError):
+            with contextlib.suppress(RPCError):
+                await handle.terminate("test over")

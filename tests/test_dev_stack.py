@@ -143,7 +143,7 @@ async def test_dev_stack_pages_survives_a_kill_and_stops_cleanly(
     assert clicked.status_code == 200
     # The killed worker's sticky task queue must time out before the new worker takes over.
     await eventually(lambda: len(fake_pagerduty.events("acknowledge")) == 1, timeout=60)
-    assert len(fake_slack.calls("chat.postMessage")) == 1
+    assert len(fake_slack.posts()) == 1
     assert len(fake_pagerduty.events("trigger")) == 1
 
     assert stack.interrupt() == 0

@@ -49,7 +49,7 @@ async def test_failed_calls_page_and_a_signed_click_acknowledges(
         handle = client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
         await eventually(lambda: _firing_for(client, settings, evaluations=4), timeout=30)
         assert await incidents(client, settings) == [incident_id]
-        assert len(fake_slack.calls("chat.postMessage")) == 1
+        assert len(fake_slack.posts()) == 1
         assert len(fake_pagerduty.events("trigger")) == 1
         assert fake_pagerduty.events("trigger")[0]["dedup_key"] == incident_id
 

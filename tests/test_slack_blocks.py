@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from activities.slack import ACK_ACTION, RESOLVE_ACTION, fallback_text, incident_blocks
+from activities.slack import (
+    ACK_ACTION,
+    ESCALATE_ACTION,
+    RESOLVE_ACTION,
+    SNOOZE_ACTION,
+    fallback_text,
+    incident_blocks,
+)
 from tests.fakes.slack import block_errors
 from workflows.incident_types import IncidentState, IncidentStatus, Severity, Trigger
 
@@ -31,11 +38,14 @@ def buttons(blocks: list[dict]) -> dict[str, str]:
     return found
 
 
-def test_detected_incident_offers_acknowledge_and_resolve() -> None:
+def test_detected_incident_offers_every_action() -> None:
     blocks = incident_blocks(state())
+    incident = "incident-error_rate-global-20261126T120000Z"
     assert buttons(blocks) == {
-        ACK_ACTION: "incident-error_rate-global-20261126T120000Z",
-        RESOLVE_ACTION: "incident-error_rate-global-20261126T120000Z",
+        ACK_ACTION: incident,
+        RESOLVE_ACTION: incident,
+        ESCALATE_ACTION: incident,
+        SNOOZE_ACTION: incident,
     }
     text = str(blocks)
     assert "SEV2 · error_rate · global · DETECTED" in text
@@ -43,9 +53,9 @@ def test_detected_incident_offers_acknowledge_and_resolve() -> None:
     assert "calls: *50*" in text
 
 
-def test_acknowledged_shows_who_and_offers_only_resolve() -> None:
+def test_acknowledged_shows_who_and_no_acknowledge_button() -> None:
     blocks = incident_blocks(state(status=IncidentStatus.ACKNOWLEDGED, acknowledged_by="U024BE7LH"))
-    assert list(buttons(blocks)) == [RESOLVE_ACTION]
+    assert list(buttons(blocks)) == [RESOLVE_ACTION, ESCALATE_ACTION, SNOOZE_ACTION]
     assert "acknowledged by <@U024BE7LH>" in str(blocks)
 
 
@@ -64,3 +74,13 @@ def test_huge_content_stays_within_block_kit_limits() -> None:
     blocks = incident_blocks(big)
     assert block_errors(blocks) == []
     assert len(fallback_text(big)) <= 3000
+
+
+def test_the_level_and_the_next_deadline_are_shown() -> None:
+    from datetime import timedelta
+
+    opened = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    blocks = incident_blocks(state(level=2, level_name="L2", ack_by=opened + timedelta(minutes=15)))
+    text = str(blocks)
+    assert "*Level*\\nL2" in text
+    assert "*Next deadline*\\nacknowledged by <!date^" in text

@@ -1,8 +1,9 @@
-"""IncidentWorkflow: one durable incident, from detection to resolution.
+"""IncidentWorkflow: one durable incident, from detection to resolution, escalating L1 -> L3.
 
 Updates change state and return at once (Slack wants an answer within 3 s); the side effects
-they imply (Slack message, PagerDuty events) are queued and sent by one lane per channel, so a
-Slack outage never holds back the page.
+they imply go through one ordered lane per channel (Slack, PagerDuty, Jira), each drained by
+its own coroutine, so one vendor's outage never holds back another. The escalation clock is a
+durable timer on the earliest pending deadline of the current level.
 """
 
 from __future__ import annotations
@@ -20,9 +21,23 @@ from temporalio.exceptions import ActivityError
 from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
-    from activities.pagerduty import PagerDutyActivities, PagerDutyTrigger
-    from activities.slack import SlackActivities, SlackPostRequest, SlackUpdateRequest
+    from activities.jira import JiraActivities, JiraComment, JiraResolution, JiraTicket
+    from activities.pagerduty import PagerDutyActivities, PageRequest, PageUpdate
+    from activities.slack import (
+        SlackActivities,
+        SlackPostRequest,
+        SlackReplyRequest,
+        SlackUpdateRequest,
+    )
     from workflows import search_attributes as sa
+    from workflows.escalation import (
+        DEFAULT_POLICIES,
+        Deadlines,
+        EscalationLevel,
+        EscalationPolicy,
+        enter_level,
+        snooze,
+    )
     from workflows.incident_types import (
         ActionRequest,
         Breach,
@@ -32,14 +47,20 @@ with workflow.unsafe.imports_passed_through():
         IncidentResult,
         IncidentState,
         IncidentStatus,
+        LaneAction,
+        PagedTarget,
         Recovery,
+        SnoozeRequest,
         TimelineEntry,
         severity_rank,
     )
     from workflows.policies import VENDOR_CALL, ActivityPolicy
+    from workflows.postmortem import postmortem
 
-# After a resolve, how long a page still being retried may go on before it is called off.
-PAGE_GRACE = timedelta(seconds=30)
+MAX_SNOOZE_MINUTES = 24 * 60
+# Timeline kinds told in the Slack thread and on the Jira ticket.
+TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
+        "recovered", "resolved", "mitigation"}  # fmt: skip
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -51,11 +72,19 @@ class _Lane:
     def __init__(self, name: str, enabled: bool) -> None:
         self.name = name
         self.enabled = enabled
-        self.pending: deque[str] = deque()
+        self.pending: deque[LaneAction] = deque()
+        self.in_flight: LaneAction | None = None
 
-    def push(self, action: str) -> None:
+    def push(self, kind: str, text: str = "", level: str = "") -> None:
         if self.enabled:
-            self.pending.append(action)
+            self.pending.append(LaneAction(kind, text, level))
+
+    def queued(self, kind: str) -> bool:
+        return any(action.kind == kind for action in self.pending)
+
+    def underway(self, kind: str) -> bool:
+        """Queued or being performed right now."""
+        return self.queued(kind) or (self.in_flight is not None and self.in_flight.kind == kind)
 
 
 @workflow.defn
@@ -63,14 +92,19 @@ class IncidentWorkflow:
     @workflow.init
     def __init__(self, input: IncidentInput) -> None:
         self._input = input
-        self._slack = _Lane("slack", enabled=input.notify.slack_channel is not None)
-        self._pagerduty = _Lane("pagerduty", enabled=input.notify.pagerduty)
+        plan = input.notify
+        self._slack = _Lane("slack", plan.slack_channel is not None)
+        self._pagerduty = _Lane("pagerduty", plan.pagerduty)
+        self._jira = _Lane("jira", plan.jira)
+        self._lanes = (self._slack, self._pagerduty, self._jira)
         self._updates = 0
+        self._changed = False
         self._published: tuple[object, ...] = ()
+        self._remind_for = ""
         if input.carried is not None:
             self._state = input.carried.state
-            self._slack.pending.extend(input.carried.pending_slack)
-            self._pagerduty.pending.extend(input.carried.pending_pagerduty)
+            for lane in self._lanes:
+                lane.pending.extend(input.carried.pending.get(lane.name, []))
             return
         self._state = IncidentState(
             incident_id=input.incident_id,
@@ -81,23 +115,27 @@ class IncidentWorkflow:
             opened_at=input.opened_at,
         )
         self._record("opened", f"{input.severity} {input.trigger} on {input.scope}")
-        self._slack.push("post")
-        self._pagerduty.push("trigger")
+        self._enter_level(1, workflow.now(), reason="")  # the clock starts when the incident does
 
     @workflow.run
     async def run(self, input: IncidentInput) -> IncidentResult:
         self._publish()
-        await asyncio.gather(
-            self._drain(self._slack, self._slack_action),
-            self._drain(self._pagerduty, self._pagerduty_action),
-        )
+        lanes = [
+            asyncio.create_task(self._drain(lane, perform))
+            for lane, perform in (
+                (self._slack, self._slack_action),
+                (self._pagerduty, self._pagerduty_action),
+                (self._jira, self._jira_action),
+            )
+        ]
+        await self._escalation_clock()
+        await asyncio.gather(*lanes)
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._state.status != IncidentStatus.RESOLVED:
-            # The lanes stopped for a fresh run: carry the state and whatever is still queued.
+            # Due for a fresh run: carry the state and whatever is still queued.
             carried = CarriedState(
                 state=self._state,
-                pending_slack=list(self._slack.pending),
-                pending_pagerduty=list(self._pagerduty.pending),
+                pending={lane.name: list(lane.pending) for lane in self._lanes},
             )
             workflow.continue_as_new(replace(input, carried=carried))
         await self._tell_detector()
@@ -136,8 +174,17 @@ class IncidentWorkflow:
             )
             state.severity = breach.severity
             self._slack.push("update")
+            # A worse severity may page where the milder one did not.
+            level = self._policy().level(state.level)
+            if level.page and not state.paged:
+                self._pagerduty.push("trigger", level=level.name)
+            self._changed = True
         self._publish()
         return BreachReceipt(state.incident_id, state.status, state.breach_count)
+
+    @report_breach.validator
+    def _validate_breach(self, breach: Breach) -> None:
+        self._reject_if_resolved()
 
     @workflow.update
     def report_recovery(self, recovery: Recovery) -> IncidentState:
@@ -155,10 +202,6 @@ class IncidentWorkflow:
     def _validate_recovery(self, recovery: Recovery) -> None:
         self._reject_if_resolved()
 
-    @report_breach.validator
-    def _validate_breach(self, breach: Breach) -> None:
-        self._reject_if_resolved()
-
     @workflow.update
     def acknowledge(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
@@ -166,9 +209,14 @@ class IncidentWorkflow:
         state.status = IncidentStatus.ACKNOWLEDGED
         state.acknowledged_by = request.user
         state.acknowledged_at = workflow.now()
+        state.ack_by = None
+        if self._remind_for == "acknowledged":
+            state.remind_at, self._remind_for = None, ""
         self._record("acknowledged", request.note or "acknowledged", request.user, request.channel)
         self._slack.push("update")
-        self._pagerduty.push("acknowledge")
+        if request.channel != "pagerduty":  # never echo PagerDuty's own ack back to it
+            self._pagerduty.push("acknowledge")
+        self._changed = True
         self._publish()
         return self.state()
 
@@ -190,9 +238,13 @@ class IncidentWorkflow:
         state.status = IncidentStatus.RESOLVED
         state.resolved_by = request.user
         state.resolved_at = workflow.now()
+        state.ack_by = state.resolve_by = state.remind_at = None
         self._record("resolved", request.note or "resolved", request.user, request.channel)
         self._slack.push("update")
-        self._pagerduty.push("resolve")
+        if request.channel != "pagerduty":
+            self._pagerduty.push("resolve")
+        self._jira.push("resolve")
+        self._changed = True
         self._publish()
         return self.state()
 
@@ -201,9 +253,64 @@ class IncidentWorkflow:
         self._reject_if_resolved()
         self._reject_if_not_allowed(request)
 
+    @workflow.update
+    def escalate(self, request: ActionRequest) -> IncidentState:
+        self._updates += 1
+        reason = f"escalated by {request.user}" + (f": {request.note}" if request.note else "")
+        self._escalate(reason, actor=request.user, channel=request.channel)
+        return self.state()
+
+    @escalate.validator
+    def _validate_escalate(self, request: ActionRequest) -> None:
+        self._reject_if_resolved()
+        self._reject_if_not_allowed(request)
+
+    @workflow.update
+    def snooze(self, request: SnoozeRequest) -> IncidentState:
+        self._updates += 1
+        state = self._state
+        now = workflow.now()
+        pushed = snooze(self._deadlines(), now, request.minutes)
+        state.ack_by, state.resolve_by, state.remind_at = (
+            pushed.ack_by,
+            pushed.resolve_by,
+            pushed.remind_at,
+        )
+        text = f"snoozed {request.minutes} min: next deadline {self._next_text()}"
+        self._record("snoozed", text, request.user, request.channel)
+        self._slack.push("update")
+        self._changed = True
+        self._publish()
+        return self.state()
+
+    @snooze.validator
+    def _validate_snooze(self, request: SnoozeRequest) -> None:
+        self._reject_if_resolved()
+        self._reject_if_not_allowed(ActionRequest(request.user, request.channel))
+        if not 1 <= request.minutes <= MAX_SNOOZE_MINUTES:
+            raise ValueError(f"snooze between 1 and {MAX_SNOOZE_MINUTES} minutes")
+
+    @workflow.update
+    def add_note(self, request: ActionRequest) -> IncidentState:
+        self._updates += 1
+        self._record("note", request.note, request.user, request.channel)
+        self._publish()
+        return self.state()
+
+    @add_note.validator
+    def _validate_note(self, request: ActionRequest) -> None:
+        self._reject_if_resolved()
+        self._reject_if_not_allowed(request)
+        if not request.note.strip():
+            raise ValueError("a note needs some text")
+
     @workflow.query
     def state(self) -> IncidentState:
         return replace(self._state, timeline=list(self._state.timeline))
+
+    @workflow.query
+    def timeline(self) -> list[TimelineEntry]:
+        return list(self._state.timeline)
 
     # --- validation ------------------------------------------------------------------------
 
@@ -223,7 +330,109 @@ class IncidentWorkflow:
                 "(PAGERLOOP_SLACK_ALLOWED_USERS)"
             )
 
-    # --- side effects ----------------------------------------------------------------------
+    # --- escalation ------------------------------------------------------------------------
+
+    def _policy(self) -> EscalationPolicy:
+        severity = str(self._state.severity)
+        return self._input.notify.policies.get(severity) or DEFAULT_POLICIES[severity]
+
+    def _deadlines(self) -> Deadlines:
+        state = self._state
+        return Deadlines(state.opened_at, state.ack_by, state.resolve_by, state.remind_at)
+
+    def _next_text(self) -> str:
+        upcoming = self._deadlines().next()
+        if upcoming is None:
+            return "none"
+        at, what = upcoming
+        return f"{what} by {at:%H:%M} UTC"
+
+    def _enter_level(self, number: int, at: datetime, reason: str) -> None:
+        """Move to level `number` and tell its targets."""
+        state = self._state
+        level = self._policy().level(number)
+        state.level, state.level_name = number, level.name
+        deadlines = enter_level(level, at, acknowledged=state.acknowledged_by is not None)
+        state.ack_by, state.resolve_by, state.remind_at = (
+            deadlines.ack_by,
+            deadlines.resolve_by,
+            None,
+        )
+        self._remind_for = ""
+        if reason:
+            self._record("escalated", f"to {level.name} ({level.description}): {reason}")
+        self._notify(level, reason or "")
+
+    def _notify(self, level: EscalationLevel, reason: str) -> None:
+        state = self._state
+        if level.slack:
+            if state.slack_message is None and not self._slack.underway("post"):
+                self._slack.push("post")
+            else:
+                self._slack.push("update")
+            channel = level.slack_channel
+            if channel and channel != self._input.notify.slack_channel:
+                self._slack.push("notify", text=reason or state.summary, level=channel)
+        if level.page:
+            self._pagerduty.push("trigger", level=level.name)
+        if level.jira and state.jira_issue is None and not self._jira.underway("open"):
+            self._jira.push("open", text=level.jira_project or self._input.notify.jira_project)
+
+    def _escalate(self, reason: str, actor: str = "pagerloop", channel: str = "workflow") -> None:
+        state = self._state
+        policy = self._policy()
+        now = workflow.now()
+        if state.level < policy.top:
+            self._enter_level(state.level + 1, now, reason)
+        else:
+            self._remind(reason, actor, channel)
+        self._changed = True
+        self._publish()
+
+    def _remind(self, reason: str, actor: str = "pagerloop", channel: str = "workflow") -> None:
+        """At the top level: tell its targets again, and again after the repeat interval."""
+        state = self._state
+        policy = self._policy()
+        now = workflow.now()
+        self._remind_for = "acknowledged" if state.acknowledged_by is None else "resolved"
+        state.ack_by = state.resolve_by = None
+        state.remind_at = now + timedelta(seconds=policy.repeat_interval_seconds)
+        self._record("reminder", f"still not {self._remind_for} at {state.level_name}: {reason}",
+                     actor, channel)  # fmt: skip
+        self._notify(policy.level(state.level), reason)
+
+    async def _escalation_clock(self) -> None:
+        while not self._finished():
+            upcoming = self._deadlines().next()
+            self._changed = False
+            if upcoming is None:
+                await workflow.wait_condition(lambda: self._changed or self._finished())
+                continue
+            at, what = upcoming
+            level = self._state.level_name
+            try:
+                await workflow.wait_condition(
+                    lambda: self._changed or self._finished(),
+                    timeout=max(at - workflow.now(), timedelta(0)),
+                    timeout_summary=f"{level}: {what} by {at:%H:%M:%S} UTC",
+                )
+            except TimeoutError:
+                self._deadline_passed(what)
+
+    def _deadline_passed(self, what: str) -> None:
+        state = self._state
+        level = self._policy().level(state.level)
+        if what == "reminder":
+            self._remind("reminder interval elapsed")
+            self._publish()
+            return
+        timeout = (
+            level.ack_timeout_seconds if what == "acknowledged" else level.resolve_timeout_seconds
+        )
+        self._escalate(f"not {what} within {timeout // 60} min at {state.level_name}")
+
+    def _finished(self) -> bool:
+        return self._state.status == IncidentStatus.RESOLVED or self._time_for_a_fresh_run()
 
     def _time_for_a_fresh_run(self) -> bool:
         return (
@@ -231,82 +440,86 @@ class IncidentWorkflow:
             or workflow.info().is_continue_as_new_suggested()
         )
 
-    async def _drain(self, lane: _Lane, perform: Callable[[str], Awaitable[None]]) -> None:
-        """Perform the lane's actions in order; stop once resolved (or due for a fresh run)
-        with nothing left to do."""
+    # --- side effects ----------------------------------------------------------------------
+
+    async def _drain(self, lane: _Lane, perform: Callable[[LaneAction], Awaitable[None]]) -> None:
+        """Perform the lane's actions in order; stop once finished with nothing left to do."""
         while True:
-            await workflow.wait_condition(
-                lambda: (
-                    bool(lane.pending)
-                    or self._state.status == IncidentStatus.RESOLVED
-                    or self._time_for_a_fresh_run()
-                )
-            )
+            await workflow.wait_condition(lambda: bool(lane.pending) or self._finished())
             if not lane.pending:
                 return
-            action = lane.pending.popleft()
+            action = lane.in_flight = lane.pending.popleft()
             try:
                 await perform(action)
             except ActivityError as err:
-                cause = err.cause or err
-                self._record(
-                    "notification_failed",
-                    f"{lane.name} {action} failed: {cause}",
-                    channel=lane.name,
-                )
+                reason = f"{lane.name} {action.kind} failed: {err.cause or err}"
+                self._record("notification_failed", reason, channel=lane.name)
+            finally:
+                lane.in_flight = None
 
-    async def _slack_action(self, action: str) -> None:
+    async def _slack_action(self, action: LaneAction) -> None:
         channel = self._input.notify.slack_channel
+        state = self._state
         if channel is None:
             return
-        if action == "post":
+        if action.kind == "post":
             ref = await self._activity(
                 SlackActivities.post_incident,
                 SlackPostRequest(channel=channel, state=self.state()),
                 summary=f"Slack: post incident to {channel}",
             )
-            self._state.slack_message = ref
+            state.slack_message = ref
             self._record("notified", f"Slack message posted to {channel}", channel="slack")
-            return
-        if self._slack.pending.count("update"):
-            return  # a later update renders the same state: one call is enough
-        message = self._state.slack_message
-        if message is None:
-            return
-        await self._activity(
-            SlackActivities.update_incident,
-            SlackUpdateRequest(message=message, state=self.state()),
-            summary=f"Slack: show {self._state.status} on the incident message",
-        )
+        elif action.kind == "update":
+            if self._slack.queued("update") or state.slack_message is None:
+                return  # a later update renders the same state: one call is enough
+            await self._activity(
+                SlackActivities.update_incident,
+                SlackUpdateRequest(message=state.slack_message, state=self.state()),
+                summary=f"Slack: show {state.status} at {state.level_name}",
+            )
+        elif action.kind == "reply" and state.slack_message is not None:
+            await self._activity(
+                SlackActivities.reply,
+                SlackReplyRequest(message=state.slack_message, text=action.text),
+                summary="Slack: thread reply",
+            )
+        elif action.kind == "notify":
+            await self._activity(
+                SlackActivities.notify,
+                SlackPostRequest(channel=action.level, state=self.state(), note=action.text),
+                summary=f"Slack: tell {action.level}",
+            )
 
-    async def _pagerduty_action(self, action: str) -> None:
+    async def _pagerduty_action(self, action: LaneAction) -> None:
         state = self._state
-        if action == "trigger":
-            await self._page()
-        elif action == "acknowledge":
-            await self._activity(
-                PagerDutyActivities.acknowledge,
-                state.incident_id,
-                summary="PagerDuty: acknowledge",
+        if action.kind == "trigger":
+            await self._page(action.level)
+        elif action.kind in ("acknowledge", "resolve") and state.paged:
+            method = (
+                PagerDutyActivities.acknowledge
+                if action.kind == "acknowledge"
+                else PagerDutyActivities.resolve
             )
-        elif action == "resolve":
             await self._activity(
-                PagerDutyActivities.resolve, state.incident_id, summary="PagerDuty: resolve"
+                method, PageUpdate(list(state.paged)), summary=f"PagerDuty: {action.kind}"
             )
 
-    async def _page(self) -> None:
+    async def _page(self, level: str) -> None:
         """Trigger PagerDuty, unless the incident is resolved while PagerDuty still refuses the
         page: then stop trying (the queued resolve still goes out, in case a try got through)."""
         state = self._state
-        event = PagerDutyTrigger(
-            dedup_key=state.incident_id,
-            summary=f"[{state.severity}] {state.summary or state.trigger}",
-            source=f"pagerloop/{state.scope}",
+        request = PageRequest(
+            incident_id=state.incident_id,
+            level=level,
             severity=state.severity,
+            summary=f"[{state.severity}] {state.summary or state.trigger} ({level})",
+            source=f"pagerloop/{state.scope}",
             custom_details={
                 "incident_id": state.incident_id,
                 "trigger": str(state.trigger),
                 "scope": state.scope,
+                "level": level,
                 **state.metrics,
             },
             links=[{"href": self._input.notify.status_url, "text": "pagerloop status"}]
@@ -315,21 +528,59 @@ class IncidentWorkflow:
         )
         paging = workflow.start_activity_method(
             PagerDutyActivities.trigger,
-            event,
+            request,
             start_to_close_timeout=VENDOR_CALL.start_to_close,
             schedule_to_close_timeout=VENDOR_CALL.schedule_to_close,
             retry_policy=VENDOR_CALL.retry,
-            summary=f"PagerDuty: trigger {state.incident_id}",
+            summary=f"PagerDuty: trigger {state.incident_id} at {level}",
         )
-        await workflow.wait_condition(lambda: paging.done() or "resolve" in self._pagerduty.pending)
+        await workflow.wait_condition(lambda: paging.done() or self._pagerduty.queued("resolve"))
+        if not paging.done():
+            # A try in flight usually lands in a moment; only a failing PagerDuty is given up on.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(
+                    paging.done,
+                    timeout=timedelta(seconds=self._input.notify.page_grace_seconds),
+                    timeout_summary="page in flight",
+                )
         if not paging.done():
             paging.cancel()
             with contextlib.suppress(ActivityError, asyncio.CancelledError):
                 await paging
             self._record("not_paged", "resolved before PagerDuty accepted the page")
             return
-        await paging
-        self._record("paged", "PagerDuty incident triggered", channel="pagerduty")
+        target: PagedTarget = await paging
+        if all(known.dedup_key != target.dedup_key for known in state.paged):
+            state.paged.append(target)
+        self._record("paged", f"PagerDuty triggered at {level}", channel="pagerduty")
+
+    async def _jira_action(self, action: LaneAction) -> None:
+        state = self._state
+        if action.kind == "open":
+            key = await self._activity(
+                JiraActivities.open_ticket,
+                JiraTicket(
+                    incident_id=state.incident_id,
+                    project=action.text,
+                    summary=f"[{state.severity}] {state.trigger} on {state.scope}",
+                    description=f"{state.summary}\n\nOpened by pagerloop at L{state.level}.",
+                ),
+                summary=f"Jira: open a ticket in {action.text}",
+            )
+            state.jira_issue = key
+            self._record("ticket", f"Jira ticket {key}", channel="jira")
+        elif action.kind == "comment" and state.jira_issue is not None:
+            await self._activity(
+                JiraActivities.comment,
+                JiraComment(state.jira_issue, action.text),
+                summary=f"Jira: comment on {state.jira_issue}",
+            )
+        elif action.kind == "resolve" and state.jira_issue is not None:
+            await self._activity(
+                JiraActivities.resolve,
+                JiraResolution(state.jira_issue, postmortem(self.state())),
+                summary=f"Jira: postmortem and done on {state.jira_issue}",
+            )
 
     async def _activity(
         self,
@@ -368,6 +619,10 @@ class IncidentWorkflow:
         self._state.timeline.append(
             TimelineEntry(at=now, kind=kind, text=text, actor=actor, channel=channel)
         )
+        if kind in TOLD:
+            line = f"*{kind.replace('_', ' ')}* by {actor} via {channel}: {text}"
+            self._slack.push("reply", text=line)
+            self._jira.push("comment", text=f"{kind} by {actor} via {channel}: {text}")
 
     def _publish(self) -> None:
         """Mirror the state into search attributes (when they change: each upsert is a history
@@ -385,18 +640,21 @@ class IncidentWorkflow:
                     sa.INCIDENT_LEVEL.value_set(state.level),
                 ]
             )
+        level = self._policy().level(state.level)
         lines = [
             f"**{state.severity} {state.trigger}** on `{state.scope}`: **{state.status}**",
             "",
-            f"- level: L{state.level}",
+            f"- level: {level.name} ({level.description})",
+            f"- owner: {state.acknowledged_by or 'nobody yet'}",
+            f"- next deadline: {self._next_text()}",
             f"- opened: {state.opened_at:%Y-%m-%d %H:%M:%S} UTC",
         ]
-        if state.acknowledged_by:
-            lines.append(f"- acknowledged by {state.acknowledged_by}")
         if state.resolved_by:
             lines.append(f"- resolved by {state.resolved_by}")
         if state.recovered_at:
             lines.append(f"- signal recovered at {state.recovered_at:%H:%M:%S} UTC")
+        if state.jira_issue:
+            lines.append(f"- ticket: {state.jira_issue}")
         if state.metrics:
             lines.append("")
             lines += [f"- {name}: {value:.4g}" for name, value in state.metrics.items()]

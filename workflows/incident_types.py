@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from workflows.escalation import DEFAULT_POLICIES, EscalationPolicy
+
 
 class IncidentStatus(StrEnum):
     DETECTED = "detected"
@@ -61,12 +63,17 @@ class Recovery:
 
 @dataclass
 class NotificationPlan:
-    """Where this incident is announced; decided when it opens, kept for its whole life."""
+    """Which channels exist and how to escalate; decided when the incident opens."""
 
     slack_channel: str | None = None
     pagerduty: bool = False
+    jira: bool = False
+    jira_project: str = "OPS"
     allowed_slack_users: list[str] = field(default_factory=list)
     status_url: str = ""
+    policies: dict[str, EscalationPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
+    # After a resolve, how long a page still being retried may go on before it is called off.
+    page_grace_seconds: int = 30
 
 
 @dataclass
@@ -87,19 +94,34 @@ class IncidentInput:
 
 
 @dataclass
+class LaneAction:
+    """A side effect waiting its turn: kind, and what it needs."""
+
+    kind: str
+    text: str = ""
+    level: str = ""
+
+
+@dataclass
 class CarriedState:
     state: IncidentState
-    pending_slack: list[str] = field(default_factory=list)
-    pending_pagerduty: list[str] = field(default_factory=list)
+    pending: dict[str, list[LaneAction]] = field(default_factory=dict)
 
 
 @dataclass
 class ActionRequest:
-    """A responder acting on an incident, and through which channel."""
+    """A responder acting on an incident (acknowledge, resolve, escalate, note), and how."""
 
     user: str
     channel: str = "api"
     note: str = ""
+
+
+@dataclass
+class SnoozeRequest:
+    user: str
+    minutes: int = 30
+    channel: str = "api"
 
 
 @dataclass
@@ -109,6 +131,15 @@ class TimelineEntry:
     text: str
     actor: str = "pagerloop"
     channel: str = "workflow"
+
+
+@dataclass
+class PagedTarget:
+    """A PagerDuty alert this incident raised: its dedup key and where it was routed."""
+
+    dedup_key: str
+    severity: str
+    level: str
 
 
 @dataclass
@@ -126,6 +157,10 @@ class IncidentState:
     status: IncidentStatus
     opened_at: datetime
     level: int = 1
+    level_name: str = "L1"
+    ack_by: datetime | None = None
+    resolve_by: datetime | None = None
+    remind_at: datetime | None = None
     summary: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     breach_count: int = 0
@@ -135,7 +170,10 @@ class IncidentState:
     acknowledged_at: datetime | None = None
     resolved_by: str | None = None
     resolved_at: datetime | None = None
+    mitigation_started_at: datetime | None = None
     slack_message: SlackMessageRef | None = None
+    paged: list[PagedTarget] = field(default_factory=list)
+    jira_issue: str | None = None
     timeline: list[TimelineEntry] = field(default_factory=list)
 
 

@@ -7,6 +7,7 @@ the Block Kit limits Slack enforces (`invalid_blocks`).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -36,6 +37,8 @@ class Message:
     text: str
     blocks: list[dict[str, Any]]
     edits: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] | None = None
+    replies: list[str] = field(default_factory=list)
 
 
 def block_errors(blocks: list[dict[str, Any]]) -> list[str]:
@@ -81,6 +84,7 @@ class FakeSlack(FakeServer):
         self.faults: deque[Fault] = deque()
         self.messages: dict[tuple[str, str], Message] = {}
         self.ephemeral: list[dict[str, Any]] = []
+        self.delays: dict[str, float] = {}  # method -> seconds to wait after answering
         self._channel_ids: dict[str, str] = {}
         self._ts = itertools.count(1)
 
@@ -90,6 +94,17 @@ class FakeSlack(FakeServer):
 
     def fail_next(self, method: str, error: str, status: int = 200, retry_after: int | None = None):
         self.faults.append(Fault(method, error, status, retry_after))
+
+    def delay_next(self, method: str, seconds: float) -> None:
+        """Do the work, then keep the caller waiting (a worker may die meanwhile)."""
+        self.delays[method] = seconds
+
+    def top_level(self) -> list[Message]:
+        return list(self.messages.values())
+
+    def posts(self) -> list[dict[str, Any]]:
+        """chat.postMessage calls that were not thread replies."""
+        return [c for c in self.calls("chat.postMessage") if not c.get("thread_ts")]
 
     def calls(self, method: str) -> list[dict[str, Any]]:
         return [r.data for r in self.received(f"/api/{method}")]
@@ -123,10 +138,16 @@ class FakeSlack(FakeServer):
             "chat.postMessage": self._post_message,
             "chat.update": self._update,
             "chat.postEphemeral": self._post_ephemeral,
+            "conversations.list": self._list,
+            "conversations.history": self._history,
         }.get(method)
         if handler is None:
             return _error("unknown_method")
-        return handler(data)
+        answer = handler(data)
+        delay = self.delays.pop(method, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        return answer
 
     def _resolve_channel(self, channel: str) -> str | None:
         if not channel or channel.lstrip("#") in self.missing_channels:
@@ -155,7 +176,18 @@ class FakeSlack(FakeServer):
         if len(str(data.get("text", ""))) > 40_000:
             return _error("msg_too_long")
         ts = f"{int(time.time())}.{next(self._ts):06d}"
-        message = Message(channel, ts, str(data.get("text", "")), blocks)
+        thread_ts = data.get("thread_ts")
+        if thread_ts:
+            parent = self.messages.get((channel, str(thread_ts)))
+            if parent is None:
+                return _error("thread_not_found")
+            with self.lock:
+                parent.replies.append(str(data.get("text", "")))
+            return JSONResponse({"ok": True, "channel": channel, "ts": ts})
+        metadata = data.get("metadata")
+        if isinstance(metadata, str):
+            metadata = json.loads(metadata)
+        message = Message(channel, ts, str(data.get("text", "")), blocks, metadata=metadata)
         with self.lock:
             self.messages[(channel, ts)] = message
         return JSONResponse(
@@ -181,6 +213,29 @@ class FakeSlack(FakeServer):
             message.edits.append({"text": message.text, "blocks": message.blocks})
             message.text, message.blocks = str(data.get("text", message.text)), blocks
         return JSONResponse({"ok": True, "channel": channel, "ts": ts, "text": message.text})
+
+    def _list(self, data: dict[str, Any]) -> JSONResponse:
+        channels = [{"id": cid, "name": name} for name, cid in self._channel_ids.items()]
+        return JSONResponse(
+            {"ok": True, "channels": channels, "response_metadata": {"next_cursor": ""}}
+        )
+
+    def _history(self, data: dict[str, Any]) -> JSONResponse:
+        channel = str(data.get("channel", ""))
+        if channel not in self._channel_ids.values():
+            return _error("channel_not_found")
+        found = sorted(
+            (m for (c, _), m in self.messages.items() if c == channel),
+            key=lambda m: m.ts,
+            reverse=True,
+        )
+        with_metadata = str(data.get("include_all_metadata", "")).lower() in ("true", "1")
+        messages = [
+            {"type": "message", "ts": m.ts, "text": m.text}
+            | ({"metadata": m.metadata} if with_metadata and m.metadata else {})
+            for m in found
+        ]
+        return JSONResponse({"ok": True, "messages": messages, "has_more": False})
 
     def _post_ephemeral(self, data: dict[str, Any]) -> JSONResponse:
         channel = self._resolve_channel(str(data.get("channel", "")))

@@ -1,0 +1,152 @@
+"""Jira: one ticket per incident (found by its label before any create, so a retry or a
+crash never makes a second), comments on state changes, the postmortem, then Done."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from jira import JIRA, JIRAError
+from requests.exceptions import RequestException
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+DONE_TRANSITIONS = (
+    "done",
+    "resolve",
+    "resolve issue",
+    "resolved",
+    "close",
+    "close issue",
+    "closed",
+)
+COMMENT_MAX = 30_000
+
+
+class JiraPermanentError(Exception):
+    """Jira refused the request for a reason a retry cannot fix (credentials, project, type)."""
+
+
+def make_client(url: str, email: str | None, token: str) -> JIRA:
+    auth: dict[str, Any] = {"basic_auth": (email, token)} if email else {"token_auth": token}
+    # No retries of its own (Temporal's policy owns them), no server-info call at start.
+    return JIRA(server=url, get_server_info=False, max_retries=0, timeout=10, **auth)
+
+
+def incident_label(incident_id: str) -> str:
+    """Jira labels take no spaces; incident ids have none."""
+    return f"pagerloop:{incident_id}"
+
+
+def _translate(exc: JIRAError | RequestException, what: str) -> Exception:
+    if isinstance(exc, RequestException):
+        return ApplicationError(f"Jira unreachable for {what}: {exc}", type="JiraError")
+    status = exc.status_code or 0
+    if status == 429:
+        retry_after = int(
+            (exc.response.headers if exc.response is not None else {}).get("Retry-After", "10")
+        )
+        return ApplicationError(
+            f"Jira rate-limited {what}",
+            type="JiraThrottled",
+            next_retry_delay=timedelta(seconds=retry_after),
+        )
+    if status in (400, 401, 403, 404):
+        return JiraPermanentError(f"Jira refused {what} (HTTP {status}): {exc.text}")
+    return ApplicationError(f"Jira failed {what}: HTTP {status}", type="JiraError")
+
+
+@dataclass
+class JiraTicket:
+    incident_id: str
+    project: str
+    summary: str
+    description: str
+    issue_type: str = "Task"
+
+
+@dataclass
+class JiraComment:
+    issue: str
+    text: str
+
+
+@dataclass
+class JiraResolution:
+    issue: str
+    postmortem: str
+
+
+def open_ticket(client: JIRA, ticket: JiraTicket) -> str:
+    label = incident_label(ticket.incident_id)
+    try:
+        found = client.search_issues(
+            f'project = {ticket.project} AND labels = "{label}"', maxResults=1
+        )
+        if found:
+            return str(found[0].key)
+        issue = client.create_issue(
+            fields={
+                "project": {"key": ticket.project},
+                "summary": ticket.summary[:250],
+                "description": ticket.description[:COMMENT_MAX],
+                "issuetype": {"name": ticket.issue_type},
+                "labels": ["pagerloop", label],
+            }
+        )
+    except (JIRAError, RequestException) as exc:
+        raise _translate(exc, "the ticket") from exc
+    return str(issue.key)
+
+
+def comment(client: JIRA, issue: str, text: str) -> None:
+    try:
+        client.add_comment(issue, text[:COMMENT_MAX])
+    except (JIRAError, RequestException) as exc:
+        raise _translate(exc, f"a comment on {issue}") from exc
+
+
+def resolve(client: JIRA, issue: str, postmortem: str) -> None:
+    """The postmortem as the last comment, then the issue's Done transition (once: a retry
+    after it finds the issue done already)."""
+    try:
+        current = client.issue(issue, fields="status")
+        if str(current.fields.status.name).lower() in DONE_TRANSITIONS:
+            return
+        client.add_comment(issue, postmortem[:COMMENT_MAX])
+        transitions = client.transitions(issue)
+        done = next((t for t in transitions if str(t["name"]).lower() in DONE_TRANSITIONS), None)
+        if done is None:
+            names = ", ".join(str(t["name"]) for t in transitions)
+            raise JiraPermanentError(f"{issue} has no Done transition (it has: {names})")
+        client.transition_issue(issue, done["id"])
+    except (JIRAError, RequestException) as exc:
+        raise _translate(exc, f"resolving {issue}") from exc
+
+
+class JiraActivities:
+    """Registered even when Jira is off, so its steps fail cleanly onto the timeline."""
+
+    def __init__(self, client: JIRA | None, issue_type: str = "Task") -> None:
+        self._client = client
+        self._issue_type = issue_type
+
+    def _require_client(self) -> JIRA:
+        if self._client is None:
+            raise JiraPermanentError("Jira is off: PAGERLOOP_JIRA_URL is not set")
+        return self._client
+
+    @activity.defn(name="jira.open_ticket")
+    async def open_ticket(self, ticket: JiraTicket) -> str:
+        ticket.issue_type = self._issue_type
+        return await asyncio.to_thread(open_ticket, self._require_client(), ticket)
+
+    @activity.defn(name="jira.comment")
+    async def comment(self, request: JiraComment) -> None:
+        await asyncio.to_thread(comment, self._require_client(), request.issue, request.text)
+
+    @activity.defn(name="jira.resolve")
+    async def resolve(self, request: JiraResolution) -> None:
+        await asyncio.to_thread(resolve, self._require_client(), request.issue, request.postmortem)

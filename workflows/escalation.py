@@ -1,0 +1,134 @@
+"""Escalation policies: who is told at each level, and how long each level has (pure data).
+
+An incident starts at L1 of its severity's policy. A level that does not acknowledge within
+`ack_timeout_seconds`, or does not resolve within `resolve_timeout_seconds` of being reached,
+hands the incident to the next level; at the top level the targets are reminded every
+`repeat_interval_seconds` while the incident stays unacknowledged (or unresolved past its
+deadline). Routing follows the seed: SEV1 and SEV2 page PagerDuty at once, SEV3 starts in
+Slack, SEV4 starts as a Jira ticket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True)
+class EscalationLevel:
+    name: str
+    description: str = ""
+    ack_timeout_seconds: int = 300
+    resolve_timeout_seconds: int = 1800
+    slack: bool = True
+    slack_channel: str | None = None  # None: the incident's channel
+    page: bool = False  # trigger PagerDuty (the routing key stays with the worker)
+    jira: bool = False  # open the incident's Jira ticket when this level is reached
+    jira_project: str | None = None  # None: PAGERLOOP_JIRA_PROJECT
+
+
+@dataclass(frozen=True)
+class EscalationPolicy:
+    levels: tuple[EscalationLevel, ...]
+    repeat_interval_seconds: int = 1800
+
+    def level(self, number: int) -> EscalationLevel:
+        return self.levels[min(max(number, 1), len(self.levels)) - 1]
+
+    @property
+    def top(self) -> int:
+        return len(self.levels)
+
+
+def _levels(
+    timeouts: list[tuple[int, int]], page: list[bool], jira: list[bool], slack: list[bool]
+) -> tuple[EscalationLevel, ...]:
+    who = ("On-call engineer", "Platform team", "Engineering leadership")
+    return tuple(
+        EscalationLevel(
+            name=f"L{i + 1}",
+            description=who[i],
+            ack_timeout_seconds=ack * 60,
+            resolve_timeout_seconds=resolve * 60,
+            slack=slack[i],
+            page=page[i],
+            jira=jira[i],
+        )
+        for i, (ack, resolve) in enumerate(timeouts)
+    )
+
+
+DEFAULT_POLICIES: dict[str, EscalationPolicy] = {
+    "SEV1": EscalationPolicy(
+        _levels([(5, 30), (10, 60), (15, 120)], [True] * 3, [False, True, True], [True] * 3),
+        repeat_interval_seconds=15 * 60,
+    ),
+    "SEV2": EscalationPolicy(
+        _levels([(10, 60), (15, 120), (30, 240)], [True] * 3, [False, True, True], [True] * 3),
+        repeat_interval_seconds=30 * 60,
+    ),
+    "SEV3": EscalationPolicy(
+        _levels(
+            [(30, 240), (30, 480), (60, 1440)],
+            [False, True, True],
+            [False, False, True],
+            [True] * 3,
+        ),
+        repeat_interval_seconds=60 * 60,
+    ),
+    "SEV4": EscalationPolicy(
+        _levels(
+            [(1440, 4320), (1440, 10080), (1440, 20160)],
+            [False, False, True],
+            [True, True, True],
+            [False, True, True],
+        ),
+        repeat_interval_seconds=24 * 60 * 60,
+    ),
+}
+
+
+@dataclass
+class Deadlines:
+    """The escalation clock of an incident at its current level."""
+
+    level_entered_at: datetime
+    ack_by: datetime | None
+    resolve_by: datetime | None
+    remind_at: datetime | None = None
+
+    def next(self) -> tuple[datetime, str] | None:
+        """The earliest deadline still pending, and what it is for."""
+        pending = [
+            (at, what)
+            for at, what in (
+                (self.ack_by, "acknowledged"),
+                (self.resolve_by, "resolved"),
+                (self.remind_at, "reminder"),
+            )
+            if at is not None
+        ]
+        return min(pending) if pending else None
+
+
+def enter_level(level: EscalationLevel, at: datetime, acknowledged: bool) -> Deadlines:
+    return Deadlines(
+        level_entered_at=at,
+        ack_by=None if acknowledged else at + timedelta(seconds=level.ack_timeout_seconds),
+        resolve_by=at + timedelta(seconds=level.resolve_timeout_seconds),
+    )
+
+
+def snooze(deadlines: Deadlines, now: datetime, minutes: int) -> Deadlines:
+    """Push every pending deadline to at least `minutes` from now."""
+    later = now + timedelta(minutes=minutes)
+
+    def push(at: datetime | None) -> datetime | None:
+        return None if at is None else max(at, later)
+
+    return Deadlines(
+        level_entered_at=deadlines.level_entered_at,
+        ack_by=push(deadlines.ack_by),
+        resolve_by=push(deadlines.resolve_by),
+        remind_at=push(deadlines.remind_at),
+    )
