@@ -20,6 +20,7 @@ from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from tests.helpers import close_incidents, eventually
+from workflows.escalation import span
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import (
     ActionRequest,
@@ -243,3 +244,14 @@ async def test_manual_escalation_and_notes(incidents: Incidents, fake_slack: Fak
     with pytest.raises(WorkflowUpdateFailedError) as refused:
         await handle.execute_update(IncidentWorkflow.add_note, ActionRequest("U1", "cli", " "))
     assert "a note needs some text" in str(refused.value.cause)
+
+
+def test_timeouts_read_as_people_say_them() -> None:
+    assert [span(s) for s in (20, 60, 90, 300, 3600, 5400)] == [
+        "20 s",
+        "1 min",
+        "1 min 30 s",
+        "5 min",
+        "1 h",
+        "90 min",
+    ]

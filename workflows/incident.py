@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         EscalationPolicy,
         enter_level,
         snooze,
+        span,
     )
     from workflows.incident_types import (
         ActionRequest,
@@ -429,7 +430,7 @@ class IncidentWorkflow:
         timeout = (
             level.ack_timeout_seconds if what == "acknowledged" else level.resolve_timeout_seconds
         )
-        self._escalate(f"not {what} within {timeout // 60} min at {state.level_name}")
+        self._escalate(f"not {what} within {span(timeout)} at {state.level_name}")
 
     def _finished(self) -> bool:
         return self._state.status == IncidentStatus.RESOLVED or self._time_for_a_fresh_run()

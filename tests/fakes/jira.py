@@ -8,6 +8,7 @@ The JQL it understands is what pagerloop sends: `project = X AND labels = "y"` c
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from datetime import UTC, datetime
@@ -48,6 +49,11 @@ class FakeJira(FakeServer):
         self.issues: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(10001)
         self._comment_ids = itertools.count(20001)
+        self.delays: dict[str, float] = {}  # "create" -> seconds to wait after creating
+
+    def delay_next(self, operation: str, seconds: float) -> None:
+        """Do the work, then keep the caller waiting (a worker may die meanwhile)."""
+        self.delays[operation] = seconds
 
     async def _recorded(self, request: Request) -> dict[str, Any] | None:
         body, data = await read_body(request)
@@ -103,6 +109,9 @@ class FakeJira(FakeServer):
                 "status": "To Do",
                 "comments": [],
             }
+        delay = self.delays.pop("create", 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         return JSONResponse(
             {"id": issue_id, "key": key, "self": self._self(f"issue/{issue_id}")}, 201
         )

@@ -7,6 +7,9 @@ and 429 when throttled. Tracks each alert's state by dedup_key.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import uuid
 from collections import deque
 from typing import Any
@@ -86,3 +89,43 @@ class FakePagerDuty(FakeServer):
         return JSONResponse(
             {"status": "success", "message": "Event processed", "dedup_key": dedup_key}, 202
         )
+
+
+def webhook(
+    event_type: str, incident_key: str, secret: str, agent: str = "Dana On-Call"
+) -> tuple[bytes, dict[str, str]]:
+    """A signed v3 webhook as PagerDuty sends it when someone acts on an incident there."""
+    status = event_type.removeprefix("incident.")
+    event = {
+        "event": {
+            "id": f"01{uuid.uuid4().hex[:24].upper()}",
+            "event_type": event_type,
+            "resource_type": "incident",
+            "occurred_at": "2026-11-26T12:00:00.000Z",
+            "agent": {
+                "html_url": "https://acme.pagerduty.com/users/PLH1HKV",
+                "id": "PLH1HKV",
+                "self": "https://api.pagerduty.com/users/PLH1HKV",
+                "summary": agent,
+                "type": "user_reference",
+            },
+            "client": None,
+            "data": {
+                "id": "PGR0VU2",
+                "type": "incident",
+                "self": "https://api.pagerduty.com/incidents/PGR0VU2",
+                "html_url": "https://acme.pagerduty.com/incidents/PGR0VU2",
+                "number": 2,
+                "status": status,
+                "incident_key": incident_key,
+                "created_at": "2026-11-26T11:58:00Z",
+                "title": "[SEV2] error_rate on global",
+                "urgency": "high",
+                "priority": None,
+                "resolve_reason": None,
+            },
+        }
+    }
+    body = json.dumps(event).encode()
+    signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return body, {"Content-Type": "application/json", "X-PagerDuty-Signature": f"v1={signature}"}
