@@ -12,7 +12,7 @@ every sample in memory and sorts them for percentiles; it is given the same wind
 It also shows that the time follows the window, not the history: the same evaluation with half
 the history, and with a 60-minute window.
 
-    uv run python bench/p3_detection.py [--window-calls 1000000] [--history-calls 10000000]
+    uv run python -m bench.p3_detection [--window-calls 1000000] [--history-calls 10000000]
 
 Targets: <= 250 ms, >= 20x faster than the seed's approach.
 """
