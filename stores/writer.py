@@ -7,6 +7,7 @@ third of the throughput. The rollup is aggregated in Python per batch and upsert
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -137,14 +138,6 @@ _SQLITE_ROLLUP = (
 )
 
 
-_SQLITE_LATENCY_ROLLUP = (
-    f"INSERT INTO latency_rollup ({', '.join(ROLLUP_KEYS)}, bucket, calls) "  # noqa: S608
-    "SELECT substr(ts, 1, 16) || ':00.000000', model, coalesce(feature, ''), "
-    "coalesce(team, ''), coalesce(environment, ''), latency_bucket, count(*) "
-    "FROM llm_calls WHERE id > ? GROUP BY 1, 2, 3, 4, 5, 6 "
-    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}, bucket) DO UPDATE SET "
-    "calls = latency_rollup.calls + excluded.calls"
-)
 _LATENCY_ROLLUP_UPSERT = (
     f"INSERT INTO latency_rollup ({', '.join(ROLLUP_KEYS)}, bucket, calls) "  # noqa: S608
     "VALUES (%s, %s, %s, %s, %s, %s, %s) "
@@ -168,10 +161,35 @@ def _latency_rows(records: Sequence[CallRecord]) -> list[tuple[Any, ...]]:
     return [(*key, count) for key, count in counts.items()]
 
 
+_HISTOGRAM_KEY = tuple(
+    CALL_COLUMNS.index(name)
+    for name in ("ts", "model", "feature", "team", "environment", "latency_bucket")
+)
+
+
+def _sqlite_latency_rows(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Count the batch's calls per minute, dimensions and latency bucket, from the rows about to
+    be inserted (cheaper here than a six-column GROUP BY over them in the write transaction)."""
+    ts, model, feature, team, environment, bucket = _HISTOGRAM_KEY
+    counts: Counter[tuple[Any, ...]] = Counter(
+        (
+            row[ts][:16] + ":00.000000",
+            row[model],
+            row[feature] or "",
+            row[team] or "",
+            row[environment] or "",
+            row[bucket],
+        )
+        for row in calls
+    )
+    return [(*key, count) for key, count in counts.items()]
+
+
 def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
     marks = ", ".join("?" * len(CALL_COLUMNS))
     insert = f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({marks})"  # noqa: S608
     calls = [_call_tuple(r, sqlite_datetime) for r in records]
+    histogram = _sqlite_latency_rows(calls)
     connection = engine.raw_connection()
     try:
         cursor = connection.cursor()
@@ -179,7 +197,7 @@ def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
         (before,) = cursor.execute("SELECT coalesce(max(id), 0) FROM llm_calls").fetchone()
         cursor.executemany(insert, calls)
         cursor.execute(_SQLITE_ROLLUP, (before,))
-        cursor.execute(_SQLITE_LATENCY_ROLLUP, (before,))
+        cursor.executemany(_LATENCY_ROLLUP_UPSERT.replace("%s", "?"), histogram)
         connection.commit()
     except BaseException:
         connection.rollback()
