@@ -19,12 +19,12 @@ per level (secrets: they stay in the worker and never enter an incident's histor
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from config.tomlfile import read_toml
 from workflows.escalation import DEFAULT_POLICIES, EscalationLevel, EscalationPolicy
 from workflows.incident_types import Severity
 
@@ -106,15 +106,7 @@ def _policy(
 def load_escalation(path: Path | None) -> Escalation:
     if path is None:
         return Escalation()
-    try:
-        parsed = PolicyFile.model_validate(tomllib.loads(path.read_text()))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PolicyFileError(f"PAGERLOOP_ESCALATION_POLICY_FILE {path}: {exc}") from exc
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise PolicyFileError(f"PAGERLOOP_ESCALATION_POLICY_FILE {path}: {problems}") from None
+    parsed = read_toml(path, PolicyFile, "PAGERLOOP_ESCALATION_POLICY_FILE", PolicyFileError)
     keys: dict[str, SecretStr] = {}
     policies = dict(DEFAULT_POLICIES)
     for severity in (s.value for s in Severity):

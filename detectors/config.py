@@ -19,13 +19,13 @@ enabled = false
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from config.tomlfile import read_toml
 from detectors.rules import DEFAULT_RULES, Rule
 from workflows.incident_types import Severity
 
@@ -101,13 +101,5 @@ def apply(parsed: RulesFile) -> DetectorRules:
 def load_rules(path: Path | None) -> DetectorRules:
     if path is None:
         return DetectorRules()
-    try:
-        parsed = RulesFile.model_validate(tomllib.loads(path.read_text()))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise RulesFileError(f"PAGERLOOP_RULES_FILE {path}: {exc}") from exc
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise RulesFileError(f"PAGERLOOP_RULES_FILE {path}: {problems}") from None
+    parsed = read_toml(path, RulesFile, "PAGERLOOP_RULES_FILE", RulesFileError)
     return apply(parsed)
