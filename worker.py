@@ -38,7 +38,10 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
+import runbooks
 from activities import jira, slack
+from activities.controls import ControlActivities
+from activities.diagnosis import DiagnosisActivities
 from activities.incidents import IncidentActivities
 from activities.jira import JiraActivities
 from activities.metrics import MetricsActivities
@@ -60,13 +63,18 @@ from instrumentation.pricing import PriceTable
 from stores.engine import create_schema, make_engine, ping
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import NotificationPlan
+from workflows.incident_types import NotificationPlan, RunbookPlan
 from workflows.retention import RetentionInput, RetentionWorkflow
 
 log = logging.getLogger("pagerloop")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-WORKFLOWS: list[type] = [IncidentWorkflow, DetectorWorkflow, RetentionWorkflow]
+WORKFLOWS: list[type] = [
+    IncidentWorkflow,
+    DetectorWorkflow,
+    RetentionWorkflow,
+    *runbooks.workflows(),
+]
 
 
 async def connect_temporal(settings: Settings, lazy: bool = False) -> Client:
@@ -118,6 +126,12 @@ def notification_plan(settings: Settings, escalation: Escalation) -> Notificatio
         allowed_slack_users=list(settings.slack_allowed_users),
         status_url=f"{settings.api_url}/status",
         policies=dict(escalation.policies),
+        runbook=RunbookPlan(
+            enabled=settings.runbooks_enabled,
+            verify_after_seconds=settings.runbook_verify_seconds,
+            diagnosis_window_seconds=settings.runbook_diagnosis_window_seconds,
+            feature_priorities=dict(settings.feature_priorities),
+        ),
     )
 
 
@@ -141,6 +155,10 @@ def build_activities(
     )
     jira_activities = JiraActivities(make_jira_client(settings), settings.jira_issue_type)
     retention = RetentionActivities(engine)
+    controls = ControlActivities(engine)
+    diagnosis = DiagnosisActivities(
+        engine, load_rules(settings.rules_file), settings.daily_budget_usd
+    )
     return [
         retention.purge,
         metrics.window_aggregates,
@@ -156,6 +174,15 @@ def build_activities(
         jira_activities.open_ticket,
         jira_activities.comment,
         jira_activities.resolve,
+        controls.set,
+        controls.revert,
+        controls.list_for,
+        diagnosis.top_features,
+        diagnosis.rate_limits,
+        diagnosis.latency,
+        diagnosis.recent_errors,
+        diagnosis.quality,
+        diagnosis.check_signal,
     ]
 
 

@@ -113,6 +113,13 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
                 "text": {"type": "mrkdwn", "text": _truncate("\n".join(lines), SECTION_MAX)},
             }
         )
+    if state.runbook:
+        blocks.append(
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": _truncate(_runbook_text(state), SECTION_MAX)},
+            }
+        )
     context = [f"Incident `{state.incident_id}`"]
     if state.acknowledged_by:
         context.append(f"acknowledged by {_mention(state.acknowledged_by)}")
@@ -125,7 +132,7 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
         }
     )
     buttons = []
-    if state.status == IncidentStatus.DETECTED:
+    if state.acknowledged_by is None and state.status != IncidentStatus.RESOLVED:
         buttons.append(_button("Acknowledge", ACK_ACTION, state.incident_id, style="primary"))
     if state.status != IncidentStatus.RESOLVED:
         buttons.append(_button("Resolve", RESOLVE_ACTION, state.incident_id, style="danger"))
@@ -134,6 +141,23 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
     if buttons:
         blocks.append({"type": "actions", "block_id": "incident_actions", "elements": buttons})
     return blocks[:MAX_BLOCKS]
+
+
+def _runbook_text(state: IncidentState) -> str:
+    verdict = {
+        "recovered": "mitigation verified: the signal recovered",
+        "not_recovered": "mitigation did not help: rolled back",
+        "inconclusive": "verification inconclusive: controls kept",
+    }
+    phase = {
+        "": "starting",
+        "diagnosed": "diagnosed: mitigates once acknowledged",
+        "running": "running",
+    }
+    done = verdict.get(state.verification or "", "finished")
+    lines = [f"*Runbook* `{state.runbook}`: {phase.get(state.runbook_phase, done)}"]
+    lines += [f"• in force: {control}" for control in state.controls]
+    return "\n".join(lines)
 
 
 def _mention(user: str) -> str:

@@ -98,6 +98,11 @@ def show(incident_id: str) -> None:
             out.print(f"  {what} by {at:%Y-%m-%d %H:%M:%S} UTC")
     if state.jira_issue:
         out.print(f"  ticket {state.jira_issue}")
+    if state.runbook:
+        verdict = f", verification: {state.verification}" if state.verification else ""
+        out.print(f"  runbook {state.runbook} ({state.runbook_phase or 'starting'}{verdict})")
+        for control in state.controls:
+            out.print(f"    in force: {control}")
     if state.summary:
         out.print(state.summary)
     for name, value in state.metrics.items():
@@ -141,11 +146,20 @@ def ack(incident_id: str, user: User = None, note: Note = "") -> None:
 
 
 @app.command()
-def resolve(incident_id: str, user: User = None, note: Note = "") -> None:
-    """Resolve an incident."""
-    request = ActionRequest(user or getpass.getuser(), "cli", note)
+def resolve(
+    incident_id: str,
+    user: User = None,
+    note: Note = "",
+    keep_controls: Annotated[
+        bool, typer.Option(help="leave the runbook's controls in force (they expire by themselves)")
+    ] = False,
+) -> None:
+    """Resolve an incident (and revert the controls its runbook set)."""
+    request = ActionRequest(user or getpass.getuser(), "cli", note, keep_controls=keep_controls)
     state = _act(incident_id, IncidentWorkflow.resolve, request)
     out.print(f"{state.incident_id} is {state.status} (by {state.resolved_by})")
+    if keep_controls and state.controls:
+        out.print("controls kept: " + "; ".join(state.controls))
 
 
 @app.command()

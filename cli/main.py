@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 
 import worker
-from cli import detector, incidents, silences, stack
+from cli import controls, detector, incidents, silences, stack
+from cli.simulate import command as simulate_command
 from config import ConfigurationError, Settings, load_settings
 
 app = typer.Typer(
@@ -19,7 +20,9 @@ app = typer.Typer(
 )
 app.add_typer(incidents.app, name="incidents")
 app.add_typer(silences.app, name="silences")
+app.add_typer(controls.app, name="controls")
 app.add_typer(detector.app, name="detector")
+app.command("simulate")(simulate_command)
 err = Console(stderr=True)
 
 

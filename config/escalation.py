@@ -2,6 +2,7 @@
 per level (secrets: they stay in the worker and never enter an incident's history).
 
     repeat_interval_seconds = 1800
+    auto_resolve_quiet_seconds = 900 # optional: resolve a verified mitigation after this quiet
     [[levels]]                       # the policy of every severity without its own
     name = "L1"
     description = "On-call engineer"
@@ -52,6 +53,7 @@ class PolicyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repeat_interval_seconds: int | None = Field(default=None, gt=0)
+    auto_resolve_quiet_seconds: int | None = Field(default=None, gt=0)
     levels: list[LevelIn] = Field(min_length=1, max_length=5)
 
 
@@ -59,6 +61,7 @@ class PolicyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repeat_interval_seconds: int = Field(default=1800, gt=0)
+    auto_resolve_quiet_seconds: int | None = Field(default=None, gt=0)
     levels: list[LevelIn] | None = Field(default=None, min_length=1, max_length=5)
     severities: dict[Severity, PolicyIn] = {}
 
@@ -78,7 +81,11 @@ def _pages_by_severity(severity: str, number: int) -> bool:
 
 
 def _policy(
-    severity: str, levels: list[LevelIn], repeat: int, keys: dict[str, SecretStr]
+    severity: str,
+    levels: list[LevelIn],
+    repeat: int,
+    keys: dict[str, SecretStr],
+    auto_resolve: int | None,
 ) -> EscalationPolicy:
     built = []
     for number, level in enumerate(levels, start=1):
@@ -100,7 +107,9 @@ def _policy(
                 jira_project=level.jira_project,
             )
         )
-    return EscalationPolicy(tuple(built), repeat_interval_seconds=repeat)
+    return EscalationPolicy(
+        tuple(built), repeat_interval_seconds=repeat, auto_resolve_quiet_seconds=auto_resolve
+    )
 
 
 def load_escalation(path: Path | None) -> Escalation:
@@ -113,9 +122,14 @@ def load_escalation(path: Path | None) -> Escalation:
         own = parsed.severities.get(Severity(severity))
         if own is not None:
             repeat = own.repeat_interval_seconds or parsed.repeat_interval_seconds
-            policies[severity] = _policy(severity, own.levels, repeat, keys)
+            quiet = own.auto_resolve_quiet_seconds or parsed.auto_resolve_quiet_seconds
+            policies[severity] = _policy(severity, own.levels, repeat, keys, quiet)
         elif parsed.levels is not None:
             policies[severity] = _policy(
-                severity, parsed.levels, parsed.repeat_interval_seconds, keys
+                severity,
+                parsed.levels,
+                parsed.repeat_interval_seconds,
+                keys,
+                parsed.auto_resolve_quiet_seconds,
             )
     return Escalation(policies, keys)

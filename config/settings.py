@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -17,6 +17,9 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+FeaturePriority = Literal["critical", "high", "normal", "low"]
 
 
 class Settings(BaseSettings):
@@ -73,10 +76,33 @@ class Settings(BaseSettings):
     escalation_policy_file: Path | None = None
     rules_file: Path | None = None
 
+    runbooks_enabled: bool = True
+    runbook_verify_seconds: int = Field(default=180, ge=10)
+    runbook_diagnosis_window_seconds: int = Field(default=900, ge=60)
+    # "chat=critical,summaries=low": what runbooks keep and what they shed first.
+    feature_priorities: Annotated[dict[str, FeaturePriority], NoDecode] = Field(
+        default_factory=dict
+    )
+
     @field_validator("ingest_api_keys", "slack_allowed_users", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("feature_priorities", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = {}
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            feature, sep, priority = str(item).partition("=")
+            if not sep or not feature.strip():
+                raise ValueError(f"expected feature=priority, got {item!r}")
+            pairs[feature.strip()] = priority.strip()
+        return pairs
 
     @field_validator(
         "slack_bot_token",

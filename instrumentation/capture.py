@@ -48,6 +48,8 @@ class PendingCall:
     finish_reason: str | None = None
     output_parts: list[str] = field(default_factory=list)
     trace_id: str | None = None
+    controls: str | None = None  # the runbook controls that changed the call: "reroute#3"
+    cache_hit: bool = False  # served from the response cache: no tokens were spent
 
     def fail(self, exc: BaseException, ended: float) -> None:
         self.ended = ended
@@ -169,7 +171,9 @@ def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
     """The stored record of a finished call (runs in the recorder's thread)."""
     if call.response is not None:
         call._response(call.response)
-        if call.request_id is None:
+        if call.cache_hit:
+            call.input_tokens = call.output_tokens = call.cached_input_tokens = 0
+        elif call.request_id is None:
             call.request_id = getattr(call.response, "_request_id", None)
     if call.stream and call.status == "success" and call.finish_reason is None:
         # Ended without a finish reason (or `response.completed`): the answer is cut short.
@@ -211,4 +215,5 @@ def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
         trace_id=call.trace_id or ctx.trace_id,
         source="sdk",
         metadata=dict(ctx.metadata) or None,
+        controls=call.controls,
     )

@@ -4,28 +4,40 @@
 The methods of this one client (and of the copies `with_options()` makes) are wrapped; other
 clients are left alone. The call itself goes through the SDK untouched (so other instrumentation
 layers see what they always see); a response hook on the client's HTTP client notes each
-attempt's status, request id and retry count for the call in progress. Exceptions reach the
-caller unchanged.
+attempt's status, request id and retry count for the call in progress (instrumentation.sdk).
+Exceptions reach the caller unchanged.
+
+Runbook controls are enforced on every call: `instrumentation.controls` decides which apply,
+`instrumentation.enforce` carries a call under controls out (refuse, rewrite, serve from the
+response cache, hold a concurrency slot, back off 429s); calls under no control take the plain
+path here. The record's `model` stays the model the app asked for; `response_model` is the one
+that answered, and `controls` names the controls that changed the call.
+
+With `response_cache=N`, every successful non-streamed response is kept for a `cache` control
+to serve later (instrumentation.response_cache).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import openai
-from openai._constants import RAW_RESPONSE_HEADER
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
+from sqlalchemy import Engine
 
+from instrumentation import controls as ctl
+from instrumentation import enforce
 from instrumentation.capture import PendingCall
 from instrumentation.context import EMPTY, LLMContext, current
 from instrumentation.privacy import hash_user_id
-from instrumentation.recorder import Recorder
+from instrumentation.recorder import Recorder, StoreSink
+from instrumentation.response_cache import DEFAULT_MAX_AGE, ResponseCache, cache_key
+from instrumentation.sdk import hook_responses, in_flight, parsed, raw_mode
 from instrumentation.streams import track_async_stream, track_stream
 from instrumentation.telemetry import Telemetry
 
@@ -38,31 +50,6 @@ OPERATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # OpenAI's request metadata: at most 16 pairs, keys up to 64 and values up to 512 characters.
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
-RETRY_COUNT_HEADER = "x-stainless-retry-count"
-
-# The call the current thread / task is making, for the HTTP response hook.
-_in_flight: ContextVar[PendingCall | None] = ContextVar("pagerloop_call", default=None)
-
-
-def _note_attempt(response: Any) -> None:
-    call = _in_flight.get()
-    if call is not None:
-        call.http_status = response.status_code
-        call.request_id = response.headers.get("x-request-id") or call.request_id
-        retries = response.request.headers.get(RETRY_COUNT_HEADER, "0")
-        call.retry_count = int(retries) if retries.isdigit() else 0
-
-
-async def _note_attempt_async(response: Any) -> None:
-    _note_attempt(response)
-
-
-def _hook_responses(client: openai.OpenAI | openai.AsyncOpenAI) -> None:
-    hook = _note_attempt_async if isinstance(client, openai.AsyncOpenAI) else _note_attempt
-    http_client: Any = client._client
-    hooks = http_client.event_hooks
-    if hook not in hooks["response"]:
-        http_client.event_hooks = {**hooks, "response": [*hooks["response"], hook]}
 
 
 @dataclass(frozen=True)
@@ -72,6 +59,8 @@ class _Options:
     send_user: bool
     send_metadata: bool
     server: tuple[str, int] | None
+    controls: ctl.ControlSource | None = None
+    cache: ResponseCache | None = None
 
 
 def instrument(
@@ -82,6 +71,9 @@ def instrument(
     send_metadata: bool = True,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    controls: ctl.ControlSource | Engine | Literal[False] | None = None,
+    response_cache: int = 0,
+    response_cache_max_age: float = DEFAULT_MAX_AGE,
 ) -> C:
     """Instrument `client` in place and return it.
 
@@ -90,6 +82,16 @@ def instrument(
     the request's `metadata` (the caller's own values win), for the OpenAI dashboard.
     Spans and GenAI metrics go to the given OpenTelemetry providers, else to the global ones
     when the app has configured them.
+
+    `controls`: where the runbook controls to enforce come from. By default the store the
+    recorder writes to (none when its sink is not a store); an engine or a `ControlSource`
+    to choose, False for none.
+
+    `response_cache`: how many responses this client keeps (0: none, and `cache` controls do
+    nothing here). Every successful non-streamed response is kept (the least recently used
+    out, 64 MiB at most); they are served only while a `cache` control matching the call is
+    in force (say during an OpenAI outage), and only those answered less than
+    `response_cache_max_age` seconds ago (24 h by default).
     """
     if getattr(client, "_pagerloop_options", None) is not None:
         return client
@@ -97,10 +99,24 @@ def instrument(
         from instrumentation.defaults import default_recorder
 
         recorder = default_recorder()
-    telemetry = Telemetry(tracer_provider, meter_provider)
-    options = _Options(recorder, telemetry, send_user, send_metadata, _server(client))
+    source = _control_source(controls, recorder)
+    options = _Options(
+        recorder,
+        Telemetry(tracer_provider, meter_provider),
+        send_user,
+        send_metadata,
+        _server(client),
+        source,
+        ResponseCache(response_cache, response_cache_max_age) if response_cache > 0 else None,
+    )
+    if source is not None:
+        source.start()  # the first read is usually done before the first call needs it
+    return _apply(client, options)
+
+
+def _apply(client: C, options: _Options) -> C:
     is_async = isinstance(client, openai.AsyncOpenAI)
-    _hook_responses(client)
+    hook_responses(client)
     for operation, path in OPERATIONS:
         resource: Any = client
         for name in path:
@@ -111,19 +127,27 @@ def instrument(
     original_copy = client.copy
 
     def copy(*args: Any, **kwargs: Any) -> Any:
-        return instrument(
-            original_copy(*args, **kwargs),
-            recorder=options.recorder,
-            send_user=send_user,
-            send_metadata=send_metadata,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-        )
+        # Copies share everything but the server: recorder, telemetry, controls, cache.
+        copied = original_copy(*args, **kwargs)
+        return _apply(copied, replace(options, server=_server(copied)))
 
     client.copy = copy  # type: ignore[method-assign]
     client.with_options = copy  # type: ignore[method-assign]
     setattr(client, "_pagerloop_options", options)  # noqa: B010
     return client
+
+
+def _control_source(
+    controls: ctl.ControlSource | Engine | Literal[False] | None, recorder: Recorder
+) -> ctl.ControlSource | None:
+    if controls is False:
+        return None
+    if isinstance(controls, ctl.ControlSource):
+        return controls
+    if isinstance(controls, Engine):
+        return ctl.source_for(controls)
+    sink = recorder.sink
+    return ctl.source_for(sink.engine) if isinstance(sink, StoreSink) else None
 
 
 def _server(client: openai.OpenAI | openai.AsyncOpenAI) -> tuple[str, int] | None:
@@ -158,13 +182,28 @@ def _request_metadata(ctx: LLMContext, given: Any) -> dict[str, str]:
 
 
 def _begin(
-    operation: str, kwargs: dict[str, Any], options: _Options
-) -> tuple[PendingCall, dict[str, Any]]:
+    operation: str, kwargs: dict[str, Any], options: _Options, snap: ctl.Snapshot
+) -> tuple[PendingCall, dict[str, Any], enforce.Plan | None, str | None]:
+    """The call to record, the request to send, the controls acting on it (None: none) and
+    its response cache key (None: not cached)."""
     ctx = current()
+    model = str(kwargs.get("model", ""))
+    plan = None
+    if snap.rules:
+        decision = snap.decide(operation, ctx.feature, model)
+        if decision is not None:
+            plan = enforce.plan(operation, kwargs, decision, ctx.feature, model)
+    key = None
+    if options.cache is not None and not kwargs.get("stream") and raw_mode(kwargs) is None:
+        # The request as the controls left it, before our user / metadata: they vary per
+        # session while the answer does not.
+        key = cache_key(operation, kwargs)
+        if plan is not None:
+            plan.cache_key = key
     sampled = operation != "embeddings" and options.recorder.sample_quality()
     call = PendingCall(
         operation=operation,
-        model=str(kwargs.get("model", "")),
+        model=model,
         started=time.perf_counter(),
         ts=datetime.now(UTC),
         context=ctx,
@@ -182,12 +221,19 @@ def _begin(
         # Usage arrives only when asked for; the extra chunk is hidden from the caller.
         kwargs["stream_options"] = {"include_usage": True}
         call.hide_usage_chunk = True
-    return call, kwargs
+    return call, kwargs, plan, key
 
 
-def _raw_mode(kwargs: Mapping[str, Any]) -> str | None:
-    headers = kwargs.get("extra_headers")
-    return headers.get(RAW_RESPONSE_HEADER) if headers else None
+def _unrecorded(kwargs: dict[str, Any], operation: str, snap: ctl.Snapshot) -> None:
+    """`with_streaming_response` calls are not recorded, but still rerouted, capped or
+    refused."""
+    if snap.rules:
+        ctx = current()
+        model = str(kwargs.get("model", ""))
+        decision = snap.decide(operation, ctx.feature, model)
+        if decision is not None:
+            enforce.refuse(decision, ctx.feature, model)
+            ctl.rewrite(decision, operation, kwargs)
 
 
 def _finisher(call: PendingCall, span: Any, options: _Options) -> Callable[[], None]:
@@ -198,21 +244,23 @@ def _finisher(call: PendingCall, span: Any, options: _Options) -> Callable[[], N
     return done
 
 
-def _parsed(result: Any) -> Any:
-    """The payload of a result; callers of `with_raw_response` get a response to parse."""
-    return result.parse() if hasattr(result, "http_response") else result
-
-
 def _wrap_sync(
     operation: str, original: Callable[..., Any], options: _Options
 ) -> Callable[..., Any]:
+    source = options.controls
+    cache = options.cache
+
     def create(*args: Any, **kwargs: Any) -> Any:
-        if _raw_mode(kwargs) == "stream":  # with_streaming_response: the body is theirs to read
+        snap = ctl.EMPTY if source is None else source.snapshot()
+        if raw_mode(kwargs) == "stream":  # with_streaming_response: the body is theirs to read
+            _unrecorded(kwargs, operation, snap)
             return original(*args, **kwargs)
-        call, kwargs = _begin(operation, kwargs, options)
+        call, kwargs, plan, key = _begin(operation, kwargs, options, snap)
         span = options.telemetry.start(call, options.server)
         done = _finisher(call, span, options)
-        token = _in_flight.set(call)
+        if plan is not None:
+            return enforce.call_sync(original, args, kwargs, call, plan, cache, done)
+        token = in_flight.set(call)
         try:
             result = original(*args, **kwargs)
         except Exception as exc:
@@ -220,13 +268,15 @@ def _wrap_sync(
             done()
             raise
         finally:
-            _in_flight.reset(token)
-        payload = _parsed(result)
+            in_flight.reset(token)
+        payload = parsed(result)
         if call.stream:
             track_stream(payload, call, done)
         else:
             call.ended = time.perf_counter()
             call.response = payload
+            if key is not None and cache is not None:
+                cache.put(key, payload)
             done()
         return result
 
@@ -237,13 +287,20 @@ def _wrap_sync(
 def _wrap_async(
     operation: str, original: Callable[..., Any], options: _Options
 ) -> Callable[..., Any]:
+    source = options.controls
+    cache = options.cache
+
     async def create(*args: Any, **kwargs: Any) -> Any:
-        if _raw_mode(kwargs) == "stream":
+        snap = ctl.EMPTY if source is None else await source.snapshot_async()
+        if raw_mode(kwargs) == "stream":
+            _unrecorded(kwargs, operation, snap)
             return await original(*args, **kwargs)
-        call, kwargs = _begin(operation, kwargs, options)
+        call, kwargs, plan, key = _begin(operation, kwargs, options, snap)
         span = options.telemetry.start(call, options.server)
         done = _finisher(call, span, options)
-        token = _in_flight.set(call)
+        if plan is not None:
+            return await enforce.call_async(original, args, kwargs, call, plan, cache, done)
+        token = in_flight.set(call)
         try:
             result = await original(*args, **kwargs)
         except Exception as exc:
@@ -251,13 +308,15 @@ def _wrap_async(
             done()
             raise
         finally:
-            _in_flight.reset(token)
-        payload = _parsed(result)
+            in_flight.reset(token)
+        payload = parsed(result)
         if call.stream:
             track_async_stream(payload, call, done)
         else:
             call.ended = time.perf_counter()
             call.response = payload
+            if key is not None and cache is not None:
+                cache.put(key, payload)
             done()
         return result
 

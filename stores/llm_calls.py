@@ -20,6 +20,7 @@ from sqlmodel import Field, SQLModel
 
 CALL_STATUSES = ("success", "error", "timeout", "rate_limited", "server_error")
 ERROR_MESSAGE_MAX = 500
+CONTROLS_MAX = 200
 
 
 def utc(value: datetime) -> datetime:
@@ -71,6 +72,7 @@ class CallRecord:
     trace_id: str | None = None
     source: str = "sdk"
     metadata: dict[str, Any] | None = None
+    controls: str | None = None  # the runbook controls that changed the call: "reroute#3,..."
 
 
 class LLMCall(SQLModel, table=True):
@@ -105,6 +107,7 @@ class LLMCall(SQLModel, table=True):
     source: str = Field(default="sdk", max_length=16)
     metadata_: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
     latency_bucket: int | None = Field(default=None, sa_column=Column(SmallInteger))
+    controls: str | None = Field(default=None, max_length=CONTROLS_MAX)
 
 
 class UsageRollup(SQLModel, table=True):

@@ -120,9 +120,11 @@ async def test_dev_stack_pages_survives_a_kill_and_stops_cleanly(
     assert response.status_code == 202  # dev mode: ingest without keys
 
     client = await Client.connect(stack.temporal, data_converter=pydantic_data_converter)
+    # An API outage's runbook acts before anyone acknowledges: the incident is mitigating.
     [incident_id] = await eventually(
-        lambda: incident_ids(client, "pagerloop", "AND IncidentStatus = 'detected'"), timeout=30
+        lambda: incident_ids(client, "pagerloop", "AND IncidentStatus = 'mitigating'"), timeout=30
     )
+    assert incident_id.startswith("incident-api_outage-global-")
     await eventually(lambda: len(fake_slack.messages) == 1)
     await eventually(lambda: len(fake_pagerduty.events("trigger")) == 1)
 

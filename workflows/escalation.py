@@ -10,7 +10,7 @@ Slack, SEV4 starts as a Jira ticket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 
@@ -31,6 +31,9 @@ class EscalationLevel:
 class EscalationPolicy:
     levels: tuple[EscalationLevel, ...]
     repeat_interval_seconds: int = 1800
+    # After a runbook's mitigation is verified, resolve by itself if the signal stays quiet
+    # this long; None: propose the resolve and leave it to a person.
+    auto_resolve_quiet_seconds: int | None = None
 
     def level(self, number: int) -> EscalationLevel:
         return self.levels[min(max(number, 1), len(self.levels)) - 1]
@@ -38,6 +41,14 @@ class EscalationPolicy:
     @property
     def top(self) -> int:
         return len(self.levels)
+
+    def described(self, who: tuple[str, ...]) -> EscalationPolicy:
+        """The same levels, described by a runbook's escalation path (L1 first)."""
+        levels = tuple(
+            replace(level, description=who[i]) if i < len(who) else level
+            for i, level in enumerate(self.levels)
+        )
+        return replace(self, levels=levels)
 
 
 def _levels(
@@ -75,6 +86,7 @@ DEFAULT_POLICIES: dict[str, EscalationPolicy] = {
             [True] * 3,
         ),
         repeat_interval_seconds=60 * 60,
+        auto_resolve_quiet_seconds=15 * 60,
     ),
     "SEV4": EscalationPolicy(
         _levels(
@@ -84,6 +96,7 @@ DEFAULT_POLICIES: dict[str, EscalationPolicy] = {
             [False, True, True],
         ),
         repeat_interval_seconds=24 * 60 * 60,
+        auto_resolve_quiet_seconds=15 * 60,
     ),
 }
 

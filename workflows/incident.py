@@ -17,10 +17,11 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ChildWorkflowError
 from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
+    from activities.controls import ControlActivities, ControlList, RevertControls
     from activities.jira import JiraActivities, JiraComment, JiraResolution, JiraTicket
     from activities.pagerduty import PagerDutyActivities, PageRequest, PageUpdate
     from activities.slack import (
@@ -29,6 +30,9 @@ with workflow.unsafe.imports_passed_through():
         SlackReplyRequest,
         SlackUpdateRequest,
     )
+    from runbooks import runbook_for
+    from runbooks.base import RunbookInput, RunbookProgress, RunbookReport, Verification
+    from runbooks.steps import PROGRESS_SIGNAL
     from workflows import search_attributes as sa
     from workflows.escalation import (
         DEFAULT_POLICIES,
@@ -55,13 +59,15 @@ with workflow.unsafe.imports_passed_through():
         TimelineEntry,
         severity_rank,
     )
-    from workflows.policies import VENDOR_CALL, ActivityPolicy
+    from workflows.policies import CONTROL_CHANGE, VENDOR_CALL, ActivityPolicy
     from workflows.postmortem import postmortem
 
 MAX_SNOOZE_MINUTES = 24 * 60
 # Timeline kinds told in the Slack thread and on the Jira ticket.
 TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
-        "recovered", "resolved", "mitigation"}  # fmt: skip
+        "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
+        "rolled_back", "controls_reverted", "controls_kept", "runbook_failed",
+        "proposed"}  # fmt: skip
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -97,7 +103,11 @@ class IncidentWorkflow:
         self._slack = _Lane("slack", plan.slack_channel is not None)
         self._pagerduty = _Lane("pagerduty", plan.pagerduty)
         self._jira = _Lane("jira", plan.jira)
-        self._lanes = (self._slack, self._pagerduty, self._jira)
+        self._runbook = runbook_for(input.trigger) if plan.runbook.enabled else None
+        self._controls = _Lane("controls", self._runbook is not None)
+        self._lanes = (self._slack, self._pagerduty, self._jira, self._controls)
+        self._runbook_active = False
+        self._child: workflow.ChildWorkflowHandle[Any, RunbookReport] | None = None
         self._updates = 0
         self._changed = False
         self._published: tuple[object, ...] = ()
@@ -114,6 +124,7 @@ class IncidentWorkflow:
             severity=input.severity,
             status=IncidentStatus.DETECTED,
             opened_at=input.opened_at,
+            runbook=self._runbook.name if self._runbook else None,
         )
         self._record("opened", f"{input.severity} {input.trigger} on {input.scope}")
         self._enter_level(1, workflow.now(), reason="")  # the clock starts when the incident does
@@ -127,9 +138,14 @@ class IncidentWorkflow:
                 (self._slack, self._slack_action),
                 (self._pagerduty, self._pagerduty_action),
                 (self._jira, self._jira_action),
+                (self._controls, self._controls_action),
             )
         ]
+        runbook = asyncio.create_task(self._run_runbook())
         await self._escalation_clock()
+        if self._child is not None and self._state.status == IncidentStatus.RESOLVED:
+            self._child.cancel()
+        await runbook
         await asyncio.gather(*lanes)
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._state.status != IncidentStatus.RESOLVED:
@@ -207,7 +223,8 @@ class IncidentWorkflow:
     def acknowledge(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
         state = self._state
-        state.status = IncidentStatus.ACKNOWLEDGED
+        if state.status == IncidentStatus.DETECTED:
+            state.status = IncidentStatus.ACKNOWLEDGED
         state.acknowledged_by = request.user
         state.acknowledged_at = workflow.now()
         state.ack_by = None
@@ -235,6 +252,10 @@ class IncidentWorkflow:
     @workflow.update
     def resolve(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
+        self._resolve(request)
+        return self.state()
+
+    def _resolve(self, request: ActionRequest) -> None:
         state = self._state
         state.status = IncidentStatus.RESOLVED
         state.resolved_by = request.user
@@ -245,9 +266,12 @@ class IncidentWorkflow:
         if request.channel != "pagerduty":
             self._pagerduty.push("resolve")
         self._jira.push("resolve")
+        if request.keep_controls and state.controls:
+            self._record("controls_kept", ", ".join(state.controls), request.user, request.channel)
+        elif self._runbook is not None:
+            self._controls.push("revert", text=f"resolved by {request.user}")
         self._changed = True
         self._publish()
-        return self.state()
 
     @resolve.validator
     def _validate_resolve(self, request: ActionRequest) -> None:
@@ -305,6 +329,20 @@ class IncidentWorkflow:
         if not request.note.strip():
             raise ValueError("a note needs some text")
 
+    @workflow.signal(name=PROGRESS_SIGNAL)
+    def runbook_progress(self, progress: RunbookProgress) -> None:
+        runbook = self._runbook.name if self._runbook else "runbook"
+        if progress.kind == "diagnosis":
+            self._state.diagnosis = progress.text
+        elif progress.kind == "mitigation":  # one "• control" per line
+            self._state.controls = [line.removeprefix("• ") for line in progress.text.splitlines()]
+            self._slack.push("update")
+        elif progress.kind == "rolled_back":
+            self._state.controls = []
+            self._slack.push("update")
+        self._record(progress.kind, progress.text, actor=f"runbook:{runbook}", channel="runbook")
+        self._publish()
+
     @workflow.query
     def state(self) -> IncidentState:
         return replace(self._state, timeline=list(self._state.timeline))
@@ -335,7 +373,8 @@ class IncidentWorkflow:
 
     def _policy(self) -> EscalationPolicy:
         severity = str(self._state.severity)
-        return self._input.notify.policies.get(severity) or DEFAULT_POLICIES[severity]
+        policy = self._input.notify.policies.get(severity) or DEFAULT_POLICIES[severity]
+        return self._runbook.policy(policy) if self._runbook else policy
 
     def _deadlines(self) -> Deadlines:
         state = self._state
@@ -436,10 +475,139 @@ class IncidentWorkflow:
         return self._state.status == IncidentStatus.RESOLVED or self._time_for_a_fresh_run()
 
     def _time_for_a_fresh_run(self) -> bool:
+        if self._runbook_active:  # a running child would be cut off with this run
+            return False
         return (
             self._updates >= self._input.updates_per_run
             or workflow.info().is_continue_as_new_suggested()
         )
+
+    # --- the runbook -----------------------------------------------------------------------
+
+    async def _run_runbook(self) -> None:
+        """Diagnose at once; mitigate at once when the runbook may act before an ack, else
+        once acknowledged; then act on the verification: keep, or escalate."""
+        spec, state = self._runbook, self._state
+        if spec is None:
+            return
+        if state.runbook_phase == "done":
+            if state.verified_at is not None and state.status != IncidentStatus.RESOLVED:
+                await self._auto_resolve()  # carried over from the previous run
+            return
+        if state.runbook_phase == "":
+            may = spec.mitigate_before_ack or state.acknowledged_by is not None
+            report = await self._runbook_child(may_mitigate=may)
+            if report is None:
+                return
+            if may:
+                await self._conclude(report)
+                return
+            state.runbook_phase = "diagnosed"
+        await workflow.wait_condition(lambda: state.acknowledged_by is not None or self._finished())
+        if state.acknowledged_by is None or state.status == IncidentStatus.RESOLVED:
+            return  # resolved, or due for a fresh run that waits again
+        report = await self._runbook_child(may_mitigate=True)
+        if report is not None:
+            await self._conclude(report)
+
+    async def _runbook_child(self, may_mitigate: bool) -> RunbookReport | None:
+        spec, state, plan = self._runbook, self._state, self._input.notify.runbook
+        assert spec is not None
+        state.runbook_runs += 1
+        state.runbook_phase = "running"
+        if may_mitigate:
+            state.status = IncidentStatus.MITIGATING
+            state.mitigation_started_at = workflow.now()
+            self._slack.push("update")
+            self._publish()
+        runbook_input = RunbookInput(
+            incident_id=state.incident_id,
+            trigger=str(state.trigger),
+            scope=state.scope,
+            severity=str(state.severity),
+            opened_at=state.opened_at,
+            metrics=dict(state.metrics),
+            summary=state.summary,
+            feature_priorities=dict(plan.feature_priorities),
+            may_mitigate=may_mitigate,
+            verify_after_seconds=plan.verify_after_seconds,
+            diagnosis_window_seconds=plan.diagnosis_window_seconds,
+        )
+        self._runbook_active = True
+        try:
+            self._child = await workflow.start_child_workflow(
+                spec.workflow.run,
+                runbook_input,
+                id=f"{state.incident_id}-runbook-{state.runbook_runs}",
+                static_summary=f"{spec.name} for {state.incident_id}",
+            )
+            report: RunbookReport = await self._child
+        except (ChildWorkflowError, asyncio.CancelledError) as err:
+            state.runbook_phase = "done"
+            self._step_back()
+            if state.status != IncidentStatus.RESOLVED:
+                cause = err.cause if isinstance(err, ChildWorkflowError) else None
+                self._record("runbook_failed", f"{spec.name}: {cause or err}")
+            return None
+        finally:
+            self._runbook_active = False
+            self._child = None
+        state.controls = [ref.description for ref in report.actions]
+        return report
+
+    async def _conclude(self, report: RunbookReport) -> None:
+        state = self._state
+        state.runbook_phase = "done"
+        state.verification = str(report.verification)
+        if report.verification != Verification.RECOVERED:
+            self._step_back()
+        if state.status == IncidentStatus.RESOLVED:
+            return
+        if report.verification == Verification.NOT_RECOVERED:
+            summary = report.reading.summary if report.reading else "signal still breached"
+            self._escalate(f"the runbook's mitigation did not help ({summary})")
+            return
+        if report.verification != Verification.RECOVERED:
+            self._slack.push("update")
+            self._publish()
+            return
+        state.verified_at = workflow.now()
+        self._slack.push("update")
+        self._publish()
+        await self._auto_resolve()
+
+    def _step_back(self) -> None:
+        """Mitigation is over without a verified recovery: back to where the incident was."""
+        state = self._state
+        if state.status == IncidentStatus.MITIGATING:
+            acked = state.acknowledged_by is not None
+            state.status = IncidentStatus.ACKNOWLEDGED if acked else IncidentStatus.DETECTED
+            self._publish()
+
+    async def _auto_resolve(self) -> None:
+        """Resolve once the signal has been quiet (no breach reported) for the policy's quiet
+        period after a verified mitigation; without one, the resolve is left to a person."""
+        quiet_seconds = self._policy().auto_resolve_quiet_seconds
+        state = self._state
+        if quiet_seconds is None:
+            self._record("proposed", "mitigation verified: resolve when satisfied")
+            return
+        quiet = timedelta(seconds=quiet_seconds)
+        while True:
+            seen = state.last_breach_at
+            last = max(state.verified_at or state.opened_at, seen or state.opened_at)
+            try:
+                await workflow.wait_condition(
+                    lambda seen=seen: state.last_breach_at != seen or self._finished(),  # type: ignore[misc]
+                    timeout=max(last + quiet - workflow.now(), timedelta(0)),
+                    timeout_summary=f"auto-resolve after {span(quiet_seconds)} quiet",
+                )
+            except TimeoutError:
+                note = f"auto-resolved: mitigation verified, quiet for {span(quiet_seconds)}"
+                self._resolve(ActionRequest(user="pagerloop", channel="workflow", note=note))
+                return
+            if self._finished():
+                return  # resolved by a person, or a fresh run carries on waiting
 
     # --- side effects ----------------------------------------------------------------------
 
@@ -564,7 +732,10 @@ class IncidentWorkflow:
                     incident_id=state.incident_id,
                     project=action.text,
                     summary=f"[{state.severity}] {state.trigger} on {state.scope}",
-                    description=f"{state.summary}\n\nOpened by pagerloop at L{state.level}.",
+                    description=(
+                        f"{state.summary}\n\nOpened by pagerloop at L{state.level}."
+                        + (f"\n\nRunbook diagnosis:\n{state.diagnosis}" if state.diagnosis else "")
+                    ),
                 ),
                 summary=f"Jira: open a ticket in {action.text}",
             )
@@ -582,6 +753,23 @@ class IncidentWorkflow:
                 JiraResolution(state.jira_issue, postmortem(self.state())),
                 summary=f"Jira: postmortem and done on {state.jira_issue}",
             )
+
+    async def _controls_action(self, action: LaneAction) -> None:
+        if action.kind != "revert":
+            return
+        # A runbook still changing controls finishes (or is cancelled) first.
+        await workflow.wait_condition(lambda: not self._runbook_active)
+        state = self._state
+        reverted: ControlList = await self._activity(
+            ControlActivities.revert,
+            RevertControls(state.incident_id, reason=action.text),
+            summary="revert the runbook's controls",
+            policy=CONTROL_CHANGE,
+        )
+        state.controls = []
+        if reverted.controls:
+            text = ", ".join(ref.description for ref in reverted.controls)
+            self._record("controls_reverted", text, channel="controls")
 
     async def _activity(
         self,
@@ -656,6 +844,12 @@ class IncidentWorkflow:
             lines.append(f"- signal recovered at {state.recovered_at:%H:%M:%S} UTC")
         if state.jira_issue:
             lines.append(f"- ticket: {state.jira_issue}")
+        if state.runbook:
+            verdict = f", {state.verification}" if state.verification else ""
+            lines.append(
+                f"- runbook: {state.runbook} ({state.runbook_phase or 'starting'}{verdict})"
+            )
+            lines += [f"  - in force: {control}" for control in state.controls]
         if state.metrics:
             lines.append("")
             lines += [f"- {name}: {value:.4g}" for name, value in state.metrics.items()]

@@ -62,6 +62,16 @@ class Recovery:
 
 
 @dataclass
+class RunbookPlan:
+    """How runbooks run for this deployment (settings, fixed when the incident opens)."""
+
+    enabled: bool = True
+    verify_after_seconds: int = 180
+    diagnosis_window_seconds: int = 900
+    feature_priorities: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class NotificationPlan:
     """Which channels exist and how to escalate; decided when the incident opens."""
 
@@ -74,6 +84,7 @@ class NotificationPlan:
     policies: dict[str, EscalationPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
     # After a resolve, how long a page still being retried may go on before it is called off.
     page_grace_seconds: int = 30
+    runbook: RunbookPlan = field(default_factory=RunbookPlan)
 
 
 @dataclass
@@ -115,6 +126,8 @@ class ActionRequest:
     user: str
     channel: str = "api"
     note: str = ""
+    # On resolve: leave the runbook's controls in force instead of reverting them.
+    keep_controls: bool = False
 
 
 @dataclass
@@ -171,6 +184,14 @@ class IncidentState:
     resolved_by: str | None = None
     resolved_at: datetime | None = None
     mitigation_started_at: datetime | None = None
+    runbook: str | None = None
+    # "" (not run yet), "diagnosed" (waits for an acknowledgement to mitigate), "running", "done"
+    runbook_phase: str = ""
+    runbook_runs: int = 0
+    diagnosis: str = ""
+    controls: list[str] = field(default_factory=list)  # the runbook's controls in force
+    verification: str | None = None
+    verified_at: datetime | None = None
     slack_message: SlackMessageRef | None = None
     paged: list[PagedTarget] = field(default_factory=list)
     jira_issue: str | None = None

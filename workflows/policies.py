@@ -52,3 +52,14 @@ OPEN_INCIDENT = ActivityPolicy(
         maximum_interval=timedelta(seconds=15),
     ),
 )
+
+# A control that is set must also be revertible: changing one retries for an hour.
+CONTROL_CHANGE = ActivityPolicy(
+    start_to_close=timedelta(seconds=20),
+    schedule_to_close=timedelta(hours=1),
+    retry=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=30),
+    ),
+)

@@ -34,7 +34,16 @@ def postmortem(state: IncidentState) -> str:
         "h4. Last metrics",
     ]
     lines += [f"* {name}: {value:.4g}" for name, value in state.metrics.items()] or ["* none"]
-    actions = [e for e in state.timeline if e.kind in ("action", "runbook", "mitigation")]
+    if state.runbook:
+        lines += [
+            "",
+            f"h4. Runbook {state.runbook}",
+            f"* Verification: {state.verification or '-'}",
+        ]
+        lines += [f"* {line}" for line in state.diagnosis.splitlines() if line.strip()]
+    kinds = ("mitigation", "verified", "verification", "rolled_back", "controls_reverted",
+             "controls_kept")  # fmt: skip
+    actions = [e for e in state.timeline if e.kind in kinds]
     lines += ["", "h4. Actions"]
     lines += [f"* {e.at:%H:%M:%S} {e.text}" for e in actions] or ["* none recorded"]
     lines += ["", "h4. Timeline"]

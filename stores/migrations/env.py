@@ -5,6 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
+# Every module defining tables, so that SQLModel.metadata is the whole schema.
+import stores.controls
 import stores.llm_calls
 import stores.quality
 import stores.silences  # noqa: F401

@@ -1,0 +1,366 @@
+"""Diagnosis queries for runbooks (store reads), and the re-read of a breached signal.
+
+The runbooks ask these before and after a mitigation: which features spend, which models get
+429s, which are slow and for which prompt sizes, what fails, which snapshot answers badly; and
+whether the signal that opened the incident is still over its line, judged by the detector's
+own rules on the detector's own aggregates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from sqlalchemy import Engine
+from temporalio import activity
+
+from detectors.config import DetectorRules
+from detectors.evaluation import describe
+from detectors.rules import Rule
+from detectors.signals import GLOBAL, WindowAggregates, values
+from stores import diagnosis as queries
+from stores.aggregates import window_aggregates
+from stores.latency import percentile
+
+
+@dataclass
+class DiagnosisQuery:
+    """What to look at: calls in (end - window_seconds, end] within `scope`
+    (`global`, `model:<name>`, `feature:<name>`)."""
+
+    scope: str
+    end: datetime
+    window_seconds: int = 900
+    limit: int = 5
+
+
+@dataclass
+class FeatureUsage:
+    feature: str  # "" for calls without a feature
+    calls: int
+    tokens: int
+    cost_usd: float
+    rate_limited: int
+    share_of_cost: float  # 0..1 of the scope's cost in the window
+    # Average calls in flight (Little's law): sum of latency / the time since its first call
+    # in the window.
+    concurrency: float
+    models: list[str] = field(default_factory=list)  # models it called, most calls first
+
+
+@dataclass
+class ModelRateLimits:
+    model: str
+    calls: int
+    rate_limited: int
+    share: float  # rate_limited / calls
+    retries: int  # sum of retry_count: request amplification
+
+
+@dataclass
+class ModelLatency:
+    model: str
+    calls: int
+    p50_ms: float | None
+    p95_ms: float | None
+    avg_input_tokens: float | None
+    # p95 latency per prompt-size band ("<1k", "1k-4k", "4k-16k", ">=16k" input tokens)
+    p95_by_prompt_size: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ErrorGroup:
+    model: str
+    feature: str
+    status: str
+    error_type: str
+    count: int
+    last_seen: datetime
+    sample_message: str
+
+
+@dataclass
+class ModelQuality:
+    model: str  # the model the app asked for
+    response_model: str  # the dated snapshot that answered
+    scores: int
+    mean: float
+    first_seen: datetime
+    last_seen: datetime
+
+
+@dataclass
+class SignalCheck:
+    trigger: str
+    scope: str
+    end: datetime
+    window_seconds: int = 300
+
+
+@dataclass
+class SignalReading:
+    """The trigger's signals for the scope now, judged by the detector's own rules."""
+
+    trigger: str
+    scope: str
+    values: dict[str, float]
+    calls: int
+    breached: bool  # over a warning or critical threshold of one of the trigger's rules
+    recovered: bool  # every one of the trigger's rules past its clear line, with enough samples
+    summary: str
+
+
+class DiagnosisActivities:
+    """Read-only store queries; every answer is for (end - window_seconds, end] in one scope."""
+
+    def __init__(self, engine: Engine, rules: DetectorRules, daily_budget_usd: float) -> None:
+        self._engine = engine
+        self._rules = rules
+        self._daily_budget_usd = daily_budget_usd
+
+    @activity.defn(name="diagnosis.top_features")
+    async def top_features(self, q: DiagnosisQuery) -> list[FeatureUsage]:
+        """The features spending most (cost, then tokens), at most q.limit."""
+        return await asyncio.to_thread(top_features, self._engine, q)
+
+    @activity.defn(name="diagnosis.rate_limits")
+    async def rate_limits(self, q: DiagnosisQuery) -> list[ModelRateLimits]:
+        """Share of 429s per model, the worst first, at most q.limit."""
+        return await asyncio.to_thread(rate_limits, self._engine, q)
+
+    @activity.defn(name="diagnosis.latency")
+    async def latency(self, q: DiagnosisQuery) -> list[ModelLatency]:
+        """Latency per model and prompt size, the slowest p95 first, at most q.limit."""
+        return await asyncio.to_thread(latency, self._engine, q)
+
+    @activity.defn(name="diagnosis.recent_errors")
+    async def recent_errors(self, q: DiagnosisQuery) -> list[ErrorGroup]:
+        """Non-success calls per model, feature, status and error type, the most recent first."""
+        return await asyncio.to_thread(recent_errors, self._engine, q)
+
+    @activity.defn(name="diagnosis.quality")
+    async def quality(self, q: DiagnosisQuery) -> list[ModelQuality]:
+        """Quality per requested model and answering snapshot, the worst mean first."""
+        return await asyncio.to_thread(quality, self._engine, q)
+
+    @activity.defn(name="diagnosis.check_signal")
+    async def check_signal(self, c: SignalCheck) -> SignalReading:
+        aggregates = await asyncio.to_thread(
+            window_aggregates, self._engine, c.end, c.window_seconds
+        )
+        return read_signal(c, aggregates, self._rules, self._daily_budget_usd)
+
+
+# --- the queries, shaped for the runbooks (run in a worker thread) ---------------------------
+
+
+def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
+    window = queries.Window.of(q.end, q.window_seconds)
+    cells = queries.usage(engine, window, q.scope)
+    total_cost = sum(cell.cost_usd for cell in cells.values())
+    features: dict[str, queries.Usage] = {}
+    models: dict[str, Counter[str]] = {}
+    for (model, feature), cell in cells.items():
+        features.setdefault(feature, queries.Usage()).add(
+            cell.calls, cell.rate_limited, cell.input_tokens, cell.output_tokens,
+            cell.cost_usd, cell.latency_ms_sum,
+        )  # fmt: skip
+        models.setdefault(feature, Counter())[model] += cell.calls
+    first = queries.first_calls(engine, window, q.scope)
+
+    def in_flight(feature: str, latency_ms_sum: float) -> float:
+        # Little's law over the time the feature's traffic has flowed, not the whole window:
+        # a feature that started a minute ago is not idle for the other fourteen.
+        since = max(first.get(feature, window.start), window.start)
+        flowing_ms = (window.end - since).total_seconds() * 1000
+        return latency_ms_sum / flowing_ms if flowing_ms > 0 else 0.0
+
+    found = [
+        FeatureUsage(
+            feature=feature,
+            calls=sums.calls,
+            tokens=sums.input_tokens + sums.output_tokens,
+            cost_usd=sums.cost_usd,
+            rate_limited=sums.rate_limited,
+            share_of_cost=sums.cost_usd / total_cost if total_cost else 0.0,
+            concurrency=in_flight(feature, sums.latency_ms_sum),
+            models=[m for m, _ in sorted(models[feature].items(), key=lambda mc: (-mc[1], mc[0]))],
+        )
+        for feature, sums in features.items()
+    ]
+    # Costs are sums of floats: ranked to the micro-dollar, so equal spend ties on tokens.
+    found.sort(key=lambda f: (-round(f.cost_usd, 6), -f.tokens, -f.calls, f.feature))
+    return found[: max(q.limit, 0)]
+
+
+def rate_limits(engine: Engine, q: DiagnosisQuery) -> list[ModelRateLimits]:
+    per_model = queries.rate_limits(engine, queries.Window.of(q.end, q.window_seconds), q.scope)
+    found = [
+        ModelRateLimits(
+            model=model,
+            calls=sums.calls,
+            rate_limited=sums.rate_limited,
+            share=sums.rate_limited / sums.calls if sums.calls else 0.0,
+            retries=sums.retries,
+        )
+        for model, sums in per_model.items()
+    ]
+    found.sort(key=lambda m: (-m.share, -m.rate_limited, -m.calls, m.model))
+    return found[: max(q.limit, 0)]
+
+
+def latency(engine: Engine, q: DiagnosisQuery) -> list[ModelLatency]:
+    window = queries.Window.of(q.end, q.window_seconds)
+    histograms = queries.latency_histograms(engine, window, q.scope)
+    sizes = queries.prompt_sizes(engine, window, q.scope)
+    found = []
+    for model, histogram in histograms.items():
+        sized = sizes.get(model, queries.PromptSizes())
+        bands = {}
+        for band, _ in queries.PROMPT_SIZE_BANDS:
+            p95 = percentile(sized.histograms.get(band, {}), 0.95)
+            if p95 is not None:
+                bands[band] = p95
+        found.append(
+            ModelLatency(
+                model=model,
+                calls=sum(histogram.values()),
+                p50_ms=percentile(histogram, 0.50),
+                p95_ms=percentile(histogram, 0.95),
+                avg_input_tokens=sized.input_tokens / sized.calls if sized.calls else None,
+                p95_by_prompt_size=bands,
+            )
+        )
+    found.sort(key=lambda m: (m.p95_ms is None, -(m.p95_ms or 0.0), -m.calls, m.model))
+    return found[: max(q.limit, 0)]
+
+
+def recent_errors(engine: Engine, q: DiagnosisQuery) -> list[ErrorGroup]:
+    window = queries.Window.of(q.end, q.window_seconds)
+    return [
+        ErrorGroup(
+            model=group.model,
+            feature=group.feature or "",
+            status=group.status,
+            error_type=group.error_type or "",
+            count=group.count,
+            last_seen=group.last_seen,
+            sample_message=group.sample_message or "",
+        )
+        for group in queries.recent_errors(engine, window, q.scope, q.limit)
+    ]
+
+
+def quality(engine: Engine, q: DiagnosisQuery) -> list[ModelQuality]:
+    groups = queries.quality(engine, queries.Window.of(q.end, q.window_seconds), q.scope)
+    found = [
+        ModelQuality(
+            model=group.model,
+            response_model=group.response_model,
+            scores=group.scores,
+            mean=group.score_sum / group.scores,
+            first_seen=group.first_seen,
+            last_seen=group.last_seen,
+        )
+        for group in groups
+        if group.scores
+    ]
+    found.sort(key=lambda m: (m.mean, -m.scores, m.model, m.response_model))
+    return found[: max(q.limit, 0)]
+
+
+# --- the re-read of a breached signal (pure) -------------------------------------------------
+
+
+def _kind(scope: str) -> str:
+    return GLOBAL if scope == GLOBAL else scope.partition(":")[0]
+
+
+def _label(rule: Rule) -> str:
+    # describe() reads "<label> <value> <sign> <threshold>", and owns the labels.
+    return describe(rule, 0.0, "warning").rsplit(" ", 3)[0]
+
+
+def _reading(rule: Rule, value: float) -> str:
+    return describe(rule, value, "warning").rsplit(" ", 2)[0]
+
+
+def _against_clear_line(rule: Rule, value: float) -> str:
+    shown = describe(replace(rule, warning=rule.clear_line(), critical=None), value, "warning")
+    head, _, line = shown.rsplit(" ", 2)
+    return f"{head} (clear line {line})"
+
+
+def read_signal(
+    check: SignalCheck,
+    aggregates: WindowAggregates,
+    config: DetectorRules,
+    daily_budget_usd: float,
+) -> SignalReading:
+    """The trigger's rules on the scope's signals, as one detector evaluation would judge them,
+    without the for-duration: a runbook asks "is it still bad / is it over now"."""
+    found = values(
+        aggregates.scope(check.scope),
+        aggregates.window_seconds,
+        scope=check.scope,
+        daily_budget_usd=daily_budget_usd,
+        cost_today_usd=aggregates.cost_today_usd,
+        tpm_quota=config.quota_for(check.scope),
+    )
+    rules = [
+        rule
+        for rule in config.rules
+        if rule.enabled and rule.trigger == check.trigger and _kind(check.scope) in rule.scopes
+    ]
+    calls = int(found.get("calls") or 0)
+    names = ["calls", *(rule.signal for rule in rules), *(rule.sample_signal for rule in rules)]
+    readings = {name: float(v) for name in names if (v := found.get(name)) is not None}
+    if not rules:
+        return SignalReading(
+            check.trigger, check.scope, readings, calls, breached=False, recovered=False,
+            summary=f"no enabled rule watches {check.trigger} on {check.scope}; {calls} calls",
+        )  # fmt: skip
+
+    breached, recovered, judged, parts = False, True, 0, []
+    for rule in rules:
+        value = found.get(rule.signal)
+        samples = found.get(rule.sample_signal) or 0.0
+        if samples < rule.min_samples:
+            # Quiet traffic proves nothing, as in the detector: neither breach nor recovery.
+            recovered = False
+            sample_name = rule.sample_signal.replace("_", " ")
+            head = _label(rule) if value is None else _reading(rule, value)
+            parts.append(
+                f"{head}: too few samples ({int(samples)} of {rule.min_samples} {sample_name})"
+            )
+            continue
+        if value is None:
+            # Enough samples, yet nothing to measure (quality drift without a baseline, tokens
+            # per minute without a quota): the rule cannot be over its line, nor hold a
+            # recovery back, as it could not have fired in the detector either.
+            parts.append(f"{_label(rule)} not measured")
+            continue
+        judged += 1
+        level = rule.level(value)
+        if level is not None:
+            breached, recovered = True, False
+            parts.append(describe(rule, value, level))
+        else:
+            recovered = recovered and rule.cleared(value)
+            parts.append(_against_clear_line(rule, value))
+    counts = [f"{calls} calls"] + [
+        f"{int(found.get(name) or 0)} {name.replace('_', ' ')}"
+        for name in dict.fromkeys(rule.sample_signal for rule in rules)
+        if name != "calls"
+    ]
+    return SignalReading(
+        trigger=check.trigger,
+        scope=check.scope,
+        values=readings,
+        calls=calls,
+        breached=breached,
+        recovered=recovered and judged > 0,
+        summary=f"{'; '.join(parts)}, {', '.join(counts)}",
+    )

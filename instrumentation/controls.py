@@ -1,0 +1,425 @@
+"""Runbook controls as the instrumentation sees them: which apply to a call (`Decision`), and
+where they come from (`ControlSource`). The mechanics live beside: concurrency slots in
+`instrumentation.limiter`, 429 backoff in `instrumentation.backoff`, the response cache in
+`instrumentation.response_cache`; `instrumentation.enforce` applies a decision to one call.
+
+Every process keeps the active controls of its store in memory (`ControlSource`): a daemon
+thread reads them every `ttl` seconds, so a control set or reverted anywhere applies here
+within seconds and no call waits for a query. The only exception is the first call of a
+process, which waits (at most FIRST_LOAD_WAIT) for the first read, so that controls already
+in force apply from the first call. A store error keeps the last known controls.
+
+The rules matching a call's feature and requested model fold into one `Decision`, memoized
+per (operation, feature, model) until the controls change: a call under no control pays one
+attribute read, a controlled one a dict lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import openai
+from prometheus_client import Counter
+from sqlalchemy import Engine
+
+# The mechanics, importable from here as before the split (the constants are copies: patch
+# them in instrumentation.backoff).
+from instrumentation.backoff import BACKOFF_BASE as BACKOFF_BASE
+from instrumentation.backoff import BACKOFF_CAP as BACKOFF_CAP
+from instrumentation.backoff import RETRY_AFTER_MAX as RETRY_AFTER_MAX
+from instrumentation.backoff import backoff_delay as backoff_delay
+from instrumentation.backoff import is_rate_limit as is_rate_limit
+from instrumentation.backoff import retry_after as retry_after
+from instrumentation.limiter import Held as Held
+from instrumentation.limiter import Limiter as Limiter
+from instrumentation.limiter import acquire as acquire
+from instrumentation.limiter import acquire_async as acquire_async
+from instrumentation.response_cache import ResponseCache as ResponseCache
+from instrumentation.response_cache import cache_key as cache_key
+from stores import controls as store
+from stores.llm_calls import CONTROLS_MAX
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 2.0
+FIRST_LOAD_WAIT = 1.0  # seconds the first call of a process waits for the controls
+MEMO_MAX = 4096  # (operation, feature, model) decisions kept per set of controls
+# Model-rewriting kinds make no sense for embeddings (a chat model cannot embed).
+GENERATIVE = frozenset({"chat", "responses"})
+MODEL_KINDS = frozenset({"reroute", "pin", "max_tokens"})
+TOKEN_LIMITS = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "responses": ("max_output_tokens",),
+}
+
+ACTIONS = Counter(
+    "pagerloop_control_actions_total",
+    "Calls a runbook control acted on (rerouted, capped, throttled, served from cache, "
+    "retried, refused), by control kind.",
+    ["kind"],
+)
+
+
+class FeatureDisabled(openai.OpenAIError):
+    """A runbook control disabled this feature (or model): no request was sent.
+
+    An `openai.OpenAIError`, so an app that already falls back on OpenAI errors degrades the
+    same way here.
+    """
+
+    def __init__(
+        self,
+        feature: str | None,
+        reason: str,
+        incident_id: str,
+        *,
+        model: str | None = None,
+        control_id: int | None = None,
+    ) -> None:
+        self.feature = feature
+        self.reason = reason
+        self.incident_id = incident_id
+        self.model = model
+        self.control_id = control_id
+        call = ", ".join(
+            f"{name} {value!r}" for name, value in (("feature", feature), ("model", model)) if value
+        )
+        super().__init__(
+            f"LLM call ({call or 'any'}) disabled by a runbook control of incident "
+            f"{incident_id}: {reason or 'no reason given'}"
+        )
+
+    def __reduce__(self) -> Any:
+        return _rebuild_disabled, (
+            self.feature,
+            self.reason,
+            self.incident_id,
+            self.model,
+            self.control_id,
+        )
+
+
+def _rebuild_disabled(
+    feature: str | None, reason: str, incident_id: str, model: str | None, control_id: int | None
+) -> FeatureDisabled:
+    return FeatureDisabled(feature, reason, incident_id, model=model, control_id=control_id)
+
+
+# --- rules and decisions (pure) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One active control, as enforced."""
+
+    id: int
+    kind: str
+    feature: str | None = None
+    model: str | None = None
+    value: str = ""
+    incident_id: str = ""
+    reason: str = ""
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}#{self.id}"
+
+    @property
+    def number(self) -> int:
+        return int(self.value)
+
+    def matches(self, operation: str, feature: str | None, model: str) -> bool:
+        if self.kind in MODEL_KINDS and operation not in GENERATIVE:
+            return False
+        return (self.feature is None or self.feature == feature) and (
+            self.model is None or self.model == model
+        )
+
+    def rank(self) -> tuple[int, int]:
+        """The most specific rule wins, then the newest."""
+        return (self.feature is not None) + (self.model is not None), self.id
+
+
+def rules_from(rows: Iterable[store.Control]) -> tuple[Rule, ...]:
+    """The enforceable rules of store rows; a row that cannot be enforced is skipped."""
+    rules = []
+    for row in rows:
+        if row.id is None:
+            continue
+        problem = store.validate(row.kind, row.value)
+        if problem is not None:
+            _warn_once(f"invalid:{row.id}", "ignoring control #%s: %s", row.id, problem)
+            continue
+        rules.append(
+            Rule(row.id, row.kind, row.feature, row.model, row.value, row.incident_id, row.reason)
+        )
+    return tuple(rules)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the controls do to one kind of call."""
+
+    disabled: Rule | None = None
+    route: Rule | None = None  # reroute or pin: the model to send instead
+    cap: Rule | None = None  # the tightest max_tokens
+    limits: tuple[tuple[Rule, Limiter], ...] = ()  # every concurrency control, by id
+    cache: Rule | None = None
+    backoff: Rule | None = None
+
+
+def decide(
+    rules: Sequence[Rule],
+    limiters: Mapping[int, Limiter],
+    operation: str,
+    feature: str | None,
+    model: str,
+) -> Decision | None:
+    """The decision for a call, or None when no control applies to it."""
+    matching = [r for r in rules if r.matches(operation, feature, model)]
+    if not matching:
+        return None
+
+    def best(*kinds: str) -> Rule | None:
+        found = [r for r in matching if r.kind in kinds]
+        return max(found, key=Rule.rank) if found else None
+
+    caps = [r for r in matching if r.kind == "max_tokens"]
+    return Decision(
+        disabled=best("disable"),
+        route=best("reroute", "pin"),
+        cap=min(caps, key=lambda r: (r.number, -r.id)) if caps else None,
+        limits=tuple(
+            (r, limiters[r.id])
+            for r in sorted(matching, key=lambda r: r.id)
+            if r.kind == "concurrency" and r.id in limiters
+        ),
+        cache=best("cache"),
+        backoff=best("backoff"),
+    )
+
+
+def cap_tokens(operation: str, kwargs: MutableMapping[str, Any], cap: int) -> bool:
+    """Lower the output-token limit of a request to `cap` (setting it when absent); whether
+    the request changed."""
+    names = TOKEN_LIMITS.get(operation)
+    if names is None:
+        return False
+    changed = present = False
+    for name in names:
+        given = kwargs.get(name)
+        if isinstance(given, int):  # None and the SDK's NotGiven mean "no limit"
+            present = True
+            if given > cap:
+                kwargs[name] = cap
+                changed = True
+    if not present:
+        kwargs[names[0]] = cap
+        changed = True
+    return changed
+
+
+def rewrite(decision: Decision, operation: str, kwargs: MutableMapping[str, Any]) -> list[str]:
+    """Apply the request-changing controls to `kwargs`; the tags of those that changed it."""
+    tags = []
+    route = decision.route
+    if route is not None and kwargs.get("model") != route.value:
+        kwargs["model"] = route.value
+        tags.append(route.tag)
+    cap = decision.cap
+    if cap is not None and cap_tokens(operation, kwargs, cap.number):
+        tags.append(cap.tag)
+    return tags
+
+
+def label(tags: Sequence[str]) -> str | None:
+    return ",".join(tags)[:CONTROLS_MAX] or None
+
+
+def count_actions(tags: Sequence[str]) -> None:
+    for tag in tags:
+        ACTIONS.labels(tag.partition("#")[0]).inc()
+
+
+# --- the process's view of the store ---------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Snapshot:
+    rules: tuple[Rule, ...] = ()
+    limiters: Mapping[int, Limiter] = field(default_factory=dict)
+    _memo: dict[tuple[str, str | None, str], Decision | None] = field(default_factory=dict)
+
+    def decide(self, operation: str, feature: str | None, model: str) -> Decision | None:
+        key = (operation, feature, model)
+        memo = self._memo
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        decision = decide(self.rules, self.limiters, operation, feature, model)
+        if len(memo) >= MEMO_MAX:
+            memo.clear()  # app-chosen model names must not grow this without bound
+        memo[key] = decision
+        return decision
+
+
+EMPTY = Snapshot()
+
+
+class ControlSource:
+    """The active controls of one store, re-read every `ttl` seconds by a daemon thread."""
+
+    def __init__(self, engine: Engine, ttl: float = DEFAULT_TTL) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self.reads = 0  # successful store reads, for tests and curiosity
+        self._snapshot: Snapshot | None = None
+        self._limiters: dict[int, Limiter] = {}
+        self._failing = False
+        self._reset_process_state()
+        _SOURCES.add(self)
+
+    def _reset_process_state(self) -> None:
+        self._running = False
+        self._start_lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._stop = threading.Event()
+
+    # --- the caller's side ---------------------------------------------------------------
+
+    def current(self) -> Snapshot | None:
+        """The controls as last read; None before the first read."""
+        if not self._running:
+            self.start()
+        return self._snapshot
+
+    def snapshot(self, wait: float = FIRST_LOAD_WAIT) -> Snapshot:
+        snap = self._snapshot
+        if snap is not None and self._running:  # every call but a process's first
+            return snap
+        snap = self.current()
+        if snap is None:
+            self._loaded.wait(wait)
+            snap = self._snapshot
+        return snap or EMPTY
+
+    async def snapshot_async(self, wait: float = FIRST_LOAD_WAIT) -> Snapshot:
+        snap = self.current()
+        if snap is None:
+            await asyncio.to_thread(self._loaded.wait, wait)
+            snap = self._snapshot
+        return snap or EMPTY
+
+    # --- the thread's side ---------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._start_lock:
+            if self._running:
+                return
+            self._running = True
+            stop = self._stop
+            thread = threading.Thread(
+                target=_poll,
+                args=(weakref.ref(self), stop, self.ttl),
+                name="pagerloop-controls",
+                daemon=True,
+            )
+            weakref.finalize(self, stop.set)
+            thread.start()
+
+    def close(self) -> None:
+        """Stop re-reading (the last controls read stay in force)."""
+        self._running = True
+        self._stop.set()
+
+    def refresh(self) -> Snapshot:
+        """Read the store once and make what it says current."""
+        try:
+            rows = store.active(self.engine, datetime.now(UTC))
+        except Exception as exc:
+            if not self._failing:
+                self._failing = True
+                log.warning("cannot read the runbook controls, keeping the last known: %s", exc)
+            if self._snapshot is None:
+                self._snapshot = EMPTY
+        else:
+            self.reads += 1
+            if self._failing:
+                self._failing = False
+                log.info("reading the runbook controls again")
+            self._apply(rules_from(rows))
+        self._loaded.set()
+        return self._snapshot or EMPTY
+
+    def _apply(self, rules: tuple[Rule, ...]) -> None:
+        old = self._snapshot
+        if old is not None and old.rules == rules:
+            return  # unchanged: keep the memoized decisions
+        limits = {r.id: r.number for r in rules if r.kind == "concurrency"}
+        for control_id in set(self._limiters) - set(limits):
+            # Gone: let its waiters through; calls holding a slot release into it harmlessly.
+            self._limiters.pop(control_id).resize(1 << 62)
+        for control_id, limit in limits.items():
+            limiter = self._limiters.get(control_id)
+            if limiter is None:
+                self._limiters[control_id] = Limiter(limit)
+            elif limiter.limit != limit:
+                limiter.resize(limit)
+        self._snapshot = Snapshot(rules, dict(self._limiters))
+
+
+def _poll(ref: weakref.ref[ControlSource], stop: threading.Event, ttl: float) -> None:
+    # Holds the source only while reading: a source nobody uses any more stops its thread.
+    while not stop.is_set():
+        source = ref()
+        if source is None:
+            return
+        try:
+            source.refresh()
+        except Exception:  # never let the thread die: the controls would freeze silently
+            log.exception("reading the runbook controls failed")
+        del source
+        stop.wait(ttl)
+
+
+_SOURCES: weakref.WeakSet[ControlSource] = weakref.WeakSet()
+_by_engine: weakref.WeakValueDictionary[int, ControlSource] = weakref.WeakValueDictionary()
+_by_engine_lock = threading.Lock()
+
+
+def source_for(engine: Engine) -> ControlSource:
+    """The process's one source for `engine` (one store read per TTL, however many clients)."""
+    with _by_engine_lock:
+        source = _by_engine.get(id(engine))
+        if source is None or source.engine is not engine:
+            source = _by_engine[id(engine)] = ControlSource(engine)
+        return source
+
+
+def _after_fork_in_child() -> None:
+    # The parent's threads are gone and its locks may be held: start afresh, read again.
+    for source in list(_SOURCES):
+        source._reset_process_state()
+        source._snapshot = None
+        source._limiters = {}
+        source.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)

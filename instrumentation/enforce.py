@@ -1,0 +1,206 @@
+"""One call under runbook controls, as `instrument()` makes it: refused (disable) or rewritten
+(reroute, pin, max_tokens) before it is sent; then served from the response cache (cache),
+or sent holding a slot of every matching concurrency control, its 429s retried with backoff
+(backoff). The record names each control that changed the call (`controls`, "kind#id").
+
+Which controls apply is `instrumentation.controls`' decision; this module only carries it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from instrumentation import backoff, limiter
+from instrumentation.capture import PendingCall
+from instrumentation.controls import Decision, FeatureDisabled, count_actions, label, rewrite
+from instrumentation.response_cache import ResponseCache
+from instrumentation.sdk import in_flight, parsed
+from instrumentation.streams import track_async_stream, track_stream
+
+
+@dataclass(slots=True)
+class Plan:
+    """The controls acting on one call."""
+
+    decision: Decision
+    tags: list[str]  # kind#id of each control that changed the call, in the order they did
+    cache_key: str | None = None  # set when the client keeps a response cache and may use it
+    retries: int = 0  # requests of the attempts before the last (429s backed off)
+
+
+def refuse(decision: Decision, feature: str | None, model: str) -> None:
+    """Raise FeatureDisabled when a control disabled the call."""
+    rule = decision.disabled
+    if rule is not None:
+        raise FeatureDisabled(
+            feature, rule.reason, rule.incident_id, model=model, control_id=rule.id
+        )
+
+
+def plan(
+    operation: str,
+    kwargs: MutableMapping[str, Any],
+    decision: Decision,
+    feature: str | None,
+    model: str,
+) -> Plan:
+    """Refuse the call or rewrite its request (`kwargs`, in place); what remains to do."""
+    if decision.disabled is not None:
+        count_actions([decision.disabled.tag])
+        refuse(decision, feature, model)
+    return Plan(decision, rewrite(decision, operation, kwargs))
+
+
+def call_sync(
+    original: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    call: PendingCall,
+    plan: Plan,
+    cache: ResponseCache | None,
+    done: Callable[[], None],
+) -> Any:
+    hit = _cached(plan, cache)
+    if hit is not None:
+        return _serve_cached(call, plan, hit, done)
+    held = limiter.acquire(plan.decision.limits)
+    plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
+    finish = _closer(call, plan, held, done)
+    token = in_flight.set(call)
+    try:
+        attempt = 1
+        while True:
+            try:
+                result = original(*args, **kwargs)
+                break
+            except Exception as exc:
+                delay = _retry_delay(exc, attempt, call, plan)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+                attempt += 1
+    except Exception as exc:
+        call.fail(exc, time.perf_counter())
+        finish()
+        raise
+    except BaseException:
+        held.release()
+        raise
+    finally:
+        in_flight.reset(token)
+    return _settle(result, call, plan, cache, held, finish, track_stream)
+
+
+async def call_async(
+    original: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    call: PendingCall,
+    plan: Plan,
+    cache: ResponseCache | None,
+    done: Callable[[], None],
+) -> Any:
+    hit = _cached(plan, cache)
+    if hit is not None:
+        return _serve_cached(call, plan, hit, done)
+    held = await limiter.acquire_async(plan.decision.limits)
+    plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
+    finish = _closer(call, plan, held, done)
+    token = in_flight.set(call)
+    try:
+        attempt = 1
+        while True:
+            try:
+                result = await original(*args, **kwargs)
+                break
+            except Exception as exc:
+                delay = _retry_delay(exc, attempt, call, plan)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+                attempt += 1
+    except Exception as exc:
+        call.fail(exc, time.perf_counter())
+        finish()
+        raise
+    except BaseException:
+        held.release()
+        raise
+    finally:
+        in_flight.reset(token)
+    return _settle(result, call, plan, cache, held, finish, track_async_stream)
+
+
+def _cached(plan: Plan, cache: ResponseCache | None) -> Any | None:
+    """The cached answer to serve: only while a cache control matches the call."""
+    if plan.decision.cache is None or plan.cache_key is None or cache is None:
+        return None
+    return cache.get(plan.cache_key)
+
+
+def _closer(
+    call: PendingCall, plan: Plan, held: limiter.Held, done: Callable[[], None]
+) -> Callable[[], None]:
+    def finish() -> None:
+        held.release()
+        call.retry_count += plan.retries
+        call.controls = label(plan.tags)
+        count_actions(plan.tags)
+        done()
+
+    return finish
+
+
+def _serve_cached(call: PendingCall, plan: Plan, response: Any, done: Callable[[], None]) -> Any:
+    assert plan.decision.cache is not None
+    call.cache_hit = True
+    call.score_quality = False  # scored when it was first answered
+    call.ended = time.perf_counter()
+    call.response = response
+    plan.tags.append(plan.decision.cache.tag)
+    _closer(call, plan, limiter.Held([]), done)()
+    return response
+
+
+def _retry_delay(exc: Exception, attempt: int, call: PendingCall, plan: Plan) -> float | None:
+    """How long to wait before attempt `attempt + 1`, or None to give up."""
+    rule = plan.decision.backoff
+    if rule is None or attempt >= rule.number or not backoff.is_rate_limit(exc):
+        return None
+    delay = backoff.backoff_delay(attempt, backoff.retry_after(exc))
+    if delay is None:
+        return None
+    plan.retries += call.retry_count + 1  # this attempt's first request and the SDK's retries
+    if rule.tag not in plan.tags:
+        plan.tags.append(rule.tag)
+    return delay
+
+
+def _settle(
+    result: Any,
+    call: PendingCall,
+    plan: Plan,
+    cache: ResponseCache | None,
+    held: limiter.Held,
+    finish: Callable[[], None],
+    track: Callable[[Any, PendingCall, Callable[[], None]], Any],
+) -> Any:
+    payload = parsed(result)
+    if call.stream:
+        track(payload, call, finish)
+        # A stream the app drops without reading or closing must not keep its slot.
+        with contextlib.suppress(TypeError):  # not weak-referenceable: released at its end
+            weakref.finalize(payload, held.release)
+        return result
+    call.ended = time.perf_counter()
+    call.response = payload
+    if plan.cache_key is not None and cache is not None:
+        cache.put(plan.cache_key, payload)
+    finish()
+    return result

@@ -1,0 +1,88 @@
+"""What every runbook is: a declaration (`RunbookSpec`), a typed input, a typed report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.controls import ControlRef
+    from activities.diagnosis import SignalReading
+    from workflows.escalation import EscalationPolicy
+
+
+class Priority(StrEnum):
+    """How much a feature matters when something has to give (PAGERLOOP_FEATURE_PRIORITIES)."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class Verification(StrEnum):
+    RECOVERED = "recovered"  # the breached signal is back past its clear line
+    NOT_RECOVERED = "not_recovered"  # still breached: what was done is rolled back
+    INCONCLUSIVE = "inconclusive"  # better but not past the clear line, or too little traffic
+    NOT_CHECKED = "not_checked"  # nothing was done (no mitigation applied, or not allowed)
+
+
+@dataclass
+class RunbookInput:
+    incident_id: str
+    trigger: str
+    scope: str
+    severity: str
+    opened_at: datetime
+    metrics: dict[str, float] = field(default_factory=dict)  # the breach's snapshot
+    summary: str = ""
+    feature_priorities: dict[str, str] = field(default_factory=dict)
+    # False: diagnose, then wait for the incident's acknowledgement before changing anything.
+    may_mitigate: bool = True
+    verify_after_seconds: int = 180
+    diagnosis_window_seconds: int = 900
+
+
+@dataclass
+class RunbookReport:
+    runbook: str
+    findings: list[str] = field(default_factory=list)
+    actions: list[ControlRef] = field(default_factory=list)  # the controls left in force
+    rolled_back: list[ControlRef] = field(default_factory=list)
+    verification: Verification = Verification.NOT_CHECKED
+    reading: SignalReading | None = None  # the signal re-read after mitigating
+
+
+@dataclass
+class RunbookProgress:
+    """A runbook telling its incident what it found or did (timeline, Slack thread, Jira)."""
+
+    kind: str  # diagnosis | mitigating | mitigation | verified | rolled_back
+    text: str
+
+
+@dataclass(frozen=True)
+class RunbookSpec:
+    """A runbook's declaration, read by the incident workflow (so: plain, deterministic data)."""
+
+    name: str
+    workflow: type[Any]  # the runbook's workflow class
+    triggers: tuple[str, ...]
+    # True: act before anyone acknowledges (safe, reversible actions); False: diagnose at once,
+    # mitigate once acknowledged.
+    mitigate_before_ack: bool
+    expected_resolution_minutes: int
+    # Who each level is for this failure mode (the seed's escalation path), L1 first.
+    escalation_path: tuple[str, ...] = ()
+    # Replaces the severity's escalation policy altogether; None keeps it.
+    escalation: EscalationPolicy | None = None
+    # False: keep the controls even when the signal does not recover (they soften the impact
+    # of a cause outside our hands, such as an OpenAI outage); the incident escalates anyway.
+    roll_back_on_failure: bool = True
+
+    def policy(self, severity_policy: EscalationPolicy) -> EscalationPolicy:
+        return (self.escalation or severity_policy).described(self.escalation_path)

@@ -1,0 +1,175 @@
+"""The runbook test kit: run a runbook in Temporal's time-skipping server against a synthetic
+metrics snapshot, with the real controls store, and look at what it did.
+
+    helps = recovered_if(lambda controls: any(c.kind == "backoff" for c in controls))
+    kit = RunbookKit(env.client, engine, Snapshot(rate_limits=[...], features=[...]), after=helps)
+    run = await kit.run(rate_limit_exhaustion.SPEC, scope="global")
+    assert run.report.verification == Verification.RECOVERED
+    assert run.control("concurrency", feature="search").value == "3"
+
+The diagnosis activities answer from the snapshot; the control activities are the real ones,
+on the store you pass (a temporary SQLite file will do), so what the runbook leaves in force is
+what `pagerloop controls list` would show. `after` decides what the re-read signal says, from
+the controls in force at that moment: that is how a test says which mitigation helps.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.controls import ControlActivities, ControlRef
+from activities.diagnosis import (
+    DiagnosisQuery,
+    ErrorGroup,
+    FeatureUsage,
+    ModelLatency,
+    ModelQuality,
+    ModelRateLimits,
+    SignalCheck,
+    SignalReading,
+)
+from runbooks.base import RunbookInput, RunbookReport, RunbookSpec
+
+Judge = Callable[[list[ControlRef], SignalCheck], SignalReading]
+
+
+@dataclass
+class Snapshot:
+    """What the stores would answer to the runbook's diagnosis queries."""
+
+    features: list[FeatureUsage] = field(default_factory=list)
+    rate_limits: list[ModelRateLimits] = field(default_factory=list)
+    latency: list[ModelLatency] = field(default_factory=list)
+    errors: list[ErrorGroup] = field(default_factory=list)
+    quality: list[ModelQuality] = field(default_factory=list)
+
+
+def reading(check: SignalCheck, *, recovered: bool, breached: bool | None = None) -> SignalReading:
+    breached = not recovered if breached is None else breached
+    verdict = "recovered" if recovered else ("still breached" if breached else "in between")
+    return SignalReading(
+        trigger=check.trigger,
+        scope=check.scope,
+        values={},
+        calls=100,
+        breached=breached,
+        recovered=recovered,
+        summary=f"{check.trigger} {verdict} (synthetic)",
+    )
+
+
+def recovered_if(helps: Callable[[list[ControlRef]], bool]) -> Judge:
+    """The signal recovers when `helps(controls in force)`, and stays breached otherwise."""
+    return lambda controls, check: reading(check, recovered=helps(controls))
+
+
+def never_recovers(controls: list[ControlRef], check: SignalCheck) -> SignalReading:
+    return reading(check, recovered=False)
+
+
+@dataclass
+class RunbookRun:
+    report: RunbookReport
+    controls: list[ControlRef]  # in force in the store after the run
+    checks: list[list[ControlRef]]  # the controls in force at each re-read of the signal
+    queries: list[str]  # the diagnosis activities the runbook called, in order
+
+    def control(self, kind: str, **target: str | None) -> ControlRef:
+        """The control of that kind in force (matching feature= / model= when given)."""
+        for ref in self.controls:
+            if ref.kind == kind and all(getattr(ref, k) == v for k, v in target.items()):
+                return ref
+        raise AssertionError(f"no {kind} control {target or ''} in force; in force: {self.kinds}")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [ref.kind for ref in self.controls]
+
+
+class RunbookKit:
+    def __init__(
+        self, client: Client, engine: Engine, snapshot: Snapshot, after: Judge = never_recovers
+    ) -> None:
+        self.client = client
+        self.snapshot = snapshot
+        self.after = after
+        self.controls = ControlActivities(engine)
+        self.incident_id = ""
+        self._checks: list[list[ControlRef]] = []
+        self._queries: list[str] = []
+
+    def activities(self) -> list[Callable[..., Any]]:
+        """The kit's diagnosis activities and the real control activities."""
+        snap = self.snapshot
+
+        def answer(name: str, rows: list[Any]) -> Callable[..., Any]:
+            @activity.defn(name=f"diagnosis.{name}")
+            async def query(q: DiagnosisQuery) -> list[Any]:
+                self._queries.append(name)
+                return rows[: q.limit] if name != "quality" else rows
+
+            return query
+
+        @activity.defn(name="diagnosis.check_signal")
+        async def check_signal(check: SignalCheck) -> SignalReading:
+            in_force = (await self.controls.list_for(self.incident_id)).controls
+            self._checks.append(in_force)
+            return self.after(in_force, check)
+
+        return [
+            answer("top_features", snap.features),
+            answer("rate_limits", snap.rate_limits),
+            answer("latency", snap.latency),
+            answer("recent_errors", snap.errors),
+            answer("quality", snap.quality),
+            check_signal,
+            self.controls.set,
+            self.controls.revert,
+            self.controls.list_for,
+        ]
+
+    async def run(
+        self,
+        spec: RunbookSpec,
+        *,
+        trigger: str | None = None,
+        scope: str = "global",
+        severity: str = "SEV2",
+        may_mitigate: bool = True,
+        feature_priorities: dict[str, str] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> RunbookRun:
+        self.incident_id = f"incident-test-{uuid.uuid4().hex[:8]}"
+        self._checks, self._queries = [], []
+        queue = f"runbook-kit-{uuid.uuid4().hex[:8]}"
+        runbook_input = RunbookInput(
+            incident_id=self.incident_id,
+            trigger=trigger or spec.triggers[0],
+            scope=scope,
+            severity=severity,
+            opened_at=datetime.now(UTC),
+            metrics=metrics or {},
+            summary=f"synthetic {trigger or spec.triggers[0]} on {scope}",
+            feature_priorities=feature_priorities or {},
+            may_mitigate=may_mitigate,
+        )
+        async with Worker(
+            self.client, task_queue=queue, workflows=[spec.workflow], activities=self.activities()
+        ):
+            report: RunbookReport = await self.client.execute_workflow(
+                spec.workflow.run,
+                runbook_input,
+                id=f"{self.incident_id}-runbook",
+                task_queue=queue,
+            )
+        in_force = (await self.controls.list_for(self.incident_id)).controls
+        return RunbookRun(report, in_force, list(self._checks), list(self._queries))

@@ -1,0 +1,219 @@
+"""Runbook controls: what a runbook (or a responder) changed about how the application calls
+OpenAI, until when, and why. The instrumentation of every process reads the active ones.
+
+One row per idempotency key (`<incident>/<kind>/<feature or *>/<model or *>`): setting a
+control again refreshes that row, so a retried activity never leaves two behind. A control is
+active while it is not reverted and its expiry is ahead; expired rows stay for the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Engine, Index, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from stores.llm_calls import utc
+
+KINDS = ("concurrency", "reroute", "pin", "max_tokens", "disable", "cache", "backoff")
+# The kinds whose value is a positive count (calls in flight, tokens, attempts).
+COUNTED = frozenset({"concurrency", "max_tokens", "backoff"})
+KEY_MAX = 400
+
+
+def _ts(nullable: bool = False) -> Any:
+    return Field(
+        default=None if nullable else ...,
+        sa_column=Column(DateTime(timezone=True), nullable=nullable),
+    )
+
+
+class Control(SQLModel, table=True):
+    __tablename__ = "controls"
+    __table_args__ = (Index("ix_controls_incident_id", "incident_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=KEY_MAX, unique=True)
+    kind: str = Field(max_length=32)
+    feature: str | None = Field(default=None, max_length=128)  # None: any feature
+    model: str | None = Field(default=None, max_length=128)  # None: any model
+    value: str = Field(default="", max_length=200)
+    incident_id: str = Field(max_length=200)
+    reason: str = Field(default="", max_length=1000)
+    set_by: str = Field(max_length=128)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    reverted_at: datetime | None = _ts(nullable=True)
+    reverted_by: str | None = Field(default=None, max_length=128)
+    revert_reason: str | None = Field(default=None, max_length=1000)
+
+    def active_at(self, when: datetime) -> bool:
+        return self.reverted_at is None and utc(self.expires_at) > utc(when)
+
+    @property
+    def target(self) -> str:
+        return target(self.feature, self.model)
+
+    @property
+    def description(self) -> str:
+        return describe(self.kind, self.feature, self.model, self.value)
+
+
+def control_key(incident_id: str, kind: str, feature: str | None, model: str | None) -> str:
+    return f"{incident_id}/{kind}/{feature or '*'}/{model or '*'}"
+
+
+def target(feature: str | None, model: str | None) -> str:
+    parts = [f"feature {feature}" if feature else "", f"model {model}" if model else ""]
+    return ", ".join(p for p in parts if p) or "all calls"
+
+
+def describe(kind: str, feature: str | None, model: str | None, value: str) -> str:
+    """One line for Slack, Jira and the CLI."""
+    where = target(feature, model)
+    scope = f" ({target(feature, None)})" if feature else ""
+    if kind == "concurrency":
+        return f"throttle {where} to {value} calls in flight"
+    if kind in ("reroute", "pin"):
+        verb = "reroute" if kind == "reroute" else "pin"
+        return f"{verb} {model or 'any model'} -> {value}{scope}"
+    if kind == "max_tokens":
+        return f"cap output tokens at {value} for {where}"
+    if kind == "disable":
+        return f"disable {where}"
+    if kind == "cache":
+        return f"serve repeated requests from cache for {where}"
+    if kind == "backoff":
+        return f"back off on 429s, up to {value} attempts, for {where}"
+    return f"{kind} {value} for {where}"
+
+
+def validate(kind: str, value: str) -> str | None:
+    """Why a control cannot be enforced, or None when it can."""
+    if kind not in KINDS:
+        return f"unknown control kind {kind!r} (one of {', '.join(KINDS)})"
+    if kind in COUNTED and not (value.isdigit() and int(value) > 0):
+        return f"a {kind} control needs a positive whole number, not {value!r}"
+    if kind in ("reroute", "pin") and not value:
+        return f"a {kind} control needs the model to use instead"
+    return None
+
+
+def _insert(engine: Engine) -> Any:
+    return (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+
+
+def upsert(
+    engine: Engine,
+    *,
+    incident_id: str,
+    kind: str,
+    feature: str | None,
+    model: str | None,
+    value: str,
+    reason: str,
+    set_by: str,
+    expires_at: datetime,
+    now: datetime,
+) -> Control:
+    """Set a control, idempotently: the same key refreshes its value, reason and expiry, and
+    brings a reverted one back. One statement, so concurrent retries cannot collide."""
+    now, expires_at = utc(now), utc(expires_at)
+    key = control_key(incident_id, kind, feature, model)
+    refreshed = {
+        "value": value,
+        "reason": reason,
+        "set_by": set_by,
+        "updated_at": now,
+        "expires_at": expires_at,
+        "reverted_at": None,
+        "reverted_by": None,
+        "revert_reason": None,
+    }
+    statement = _insert(engine)(Control).values(
+        key=key,
+        kind=kind,
+        feature=feature,
+        model=model,
+        incident_id=incident_id,
+        created_at=now,
+        **refreshed,
+    )
+    statement = statement.on_conflict_do_update(index_elements=["key"], set_=refreshed)
+    with Session(engine) as session:
+        session.execute(statement)
+        session.commit()
+        return session.exec(select(Control).where(Control.key == key)).one()
+
+
+def _revert(
+    engine: Engine, where: Sequence[Any], now: datetime, reverted_by: str, reason: str
+) -> list[Control]:
+    now = utc(now)
+    # UPDATE ... RETURNING: of two concurrent reverts, each row is reported by one only.
+    statement = (
+        update(Control)
+        .where(col(Control.reverted_at).is_(None), col(Control.expires_at) > now, *where)
+        .values(reverted_at=now, reverted_by=reverted_by, revert_reason=reason or None)
+        .returning(Control)
+    )
+    with Session(engine) as session:
+        reverted = list(session.scalars(statement))
+        session.commit()
+        for control in reverted:
+            session.refresh(control)
+    return sorted(reverted, key=lambda c: c.id or 0)
+
+
+def revert(
+    engine: Engine,
+    incident_id: str,
+    now: datetime,
+    *,
+    keys: Sequence[str] | None = None,
+    reverted_by: str = "pagerloop",
+    reason: str = "",
+) -> list[Control]:
+    """Revert the incident's active controls (or those of `keys`); returns those reverted by
+    this call, so a retry reverts and reports nothing twice."""
+    where: list[Any] = [Control.incident_id == incident_id]
+    if keys is not None:
+        if not keys:
+            return []
+        where.append(col(Control.key).in_(list(keys)))
+    return _revert(engine, where, now, reverted_by, reason)
+
+
+def revert_id(
+    engine: Engine, control_id: int, now: datetime, *, reverted_by: str, reason: str = ""
+) -> tuple[Control, bool] | None:
+    """Revert one control by id: the control and whether this call reverted it (False: it was
+    not in force); None when there is no such control."""
+    reverted = _revert(engine, [Control.id == control_id], now, reverted_by, reason)
+    if reverted:
+        return reverted[0], True
+    with Session(engine) as session:
+        control = session.get(Control, control_id)
+    return None if control is None else (control, False)
+
+
+def active(engine: Engine, now: datetime, incident_id: str | None = None) -> list[Control]:
+    query = select(Control).where(
+        col(Control.reverted_at).is_(None), col(Control.expires_at) > utc(now)
+    )
+    if incident_id is not None:
+        query = query.where(Control.incident_id == incident_id)
+    with Session(engine) as session:
+        return list(session.exec(query.order_by(col(Control.id))))
+
+
+def listed(engine: Engine, now: datetime, include_past: bool = False) -> list[Control]:
+    """The active controls, or every control ever set (newest first) with `include_past`."""
+    if not include_past:
+        return active(engine, now)
+    with Session(engine) as session:
+        return list(session.exec(select(Control).order_by(col(Control.id).desc())))

@@ -1,0 +1,237 @@
+"""Incidents running their runbook as a child workflow (time-skipping server): mitigate,
+verify, escalate when it did not help, auto-resolve when it did, revert on resolve.
+The diagnosis comes from the test kit's snapshot; controls go to a real store; Slack is the
+real client against the local fake."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+import runbooks
+from activities.incidents import IncidentActivities, OpenIncidentRequest
+from activities.slack import SlackActivities
+from config.settings import Settings
+from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
+from stores.engine import create_schema, make_engine
+from tests.fakes.slack import FakeSlack
+from tests.helpers import close_incidents, eventually
+from tests.test_runbooks import RATE_LIMITED, feature, quality
+from workflows.incident import IncidentWorkflow
+from workflows.incident_types import (
+    ActionRequest,
+    Breach,
+    IncidentState,
+    IncidentStatus,
+    NotificationPlan,
+    RunbookPlan,
+    Severity,
+    Trigger,
+)
+
+import worker  # isort: skip
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@dataclass
+class Incident:
+    id: str
+    handle: WorkflowHandle
+    kit: RunbookKit
+
+    async def state(self) -> IncidentState:
+        return await self.handle.query(IncidentWorkflow.state)
+
+    async def has(self, kind: str) -> bool:
+        return any(entry.kind == kind for entry in (await self.state()).timeline)
+
+    async def at_level(self, level: int) -> bool:
+        return (await self.state()).level == level
+
+    async def in_force(self) -> list[str]:
+        return sorted(ref.kind for ref in (await self.kit.controls.list_for(self.id)).controls)
+
+
+class Stage:
+    def __init__(self, env: WorkflowEnvironment, settings: Settings, engine: Engine) -> None:
+        self.env, self.settings, self.engine = env, settings, engine
+        self.slack = SlackActivities(worker.make_slack_client(settings))
+
+    @contextlib.asynccontextmanager
+    async def open(
+        self, trigger: Trigger, severity: Severity, snapshot: Snapshot, after: Judge
+    ) -> AsyncIterator[Incident]:
+        kit = RunbookKit(self.env.client, self.engine, snapshot, after)
+        notify = NotificationPlan(
+            slack_channel="#llm-oncall",
+            runbook=RunbookPlan(
+                verify_after_seconds=120,
+                feature_priorities={"chat": "critical", "summaries": "low"},
+            ),
+        )
+        incident_id = f"incident-{trigger}-global-{uuid.uuid4().hex[:8]}"
+        kit.incident_id = incident_id
+        queue = self.settings.task_queue
+        opener = IncidentActivities(self.env.client, queue, notify, self.engine)
+        async with Worker(
+            self.env.client,
+            task_queue=queue,
+            workflows=[IncidentWorkflow, *runbooks.workflows()],
+            activities=[
+                *kit.activities(),
+                self.slack.post_incident,
+                self.slack.update_incident,
+                self.slack.reply,
+                self.slack.notify,
+            ],
+        ):
+            breach = Breach(
+                trigger=trigger,
+                scope="global",
+                severity=severity,
+                observed_at=datetime.now(UTC),
+                summary=f"synthetic {trigger}",
+                metrics={"calls": 1000},
+            )
+            await opener.open_or_update(
+                [OpenIncidentRequest(breach, proposed_id=incident_id, known_id=incident_id)]
+            )
+            handle = self.env.client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+            try:
+                yield Incident(incident_id, handle, kit)
+            finally:
+                await close_incidents([handle])
+
+
+@pytest.fixture
+def stage(time_skipping_env: WorkflowEnvironment, settings: Settings, engine: Engine) -> Stage:
+    return Stage(time_skipping_env, settings, engine)
+
+
+def replies(slack: FakeSlack) -> str:
+    return "\n".join(reply for message in slack.top_level() for reply in message.replies)
+
+
+async def test_a_mitigation_that_does_not_help_is_rolled_back_and_escalates(
+    stage: Stage, fake_slack: FakeSlack
+) -> None:
+    async with stage.open(
+        Trigger.RATE_LIMIT_EXHAUSTION, Severity.SEV2, RATE_LIMITED, never_recovers
+    ) as incident:
+        await eventually(lambda: incident.has("mitigation"))
+        state = await incident.state()
+        assert state.status == IncidentStatus.MITIGATING  # before anyone acknowledged
+        assert state.runbook == "rate_limit_exhaustion"
+        assert await incident.in_force() == ["backoff", "concurrency", "concurrency", "disable"]
+
+        await stage.env.sleep(timedelta(minutes=4))  # past the verification
+        await eventually(lambda: incident.at_level(2))
+        state = await incident.state()
+        assert await incident.in_force() == []
+        assert state.status == IncidentStatus.DETECTED
+        assert state.verification == "not_recovered"
+        [escalated] = [e for e in state.timeline if e.kind == "escalated"]
+        assert "mitigation did not help" in escalated.text
+        assert "Platform team: request an emergency quota increase" in escalated.text
+        told = replies(fake_slack)
+        assert "*diagnosis*" in told
+        assert "30.0% of 1000 calls rate-limited" in told
+        assert "*rolled back*" in told
+
+
+async def test_a_verified_mitigation_auto_resolves_after_a_quiet_period_and_is_reverted(
+    stage: Stage, fake_slack: FakeSlack
+) -> None:
+    helps = recovered_if(lambda controls: any(c.kind == "backoff" for c in controls))
+    async with stage.open(
+        Trigger.RATE_LIMIT_EXHAUSTION, Severity.SEV3, RATE_LIMITED, helps
+    ) as incident:
+        await eventually(lambda: incident.has("mitigation"))
+        await stage.env.sleep(timedelta(minutes=4))
+        await eventually(lambda: incident.has("verified"))
+        state = await incident.state()
+        assert state.status == IncidentStatus.MITIGATING
+        assert state.verification == "recovered"
+        assert state.controls  # kept while the incident is open
+        assert await incident.in_force() != []
+
+        await stage.env.sleep(timedelta(minutes=16))  # SEV3: auto-resolve after 15 min quiet
+        result = await incident.handle.result()
+        assert result.status == IncidentStatus.RESOLVED
+        assert result.resolved_by == "pagerloop"
+        assert await incident.in_force() == []
+        kinds = [entry.kind for entry in result.timeline]
+        assert kinds.index("verified") < kinds.index("resolved") < kinds.index("controls_reverted")
+        assert "auto-resolved" in replies(fake_slack)
+
+
+async def test_a_runbook_that_needs_an_ack_diagnoses_first_and_resolve_can_keep_controls(
+    stage: Stage,
+) -> None:
+    snapshot = Snapshot(
+        quality=[
+            quality("gpt-4.1", "gpt-4.1-2025-04-14", 0.86, hours_ago=3),
+            quality("gpt-4.1", "gpt-4.1-2025-09-01", 0.41, hours_ago=0),
+        ],
+        features=[feature("chat")],
+    )
+    helps = recovered_if(lambda controls: any(c.kind == "pin" for c in controls))
+    async with stage.open(Trigger.QUALITY_DEGRADATION, Severity.SEV2, snapshot, helps) as incident:
+        await eventually(lambda: incident.has("diagnosis"))
+        state = await incident.state()
+        assert state.status == IncidentStatus.DETECTED
+        assert "gpt-4.1-2025-04-14 scored 0.86" in state.diagnosis
+        assert await incident.in_force() == []  # nothing changes before an acknowledgement
+
+        await incident.handle.execute_update(
+            IncidentWorkflow.acknowledge, ActionRequest("U024BE7LH", "slack")
+        )
+        await eventually(lambda: incident.has("mitigation"))
+        assert (await incident.state()).status == IncidentStatus.MITIGATING
+        assert await incident.in_force() == ["pin"]
+        await stage.env.sleep(timedelta(minutes=4))
+        await eventually(lambda: incident.has("verified"))
+        # SEV2 never resolves by itself: it proposes.
+        assert await incident.has("proposed")
+
+        await incident.handle.execute_update(
+            IncidentWorkflow.resolve, ActionRequest("U024BE7LH", "slack", keep_controls=True)
+        )
+        result = await incident.handle.result()
+        assert result.status == IncidentStatus.RESOLVED
+        assert await incident.in_force() == ["pin"]
+        assert "controls_kept" in [entry.kind for entry in result.timeline]
+
+
+async def test_resolving_while_the_runbook_verifies_cancels_it_and_reverts(stage: Stage) -> None:
+    async with stage.open(
+        Trigger.RATE_LIMIT_EXHAUSTION, Severity.SEV2, RATE_LIMITED, never_recovers
+    ) as incident:
+        await eventually(lambda: incident.has("mitigation"))
+        assert await incident.in_force() != []
+        await incident.handle.execute_update(
+            IncidentWorkflow.resolve, ActionRequest("U024BE7LH", "cli")
+        )
+        result = await incident.handle.result()
+        assert result.status == IncidentStatus.RESOLVED
+        assert await incident.in_force() == []
+        kinds = [entry.kind for entry in result.timeline]
+        assert "controls_reverted" in kinds
+        assert "escalated" not in kinds

@@ -1,0 +1,297 @@
+"""The seed's five runbooks, each run by the test kit in the time-skipping server from a
+synthetic metrics snapshot, with the real controls store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from temporalio.testing import WorkflowEnvironment
+
+from activities.controls import ControlRef
+from activities.diagnosis import (
+    ErrorGroup,
+    FeatureUsage,
+    ModelLatency,
+    ModelQuality,
+    ModelRateLimits,
+)
+from runbooks import (
+    RUNBOOKS,
+    api_outage,
+    cost_spike,
+    elevated_latency,
+    quality_degradation,
+    rate_limit_exhaustion,
+    runbook_for,
+)
+from runbooks.base import Verification
+from runbooks.testing import RunbookKit, Snapshot, never_recovers, recovered_if
+from stores.engine import create_schema, make_engine
+
+NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+def feature(
+    name: str,
+    *,
+    cost: float = 1.0,
+    share: float = 0.2,
+    rate_limited: int = 0,
+    concurrency: float = 2.0,
+    models: tuple[str, ...] = ("gpt-4.1",),
+) -> FeatureUsage:
+    return FeatureUsage(
+        feature=name,
+        calls=400,
+        tokens=200_000,
+        cost_usd=cost,
+        rate_limited=rate_limited,
+        share_of_cost=share,
+        concurrency=concurrency,
+        models=list(models),
+    )
+
+
+def has(kind: str) -> Callable[[list[ControlRef]], bool]:
+    """The signal recovers once a control of this kind is in force."""
+    return lambda controls: any(c.kind == kind for c in controls)
+
+
+# --- rate limit exhaustion -----------------------------------------------------------------
+
+RATE_LIMITED = Snapshot(
+    rate_limits=[ModelRateLimits("gpt-4.1", calls=1000, rate_limited=300, share=0.3, retries=80)],
+    features=[
+        feature("search", rate_limited=220, concurrency=6.4),
+        feature("chat", rate_limited=60, concurrency=1.5),
+        feature("summaries", rate_limited=20),
+        feature("embeddings-batch", rate_limited=0, concurrency=9.0),
+    ],
+)
+
+
+async def test_rate_limit_halves_concurrency_backs_off_and_sheds_low_priority(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    kit = RunbookKit(
+        time_skipping_env.client, engine, RATE_LIMITED, after=recovered_if(has("backoff"))
+    )
+    run = await kit.run(
+        rate_limit_exhaustion.SPEC, feature_priorities={"summaries": "low", "chat": "critical"}
+    )
+
+    assert run.report.verification == Verification.RECOVERED
+    assert run.control("concurrency", feature="search").value == "3"  # 6.4 in flight, halved
+    assert run.control("concurrency", feature="chat").value == "1"
+    assert run.control("backoff", model="gpt-4.1").value == "5"
+    assert run.control("disable", feature="summaries")
+    # Shed, not throttled; and a feature that was not rate-limited is left alone.
+    assert [c.kind for c in run.controls if c.feature == "summaries"] == ["disable"]
+    assert all(c.feature != "embeddings-batch" for c in run.controls)
+    assert any("30.0% of 1000 calls rate-limited" in line for line in run.report.findings)
+    assert run.queries == ["rate_limits", "top_features"]
+    [in_force_when_checked] = run.checks
+    assert {c.kind for c in in_force_when_checked} >= {"backoff", "concurrency"}
+
+
+async def test_a_mitigation_that_does_not_help_is_rolled_back(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    kit = RunbookKit(time_skipping_env.client, engine, RATE_LIMITED, after=never_recovers)
+    run = await kit.run(rate_limit_exhaustion.SPEC, feature_priorities={"summaries": "low"})
+
+    assert run.report.verification == Verification.NOT_RECOVERED
+    assert run.controls == []  # nothing left in force
+    assert run.report.actions == []
+    assert sorted(ref.kind for ref in run.report.rolled_back) == [
+        "backoff", "concurrency", "concurrency", "disable",
+    ]  # fmt: skip
+    # While checking, the controls were in force.
+    assert len(run.checks[0]) == 4
+
+
+async def test_without_leave_to_mitigate_a_runbook_only_diagnoses(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    kit = RunbookKit(time_skipping_env.client, engine, RATE_LIMITED)
+    run = await kit.run(rate_limit_exhaustion.SPEC, may_mitigate=False)
+
+    assert run.report.findings
+    assert run.controls == []
+    assert run.checks == []
+    assert run.report.verification == Verification.NOT_CHECKED
+
+
+# --- elevated latency ----------------------------------------------------------------------
+
+
+async def test_latency_caps_tokens_and_reroutes_the_slow_model_to_mini(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(
+        latency=[
+            ModelLatency(
+                "gpt-4.1", 500, 6100.0, 16800.0, 9000.0, {"<1k": 4200.0, ">=16k": 17900.0}
+            ),
+            ModelLatency("gpt-4.1-mini", 300, 700.0, 1900.0, 800.0, {"<1k": 1900.0}),
+        ],
+        errors=[ErrorGroup("gpt-4.1", "chat", "timeout", "APITimeoutError", 12, NOW, "timed out")],
+    )
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
+    run = await kit.run(elevated_latency.SPEC)
+
+    assert run.report.verification == Verification.RECOVERED
+    assert run.control("reroute", model="gpt-4.1").value == "gpt-4.1-mini"
+    assert run.control("max_tokens", model="gpt-4.1").value == "512"
+    assert all(c.model != "gpt-4.1-mini" for c in run.controls)  # the fast model is left alone
+    assert any(">=16k: 17.9s" in line for line in run.report.findings)
+    assert any("12 timeouts" in line for line in run.report.findings)
+
+
+# --- quality degradation -------------------------------------------------------------------
+
+
+def quality(model: str, snapshot: str, mean: float, hours_ago: float) -> ModelQuality:
+    last = NOW - timedelta(hours=hours_ago)
+    first = last - timedelta(hours=6)
+    return ModelQuality(model, snapshot, scores=200, mean=mean, first_seen=first, last_seen=last)
+
+
+async def test_quality_pins_the_last_known_good_snapshot(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(
+        quality=[
+            quality("gpt-4.1", "gpt-4.1-2025-01-01", 0.88, hours_ago=20),
+            quality("gpt-4.1", "gpt-4.1-2025-04-14", 0.86, hours_ago=3),
+            quality("gpt-4.1", "gpt-4.1-2025-09-01", 0.41, hours_ago=0),
+        ],
+        features=[feature("chat")],
+    )
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("pin")))
+    run = await kit.run(quality_degradation.SPEC, scope="model:gpt-4.1")
+
+    assert run.control("pin", model="gpt-4.1").value == "gpt-4.1-2025-04-14"
+    assert run.report.verification == Verification.RECOVERED
+    assert any("a model update is the likely cause" in line for line in run.report.findings)
+
+
+async def test_quality_without_a_model_change_reroutes_critical_features(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(
+        quality=[
+            quality("gpt-4.1", "gpt-4.1-2025-04-14", 0.45, hours_ago=0),
+            quality("gpt-4o", "gpt-4o-2024-11-20", 0.83, hours_ago=0),
+        ],
+        features=[feature("chat"), feature("search")],
+    )
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
+    run = await kit.run(quality_degradation.SPEC, feature_priorities={"chat": "critical"})
+
+    assert run.kinds == ["reroute"]
+    assert run.control("reroute", feature="chat", model="gpt-4.1").value == "gpt-4o-2024-11-20"
+    assert any("check recent prompt template changes" in line for line in run.report.findings)
+
+
+def test_quality_waits_for_an_acknowledgement() -> None:
+    assert quality_degradation.SPEC.mitigate_before_ack is False
+    assert rate_limit_exhaustion.SPEC.mitigate_before_ack is True
+
+
+# --- cost spike ----------------------------------------------------------------------------
+
+
+async def test_cost_spike_reroutes_caps_and_throttles_the_offending_feature(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(
+        features=[
+            feature("summaries", cost=41.0, share=0.82, concurrency=8.0),
+            feature("chat", cost=6.0, share=0.12),
+        ]
+    )
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
+    run = await kit.run(cost_spike.SPEC)
+
+    assert run.report.verification == Verification.RECOVERED
+    assert run.control("reroute", feature="summaries", model="gpt-4.1").value == "gpt-4.1-nano"
+    assert run.control("max_tokens", feature="summaries").value == "512"
+    assert run.control("concurrency", feature="summaries").value == "4"
+    assert all(c.feature == "summaries" for c in run.controls)  # chat is left alone
+    assert any("82% of cost" in line for line in run.report.findings)
+
+
+async def test_cost_spike_keeps_a_capable_model_for_a_critical_feature(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(features=[feature("chat", cost=30.0, share=0.9)])
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
+    run = await kit.run(
+        cost_spike.SPEC, scope="feature:chat", feature_priorities={"chat": "critical"}
+    )
+
+    assert run.control("reroute", feature="chat").value == "gpt-4.1-mini"
+
+
+# --- api outage ----------------------------------------------------------------------------
+
+
+async def test_outage_serves_cache_sheds_low_priority_and_keeps_them_while_it_lasts(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(
+        errors=[
+            ErrorGroup("gpt-4.1", "chat", "server_error", "InternalServerError", 300, NOW, "503"),
+            ErrorGroup(
+                "gpt-4.1-mini", "search", "server_error", "InternalServerError", 90, NOW, "503"
+            ),
+        ],
+        features=[feature("chat"), feature("summaries")],
+    )
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=never_recovers)
+    run = await kit.run(api_outage.SPEC, feature_priorities={"summaries": "low"})
+
+    assert run.report.verification == Verification.NOT_RECOVERED
+    assert sorted(run.kinds) == ["cache", "disable"]  # kept: the cause is the provider's
+    assert run.control("disable", feature="summaries")
+    assert run.report.rolled_back == []
+    assert any("2 models failing at once" in line for line in run.report.findings)
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def test_every_trigger_with_a_seed_runbook_finds_it() -> None:
+    assert runbook_for("rate_limit_exhaustion") is rate_limit_exhaustion.SPEC
+    assert runbook_for("elevated_latency") is elevated_latency.SPEC
+    assert runbook_for("quality_degradation") is quality_degradation.SPEC
+    assert runbook_for("cost_spike") is cost_spike.SPEC
+    assert runbook_for("api_outage") is api_outage.SPEC
+    assert runbook_for("error_rate") is None
+    names = [spec.name for spec in RUNBOOKS]
+    assert len(names) == len(set(names))
+    triggers = [t for spec in RUNBOOKS for t in spec.triggers]
+    assert len(triggers) == len(set(triggers)), "two runbooks claim the same trigger"
+
+
+def test_a_runbook_relabels_the_escalation_levels() -> None:
+    from workflows.escalation import DEFAULT_POLICIES
+
+    policy = rate_limit_exhaustion.SPEC.policy(DEFAULT_POLICIES["SEV2"])
+    assert policy.level(2).description == "Platform team: request an emergency quota increase"
+    assert (
+        policy.level(2).ack_timeout_seconds == DEFAULT_POLICIES["SEV2"].level(2).ack_timeout_seconds
+    )
