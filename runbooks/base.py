@@ -83,6 +83,12 @@ class RunbookSpec:
     # False: keep the controls even when the signal does not recover (they soften the impact
     # of a cause outside our hands, such as an OpenAI outage); the incident escalates anyway.
     roll_back_on_failure: bool = True
+    # Which trigger's signal tells whether it worked, when not the incident's own (a budget
+    # consumed today never falls back: its cost rate does).
+    verify_on: tuple[tuple[str, str], ...] = ()
+
+    def verified_by(self, trigger: str) -> str:
+        return dict(self.verify_on).get(trigger, trigger)
 
     def policy(self, severity_policy: EscalationPolicy) -> EscalationPolicy:
         return (self.escalation or severity_policy).described(self.escalation_path)

@@ -19,7 +19,8 @@ class CostSpikeRunbook:
     @workflow.run
     async def run(self, input: RunbookInput) -> RunbookReport:
         steps = Steps(SPEC, input)
-        features = await steps.top_features()
+        # The incident's own scope: a feature's spike is that feature's, whatever else spends.
+        features = await steps.top_features(input.scope)
         for f in features[:3]:
             per_call = f.tokens / f.calls if f.calls else 0
             steps.found(
@@ -31,12 +32,9 @@ class CostSpikeRunbook:
         if not steps.may_mitigate:
             return steps.report
 
-        scoped = input.scope.removeprefix("feature:") if input.scope.startswith("feature:") else ""
-        offender = next((f for f in features if f.feature == scoped), None) or next(
-            (f for f in features if f.feature), None
-        )
+        offender = next((f for f in features if f.feature), None)
         if offender is None:
-            return await steps.verify()
+            return steps.report  # no feature to act on: people decide
         critical = steps.priority(offender.feature) == Priority.CRITICAL
         for model in offender.models:
             # A critical feature keeps a capable model: mini, not nano.
@@ -57,6 +55,7 @@ SPEC = RunbookSpec(
     name="cost_spike",
     workflow=CostSpikeRunbook,
     triggers=("cost_spike", "budget_exhaustion"),
+    verify_on=(("budget_exhaustion", "cost_spike"),),
     mitigate_before_ack=True,
     expected_resolution_minutes=10,
     escalation_path=(

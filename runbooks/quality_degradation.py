@@ -26,6 +26,7 @@ class QualityDegradationRunbook:
         for row in rows:
             by_model.setdefault(row.model, []).append(row)
         pins: dict[str, str] = {}
+        degraded: set[str] = set()
         for model, snapshots in by_model.items():
             snapshots.sort(key=lambda s: s.last_seen)
             current = snapshots[-1]
@@ -35,6 +36,7 @@ class QualityDegradationRunbook:
             )
             if current.mean >= GOOD_SCORE:
                 continue
+            degraded.add(model)
             # A score without its call names no snapshot: nothing to pin to.
             good = [s for s in snapshots[:-1] if s.mean >= GOOD_SCORE and s.response_model]
             if good:
@@ -55,14 +57,18 @@ class QualityDegradationRunbook:
             await steps.apply(ControlSpec("pin", model=model, value=snapshot))
         # D. Route critical paths to a known-good model when no pin could help them.
         healthy = sorted(
-            (r for r in rows if r.mean >= GOOD_SCORE and r.model not in pins and r.response_model),
+            (
+                r
+                for r in rows
+                if r.mean >= GOOD_SCORE and r.model not in degraded and r.response_model
+            ),
             key=lambda r: -r.mean,
         )
         for f in features:
             if not f.feature or steps.priority(f.feature) != Priority.CRITICAL:
                 continue
             for model in f.models:
-                if model in pins or not healthy or healthy[0].model == model:
+                if model not in degraded or model in pins or not healthy:
                     continue
                 spec = ControlSpec("reroute", feature=f.feature, model=model)
                 spec.value = healthy[0].response_model

@@ -19,7 +19,7 @@ class RateLimitExhaustionRunbook:
     async def run(self, input: RunbookInput) -> RunbookReport:
         steps = Steps(SPEC, input)
         limits = [m for m in await steps.rate_limits() if m.rate_limited]
-        features = await steps.top_features()
+        features = await steps.top_features(limit=20)
         for m in limits[:3]:
             steps.found(
                 f"{m.model}: {m.share:.1%} of {m.calls} calls rate-limited, {m.retries} retries"
@@ -37,7 +37,13 @@ class RateLimitExhaustionRunbook:
 
         shed = [f for f in features if f.feature and steps.priority(f.feature) == Priority.LOW]
         # A. Halve the concurrency of those hitting the limit (and not about to be shed).
-        hitting = [f for f in features if f.rate_limited and f.feature and f not in shed]
+        hitting = sorted(
+            (f for f in features if f.rate_limited and f.feature and f not in shed),
+            key=lambda f: -f.rate_limited,
+        )
+        # Critical features keep their pace while others can give.
+        spared = [f for f in hitting if steps.priority(f.feature) != Priority.CRITICAL]
+        hitting = spared or hitting
         for f in hitting[:3]:
             limit = max(1, int(f.concurrency / 2))
             await steps.apply(ControlSpec("concurrency", feature=f.feature, value=str(limit)))

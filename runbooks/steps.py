@@ -56,8 +56,11 @@ class Steps:
             limit=limit,
         )
 
-    async def top_features(self, scope: str | None = "global") -> list[FeatureUsage]:
-        return await self._read("diagnosis.top_features", self.query(scope), list[FeatureUsage])
+    async def top_features(
+        self, scope: str | None = "global", limit: int = 5
+    ) -> list[FeatureUsage]:
+        query = self.query(scope, limit)
+        return await self._read("diagnosis.top_features", query, list[FeatureUsage])
 
     async def rate_limits(self, scope: str | None = "global") -> list[ModelRateLimits]:
         return await self._read("diagnosis.rate_limits", self.query(scope), list[ModelRateLimits])
@@ -69,7 +72,8 @@ class Steps:
         return await self._read("diagnosis.recent_errors", self.query(scope), list[ErrorGroup])
 
     async def quality(self, scope: str | None = None) -> list[ModelQuality]:
-        query = self.query(scope, limit=20)
+        # Every snapshot, not the worst few: the known-good ones are what a pin needs.
+        query = self.query(scope, limit=500)
         # Quality needs a longer memory than traffic: the last known-good snapshot may have
         # answered hours ago.
         query.window_seconds = max(query.window_seconds, 24 * 3600)
@@ -110,6 +114,9 @@ class Steps:
             "controls.set",
             SetControl(self.input.incident_id, spec, set_by=f"runbook:{self.spec.name}"),
             result_type=ControlRef,
+            # Cancelled (the incident resolved), it still lands before the runbook stops, so
+            # the incident's revert comes after it and not before.
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             **_options(CONTROL_CHANGE),
             summary=f"control: {spec.kind} {spec.feature or spec.model or 'all'}",
         )
@@ -130,6 +137,7 @@ class Steps:
                 reverted_by=f"runbook:{self.spec.name}",
             ),
             result_type=ControlList,
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             **_options(CONTROL_CHANGE),
             summary=f"roll back {len(refs)} control(s)",
         )
@@ -178,7 +186,7 @@ class Steps:
             summary=f"verify {self.input.trigger} at {end:%H:%M:%S} UTC",
         )
         check = SignalCheck(
-            trigger=self.input.trigger,
+            trigger=self.spec.verified_by(self.input.trigger),
             scope=self.input.scope,
             end=end,
             window_seconds=max(int((end - start).total_seconds()) - 1, 1),

@@ -81,6 +81,7 @@ class RunbookRun:
     report: RunbookReport
     controls: list[ControlRef]  # in force in the store after the run
     checks: list[list[ControlRef]]  # the controls in force at each re-read of the signal
+    signal_checks: list[SignalCheck]  # what each re-read asked for (trigger, window)
     queries: list[str]  # the diagnosis activities the runbook called, in order
 
     def control(self, kind: str, **target: str | None) -> ControlRef:
@@ -105,6 +106,7 @@ class RunbookKit:
         self.controls = ControlActivities(engine)
         self.incident_id = ""
         self._checks: list[list[ControlRef]] = []
+        self._signal_checks: list[SignalCheck] = []
         self._queries: list[str] = []
 
     def activities(self) -> list[Callable[..., Any]]:
@@ -115,7 +117,7 @@ class RunbookKit:
             @activity.defn(name=f"diagnosis.{name}")
             async def query(q: DiagnosisQuery) -> list[Any]:
                 self._queries.append(name)
-                return rows[: q.limit] if name != "quality" else rows
+                return [row for row in rows if _in_scope(row, q.scope)][: q.limit]
 
             return query
 
@@ -123,6 +125,7 @@ class RunbookKit:
         async def check_signal(check: SignalCheck) -> SignalReading:
             in_force = (await self.controls.list_for(self.incident_id)).controls
             self._checks.append(in_force)
+            self._signal_checks.append(check)
             return self.after(in_force, check)
 
         return [
@@ -149,7 +152,7 @@ class RunbookKit:
         metrics: dict[str, float] | None = None,
     ) -> RunbookRun:
         self.incident_id = f"incident-test-{uuid.uuid4().hex[:8]}"
-        self._checks, self._queries = [], []
+        self._checks, self._signal_checks, self._queries = [], [], []
         queue = f"runbook-kit-{uuid.uuid4().hex[:8]}"
         runbook_input = RunbookInput(
             incident_id=self.incident_id,
@@ -172,4 +175,20 @@ class RunbookKit:
                 task_queue=queue,
             )
         in_force = (await self.controls.list_for(self.incident_id)).controls
-        return RunbookRun(report, in_force, list(self._checks), list(self._queries))
+        return RunbookRun(
+            report, in_force, list(self._checks), list(self._signal_checks), list(self._queries)
+        )
+
+
+def _in_scope(row: Any, scope: str) -> bool:
+    """Whether a snapshot row belongs to the scope the runbook asked about, as the stores
+    would answer it."""
+    kind, _, name = scope.partition(":")
+    if kind == "feature" and hasattr(row, "feature"):
+        return bool(row.feature == name)
+    if kind == "model":
+        if hasattr(row, "models"):
+            return name in row.models
+        if hasattr(row, "model"):
+            return bool(row.model == name)
+    return True

@@ -18,6 +18,8 @@ from activities.diagnosis import (
     ModelLatency,
     ModelQuality,
     ModelRateLimits,
+    SignalCheck,
+    SignalReading,
 )
 from runbooks import (
     RUNBOOKS,
@@ -29,7 +31,7 @@ from runbooks import (
     runbook_for,
 )
 from runbooks.base import Verification
-from runbooks.testing import RunbookKit, Snapshot, never_recovers, recovered_if
+from runbooks.testing import RunbookKit, Snapshot, never_recovers, reading, recovered_if
 from stores.engine import create_schema, make_engine
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
@@ -94,7 +96,8 @@ async def test_rate_limit_halves_concurrency_backs_off_and_sheds_low_priority(
 
     assert run.report.verification == Verification.RECOVERED
     assert run.control("concurrency", feature="search").value == "3"  # 6.4 in flight, halved
-    assert run.control("concurrency", feature="chat").value == "1"
+    # chat is critical: it keeps its pace while search can give.
+    assert [c.feature for c in run.controls if c.kind == "concurrency"] == ["search"]
     assert run.control("backoff", model="gpt-4.1").value == "5"
     assert run.control("disable", feature="summaries")
     # Shed, not throttled; and a feature that was not rate-limited is left alone.
@@ -104,6 +107,10 @@ async def test_rate_limit_halves_concurrency_backs_off_and_sheds_low_priority(
     assert run.queries == ["rate_limits", "top_features"]
     [in_force_when_checked] = run.checks
     assert {c.kind for c in in_force_when_checked} >= {"backoff", "concurrency"}
+    # Verified on whole minutes after the change: from a minute boundary, for 180 s.
+    [check] = run.signal_checks
+    assert check.trigger == "rate_limit_exhaustion"
+    assert (check.end.second, check.end.microsecond, check.window_seconds) == (0, 0, 179)
 
 
 async def test_a_mitigation_that_does_not_help_is_rolled_back(
@@ -120,6 +127,22 @@ async def test_a_mitigation_that_does_not_help_is_rolled_back(
     ]  # fmt: skip
     # While checking, the controls were in force.
     assert len(run.checks[0]) == 4
+
+
+async def test_better_but_not_recovered_is_checked_twice_then_kept_as_inconclusive(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    def improving(controls: list[ControlRef], check: SignalCheck) -> SignalReading:
+        return reading(check, recovered=False, breached=False)
+
+    kit = RunbookKit(time_skipping_env.client, engine, RATE_LIMITED, after=improving)
+    run = await kit.run(rate_limit_exhaustion.SPEC)
+
+    assert run.report.verification == Verification.INCONCLUSIVE
+    assert len(run.signal_checks) == 2
+    assert run.signal_checks[1].window_seconds == 2 * 180 - 1  # the same start, twice as long
+    assert run.report.rolled_back == []
+    assert run.kinds  # kept for the responders to judge
 
 
 async def test_without_leave_to_mitigate_a_runbook_only_diagnoses(
@@ -194,15 +217,19 @@ async def test_quality_without_a_model_change_reroutes_critical_features(
     snapshot = Snapshot(
         quality=[
             quality("gpt-4.1", "gpt-4.1-2025-04-14", 0.45, hours_ago=0),
+            quality("gpt-4.1-mini", "gpt-4.1-mini-2025-04-14", 0.85, hours_ago=0),
             quality("gpt-4o", "gpt-4o-2024-11-20", 0.83, hours_ago=0),
         ],
-        features=[feature("chat"), feature("search")],
+        features=[feature("chat", models=("gpt-4.1", "gpt-4.1-mini")), feature("search")],
     )
     kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
     run = await kit.run(quality_degradation.SPEC, feature_priorities={"chat": "critical"})
 
+    # Only chat's degraded model moves, to the best-scoring healthy snapshot; search is not
+    # critical and chat's gpt-4.1-mini is fine where it is.
     assert run.kinds == ["reroute"]
-    assert run.control("reroute", feature="chat", model="gpt-4.1").value == "gpt-4o-2024-11-20"
+    reroute = run.control("reroute", feature="chat", model="gpt-4.1")
+    assert reroute.value == "gpt-4.1-mini-2025-04-14"
     assert any("check recent prompt template changes" in line for line in run.report.findings)
 
 
@@ -244,6 +271,34 @@ async def test_cost_spike_keeps_a_capable_model_for_a_critical_feature(
     )
 
     assert run.control("reroute", feature="chat").value == "gpt-4.1-mini"
+
+
+async def test_cost_spike_acts_on_the_incident_scope_not_the_top_spender(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(
+        features=[
+            feature("chat", cost=30.0, share=0.6),
+            feature("summaries", cost=10.0, share=0.2, concurrency=4.0),
+        ]
+    )
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
+    run = await kit.run(cost_spike.SPEC, scope="feature:summaries")
+
+    assert {c.feature for c in run.controls} == {"summaries"}
+    assert run.control("concurrency", feature="summaries").value == "2"
+
+
+async def test_a_budget_incident_is_verified_on_the_cost_rate(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(features=[feature("summaries", cost=41.0, share=0.82)])
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
+    run = await kit.run(cost_spike.SPEC, trigger="budget_exhaustion")
+
+    # Today's spend never falls back; what the mitigation changes is the rate.
+    assert [check.trigger for check in run.signal_checks] == ["cost_spike"]
+    assert run.report.verification == Verification.RECOVERED
 
 
 # --- api outage ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
@@ -103,7 +103,9 @@ class IncidentWorkflow:
         self._slack = _Lane("slack", plan.slack_channel is not None)
         self._pagerduty = _Lane("pagerduty", plan.pagerduty)
         self._jira = _Lane("jira", plan.jira)
-        self._runbook = runbook_for(input.trigger) if plan.runbook.enabled else None
+        # Incidents started before runbooks existed replay without one.
+        with_runbooks = plan.runbook.enabled and workflow.patched("runbooks")
+        self._runbook = runbook_for(input.trigger) if with_runbooks else None
         self._controls = _Lane("controls", self._runbook is not None)
         self._lanes = (self._slack, self._pagerduty, self._jira, self._controls)
         self._runbook_active = False
@@ -143,8 +145,6 @@ class IncidentWorkflow:
         ]
         runbook = asyncio.create_task(self._run_runbook())
         await self._escalation_clock()
-        if self._child is not None and self._state.status == IncidentStatus.RESOLVED:
-            self._child.cancel()
         await runbook
         await asyncio.gather(*lanes)
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -266,6 +266,8 @@ class IncidentWorkflow:
         if request.channel != "pagerduty":
             self._pagerduty.push("resolve")
         self._jira.push("resolve")
+        if self._child is not None:
+            self._child.cancel()  # its controls are reverted below once it has stopped
         if request.keep_controls and state.controls:
             self._record("controls_kept", ", ".join(state.controls), request.user, request.channel)
         elif self._runbook is not None:
@@ -495,6 +497,8 @@ class IncidentWorkflow:
                 await self._auto_resolve()  # carried over from the previous run
             return
         if state.runbook_phase == "":
+            if state.status == IncidentStatus.RESOLVED:
+                return
             may = spec.mitigate_before_ack or state.acknowledged_by is not None
             report = await self._runbook_child(may_mitigate=may)
             if report is None:
@@ -504,7 +508,12 @@ class IncidentWorkflow:
                 return
             state.runbook_phase = "diagnosed"
         await workflow.wait_condition(lambda: state.acknowledged_by is not None or self._finished())
-        if state.acknowledged_by is None or state.status == IncidentStatus.RESOLVED:
+        # Never start a child once a fresh run is due: the lanes may already have stopped.
+        if (
+            state.acknowledged_by is None
+            or state.status == IncidentStatus.RESOLVED
+            or self._time_for_a_fresh_run()
+        ):
             return  # resolved, or due for a fresh run that waits again
         report = await self._runbook_child(may_mitigate=True)
         if report is not None:
@@ -541,13 +550,17 @@ class IncidentWorkflow:
                 id=f"{state.incident_id}-runbook-{state.runbook_runs}",
                 static_summary=f"{spec.name} for {state.incident_id}",
             )
+            if state.status == IncidentStatus.RESOLVED:  # resolved while it was starting
+                self._child.cancel()
             report: RunbookReport = await self._child
-        except (ChildWorkflowError, asyncio.CancelledError) as err:
+        except (ChildWorkflowError, WorkflowAlreadyStartedError, asyncio.CancelledError) as err:
             state.runbook_phase = "done"
             self._step_back()
             if state.status != IncidentStatus.RESOLVED:
                 cause = err.cause if isinstance(err, ChildWorkflowError) else None
                 self._record("runbook_failed", f"{spec.name}: {cause or err}")
+                # Whatever it had put in force before failing is taken out again.
+                self._controls.push("revert", text=f"{spec.name} failed")
             return None
         finally:
             self._runbook_active = False
@@ -559,8 +572,8 @@ class IncidentWorkflow:
         state = self._state
         state.runbook_phase = "done"
         state.verification = str(report.verification)
-        if report.verification != Verification.RECOVERED:
-            self._step_back()
+        if report.verification != Verification.RECOVERED and not report.actions:
+            self._step_back()  # nothing in force any more: no longer mitigating
         if state.status == IncidentStatus.RESOLVED:
             return
         if report.verification == Verification.NOT_RECOVERED:
@@ -590,7 +603,8 @@ class IncidentWorkflow:
         quiet_seconds = self._policy().auto_resolve_quiet_seconds
         state = self._state
         if quiet_seconds is None:
-            self._record("proposed", "mitigation verified: resolve when satisfied")
+            if not any(entry.kind == "proposed" for entry in state.timeline):
+                self._record("proposed", "mitigation verified: resolve when satisfied")
             return
         quiet = timedelta(seconds=quiet_seconds)
         while True:
@@ -603,8 +617,17 @@ class IncidentWorkflow:
                     timeout_summary=f"auto-resolve after {span(quiet_seconds)} quiet",
                 )
             except TimeoutError:
-                note = f"auto-resolved: mitigation verified, quiet for {span(quiet_seconds)}"
-                self._resolve(ActionRequest(user="pagerloop", channel="workflow", note=note))
+                if state.status == IncidentStatus.RESOLVED:
+                    return
+                # The controls are what keeps the signal quiet: reverting them now would bring
+                # the breach straight back. They stay until they expire or someone reverts them.
+                note = (
+                    f"auto-resolved: mitigation verified, quiet for {span(quiet_seconds)}; "
+                    "controls kept until they expire (pagerloop controls revert ID)"
+                )
+                self._resolve(
+                    ActionRequest("pagerloop", channel="workflow", note=note, keep_controls=True)
+                )
                 return
             if self._finished():
                 return  # resolved by a person, or a fresh run carries on waiting
