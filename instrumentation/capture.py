@@ -15,7 +15,7 @@ from instrumentation.classify import classify_exception
 from instrumentation.context import LLMContext
 from instrumentation.pricing import PriceTable
 from instrumentation.privacy import hash_user_id
-from stores.llm_calls import ERROR_MESSAGE_MAX, CallRecord
+from stores.llm_calls import CACHE_SOURCE, ERROR_MESSAGE_MAX, CallRecord
 
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
@@ -49,7 +49,9 @@ class PendingCall:
     output_parts: list[str] = field(default_factory=list)
     trace_id: str | None = None
     controls: str | None = None  # the runbook controls that changed the call: "reroute#3"
-    cache_hit: bool = False  # served from the response cache: no tokens were spent
+    # Served from the response cache: nothing reached OpenAI and no tokens were spent. Its
+    # record has source "cache", which keeps it out of the rollups and the diagnosis queries.
+    cache_hit: bool = False
 
     def fail(self, exc: BaseException, ended: float) -> None:
         self.ended = ended
@@ -213,7 +215,7 @@ def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
         finish_reason=call.finish_reason,
         request_id=call.request_id,
         trace_id=call.trace_id or ctx.trace_id,
-        source="sdk",
+        source=CACHE_SOURCE if call.cache_hit else "sdk",
         metadata=dict(ctx.metadata) or None,
         controls=call.controls,
     )

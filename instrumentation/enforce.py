@@ -158,6 +158,8 @@ def _closer(
 
 
 def _serve_cached(call: PendingCall, plan: Plan, response: Any, done: Callable[[], None]) -> Any:
+    """Answer from the cache. The record (source "cache", zero tokens, its `cache#id` tag)
+    stays in the call log but out of the golden signals: this call never reached OpenAI."""
     assert plan.decision.cache is not None
     call.cache_hit = True
     call.score_quality = False  # scored when it was first answered

@@ -6,6 +6,10 @@ partial minutes from the call rows, so that an answer covers the window to the m
 while reading only two minutes of rows. Questions the rollups cannot answer (retries, prompt
 sizes, error messages, snapshots) read the window's call rows.
 
+Calls served from the response cache (source "cache") never reached OpenAI: the rollups leave
+them out, and so does every read of the call rows here (`Window.rows`, `Window.all_rows`), so
+that the partial minutes agree with the whole ones.
+
 Scopes are matched in Python with the detector's own test (`detectors.signals._in_scope`) on the
 raw names, so a runbook reads the calls the detector judged even when a model's name had
 characters that the scope name replaced.
@@ -20,7 +24,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
 
 from detectors.signals import _in_scope
-from stores.llm_calls import LatencyRollup, LLMCall, UsageRollup, utc
+from stores.llm_calls import CACHE_SOURCE, LatencyRollup, LLMCall, UsageRollup, utc
 from stores.quality import QualityScore
 
 # Upper bounds (input tokens, exclusive) of the prompt-size bands; the last band is open.
@@ -37,6 +41,8 @@ _calls = _calls_table.c
 _scores = _scores_table.c
 _usage = UsageRollup.__table__.c  # type: ignore[attr-defined]
 _latency = LatencyRollup.__table__.c  # type: ignore[attr-defined]
+# Calls that reached OpenAI: not those the response cache answered.
+_sent = _calls.source != CACHE_SOURCE
 
 
 def in_scope(scope: str, model: str, feature: str | None) -> bool:
@@ -69,17 +75,21 @@ class Window:
         return self.full_from < self.full_to
 
     def rows(self) -> ColumnElement[bool]:
-        """Call rows the rollup part does not cover."""
+        """Call rows the rollup part does not cover (the rollups' calls: no cache hits)."""
         ts = _calls.ts
         if not self.has_full_minutes:
-            return and_(ts > self.start, ts <= self.end)
-        return or_(
-            and_(ts > self.start, ts < self.full_from),
-            and_(ts >= self.full_to, ts <= self.end),
+            return and_(ts > self.start, ts <= self.end, _sent)
+        return and_(
+            or_(
+                and_(ts > self.start, ts < self.full_from),
+                and_(ts >= self.full_to, ts <= self.end),
+            ),
+            _sent,
         )
 
     def all_rows(self) -> ColumnElement[bool]:
-        return and_(_calls.ts > self.start, _calls.ts <= self.end)
+        """Every call row of the window that reached OpenAI."""
+        return and_(_calls.ts > self.start, _calls.ts <= self.end, _sent)
 
     def minutes(self, minute: Any) -> ColumnElement[bool]:
         return and_(minute >= self.full_from, minute < self.full_to)

@@ -19,6 +19,12 @@ from sqlalchemy import JSON, Column, DateTime, Engine, Index, SmallInteger
 from sqlmodel import Field, SQLModel
 
 CALL_STATUSES = ("success", "error", "timeout", "rate_limited", "server_error")
+# Where a record came from: the SDK wrapper, the ingest API, OTLP spans, or the wrapper's
+# response cache. A "cache" call was answered in-process and never reached OpenAI: its row stays
+# in the call log (with the `cache#id` control that served it) but no rollup, detector or
+# diagnosis counts it, or a cache serving during an outage would dilute the error rate.
+CALL_SOURCES = ("sdk", "ingest", "otlp", "cache")
+CACHE_SOURCE = "cache"
 ERROR_MESSAGE_MAX = 500
 CONTROLS_MAX = 200
 
@@ -70,7 +76,7 @@ class CallRecord:
     finish_reason: str | None = None
     request_id: str | None = None
     trace_id: str | None = None
-    source: str = "sdk"
+    source: str = "sdk"  # CALL_SOURCES; "cache" is kept out of the golden signals
     metadata: dict[str, Any] | None = None
     controls: str | None = None  # the runbook controls that changed the call: "reroute#3,..."
 
@@ -111,7 +117,8 @@ class LLMCall(SQLModel, table=True):
 
 
 class UsageRollup(SQLModel, table=True):
-    """Per minute and dimension: what the cost and traffic detectors aggregate."""
+    """Per minute and dimension: what the cost and traffic detectors aggregate. Calls served
+    from the response cache (source "cache") are not counted here, nor in LatencyRollup."""
 
     __tablename__ = "usage_rollup"
     __table_args__ = (Index("ix_usage_rollup_minute", "minute"),)

@@ -2,6 +2,10 @@
 
 SQLite gets one `executemany` of plain tuples, PostgreSQL gets `COPY`: the ORM would cost a
 third of the throughput. The rollup is aggregated in Python per batch and upserted.
+
+Calls the response cache answered (source "cache") are written to the call log but left out of
+both rollups: they never reached OpenAI, and counting their successes would hide an outage. A
+batch is checked for them once, in C; only a batch that holds one pays for filtering it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from stores import latency
-from stores.llm_calls import CallRecord, utc
+from stores.llm_calls import CACHE_SOURCE, CallRecord, utc
 
 # The plain columns first, then those that need converting or computing.
 _PLAIN = tuple(f.name for f in fields(CallRecord) if f.name not in ("ts", "metadata"))
 CALL_COLUMNS: tuple[str, ...] = (*_PLAIN, "ts", "metadata", "latency_bucket")
 _plain_values = attrgetter(*_PLAIN)
+_source_of = attrgetter("source")
+_SOURCE_INDEX = CALL_COLUMNS.index("source")
 ROLLUP_KEYS = ("minute", "model", "feature", "team", "environment")
 ROLLUP_SUMS = (
     "calls",
@@ -55,8 +61,21 @@ def sqlite_datetime(value: datetime) -> str:
     return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+def has_cache_hits(records: Sequence[CallRecord]) -> bool:
+    """Whether any record of the batch was served from the response cache (one pass in C)."""
+    return CACHE_SOURCE in map(_source_of, records)
+
+
+def counted(records: Sequence[CallRecord]) -> Sequence[CallRecord]:
+    """The records the rollups count: the batch itself unless it holds cache hits."""
+    if not has_cache_hits(records):
+        return records
+    return [record for record in records if record.source != CACHE_SOURCE]
+
+
 def rollup(records: Iterable[CallRecord]) -> dict[tuple[datetime, str, str, str, str], list[float]]:
-    """Sum a batch per minute and dimension (missing dimensions are "")."""
+    """Sum a batch per minute and dimension (missing dimensions are ""); the caller leaves out
+    what must not be counted (`counted`)."""
     buckets: dict[tuple[datetime, str, str, str, str], list[float]] = {}
     index = {name: i for i, name in enumerate(ROLLUP_SUMS)}
     for record in records:
@@ -120,22 +139,30 @@ def _call_tuple(record: CallRecord, ts: Any) -> tuple[Any, ...]:
 
 
 _KNOWN_STATUSES = "'success', 'timeout', 'rate_limited', 'server_error'"
+
+
 # SQLite sums the batch it has just inserted itself (in C, without the GIL): the rows with
 # an id above the largest before the insert, which the IMMEDIATE transaction keeps ours.
-_SQLITE_ROLLUP = (
-    f"INSERT INTO usage_rollup ({', '.join(ROLLUP_KEYS + ROLLUP_SUMS)}) "  # noqa: S608
-    "SELECT substr(ts, 1, 16) || ':00.000000', model, coalesce(feature, ''), "
-    "coalesce(team, ''), coalesce(environment, ''), count(*), "
-    "sum(status = 'success'), "
-    f"sum(status NOT IN ({_KNOWN_STATUSES})), "
-    "sum(status = 'timeout'), sum(status = 'rate_limited'), sum(status = 'server_error'), "
-    "sum(coalesce(input_tokens, 0)), sum(coalesce(output_tokens, 0)), "
-    "sum(coalesce(cached_input_tokens, 0)), sum(coalesce(cost_usd, 0)), "
-    "sum(cost_usd IS NULL AND input_tokens IS NOT NULL), sum(latency_ms) "
-    "FROM llm_calls WHERE id > ? GROUP BY 1, 2, 3, 4, 5 "
-    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET "
-    + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS)
-)
+def _sqlite_rollup(where: str) -> str:
+    return (
+        f"INSERT INTO usage_rollup ({', '.join(ROLLUP_KEYS + ROLLUP_SUMS)}) "  # noqa: S608
+        "SELECT substr(ts, 1, 16) || ':00.000000', model, coalesce(feature, ''), "
+        "coalesce(team, ''), coalesce(environment, ''), count(*), "
+        "sum(status = 'success'), "
+        f"sum(status NOT IN ({_KNOWN_STATUSES})), "
+        "sum(status = 'timeout'), sum(status = 'rate_limited'), sum(status = 'server_error'), "
+        "sum(coalesce(input_tokens, 0)), sum(coalesce(output_tokens, 0)), "
+        "sum(coalesce(cached_input_tokens, 0)), sum(coalesce(cost_usd, 0)), "
+        "sum(cost_usd IS NULL AND input_tokens IS NOT NULL), sum(latency_ms) "
+        f"FROM llm_calls WHERE {where} GROUP BY 1, 2, 3, 4, 5 "
+        f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET "
+        + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS)
+    )
+
+
+_SQLITE_ROLLUP = _sqlite_rollup("id > ?")
+# Only for batches that hold cache hits: the filter costs a column read per row otherwise.
+_SQLITE_ROLLUP_UNCACHED = _sqlite_rollup(f"id > ? AND source != '{CACHE_SOURCE}'")
 
 
 _LATENCY_ROLLUP_UPSERT = (
@@ -189,14 +216,19 @@ def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
     marks = ", ".join("?" * len(CALL_COLUMNS))
     insert = f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({marks})"  # noqa: S608
     calls = [_call_tuple(r, sqlite_datetime) for r in records]
-    histogram = _sqlite_latency_rows(calls)
+    rollup_sql = _SQLITE_ROLLUP
+    if has_cache_hits(records):
+        rollup_sql = _SQLITE_ROLLUP_UNCACHED
+        histogram = _sqlite_latency_rows([c for c in calls if c[_SOURCE_INDEX] != CACHE_SOURCE])
+    else:
+        histogram = _sqlite_latency_rows(calls)
     connection = engine.raw_connection()
     try:
         cursor = connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         (before,) = cursor.execute("SELECT coalesce(max(id), 0) FROM llm_calls").fetchone()
         cursor.executemany(insert, calls)
-        cursor.execute(_SQLITE_ROLLUP, (before,))
+        cursor.execute(rollup_sql, (before,))
         cursor.executemany(_LATENCY_ROLLUP_UPSERT.replace("%s", "?"), histogram)
         connection.commit()
     except BaseException:
@@ -207,7 +239,8 @@ def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
 
 
 def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> None:
-    rollups = _rollup_rows(records, lambda value: value)
+    rolled_up = counted(records)
+    rollups = _rollup_rows(rolled_up, lambda value: value)
     connection = engine.raw_connection()
     try:
         cursor = connection.cursor()
@@ -215,7 +248,7 @@ def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> None:
             for record in records:
                 copy.write_row(_call_tuple(record, utc))
         cursor.executemany(_rollup_sql("%s"), rollups)
-        cursor.executemany(_LATENCY_ROLLUP_UPSERT, _latency_rows(records))
+        cursor.executemany(_LATENCY_ROLLUP_UPSERT, _latency_rows(rolled_up))
         connection.commit()
     except BaseException:
         connection.rollback()
