@@ -43,6 +43,16 @@ from workflows.incident_types import (
 import worker  # isort: skip
 
 
+# gpt-4.1 moved to a worse snapshot three hours ago.
+MODEL_UPDATE = Snapshot(
+    quality=[
+        quality("gpt-4.1", "gpt-4.1-2025-04-14", 0.86, hours_ago=3),
+        quality("gpt-4.1", "gpt-4.1-2025-09-01", 0.41, hours_ago=0),
+    ],
+    features=[feature("chat")],
+)
+
+
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
     engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
@@ -211,15 +221,10 @@ async def test_a_verified_mitigation_auto_resolves_after_a_quiet_period_keeping_
 async def test_a_runbook_that_needs_an_ack_diagnoses_first_and_resolve_can_keep_controls(
     stage: Stage,
 ) -> None:
-    snapshot = Snapshot(
-        quality=[
-            quality("gpt-4.1", "gpt-4.1-2025-04-14", 0.86, hours_ago=3),
-            quality("gpt-4.1", "gpt-4.1-2025-09-01", 0.41, hours_ago=0),
-        ],
-        features=[feature("chat")],
-    )
     helps = recovered_if(lambda controls: any(c.kind == "pin" for c in controls))
-    async with stage.open(Trigger.QUALITY_DEGRADATION, Severity.SEV2, snapshot, helps) as incident:
+    async with stage.open(
+        Trigger.QUALITY_DEGRADATION, Severity.SEV2, MODEL_UPDATE, helps
+    ) as incident:
         await eventually(lambda: incident.has("diagnosis"))
         state = await incident.state()
         assert state.status == IncidentStatus.DETECTED
@@ -269,14 +274,8 @@ async def test_resolving_while_the_runbook_verifies_cancels_it_and_reverts(stage
 async def test_an_ack_that_ends_a_run_still_mitigates_in_the_next_and_resolve_reverts(
     stage: Stage,
 ) -> None:
-    snapshot = Snapshot(
-        quality=[
-            quality("gpt-4.1", "gpt-4.1-2025-04-14", 0.86, hours_ago=3),
-            quality("gpt-4.1", "gpt-4.1-2025-09-01", 0.41, hours_ago=0),
-        ]
-    )
     async with stage.open(
-        Trigger.QUALITY_DEGRADATION, Severity.SEV2, snapshot, never_recovers, updates_per_run=2
+        Trigger.QUALITY_DEGRADATION, Severity.SEV2, MODEL_UPDATE, never_recovers, updates_per_run=2
     ) as incident:
         await eventually(lambda: incident.has("diagnosis"))
         await incident.handle.execute_update(
