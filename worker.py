@@ -176,6 +176,7 @@ def build_activities(
         jira_activities.resolve,
         controls.set,
         controls.revert,
+        controls.extend,
         controls.list_for,
         diagnosis.top_features,
         diagnosis.rate_limits,

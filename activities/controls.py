@@ -17,6 +17,9 @@ from temporalio.exceptions import ApplicationError
 
 from stores import controls as store
 
+# How long a control stays in force unless its incident keeps extending it.
+CONTROL_TTL_SECONDS = 4 * 3600
+
 
 @dataclass
 class ControlSpec:
@@ -34,7 +37,7 @@ class ControlSpec:
     model: str | None = None
     value: str = ""
     reason: str = ""
-    ttl_seconds: int = 4 * 3600
+    ttl_seconds: int = CONTROL_TTL_SECONDS
 
 
 @dataclass
@@ -61,6 +64,12 @@ class RevertControls:
     keys: list[str] | None = None  # None: every active control of the incident
     reason: str = ""
     reverted_by: str = "pagerloop"
+
+
+@dataclass
+class ExtendControls:
+    incident_id: str
+    ttl_seconds: int = CONTROL_TTL_SECONDS
 
 
 @dataclass
@@ -124,6 +133,14 @@ class ControlActivities:
             reason=request.reason,
         )
         return ControlList([control_ref(c) for c in reverted])
+
+    @activity.defn(name="controls.extend")
+    async def extend(self, request: ExtendControls) -> ControlList:
+        """Keep the incident's controls in force `ttl_seconds` more (idempotent)."""
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=request.ttl_seconds)
+        found = await asyncio.to_thread(store.extend, self._engine, request.incident_id, now, until)
+        return ControlList([control_ref(c) for c in found])
 
     @activity.defn(name="controls.list")
     async def list_for(self, incident_id: str) -> ControlList:

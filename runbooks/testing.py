@@ -137,6 +137,7 @@ class RunbookKit:
             check_signal,
             self.controls.set,
             self.controls.revert,
+            self.controls.extend,
             self.controls.list_for,
         ]
 

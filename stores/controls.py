@@ -201,6 +201,25 @@ def revert_id(
     return None if control is None else (control, False)
 
 
+def extend(engine: Engine, incident_id: str, now: datetime, until: datetime) -> list[Control]:
+    """Push the expiry of the incident's controls in force to `until` (never earlier)."""
+    now, until = utc(now), utc(until)
+    statement = (
+        update(Control)
+        .where(
+            col(Control.incident_id) == incident_id,
+            col(Control.reverted_at).is_(None),
+            col(Control.expires_at) > now,
+            col(Control.expires_at) < until,
+        )
+        .values(expires_at=until, updated_at=now)
+    )
+    with Session(engine) as session:
+        session.execute(statement)
+        session.commit()
+    return active(engine, now, incident_id)
+
+
 def active(engine: Engine, now: datetime, incident_id: str | None = None) -> list[Control]:
     query = select(Control).where(
         col(Control.reverted_at).is_(None), col(Control.expires_at) > utc(now)

@@ -150,6 +150,29 @@ def test_expired_controls_stop_applying_but_stay_listed(store: Engine) -> None:
     assert [c.id for c in reverted] == [lasting.id]
 
 
+def test_extending_pushes_back_only_the_incidents_controls_in_force(store: Engine) -> None:
+    short = put(store, "max_tokens", "256", now=NOW, ttl=timedelta(minutes=10))
+    long = put(store, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", now=NOW, ttl=timedelta(hours=9))
+    gone = put(store, "disable", feature="summaries", now=NOW)
+    controls.revert(store, gone.incident_id, NOW, keys=[gone.key])
+    other = put(store, "backoff", "5", model="gpt-4.1", incident="incident-other-1", now=NOW)
+
+    later = NOW + timedelta(minutes=5)
+    until = later + timedelta(hours=4)
+    extended = controls.extend(store, short.incident_id, later, until)
+
+    expiry = {
+        c.id: controls.utc(c.expires_at) for c in controls.listed(store, later, include_past=True)
+    }
+    assert [c.id for c in extended] == [short.id, long.id]
+    assert expiry[short.id] == until
+    assert expiry[long.id] == NOW + timedelta(hours=9)  # never shortened
+    assert expiry[gone.id] == NOW + timedelta(hours=1)  # reverted stays reverted
+    assert expiry[other.id] == NOW + timedelta(hours=1)  # another incident's
+    # Expired ones are not brought back.
+    assert controls.extend(store, short.incident_id, NOW + timedelta(hours=10), until) == []
+
+
 def test_the_call_log_names_the_controls_on_both_write_paths(store: Engine) -> None:
     records = [
         CallRecord(ts=NOW, model="gpt-4.1", status="success", latency_ms=5.0, controls=tag)

@@ -23,6 +23,7 @@ from activities.incidents import IncidentActivities, OpenIncidentRequest
 from activities.slack import SlackActivities
 from config.settings import Settings
 from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
+from stores import controls
 from stores.engine import create_schema, make_engine
 from tests.fakes.slack import FakeSlack
 from tests.helpers import close_incidents, eventually
@@ -296,3 +297,27 @@ async def test_an_ack_that_ends_a_run_still_mitigates_in_the_next_and_resolve_re
         assert result.status == IncidentStatus.RESOLVED
         assert await incident.in_force() == []
         assert "controls_reverted" in [entry.kind for entry in result.timeline]
+
+
+async def test_an_open_incident_keeps_its_controls_from_expiring(
+    stage: Stage, engine: Engine
+) -> None:
+    helps = recovered_if(lambda controls: any(c.kind == "backoff" for c in controls))
+    async with stage.open(
+        Trigger.RATE_LIMIT_EXHAUSTION, Severity.SEV2, RATE_LIMITED, helps
+    ) as incident:
+        await eventually(lambda: incident.has("mitigation"))
+        await stage.env.sleep(timedelta(minutes=4))
+        await eventually(lambda: incident.has("proposed"))  # SEV2: left open for a person
+        before = {
+            c.key: c.expires_at for c in controls.active(engine, datetime.now(UTC), incident.id)
+        }
+
+        await stage.env.sleep(timedelta(minutes=61))
+
+        def extended() -> bool:
+            now = datetime.now(UTC)
+            after = {c.key: c.expires_at for c in controls.active(engine, now, incident.id)}
+            return after.keys() == before.keys() and all(after[k] > before[k] for k in before)
+
+        await eventually(extended)

@@ -21,7 +21,12 @@ from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlr
 from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
-    from activities.controls import ControlActivities, ControlList, RevertControls
+    from activities.controls import (
+        ControlActivities,
+        ControlList,
+        ExtendControls,
+        RevertControls,
+    )
     from activities.jira import JiraActivities, JiraComment, JiraResolution, JiraTicket
     from activities.pagerduty import PagerDutyActivities, PageRequest, PageUpdate
     from activities.slack import (
@@ -63,6 +68,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.postmortem import postmortem
 
 MAX_SNOOZE_MINUTES = 24 * 60
+# How often an open incident pushes back the expiry of its runbook's controls.
+CONTROLS_KEEPALIVE = timedelta(hours=1)
 # Timeline kinds told in the Slack thread and on the Jira ticket.
 TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
         "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
@@ -144,8 +151,10 @@ class IncidentWorkflow:
             )
         ]
         runbook = asyncio.create_task(self._run_runbook())
+        keepalive = asyncio.create_task(self._keep_controls_alive())
         await self._escalation_clock()
         await runbook
+        await keepalive
         await asyncio.gather(*lanes)
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._state.status != IncidentStatus.RESOLVED:
@@ -589,6 +598,24 @@ class IncidentWorkflow:
         self._publish()
         await self._auto_resolve()
 
+    async def _keep_controls_alive(self) -> None:
+        """Controls expire by themselves (so none outlives a lost incident), but not while
+        their incident is open: every hour it pushes their expiry back."""
+        if self._runbook is None:
+            return
+        state = self._state
+        await workflow.wait_condition(lambda: bool(state.controls) or self._finished())
+        while not self._finished():
+            try:
+                await workflow.wait_condition(
+                    self._finished,
+                    timeout=CONTROLS_KEEPALIVE,
+                    timeout_summary="keep the runbook's controls in force",
+                )
+            except TimeoutError:
+                if state.controls and not self._controls.underway("extend"):
+                    self._controls.push("extend")
+
     def _step_back(self) -> None:
         """Mitigation is over without a verified recovery: back to where the incident was."""
         state = self._state
@@ -778,11 +805,19 @@ class IncidentWorkflow:
             )
 
     async def _controls_action(self, action: LaneAction) -> None:
+        state = self._state
+        if action.kind == "extend":
+            await self._activity(
+                ControlActivities.extend,
+                ExtendControls(state.incident_id),
+                summary="keep the runbook's controls in force",
+                policy=CONTROL_CHANGE,
+            )
+            return
         if action.kind != "revert":
             return
         # A runbook still changing controls finishes (or is cancelled) first.
         await workflow.wait_condition(lambda: not self._runbook_active)
-        state = self._state
         reverted: ControlList = await self._activity(
             ControlActivities.revert,
             RevertControls(state.incident_id, reason=action.text),
