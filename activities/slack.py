@@ -17,6 +17,7 @@ from workflows.incident_types import IncidentState, IncidentStatus, SlackMessage
 
 ACK_ACTION = "incident_acknowledge"
 RESOLVE_ACTION = "incident_resolve"
+RESOLVE_KEEP_ACTION = "incident_resolve_keep_controls"
 ESCALATE_ACTION = "incident_escalate"
 SNOOZE_ACTION = "incident_snooze"
 SNOOZE_MINUTES = 30
@@ -136,6 +137,9 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
         buttons.append(_button("Acknowledge", ACK_ACTION, state.incident_id, style="primary"))
     if state.status != IncidentStatus.RESOLVED:
         buttons.append(_button("Resolve", RESOLVE_ACTION, state.incident_id, style="danger"))
+        if state.controls:  # plain Resolve reverts them
+            keep = _button("Resolve, keep controls", RESOLVE_KEEP_ACTION, state.incident_id)
+            buttons.append(keep)
         buttons.append(_button("Escalate", ESCALATE_ACTION, state.incident_id))
         buttons.append(_button(f"Snooze {SNOOZE_MINUTES} min", SNOOZE_ACTION, state.incident_id))
     if buttons:

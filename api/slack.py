@@ -19,6 +19,7 @@ from activities.slack import (
     ACK_ACTION,
     ESCALATE_ACTION,
     RESOLVE_ACTION,
+    RESOLVE_KEEP_ACTION,
     SNOOZE_ACTION,
     SNOOZE_MINUTES,
     post_ephemeral,
@@ -40,6 +41,7 @@ _background: set[asyncio.Task[None]] = set()
 UPDATES: dict[str, Any] = {
     ACK_ACTION: IncidentWorkflow.acknowledge,
     RESOLVE_ACTION: IncidentWorkflow.resolve,
+    RESOLVE_KEEP_ACTION: IncidentWorkflow.resolve,
     ESCALATE_ACTION: IncidentWorkflow.escalate,
     SNOOZE_ACTION: IncidentWorkflow.snooze,
 }
@@ -128,16 +130,19 @@ async def _apply_and_tell(
             f"<@{user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
         )
     else:
-        refusal = await _apply(svc, update, incident_id, user)
+        keep = action_id == RESOLVE_KEEP_ACTION
+        refusal = await _apply(svc, update, incident_id, user, keep_controls=keep)
     SLACK_ACTIONS.labels(action_id, "refused" if refusal else "applied").inc()
     if refusal:
         await _tell(svc, channel, user, refusal)
 
 
-async def _apply(svc: Services, update: Any, incident_id: str, user: str) -> str | None:
+async def _apply(
+    svc: Services, update: Any, incident_id: str, user: str, keep_controls: bool = False
+) -> str | None:
     """Run the update; return the reason it was refused or failed, if it was."""
     handle = svc.temporal.get_workflow_handle(incident_id)
-    request: Any = ActionRequest(user=user, channel="slack")
+    request: Any = ActionRequest(user=user, channel="slack", keep_controls=keep_controls)
     if update is IncidentWorkflow.snooze:
         request = SnoozeRequest(user=user, minutes=SNOOZE_MINUTES, channel="slack")
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
@@ -20,12 +21,13 @@ from temporalio.worker import Worker
 
 import runbooks
 from activities.incidents import IncidentActivities, OpenIncidentRequest
-from activities.slack import SlackActivities
+from activities.slack import RESOLVE_KEEP_ACTION, SlackActivities
 from config.settings import Settings
 from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
 from stores import controls
 from stores.engine import create_schema, make_engine
-from tests.fakes.slack import FakeSlack
+from tests.conftest import SIGNING_SECRET
+from tests.fakes.slack import FakeSlack, Message, button_click
 from tests.helpers import close_incidents, eventually
 from tests.test_runbooks import RATE_LIMITED, feature, quality
 from workflows.incident import IncidentWorkflow
@@ -321,3 +323,33 @@ async def test_an_open_incident_keeps_its_controls_from_expiring(
             return after.keys() == before.keys() and all(after[k] > before[k] for k in before)
 
         await eventually(extended)
+
+
+async def test_resolve_and_keep_controls_from_slack(
+    stage: Stage, fake_slack: FakeSlack, settings: Settings, engine: Engine
+) -> None:
+    def keep_button() -> Message | None:
+        for message in fake_slack.top_level():
+            actions = [b for b in message.blocks if b["type"] == "actions"]
+            ids = [e["action_id"] for block in actions for e in block["elements"]]
+            if RESOLVE_KEEP_ACTION in ids:
+                return message
+        return None
+
+    async with stage.open(
+        Trigger.RATE_LIMIT_EXHAUSTION, Severity.SEV2, RATE_LIMITED, never_recovers
+    ) as incident:
+        message = await eventually(keep_button)  # offered once controls are in force
+        body, headers = button_click(message, RESOLVE_KEEP_ACTION, "U024BE7LH", SIGNING_SECRET)
+        app = worker.build_api(settings, stage.env.client, engine)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+            clicked = await api.post("/slack/interactions", content=body, headers=headers)
+        assert clicked.status_code == 200
+        result = await incident.handle.result()
+        assert result.status == IncidentStatus.RESOLVED
+        assert result.resolved_by == "U024BE7LH"
+        assert await incident.in_force() == ["backoff", "concurrency", "disable"]
+        kinds = [entry.kind for entry in result.timeline]
+        assert "controls_kept" in kinds
+        assert "controls_reverted" not in kinds
