@@ -21,6 +21,7 @@ from tests.conftest import SIGNING_SECRET, free_port, incident_ids
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack, button_click
 from tests.helpers import eventually
+from workflows.incident import IncidentWorkflow
 
 PAGERLOOP = str(Path(sys.executable).parent / "pagerloop")
 
@@ -128,6 +129,14 @@ async def test_dev_stack_pages_survives_a_kill_and_stops_cleanly(
     await eventually(lambda: len(fake_slack.messages) == 1)
     await eventually(lambda: len(fake_pagerduty.events("trigger")) == 1)
 
+    # Killed once the incident has recorded both (a page sent but not yet recorded is sent
+    # again after a restart, which PagerDuty deduplicates but this count would not).
+    async def notified() -> bool:
+        handle = client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+        state = await handle.query(IncidentWorkflow.state)
+        return state.slack_message is not None and bool(state.paged)
+
+    await eventually(notified)
     stack.kill_tree()  # the Temporal server goes too (it dies with its parent)
     await eventually(lambda: not answers(stack.temporal), timeout=10)
 
