@@ -9,12 +9,14 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
+from temporalio.client import Client
 
 import worker as wiring
 from cli.devserver import EmbeddedTemporal, answers
@@ -111,6 +113,22 @@ async def serve(settings: Settings, *, run_api: bool, run_worker: bool) -> None:
         raise failure
 
 
+HEALTHY_WITHIN_SECONDS = 30.0
+
+
+async def _connect_once_healthy(settings: Settings) -> Client:
+    """A server that has just opened its port may still say "Frontend is not healthy yet"
+    (a restart over an existing database takes longer): ask again until it is."""
+    deadline = time.monotonic() + HEALTHY_WITHIN_SECONDS
+    while True:
+        try:
+            return await wiring.connect_temporal(settings)
+        except RuntimeError as exc:
+            if "not healthy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def run_dev(settings: Settings) -> None:
     """The embedded stack: Temporal dev server with UI, API, worker and detector."""
     settings = settings.model_copy(update={"dev_mode": True})
@@ -128,7 +146,7 @@ async def run_dev(settings: Settings) -> None:
         )
         temporal.start()
     try:
-        client = await wiring.connect_temporal(settings)
+        client = await _connect_once_healthy(settings)
         await wiring.register_search_attributes(client, settings.temporal_namespace)
         ui = temporal.ui_url if temporal else "(the existing server's UI)"
         stores = make_url(settings.database_url).render_as_string(hide_password=True)
