@@ -117,6 +117,15 @@ def postgres_url() -> Iterator[str]:
         cluster.stop()
 
 
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """Empty stores in a SQLite file of the test's own."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """The stores on SQLite and on PostgreSQL, empty for each test."""

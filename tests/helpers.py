@@ -9,9 +9,13 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
+from instrumentation.recorder import Recorder
+from stores.llm_calls import LLMCall
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest
 
@@ -55,3 +59,10 @@ async def close_incidents(handles: list[WorkflowHandle]) -> None:
         except (TimeoutError, WorkflowFailureError, RPCError):
             with contextlib.suppress(RPCError):
                 await handle.terminate("test over")
+
+
+def recorded(recorder: Recorder, engine: Engine) -> list[LLMCall]:
+    """Every call record in the store once the recorder has written what it was given."""
+    assert recorder.flush()
+    with Session(engine) as session:
+        return list(session.exec(select(LLMCall).order_by(col(LLMCall.id))))

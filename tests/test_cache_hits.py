@@ -12,7 +12,6 @@ import random
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -28,7 +27,6 @@ from instrumentation import ControlSource, Recorder, StoreSink, instrument
 from instrumentation.context import llm_context
 from stores import controls, latency, writer
 from stores.aggregates import window_aggregates
-from stores.engine import create_schema, make_engine
 from stores.llm_calls import (
     CACHE_SOURCE,
     CallRecord,
@@ -251,13 +249,6 @@ async def test_cache_hits_change_no_diagnosis_answer(
 # --- end to end: an outage served from the cache through the real SDK ------------------------
 
 CHAT = [{"role": "user", "content": "Summarize the quarterly financial report revenue"}]
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
-    create_schema(engine)
-    return engine
 
 
 @pytest.fixture

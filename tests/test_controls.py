@@ -45,6 +45,7 @@ from instrumentation.limiter import Limiter
 from stores import controls
 from stores.engine import create_schema, make_engine
 from stores.llm_calls import CallRecord, LLMCall, write_calls
+from tests.helpers import recorded
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 CHAT = [{"role": "user", "content": "Summarize the quarterly financial report revenue"}]
@@ -376,13 +377,6 @@ async def test_an_async_waiter_that_gives_up_leaves_no_slot_behind() -> None:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
-    create_schema(engine)
-    return engine
-
-
-@pytest.fixture
 def recorder(engine: Engine) -> Iterator[Recorder]:
     recorder = Recorder(StoreSink(engine), quality_sample_rate=0.0, flush_interval=0.05)
     yield recorder
@@ -396,12 +390,6 @@ def client_for(llmock: LLMock, recorder: Recorder, **options: Any) -> openai.Ope
         recorder=recorder,
         **options,
     )
-
-
-def recorded(recorder: Recorder, engine: Engine) -> list[LLMCall]:
-    assert recorder.flush()
-    with Session(engine) as session:
-        return list(session.exec(select(LLMCall).order_by(LLMCall.id)))
 
 
 def test_reroute_sends_the_other_model_and_the_record_names_the_control(

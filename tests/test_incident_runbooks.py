@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,7 +24,6 @@ from activities.slack import RESOLVE_KEEP_ACTION, SlackActivities
 from config.settings import Settings
 from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
 from stores import controls
-from stores.engine import create_schema, make_engine
 from tests.conftest import SIGNING_SECRET
 from tests.fakes.slack import FakeSlack, Message, button_click
 from tests.helpers import close_incidents, eventually
@@ -54,14 +52,6 @@ MODEL_UPDATE = Snapshot(
     ],
     features=[feature("chat")],
 )
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
-    create_schema(engine)
-    yield engine
-    engine.dispose()
 
 
 @dataclass

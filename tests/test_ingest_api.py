@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,18 +14,10 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from api.deps import Services
 from config import Settings
-from stores.engine import create_schema, make_engine
 from stores.llm_calls import LLMCall
 from stores.quality import QualityScore
 
 KEY = "ingest-key-1"
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
-    create_schema(engine)
-    return engine
 
 
 def make_client(env: WorkflowEnvironment, engine: Engine, **settings: object) -> httpx.AsyncClient:

@@ -19,19 +19,13 @@ from sqlmodel import Session, select
 
 from instrumentation import Recorder, StoreSink, instrument, llm_context
 from instrumentation.pricing import DEFAULT_PRICES
-from stores.engine import create_schema, make_engine
+from stores.engine import make_engine
 from stores.llm_calls import CallRecord, LLMCall
 from stores.quality import QualityScore, ScoreRecord
+from tests.helpers import recorded
 
 SALT = "test-salt"
 RAW_USER = "customer_42@example.com"
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
-    create_schema(engine)
-    return engine
 
 
 @pytest.fixture
@@ -47,12 +41,6 @@ def client(llmock: LLMock, recorder: Recorder) -> openai.OpenAI:
         openai.OpenAI(base_url=llmock.base_url(), api_key="test", max_retries=2),
         recorder=recorder,
     )
-
-
-def recorded(recorder: Recorder, engine: Engine) -> list[LLMCall]:
-    assert recorder.flush()
-    with Session(engine) as session:
-        return list(session.exec(select(LLMCall).order_by(LLMCall.id)))
 
 
 def scores(engine: Engine) -> list[QualityScore]:

@@ -7,7 +7,6 @@ import base64
 import gzip
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,20 +29,12 @@ from api.app import create_app
 from api.deps import Services
 from config import Settings
 from instrumentation import Recorder, StoreSink, instrument
-from stores.engine import create_schema, make_engine
 from stores.llm_calls import LLMCall
 from tests.fakes.server import ThreadedServer
 
 KEY = "otlp-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = [{"role": "user", "content": "How did revenue grow this quarter?"}]
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
-    create_schema(engine)
-    return engine
 
 
 @pytest.fixture

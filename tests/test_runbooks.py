@@ -3,11 +3,9 @@ synthetic metrics snapshot, with the real controls store."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine
 from temporalio.testing import WorkflowEnvironment
 
@@ -32,17 +30,8 @@ from runbooks import (
 )
 from runbooks.base import Verification
 from runbooks.testing import RunbookKit, Snapshot, never_recovers, reading, recovered_if
-from stores.engine import create_schema, make_engine
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'stores.db'}")
-    create_schema(engine)
-    yield engine
-    engine.dispose()
 
 
 def feature(
