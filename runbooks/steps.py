@@ -34,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
         RunbookSpec,
         Verification,
     )
-    from workflows.policies import CONTROL_CHANGE, STORE_QUERY, ActivityPolicy
+    from workflows.policies import CONTROL_CHANGE, STORE_QUERY
 
 PROGRESS_SIGNAL = "runbook_progress"
 
@@ -84,7 +84,7 @@ class Steps:
             activity,
             query,
             result_type=result_type,
-            **_options(STORE_QUERY),
+            **STORE_QUERY.options(),
             summary=f"{activity} on {query.scope}",
         )
         return result
@@ -117,7 +117,7 @@ class Steps:
             # Cancelled (the incident resolved), it still lands before the runbook stops, so
             # the incident's revert comes after it and not before.
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            **_options(CONTROL_CHANGE),
+            **CONTROL_CHANGE.options(),
             summary=f"control: {spec.kind} {spec.feature or spec.model or 'all'}",
         )
         if all(known.key != ref.key for known in self.report.actions):
@@ -138,7 +138,7 @@ class Steps:
             ),
             result_type=ControlList,
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            **_options(CONTROL_CHANGE),
+            **CONTROL_CHANGE.options(),
             summary=f"roll back {len(refs)} control(s)",
         )
         gone = {ref.key for ref in refs}
@@ -195,7 +195,7 @@ class Steps:
             "diagnosis.check_signal",
             check,
             result_type=SignalReading,
-            **_options(STORE_QUERY),
+            **STORE_QUERY.options(),
             summary=f"re-read {self.input.trigger} on {self.input.scope}",
         )
         return reading
@@ -210,14 +210,6 @@ class Steps:
         await workflow.get_external_workflow_handle(parent.workflow_id).signal(
             PROGRESS_SIGNAL, RunbookProgress(kind, text)
         )
-
-
-def _options(policy: ActivityPolicy) -> dict:  # type: ignore[type-arg]
-    return {
-        "start_to_close_timeout": policy.start_to_close,
-        "schedule_to_close_timeout": policy.schedule_to_close,
-        "retry_policy": policy.retry,
-    }
 
 
 def _next_minute(at: datetime) -> datetime:

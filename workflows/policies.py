@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from temporalio.common import RetryPolicy
 
@@ -13,6 +14,14 @@ class ActivityPolicy:
     start_to_close: timedelta
     schedule_to_close: timedelta | None
     retry: RetryPolicy
+
+    def options(self) -> dict[str, Any]:
+        """As keyword arguments of `workflow.execute_activity`."""
+        return {
+            "start_to_close_timeout": self.start_to_close,
+            "schedule_to_close_timeout": self.schedule_to_close,
+            "retry_policy": self.retry,
+        }
 
 
 # A page must never be lost: vendor calls retry with backoff for a day unless the error
