@@ -16,7 +16,7 @@ from sqlalchemy import Column, DateTime, Engine, Index, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from stores.llm_calls import utc
+from stores.llm_calls import big, utc
 
 KINDS = ("concurrency", "reroute", "pin", "max_tokens", "disable", "cache", "backoff")
 # The kinds whose value is a positive count (calls in flight, tokens, attempts).
@@ -35,7 +35,7 @@ class Control(SQLModel, table=True):
     __tablename__ = "controls"
     __table_args__ = (Index("ix_controls_incident_id", "incident_id"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = big(None, primary_key=True)
     key: str = Field(max_length=KEY_MAX, unique=True)
     kind: str = Field(max_length=32)
     feature: str | None = Field(default=None, max_length=128)  # None: any feature

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Engine, Index, SmallInteger
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Engine, Index, Integer, SmallInteger
 from sqlmodel import Field, SQLModel
 
 CALL_STATUSES = ("success", "error", "timeout", "rate_limited", "server_error")
@@ -27,6 +27,15 @@ CALL_SOURCES = ("sdk", "ingest", "otlp", "cache")
 CACHE_SOURCE = "cache"
 ERROR_MESSAGE_MAX = 500
 CONTROLS_MAX = 200
+
+
+# Ids and counters that add up over a lifetime outgrow PostgreSQL's 32-bit integer. SQLite's
+# INTEGER is 64-bit already, and an id must stay INTEGER there to remain the rowid alias.
+BIG = BigInteger().with_variant(Integer, "sqlite")
+
+
+def big(default: int | None = 0, *, primary_key: bool = False) -> Any:
+    return Field(default=default, sa_type=BIG, primary_key=primary_key)
 
 
 def utc(value: datetime) -> datetime:
@@ -85,7 +94,7 @@ class LLMCall(SQLModel, table=True):
     __tablename__ = "llm_calls"
     __table_args__ = (Index("ix_llm_calls_ts", "ts"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = big(None, primary_key=True)
     call_id: str = Field(default_factory=new_call_id, max_length=32, unique=True)
     ts: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     operation: str = Field(default="chat", max_length=32)
@@ -95,9 +104,9 @@ class LLMCall(SQLModel, table=True):
     http_status: int | None = None
     latency_ms: float
     ttft_ms: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_input_tokens: int | None = None
+    input_tokens: int | None = big(None)
+    output_tokens: int | None = big(None)
+    cached_input_tokens: int | None = big(None)
     cost_usd: float | None = None
     feature: str | None = Field(default=None, max_length=128)
     team: str | None = Field(default=None, max_length=128)
@@ -129,17 +138,17 @@ class UsageRollup(SQLModel, table=True):
     feature: str = Field(primary_key=True, max_length=128)
     team: str = Field(primary_key=True, max_length=128)
     environment: str = Field(primary_key=True, max_length=64)
-    calls: int = 0
-    successes: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    rate_limited: int = 0
-    server_errors: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_input_tokens: int = 0
+    calls: int = big()
+    successes: int = big()
+    errors: int = big()
+    timeouts: int = big()
+    rate_limited: int = big()
+    server_errors: int = big()
+    input_tokens: int = big()
+    output_tokens: int = big()
+    cached_input_tokens: int = big()
     cost_usd: float = 0.0
-    unpriced_calls: int = 0
+    unpriced_calls: int = big()
     latency_ms_sum: float = 0.0
 
 
@@ -155,7 +164,7 @@ class LatencyRollup(SQLModel, table=True):
     team: str = Field(primary_key=True, max_length=128)
     environment: str = Field(primary_key=True, max_length=64)
     bucket: int = Field(sa_column=Column(SmallInteger, primary_key=True))
-    calls: int = 0
+    calls: int = big()
 
 
 def write_calls(engine: Engine, records: Sequence[CallRecord]) -> int:

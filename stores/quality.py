@@ -11,7 +11,7 @@ from sqlalchemy import Column, DateTime, Engine, Index, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
-from stores.llm_calls import utc
+from stores.llm_calls import big, utc
 
 
 class QualityScore(SQLModel, table=True):
@@ -22,7 +22,7 @@ class QualityScore(SQLModel, table=True):
         Index("ix_quality_scores_model_ts", "model", "ts"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = big(None, primary_key=True)
     call_id: str = Field(max_length=128)
     ts: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     source: str = Field(max_length=16)  # scorer | feedback | eval
@@ -62,7 +62,7 @@ class QualityRollup(SQLModel, table=True):
     hour: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
     model: str = Field(primary_key=True, max_length=128)
     feature: str = Field(primary_key=True, max_length=128)
-    scores: int = 0
+    scores: int = big()
     score_sum: float = 0.0
     score_sumsq: float = 0.0
 

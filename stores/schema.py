@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_LOCK_KEY = 7_406_231_977  # any constant: "pagerloop schema"
+_SQLITE_BUSY_MS = 30_000
 
 
 def _config(connection: Connection) -> Config:
@@ -41,10 +42,34 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def _patient(connection: Connection) -> None:
+    """Lift, until the transaction ends, the lock and statement timeouts of an engine made to
+    fail fast: a migration waits for its locks and may rewrite a large table."""
+    connection.execute(text("SET LOCAL lock_timeout = 0"))
+    connection.execute(text("SET LOCAL statement_timeout = 0"))
+
+
+@contextlib.contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            _patient(connection)
+            yield connection
+            return
+        # SQLite keeps its busy timeout per connection: restore it before the pool reuses it.
+        (busy,) = connection.exec_driver_sql("PRAGMA busy_timeout").one()
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+        try:
+            yield connection
+        finally:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy)}")
+
+
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:
+            _patient(connection)
             connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
             try:
                 yield
@@ -69,10 +94,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with _migration_lock(engine):
         if current_revision(engine) == head_revision() and revision == "head":
             return
-        with engine.begin() as connection:
+        with _migrating(engine) as connection:
             command.upgrade(_config(connection), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    with _migration_lock(engine), engine.begin() as connection:
+    with _migration_lock(engine), _migrating(engine) as connection:
         command.downgrade(_config(connection), revision)

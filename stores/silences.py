@@ -10,14 +10,14 @@ from datetime import datetime
 from sqlalchemy import Column, DateTime, Engine, Index
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from stores.llm_calls import utc
+from stores.llm_calls import big, utc
 
 
 class Silence(SQLModel, table=True):
     __tablename__ = "silences"
     __table_args__ = (Index("ix_silences_ends_at", "ends_at"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = big(None, primary_key=True)
     trigger: str | None = Field(default=None, max_length=64)  # None: any trigger
     scope: str | None = Field(default=None, max_length=160)  # glob, e.g. "model:*"; None: any
     starts_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

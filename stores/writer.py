@@ -3,6 +3,10 @@
 SQLite gets one `executemany` of plain tuples, PostgreSQL gets `COPY`: the ORM would cost a
 third of the throughput. The rollup is aggregated in Python per batch and upserted.
 
+Text PostgreSQL refuses (NUL) or no UTF-8 encoder takes (lone surrogates: `"\\ud800"`) would
+fail the whole batch; it is replaced by U+FFFD. It is rare, so the batch's strings are checked
+in one pass in C and only a batch that holds such a string pays for mending it.
+
 Calls the response cache answered (source "cache") are written to the call log but left out of
 both rollups: they never reached OpenAI, and counting their successes would hide an outage. A
 batch is checked for them once, in C; only a batch that holds one pays for filtering it.
@@ -10,16 +14,18 @@ batch is checked for them once, in C; only a batch that holds one pays for filte
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import fields
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import fields, replace
 from datetime import UTC, datetime
+from itertools import chain
 from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from stores import latency
 from stores.llm_calls import CACHE_SOURCE, CallRecord, utc
@@ -30,6 +36,8 @@ CALL_COLUMNS: tuple[str, ...] = (*_PLAIN, "ts", "metadata", "latency_bucket")
 _plain_values = attrgetter(*_PLAIN)
 _source_of = attrgetter("source")
 _SOURCE_INDEX = CALL_COLUMNS.index("source")
+_TEXT = tuple(f.name for f in fields(CallRecord) if f.type in ("str", "str | None"))
+_texts = attrgetter(*_TEXT)
 ROLLUP_KEYS = ("minute", "model", "feature", "team", "environment")
 ROLLUP_SUMS = (
     "calls",
@@ -52,6 +60,58 @@ _STATUS_COUNTER = {
     "rate_limited": "rate_limited",
     "server_error": "server_errors",
 }
+
+
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode()  # in C, and faster than a regex scan
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unfit(text: str) -> bool:
+    return "\x00" in text or _has_surrogate(text)
+
+
+def fit_text(text: str) -> str:
+    """`text` with NUL and lone surrogates replaced by U+FFFD (a surrogate pair is joined)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if _has_surrogate(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def fit_records(records: Sequence[CallRecord]) -> Sequence[CallRecord]:
+    """The batch, with copies of the records whose strings no store would take, mended."""
+    try:
+        if not _unfit("".join(filter(None, chain.from_iterable(map(_texts, records))))):
+            return records
+    except TypeError:
+        pass  # a non-string where a string belongs: check each record
+    return [_fit_record(record) for record in records]
+
+
+def _fit_record(record: CallRecord) -> CallRecord:
+    changes: dict[str, Any] = {
+        name: fit_text(value)
+        for name in _TEXT
+        if isinstance(value := getattr(record, name), str) and _unfit(value)
+    }
+    return replace(record, **changes) if changes else record
+
+
+def _fit_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return fit_text(value)
+    if isinstance(value, dict):
+        return {fit_text(k): _fit_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fit_json(v) for v in value]
+    return value
 
 
 def sqlite_datetime(value: datetime) -> str:
@@ -122,7 +182,12 @@ def _rollup_rows(records: Sequence[CallRecord], minute: Any) -> list[tuple[Any, 
 
 
 def _json(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
+    text = json.dumps(value, separators=(",", ":"), default=str)
+    # The text is ASCII: NUL and surrogates show as escapes (a pair too, for characters past
+    # U+FFFF). Decoding it also reaches the strings `default=str` made.
+    if "\\u0000" in text or "\\ud" in text:
+        text = json.dumps(_fit_json(json.loads(text)), separators=(",", ":"))
+    return text
 
 
 _COLUMN_LIST = ", ".join(CALL_COLUMNS)
@@ -212,6 +277,44 @@ def _sqlite_latency_rows(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [(*key, count) for key, count in counts.items()]
 
 
+@contextlib.contextmanager
+def _transaction(engine: Engine) -> Iterator[Any]:
+    """A DBAPI connection for one transaction. Driver errors come out as SQLAlchemy's, as the
+    ORM path would raise them: IntegrityError, OperationalError for a lock timeout or a lost
+    server (its connection then leaves the pool)."""
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    connection = None
+    try:
+        connection = engine.raw_connection()
+        yield connection
+        connection.commit()
+    except dbapi_error as exc:
+        lost = connection is not None and engine.dialect.is_disconnect(
+            exc, connection.dbapi_connection, None
+        )
+        if connection is not None:
+            if lost:
+                connection.invalidate(exc)
+            else:
+                with contextlib.suppress(dbapi_error):
+                    connection.rollback()
+        raise DBAPIError.instance(
+            "INSERT INTO llm_calls",
+            None,
+            exc,
+            dbapi_error,
+            connection_invalidated=lost,
+            dialect=engine.dialect,
+        ) from exc
+    except BaseException:
+        if connection is not None:
+            connection.rollback()
+        raise
+    finally:
+        if connection is not None:
+            connection.close()
+
+
 def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
     marks = ", ".join("?" * len(CALL_COLUMNS))
     insert = f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({marks})"  # noqa: S608
@@ -222,39 +325,25 @@ def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
         histogram = _sqlite_latency_rows([c for c in calls if c[_SOURCE_INDEX] != CACHE_SOURCE])
     else:
         histogram = _sqlite_latency_rows(calls)
-    connection = engine.raw_connection()
-    try:
+    with _transaction(engine) as connection:
         cursor = connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         (before,) = cursor.execute("SELECT coalesce(max(id), 0) FROM llm_calls").fetchone()
         cursor.executemany(insert, calls)
         cursor.execute(rollup_sql, (before,))
         cursor.executemany(_LATENCY_ROLLUP_UPSERT.replace("%s", "?"), histogram)
-        connection.commit()
-    except BaseException:
-        connection.rollback()
-        raise
-    finally:
-        connection.close()
 
 
 def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> None:
     rolled_up = counted(records)
     rollups = _rollup_rows(rolled_up, lambda value: value)
-    connection = engine.raw_connection()
-    try:
+    with _transaction(engine) as connection:
         cursor = connection.cursor()
         with cursor.copy(f"COPY llm_calls ({_COLUMN_LIST}) FROM STDIN") as copy:
             for record in records:
                 copy.write_row(_call_tuple(record, utc))
         cursor.executemany(_rollup_sql("%s"), rollups)
         cursor.executemany(_LATENCY_ROLLUP_UPSERT, _latency_rows(rolled_up))
-        connection.commit()
-    except BaseException:
-        connection.rollback()
-        raise
-    finally:
-        connection.close()
 
 
 def write_batch(engine: Engine, records: Sequence[CallRecord]) -> int:
@@ -264,9 +353,5 @@ def write_batch(engine: Engine, records: Sequence[CallRecord]) -> int:
     write = {"sqlite": _write_sqlite, "postgresql": _write_postgres}.get(backend)
     if write is None:
         raise ValueError(f"unsupported store backend {backend!r}: use SQLite or PostgreSQL")
-    try:
-        write(engine, records)
-    except engine.dialect.loaded_dbapi.IntegrityError as exc:
-        # The same exception the ORM path would raise, whichever driver is underneath.
-        raise IntegrityError("INSERT INTO llm_calls", None, exc) from exc
+    write(engine, fit_records(records))
     return len(records)

@@ -66,7 +66,7 @@ def test_window_aggregates_cover_the_minutes_of_the_window(store: Engine) -> Non
     assert found.window_seconds == 300  # 11:55:00 to 12:00:00: five whole minutes
     # A partial minute at the start counts whole: the window covers the minutes it touches.
     assert window_aggregates(store, NOW - timedelta(seconds=15), 300).window_seconds == 345
-    assert set(found.cells) == {"gpt-4.1", "o3"}
+    assert set(found.scopes(("model",))) == {"model:gpt-4.1", "model:o3"}
     everything = found.scope("global")
     assert (everything.calls, everything.errors, everything.rate_limited) == (4, 1, 1)
     assert (everything.timeouts, everything.successes) == (1, 1)
