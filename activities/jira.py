@@ -9,7 +9,8 @@ from datetime import timedelta
 from typing import Any
 
 from jira import JIRA, JIRAError
-from requests.exceptions import RequestException
+from requests.exceptions import InvalidJSONError, RequestException
+from requests.exceptions import JSONDecodeError as ResponseNotJSON
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -23,10 +24,14 @@ DONE_TRANSITIONS = (
     "closed",
 )
 COMMENT_MAX = 30_000
+# The request itself is wrong (400, 413 too large, 422) or its credentials, project or issue
+# are: the same request gets the same answer however often it is sent.
+_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 
 
 class JiraPermanentError(Exception):
-    """Jira refused the request for a reason a retry cannot fix (credentials, project, type)."""
+    """Jira refused the request for a reason a retry cannot fix (credentials, project, type,
+    a body it cannot parse), or the request could not even be encoded."""
 
 
 def make_client(url: str, email: str | None, token: str) -> JIRA:
@@ -41,6 +46,8 @@ def incident_label(incident_id: str) -> str:
 
 
 def _translate(exc: JIRAError | RequestException, what: str) -> Exception:
+    if isinstance(exc, InvalidJSONError) and not isinstance(exc, ResponseNotJSON):
+        return _unencodable(exc, what)
     if isinstance(exc, RequestException):
         return ApplicationError(f"Jira unreachable for {what}: {exc}", type="JiraError")
     status = exc.status_code or 0
@@ -53,9 +60,15 @@ def _translate(exc: JIRAError | RequestException, what: str) -> Exception:
             type="JiraThrottled",
             next_retry_delay=timedelta(seconds=retry_after),
         )
-    if status in (400, 401, 403, 404):
+    if status in _PERMANENT_STATUSES:
         return JiraPermanentError(f"Jira refused {what} (HTTP {status}): {exc.text}")
     return ApplicationError(f"Jira failed {what}: HTTP {status}", type="JiraError")
+
+
+def _unencodable(exc: Exception, what: str) -> JiraPermanentError:
+    # A bad answer from Jira surfaces as a RequestException (requests' JSONDecodeError), so a
+    # TypeError or ValueError is our request failing to encode, the same on every try.
+    return JiraPermanentError(f"Jira {what} not sent: the request could not be encoded: {exc}")
 
 
 @dataclass
@@ -98,6 +111,8 @@ def open_ticket(client: JIRA, ticket: JiraTicket) -> str:
         )
     except (JIRAError, RequestException) as exc:
         raise _translate(exc, "the ticket") from exc
+    except (TypeError, ValueError) as exc:
+        raise _unencodable(exc, "the ticket") from exc
     return str(issue.key)
 
 
@@ -106,6 +121,8 @@ def comment(client: JIRA, issue: str, text: str) -> None:
         client.add_comment(issue, text[:COMMENT_MAX])
     except (JIRAError, RequestException) as exc:
         raise _translate(exc, f"a comment on {issue}") from exc
+    except (TypeError, ValueError) as exc:
+        raise _unencodable(exc, f"a comment on {issue}") from exc
 
 
 def resolve(client: JIRA, issue: str, postmortem: str) -> None:
@@ -124,6 +141,8 @@ def resolve(client: JIRA, issue: str, postmortem: str) -> None:
         client.transition_issue(issue, done["id"])
     except (JIRAError, RequestException) as exc:
         raise _translate(exc, f"resolving {issue}") from exc
+    except (TypeError, ValueError) as exc:
+        raise _unencodable(exc, f"resolving {issue}") from exc
 
 
 class JiraActivities:

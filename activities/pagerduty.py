@@ -15,6 +15,8 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import SecretStr
+from requests.exceptions import InvalidJSONError
+from requests.exceptions import JSONDecodeError as ResponseNotJSON
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -24,6 +26,7 @@ with warnings.catch_warnings():
     import pdpyras
 
 from config.escalation import Escalation
+from workflows.finite import json_safe
 from workflows.incident_types import PagedTarget, Severity
 
 # PagerDuty's payload.severity values for our severities.
@@ -36,7 +39,13 @@ PD_SEVERITY = {
 
 
 class PagerDutyPermanentError(Exception):
-    """PagerDuty rejected the event (bad routing key, invalid event): retrying cannot help."""
+    """PagerDuty rejected the event (bad routing key, invalid event), or it could not even be
+    encoded: retrying cannot help."""
+
+
+# Answers that say the event itself is wrong (400 invalid event, 413 too large, 422) or that
+# the key is: the same event gets the same answer however often it is sent.
+_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 
 
 def make_session(routing_key: str, events_url: str) -> pdpyras.EventsAPISession:
@@ -53,6 +62,11 @@ def make_session(routing_key: str, events_url: str) -> pdpyras.EventsAPISession:
 
 
 def _translate(exc: pdpyras.PDClientError, what: str) -> Exception:
+    cause = exc.__cause__
+    # pdpyras reports every requests error as a network error, including requests' refusal to
+    # encode the body (`allow_nan=False`); only a bad response body is worth another try.
+    if isinstance(cause, InvalidJSONError) and not isinstance(cause, ResponseNotJSON):
+        return PagerDutyPermanentError(f"PagerDuty {what} could not be encoded: {cause}")
     response = getattr(exc, "response", None)
     status = response.status_code if response is not None else 0
     if status == 429:
@@ -62,7 +76,7 @@ def _translate(exc: pdpyras.PDClientError, what: str) -> Exception:
             type="PagerDutyThrottled",
             next_retry_delay=timedelta(seconds=retry_after),
         )
-    if status in (400, 401, 403, 404):
+    if status in _PERMANENT_STATUSES:
         return PagerDutyPermanentError(f"PagerDuty rejected {what} (HTTP {status}): {exc}")
     return ApplicationError(f"PagerDuty failed {what}: {exc}", type="PagerDutyError")
 
@@ -129,11 +143,14 @@ class PagerDutyActivities:
                     source=request.source,
                     dedup_key=target.dedup_key,
                     severity=PD_SEVERITY[request.severity],
-                    custom_details=request.custom_details,
-                    links=request.links or None,
+                    # Whatever the stores say (an infinite cost), the page must be valid JSON.
+                    custom_details=json_safe(request.custom_details),
+                    links=json_safe(request.links) or None,
                 )
             except pdpyras.PDClientError as exc:
                 raise _translate(exc, "trigger") from exc
+            except (TypeError, ValueError) as exc:  # building or encoding the event
+                raise PagerDutyPermanentError(f"PagerDuty trigger not sent: {exc}") from exc
 
         await asyncio.to_thread(send)
         return target
@@ -157,5 +174,7 @@ class PagerDutyActivities:
                     session.send_event(action, dedup_key=key)
                 except pdpyras.PDClientError as exc:
                     raise _translate(exc, action) from exc
+                except (TypeError, ValueError) as exc:
+                    raise PagerDutyPermanentError(f"PagerDuty {action} not sent: {exc}") from exc
 
             await asyncio.to_thread(send)

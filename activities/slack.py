@@ -13,6 +13,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from workflows.finite import human_number
 from workflows.incident_types import IncidentState, IncidentStatus, SlackMessageRef
 
 ACK_ACTION = "incident_acknowledge"
@@ -45,7 +46,8 @@ _STATUS_ICON = {
 
 
 class SlackPermanentError(Exception):
-    """Slack refused the request for a reason a retry cannot fix."""
+    """Slack refused the request for a reason a retry cannot fix (including a body that could
+    not be encoded, or that Slack answered `invalid_json` / `invalid_blocks` to)."""
 
 
 def make_client(token: str, base_url: str) -> WebClient:
@@ -58,11 +60,8 @@ def _truncate(text: str, limit: int) -> str:
 
 
 def _format_metric(name: str, value: float) -> str:
-    if name.endswith("_rate") or name.endswith("_ratio"):
-        return f"{value:.1%}"
-    if float(value).is_integer():
-        return f"{int(value)}"
-    return f"{value:.3g}"
+    # An infinite cost reads "∞", not "inf%" or a 300-digit integer.
+    return human_number(value, percent=name.endswith(("_rate", "_ratio")))
 
 
 def fallback_text(state: IncidentState) -> str:
@@ -202,6 +201,12 @@ def _translate(exc: SlackClientError, what: str) -> Exception:
     return ApplicationError(f"Slack unreachable for {what}: {exc}", type="SlackError")
 
 
+def _unencodable(exc: Exception, what: str) -> SlackPermanentError:
+    # slack-sdk decodes answers itself (a bad one is a SlackApiError): a TypeError or
+    # ValueError out of a call is our request failing to encode, the same on every try.
+    return SlackPermanentError(f"Slack {what} not sent: the request could not be encoded: {exc}")
+
+
 def post_message(
     client: WebClient,
     channel: str,
@@ -222,6 +227,8 @@ def post_message(
         )
     except SlackClientError as exc:
         raise _translate(exc, "chat.postMessage") from exc
+    except (TypeError, ValueError) as exc:
+        raise _unencodable(exc, "chat.postMessage") from exc
     return SlackMessageRef(channel=str(response["channel"]), ts=str(response["ts"]))
 
 
@@ -268,6 +275,8 @@ def update_message(
         client.chat_update(channel=ref.channel, ts=ref.ts, text=text, blocks=blocks)
     except SlackClientError as exc:
         raise _translate(exc, "chat.update") from exc
+    except (TypeError, ValueError) as exc:
+        raise _unencodable(exc, "chat.update") from exc
 
 
 def post_ephemeral(client: WebClient, channel: str, user: str, text: str) -> None:
@@ -275,6 +284,8 @@ def post_ephemeral(client: WebClient, channel: str, user: str, text: str) -> Non
         client.chat_postEphemeral(channel=channel, user=user, text=text)
     except SlackClientError as exc:
         raise _translate(exc, "chat.postEphemeral") from exc
+    except (TypeError, ValueError) as exc:
+        raise _unencodable(exc, "chat.postEphemeral") from exc
 
 
 @dataclass

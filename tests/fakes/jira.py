@@ -51,6 +51,11 @@ class FakeJira(FakeServer):
         self._comment_ids = itertools.count(20001)
         self.delays: dict[str, float] = {}  # "create" -> seconds to wait after creating
 
+    def invalid_json(self, reason: str) -> Response:
+        return JSONResponse(
+            {"errorMessages": [f"Unexpected character: {reason}"], "errors": {}}, 400
+        )
+
     def delay_next(self, operation: str, seconds: float) -> None:
         """Do the work, then keep the caller waiting (a worker may die meanwhile)."""
         self.delays[operation] = seconds

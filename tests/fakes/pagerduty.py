@@ -59,6 +59,14 @@ class FakePagerDuty(FakeServer):
     def fail_next(self, status: int, retry_after: int | None = None) -> None:
         self.faults.append((status, {"Retry-After": str(retry_after)} if retry_after else {}))
 
+    def invalid_json(self, reason: str) -> Response:
+        return self.invalid_event([f"Malformed JSON: {reason}"])
+
+    @staticmethod
+    def invalid_event(errors: list[str]) -> Response:
+        body = {"status": "invalid event", "message": "Event object is invalid", "errors": errors}
+        return JSONResponse(body, 400)
+
     def events(self, action: str | None = None) -> list[dict[str, Any]]:
         found = [r.data for r in self.received("/v2/enqueue")]
         return [e for e in found if action is None or e.get("event_action") == action]
@@ -70,16 +78,15 @@ class FakePagerDuty(FakeServer):
             fault = self.faults.popleft() if self.faults else None
         if fault is not None:
             status, headers = fault
+            if status == 400:
+                return self.invalid_event(["Event object is invalid"])
             message = "Too many requests" if status == 429 else "Internal error"
             return JSONResponse({"status": "error", "message": message}, status, headers)
         errors = event_errors(event)
         if event.get("routing_key") in self.invalid_routing_keys:
             errors.append("Invalid routing key")
         if errors:
-            return JSONResponse(
-                {"status": "invalid event", "message": "Event object is invalid", "errors": errors},
-                400,
-            )
+            return self.invalid_event(errors)
         dedup_key = event.get("dedup_key") or uuid.uuid4().hex
         action = event["event_action"]
         with self.lock:

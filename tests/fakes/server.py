@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 
@@ -25,12 +26,38 @@ class Recorded:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+class NotJSONError(ValueError):
+    """A body a vendor's JSON parser rejects; `body` is set when it was not recorded yet."""
+
+    def __init__(self, reason: str, body: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.body = body
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_loads(text: str | bytes) -> Any:
+    """`json.loads` as a vendor's parser does it: Python's alone would take `NaN` and
+    `Infinity`, which no real server accepts."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:  # also JSONDecodeError and UnicodeDecodeError
+        raise NotJSONError(str(exc)) from exc
+
+
 async def read_body(request: Request) -> tuple[bytes, dict[str, Any]]:
-    """The raw body and its fields, whether sent as JSON or as a form."""
+    """The raw body and its fields, whether sent as JSON or as a form; `NotJSONError` (answered
+    by the fake's `invalid_json`) for a JSON body no vendor would parse."""
     body = await request.body()
     content_type = request.headers.get("content-type", "")
     if "json" in content_type and body:
-        data = json.loads(body)
+        try:
+            data = strict_loads(body)
+        except NotJSONError as exc:
+            exc.body = body
+            raise
         return body, data if isinstance(data, dict) else {"_": data}
     if body:
         return body, {key: values[-1] for key, values in parse_qs(body.decode()).items()}
@@ -82,12 +109,24 @@ class ThreadedServer:
 
 
 class FakeServer(ThreadedServer):
-    """Subclasses pass their routes; handlers call `self.record(...)`."""
+    """Subclasses pass their routes; handlers call `self.record(...)`; a body that is not
+    strict JSON is recorded and answered by `invalid_json`, in the vendor's own shape."""
 
     def __init__(self, routes: list[BaseRoute]) -> None:
-        super().__init__(Starlette(routes=routes))
+        super().__init__(
+            Starlette(routes=routes, exception_handlers={NotJSONError: self._not_json})
+        )
         self.requests: list[Recorded] = []
         self.lock = threading.Lock()
+
+    def invalid_json(self, reason: str) -> Response:
+        return JSONResponse({"error": f"invalid JSON: {reason}"}, 400)
+
+    async def _not_json(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, NotJSONError)
+        if exc.body is not None:
+            self.record(request, exc.body, {})
+        return self.invalid_json(str(exc))
 
     def record(self, request: Request, body: bytes, data: dict[str, Any]) -> None:
         with self.lock:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.server import FakeServer, read_body
+from tests.fakes.server import FakeServer, read_body, strict_loads
 
 
 @dataclass
@@ -92,6 +92,10 @@ class FakeSlack(FakeServer):
     def api_url(self) -> str:
         return f"{self.url}/api/"
 
+    def invalid_json(self, reason: str) -> Response:
+        # Slack answers a body it cannot parse like any API error: HTTP 200, `ok: false`.
+        return _error("invalid_json", detail=reason)
+
     def fail_next(self, method: str, error: str, status: int = 200, retry_after: int | None = None):
         self.faults.append(Fault(method, error, status, retry_after))
 
@@ -159,7 +163,7 @@ class FakeSlack(FakeServer):
     @staticmethod
     def _blocks(data: dict[str, Any]) -> list[dict[str, Any]]:
         blocks = data.get("blocks") or []
-        return json.loads(blocks) if isinstance(blocks, str) else list(blocks)
+        return strict_loads(blocks) if isinstance(blocks, str) else list(blocks)
 
     def _auth_test(self, data: dict[str, Any]) -> JSONResponse:
         return JSONResponse({"ok": True, "team": "pagerloop", "user": "pagerloop", "bot_id": "B1"})
@@ -186,7 +190,7 @@ class FakeSlack(FakeServer):
             return JSONResponse({"ok": True, "channel": channel, "ts": ts})
         metadata = data.get("metadata")
         if isinstance(metadata, str):
-            metadata = json.loads(metadata)
+            metadata = strict_loads(metadata)
         message = Message(channel, ts, str(data.get("text", "")), blocks, metadata=metadata)
         with self.lock:
             self.messages[(channel, ts)] = message
