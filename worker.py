@@ -146,7 +146,7 @@ def build_activities(
     settings: Settings, client: Client, engine: Engine
 ) -> list[Callable[..., Any]]:
     escalation = load_escalation(settings.escalation_policy_file)
-    metrics = MetricsActivities(engine)
+    metrics = MetricsActivities(engine, settings.detector_max_scopes)
     plan = notification_plan(settings, escalation)
     incidents = IncidentActivities(client, settings.task_queue, plan, engine)
     slack_activities = SlackActivities(make_slack_client(settings))
@@ -271,6 +271,15 @@ def open_store(settings: Settings) -> Engine:
     engine = make_engine(settings.database_url)
     create_schema(engine)
     return engine
+
+
+# The API answers a locked or unreachable store with 503 + Retry-After within 2 s, instead of
+# holding the request (and the client) for the 30 s a background writer may wait.
+API_LOCK_TIMEOUT_SECONDS = 1.5
+
+
+def api_engine(settings: Settings) -> Engine:
+    return make_engine(settings.database_url, lock_timeout_seconds=API_LOCK_TIMEOUT_SECONDS)
 
 
 def build_api(settings: Settings, client: Client, engine: Engine) -> FastAPI:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Engine
 from temporalio import activity
 
 from detectors.signals import WindowAggregates
-from stores.aggregates import window_aggregates
+from stores.aggregates import DEFAULT_MAX_SCOPES, window_aggregates
 
 
 @dataclass
@@ -19,14 +19,22 @@ class WindowQuery:
 
     end: datetime
     window_seconds: int
+    # Scopes measured on their own whenever they have calls, busiest or not (firing ones).
+    keep: list[str] = field(default_factory=list)
 
 
 class MetricsActivities:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_scopes: int = DEFAULT_MAX_SCOPES) -> None:
         self._engine = engine
+        self._max_scopes = max_scopes
 
     @activity.defn(name="metrics.window_aggregates")
     async def window_aggregates(self, query: WindowQuery) -> WindowAggregates:
         return await asyncio.to_thread(
-            window_aggregates, self._engine, query.end, query.window_seconds
+            window_aggregates,
+            self._engine,
+            query.end,
+            query.window_seconds,
+            max_scopes=self._max_scopes,
+            keep=query.keep,
         )

@@ -12,7 +12,7 @@ from temporalio.client import WorkflowHandle
 
 import worker
 from config import load_settings
-from detectors.detector import DetectorStatus, DetectorWorkflow
+from detectors.detector import DetectorStatus, DetectorWorkflow, folded_line
 from detectors.naming import detector_workflow_id
 
 app = typer.Typer(help="The detector: its verdicts, and pausing it.", no_args_is_help=True)
@@ -42,6 +42,8 @@ def status() -> None:
         f"every {config.interval_seconds}s over {config.window_seconds}s, "
         f"{'paused' if found.paused else 'running'}, last at {found.last_evaluated_at}"
     )
+    for kind, info in sorted(found.folded.items()):
+        out.print(folded_line(kind, info), markup=False)
     table = Table("rule | scope", "verdict", "breaches", "good", "level")
     for key, verdict in sorted(found.last_verdicts.items()):
         if verdict in ("ok", "insufficient_data") and key not in found.rule_states:

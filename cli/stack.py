@@ -78,7 +78,8 @@ async def serve(settings: Settings, *, run_api: bool, run_worker: bool) -> None:
     stop = asyncio.Event()
     _on_signals(stop)
     running = wiring.build_worker(settings, client, engine) if run_worker else None
-    server = api_server(settings, wiring.build_api(settings, client, engine)) if run_api else None
+    served = wiring.api_engine(settings) if run_api else None
+    server = api_server(settings, wiring.build_api(settings, client, served)) if served else None
     tasks: list[asyncio.Task[Any]] = []
     failure: BaseException | None = None
     try:
@@ -109,6 +110,8 @@ async def serve(settings: Settings, *, run_api: bool, run_worker: bool) -> None:
             for task in late:
                 task.cancel()
         engine.dispose()
+        if served is not None:
+            served.dispose()
     if failure is not None:
         raise failure
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,6 +14,9 @@ class ConfigurationError(Exception):
     """The configuration cannot run the service; the message names the variables."""
 
 
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -20,6 +24,10 @@ def _split_csv(value: object) -> object:
 
 
 FeaturePriority = Literal["critical", "high", "normal", "low"]
+PublicEndpoint = Literal["metrics", "status", "openapi", "docs"]
+# Prometheus scrapes and a status page are meant to be read without a key; the schema and the
+# docs map the whole API, so they are an operator's unless listed.
+DEFAULT_PUBLIC: tuple[PublicEndpoint, ...] = ("metrics", "status")
 
 
 class Settings(BaseSettings):
@@ -45,6 +53,13 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8080, ge=1, le=65535)
     public_url: str = ""
     ingest_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # "alice:key1,ci-bot:key2": the name is the author recorded for what the key does.
+    operator_api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    # Which of the informational endpoints answer without a key (outside dev mode).
+    public_endpoints: Annotated[list[PublicEndpoint], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_PUBLIC)
+    )
+    max_active_silences: int = Field(default=200, ge=1, le=10_000)
     ingest_max_body_bytes: int = Field(default=5_000_000, gt=0)
     user_hash_salt: SecretStr = SecretStr("")
     quality_sample_rate: float = Field(default=0.1, ge=0, le=1)
@@ -54,6 +69,10 @@ class Settings(BaseSettings):
 
     detector_interval_seconds: int = Field(default=30, ge=1)
     detector_window_seconds: int = Field(default=300, ge=10)
+    # Scopes per dimension (model, feature) evaluated, by volume; the rest fold into
+    # `<dimension>:(other)`. Bounded so the detector's activity result stays far below
+    # Temporal's 2 MB payload limit.
+    detector_max_scopes: int = Field(default=50, ge=1, le=100)
 
     slack_bot_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
@@ -84,10 +103,30 @@ class Settings(BaseSettings):
         default_factory=dict
     )
 
-    @field_validator("ingest_api_keys", "slack_allowed_users", mode="before")
+    @field_validator("ingest_api_keys", "slack_allowed_users", "public_endpoints", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("operator_api_keys", mode="before")
+    @classmethod
+    def _named_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            name, sep, key = str(item).partition(":")
+            if not sep or not _OPERATOR_NAME.fullmatch(name.strip()) or not key.strip():
+                raise ValueError(
+                    "expected name:key pairs, comma-separated, names of letters, digits, "
+                    "`._@-` (at most 64)"
+                )
+            if name.strip() in keys:
+                raise ValueError(f"operator name {name.strip()!r} is given twice")
+            keys[name.strip()] = key.strip()
+        return keys
 
     @field_validator("feature_priorities", mode="before")
     @classmethod

@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from detectors.config import DetectorRules
     from detectors.evaluation import Evaluation, Finding, evaluate, trigger_key
     from detectors.rules import RuleState
-    from detectors.signals import WindowAggregates
+    from detectors.signals import DIMENSIONS, FoldedInfo, WindowAggregates, folded_scope, kind_of
     from workflows.incident_types import Breach, Recovery, severity_rank
     from workflows.policies import OPEN_INCIDENT, STORE_QUERY
 
@@ -38,6 +38,9 @@ EVALUATIONS_PER_RUN = 500
 # A firing trigger refreshes its open incident's metrics at most this often (like
 # Alertmanager's group_interval); a higher severity is reported at once.
 REPORT_INTERVAL = timedelta(seconds=60)
+# The store gives at most this many names of a dimension a scope of their own (the settings'
+# bound on PAGERLOOP_DETECTOR_MAX_SCOPES): asking to keep more would only grow the input.
+KEEP_PER_DIMENSION = 100
 
 
 @dataclass
@@ -77,6 +80,15 @@ class DetectorStatus:
     last_verdicts: dict[str, str]
     firing: list[str]
     inhibited: list[str]
+    # By dimension: the names beyond the top ones, summed into `<dimension>:(other)`.
+    folded: dict[str, FoldedInfo] = field(default_factory=dict)
+
+
+def folded_line(kind: str, info: FoldedInfo) -> str:
+    return (
+        f"{kind}: {info.values:,} values beyond the top {info.top} folded into "
+        f"{folded_scope(kind)} ({info.calls:,} calls)"
+    )
 
 
 def proposed_incident_id(finding: Finding, at: datetime) -> str:
@@ -94,6 +106,7 @@ class DetectorWorkflow:
         self._evaluations = 0
         self._last_evaluated_at: datetime | None = None
         self._last: Evaluation | None = None
+        self._folded: dict[str, FoldedInfo] = {}
         self._closed: set[str] = set()
         self._wake = False
 
@@ -160,6 +173,7 @@ class DetectorWorkflow:
             last_verdicts=dict(last.verdicts) if last else {},
             firing=[trigger_key(f.trigger, f.scope) for f in last.firing] if last else [],
             inhibited=list(last.inhibited) if last else [],
+            folded=dict(self._folded),
         )
 
     # --- one evaluation --------------------------------------------------------------------
@@ -169,7 +183,7 @@ class DetectorWorkflow:
         config = self._config
         aggregates: WindowAggregates = await workflow.execute_activity_method(
             MetricsActivities.window_aggregates,
-            WindowQuery(end=now, window_seconds=config.window_seconds),
+            WindowQuery(end=now, window_seconds=config.window_seconds, keep=self._firing_scopes()),
             start_to_close_timeout=STORE_QUERY.start_to_close,
             schedule_to_close_timeout=STORE_QUERY.schedule_to_close,
             retry_policy=STORE_QUERY.retry,
@@ -180,8 +194,19 @@ class DetectorWorkflow:
         self._evaluations += 1
         self._last_evaluated_at = now
         self._last = evaluation
+        self._folded = dict(aggregates.folded)
         await self._report_breaches(evaluation.firing, now)
         await self._report_recoveries(evaluation, now)
+
+    def _firing_scopes(self) -> list[str]:
+        """Firing model and feature scopes: kept out of the fold while they fire, so that
+        they can recover (a scope without data stays firing)."""
+        firing = sorted({key.partition("|")[2] for key, s in self._rule_states.items() if s.firing})
+        kept: list[str] = []
+        for kind in DIMENSIONS:
+            named = [s for s in firing if kind_of(s) == kind and s != folded_scope(kind)]
+            kept.extend(named[:KEEP_PER_DIMENSION])
+        return kept
 
     async def _report_breaches(self, findings: list[Finding], now: datetime) -> None:
         requests: list[OpenIncidentRequest] = []
@@ -269,4 +294,6 @@ class DetectorWorkflow:
                 lines.append(f"- {last.verdicts[key]} `{key}`")
             if not last.firing and not pending:
                 lines.append("- all quiet")
+        for kind, info in sorted(self._folded.items()):
+            lines.append(f"- {folded_line(kind, info)}")
         workflow.set_current_details("\n".join(lines))

@@ -1,21 +1,28 @@
 """The golden signals, from additive aggregates.
 
-The stores answer with sums per (model, feature) cell for the window (calls by status, tokens,
-cost, a latency histogram, quality sums); everything here is arithmetic on those sums, so a
-scope (global, a model, a feature, or global minus some scopes) is just the sum of its cells.
+The stores answer with sums per scope for the window (calls by status, tokens, cost, a latency
+histogram, quality sums): global, the busiest models and features, and one `<kind>:(other)`
+scope per dimension holding the rest, so the answer has a bounded size however many distinct
+names the traffic carries. Everything here is arithmetic on those sums: global minus some
+scopes of one kind is global minus their sum.
+
+Results recorded before scopes were folded carry sums per (model, feature) cell instead; they
+still evaluate as they did then, so a running detector's history replays.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 
 from stores import latency
 
 GLOBAL = "global"
 SCOPE_KINDS = ("global", "model", "feature")
+DIMENSIONS = ("model", "feature")
+OTHER = "(other)"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:/@+-]")
 
 
@@ -25,6 +32,16 @@ def scope_name(kind: str, value: str = "") -> str:
     if kind == GLOBAL:
         return GLOBAL
     return f"{kind}:{_UNSAFE.sub('_', value)[:140] or '_'}"
+
+
+def folded_scope(kind: str) -> str:
+    """`model:(other)` / `feature:(other)`: the names beyond the top ones, summed. Unlike a
+    name from the traffic, its parentheses stay, so it cannot be mistaken for one."""
+    return f"{kind}:{OTHER}"
+
+
+def kind_of(scope: str) -> str:
+    return GLOBAL if scope == GLOBAL else scope.partition(":")[0]
 
 
 @dataclass
@@ -61,15 +78,74 @@ class Aggregate:
 
 
 @dataclass
+class ScopeSums:
+    """One scope's sums as the activity result carries them: the latency histogram as the
+    counts of consecutive buckets from `latency_from` on, which takes half the bytes of a
+    bucket -> count mapping (and histograms are most of the result)."""
+
+    sums: Aggregate  # its latency_histogram empty
+    latency_from: int = 0
+    latency: list[int] = field(default_factory=list)
+
+    @classmethod
+    def pack(cls, aggregate: Aggregate) -> ScopeSums:
+        histogram = aggregate.latency_histogram
+        sums = replace(aggregate, latency_histogram={})
+        if not histogram:
+            return cls(sums)
+        first, last = min(histogram), max(histogram)
+        return cls(sums, first, [histogram.get(b, 0) for b in range(first, last + 1)])
+
+    def unpack(self) -> Aggregate:
+        histogram = {self.latency_from + i: n for i, n in enumerate(self.latency) if n}
+        return replace(self.sums, latency_histogram=histogram)
+
+
+@dataclass
+class FoldedInfo:
+    """The names of one dimension summed into its `(other)` scope."""
+
+    values: int = 0  # distinct names
+    calls: int = 0  # their calls in the window
+    top: int = 0  # how many names had scopes of their own at most
+
+
+@dataclass
 class WindowAggregates:
-    """What the stores say about one window: per-cell sums, and today's spend."""
+    """What the stores say about one window: per-scope sums, and today's spend."""
 
     end: datetime
     window_seconds: float  # from the start of the first minute counted to `end`
-    cells: dict[str, dict[str, Aggregate]]  # model -> feature -> sums ("" for no feature)
+    # Results recorded before the folding: model -> feature -> sums ("" for no feature).
+    cells: dict[str, dict[str, Aggregate]] = field(default_factory=dict)
     cost_today_usd: float = 0.0
+    # Scope name -> sums; always holds `global`, so an empty dict means a per-cell result.
+    by_scope: dict[str, ScopeSums] = field(default_factory=dict)
+    folded: dict[str, FoldedInfo] = field(default_factory=dict)  # by dimension
+
+    @classmethod
+    def of_scopes(
+        cls,
+        end: datetime,
+        window_seconds: float,
+        scopes: dict[str, Aggregate],
+        cost_today_usd: float = 0.0,
+        folded: dict[str, FoldedInfo] | None = None,
+    ) -> WindowAggregates:
+        packed = {name: ScopeSums.pack(aggregate) for name, aggregate in scopes.items()}
+        packed.setdefault(GLOBAL, ScopeSums(Aggregate()))
+        return cls(
+            end=end,
+            window_seconds=window_seconds,
+            cost_today_usd=cost_today_usd,
+            by_scope=packed,
+            folded=dict(folded or {}),
+        )
 
     def scope(self, name: str) -> Aggregate:
+        if self.by_scope:
+            packed = self.by_scope.get(name)
+            return packed.unpack() if packed is not None else Aggregate()
         total = Aggregate()
         for model, features in self.cells.items():
             for feature, cell in features.items():
@@ -81,6 +157,11 @@ class WindowAggregates:
         found: dict[str, Aggregate] = {}
         if GLOBAL in kinds:
             found[GLOBAL] = self.scope(GLOBAL)
+        if self.by_scope:
+            for name in self.by_scope:
+                if name != GLOBAL and kind_of(name) in kinds:
+                    found[name] = self.scope(name)
+            return found
         for model, features in self.cells.items():
             for feature, cell in features.items():
                 names = []
@@ -93,7 +174,18 @@ class WindowAggregates:
         return found
 
     def global_without(self, scopes: list[str]) -> Aggregate:
-        """Global minus the cells of these scopes (counted once even when they overlap)."""
+        """Global minus these scopes. Per-scope sums can only take away scopes that do not
+        overlap: scopes of one kind (which is what the inhibition asks about)."""
+        if self.by_scope:
+            names = list(dict.fromkeys(scopes))
+            if GLOBAL in names:
+                return Aggregate()
+            if len({kind_of(name) for name in names}) > 1:
+                raise ValueError(f"scopes of one kind only, not {names}")
+            total = self.scope(GLOBAL)
+            for name in names:
+                total.add(self.scope(name), sign=-1)
+            return total
         total = Aggregate()
         for model, features in self.cells.items():
             for feature, cell in features.items():

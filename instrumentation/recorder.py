@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from instrumentation import calllog, quality
 from instrumentation.capture import PendingCall, finalize, prompt_text
-from instrumentation.pricing import DEFAULT_PRICES, PriceTable
+from instrumentation.pricing import DEFAULT_PRICES, PRICES, PriceTable, base_model
 from stores.llm_calls import CallRecord, write_calls
 from stores.quality import ScoreRecord, write_scores
 
@@ -43,6 +43,14 @@ UNPRICED = Counter(
 QUEUE_DEPTH = Gauge(
     "pagerloop_instrumentation_queue_depth", "Records waiting for the recorder's thread."
 )
+
+
+def count_unpriced(model: str) -> None:
+    """Count a call without a price. The label is a model of the price table (a snapshot
+    counts as its base model) or "other": model names come from callers, and each label value
+    is a series on /metrics for as long as the process lives."""
+    known = model if model in PRICES else base_model(model)
+    UNPRICED.labels(known if known in PRICES else "other").inc()
 
 
 class Sink(Protocol):
@@ -179,7 +187,7 @@ class Recorder:
                 if scored is not None:
                     scores.append(scored)
             if record.cost_usd is None and record.input_tokens is not None:
-                UNPRICED.labels(record.response_model or record.model).inc()
+                count_unpriced(record.response_model or record.model)
         calllog.emit(calls)
         for attempt in range(1, self.sink_attempts + 1):
             try:

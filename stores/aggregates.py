@@ -1,15 +1,38 @@
-"""The detectors' questions to the stores: per (model, feature) sums for a window, read from the
-rollups, so the cost follows the window's length, never the history's."""
+"""The detectors' questions to the stores: per-scope sums for a window, read from the rollups, so
+the cost follows the window's length, never the history's.
+
+Each dimension (model, feature) keeps its busiest names (by calls and quality scores in the
+window) as scopes of their own, up to `max_scopes`, and folds the rest into `<kind>:(other)`
+inside the query (CASE WHEN name IN (:top) THEN name ELSE '(other)' END): the answer has at
+most 1 + 2 * (max_scopes + 1) scopes whatever the number of distinct names, which keeps the
+detector's activity result far below Temporal's 2 MB payload limit. Each table is read once
+for both dimensions, grouped by (model key, feature key); the scopes are summed from those.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, Select, case, func, literal, select, union_all
 
-from detectors.signals import Aggregate, WindowAggregates
+from detectors.signals import (
+    DIMENSIONS,
+    GLOBAL,
+    OTHER,
+    Aggregate,
+    FoldedInfo,
+    WindowAggregates,
+    folded_scope,
+    kind_of,
+    scope_name,
+)
 from stores.llm_calls import LatencyRollup, UsageRollup, utc
 from stores.quality import QualityRollup, QualityScore
+
+DEFAULT_MAX_SCOPES = 50
 
 USAGE_SUMS = (
     "calls",
@@ -23,82 +46,204 @@ USAGE_SUMS = (
     "cost_usd",
 )
 
+_usage = UsageRollup.__table__.c  # type: ignore[attr-defined]
+_latency = LatencyRollup.__table__.c  # type: ignore[attr-defined]
+_scores = QualityScore.__table__.c  # type: ignore[attr-defined]
+_hourly = QualityRollup.__table__.c  # type: ignore[attr-defined]
+
 
 def _floor_minute(value: datetime) -> datetime:
     return value.replace(second=0, microsecond=0)
 
 
 def window_aggregates(
-    engine: Engine, end: datetime, window_seconds: int, baseline_days: int = 7
+    engine: Engine,
+    end: datetime,
+    window_seconds: int,
+    baseline_days: int = 7,
+    *,
+    max_scopes: int = DEFAULT_MAX_SCOPES,
+    keep: Sequence[str] = (),
 ) -> WindowAggregates:
-    """Every minute that overlaps (end - window, end), per model and feature: the last
-    window_seconds, counted in whole minutes (the current minute included)."""
+    """Every minute that overlaps (end - window, end): the last window_seconds, counted in whole
+    minutes (the current minute included), per scope.
+
+    `keep` names scopes (`feature:checkout`) that take the first of the `max_scopes` places
+    when they have calls in the window, ahead of busier names: a firing scope stays measured
+    until it recovers, instead of vanishing into `(other)` while its incident is open."""
     end = utc(end)
     first_minute = _floor_minute(end - timedelta(seconds=window_seconds))
-    cells: dict[str, dict[str, Aggregate]] = {}
-
-    def cell(model: str, feature: str) -> Aggregate:
-        return cells.setdefault(model, {}).setdefault(feature, Aggregate())
-
-    usage = UsageRollup.__table__.c  # type: ignore[attr-defined]
-    in_window = (usage.minute >= first_minute, usage.minute < end)
-    usage_query = (
-        select(usage.model, usage.feature, *(func.sum(usage[name]) for name in USAGE_SUMS))
-        .where(*in_window)
-        .group_by(usage.model, usage.feature)
-    )
-    lat = LatencyRollup.__table__.c  # type: ignore[attr-defined]
-    latency_query = (
-        select(lat.model, lat.feature, lat.bucket, func.sum(lat.calls))
-        .where(lat.minute >= first_minute, lat.minute < end)
-        .group_by(lat.model, lat.feature, lat.bucket)
+    window = _Window(
+        first_minute=first_minute,
+        end=end,
+        start=end - timedelta(seconds=window_seconds),
+        baseline_since=end - timedelta(days=baseline_days),
     )
     midnight = end.replace(hour=0, minute=0, second=0, microsecond=0)
-    today_query = select(func.coalesce(func.sum(usage.cost_usd), 0.0)).where(
-        usage.minute >= midnight, usage.minute < end
-    )
-    score = QualityScore.__table__.c  # type: ignore[attr-defined]
-    window_start = end - timedelta(seconds=window_seconds)
-    quality_query = (
-        select(score.model, score.feature, func.count(), func.sum(score.score))
-        .where(score.ts > window_start, score.ts <= end)
-        .group_by(score.model, score.feature)
-    )
-    hourly = QualityRollup.__table__.c  # type: ignore[attr-defined]
-    baseline_query = (
-        select(
-            hourly.model,
-            hourly.feature,
-            func.sum(hourly.scores),
-            func.sum(hourly.score_sum),
-            func.sum(hourly.score_sumsq),
-        )
-        .where(
-            hourly.hour >= end - timedelta(days=baseline_days),
-            hourly.hour < window_start.replace(minute=0, second=0, microsecond=0),
-        )
-        .group_by(hourly.model, hourly.feature)
+    today_query = select(func.coalesce(func.sum(_usage.cost_usd), 0.0)).where(
+        _usage.minute >= midnight, _usage.minute < end
     )
     with engine.connect() as connection:
-        for model, feature, *sums in connection.execute(usage_query):
-            target = cell(model, feature)
-            for name, value in zip(USAGE_SUMS, sums, strict=True):
-                setattr(target, name, type(getattr(target, name))(value or 0))
-        for model, feature, bucket, calls in connection.execute(latency_query):
-            target = cell(model, feature)
-            target.latency_histogram[int(bucket)] = int(calls)
+        tops = {
+            kind: _top(connection, kind, window, max_scopes, _pinned(keep, kind))
+            for kind in DIMENSIONS
+        }
+        cells = _folded_cells(connection, window, tops["model"].names, tops["feature"].names)
         cost_today = float(connection.execute(today_query).scalar_one())
-        for model, feature, count, total in connection.execute(quality_query):
-            target = cell(model or "", feature or "")
-            target.quality_count, target.quality_sum = int(count), float(total or 0)
-        for model, feature, count, total, squares in connection.execute(baseline_query):
-            target = cell(model, feature)
-            target.baseline_count = int(count or 0)
-            target.baseline_sum = float(total or 0)
-            target.baseline_sumsq = float(squares or 0)
-    return WindowAggregates(
-        end=end,
-        window_seconds=(end - first_minute).total_seconds(),
-        cells=cells,
-        cost_today_usd=cost_today,
+    by_scope = _scopes(cells)
+    folded = {
+        kind: FoldedInfo(
+            values=top.seen - len(top.names),
+            calls=by_scope[folded_scope(kind)].calls if folded_scope(kind) in by_scope else 0,
+            top=max_scopes,
+        )
+        for kind, top in tops.items()
+        if top.seen > len(top.names)
+    }
+    return WindowAggregates.of_scopes(
+        end, (end - first_minute).total_seconds(), by_scope, cost_today, folded
     )
+
+
+def _scopes(cells: dict[tuple[str, str], Aggregate]) -> dict[str, Aggregate]:
+    by_scope: dict[str, Aggregate] = {GLOBAL: Aggregate()}
+    for (model, feature), cell in cells.items():
+        by_scope[GLOBAL].add(cell)
+        for kind, key in (("model", model), ("feature", feature)):
+            if key == "":  # a feature-less call: global and its model only
+                continue
+            name = folded_scope(kind) if key == OTHER else scope_name(kind, key)
+            by_scope.setdefault(name, Aggregate()).add(cell)
+    return by_scope
+
+
+@dataclass(frozen=True)
+class _Window:
+    first_minute: datetime  # the rollups' minutes from here ...
+    end: datetime  # ... to here
+    start: datetime  # quality scores after this
+    baseline_since: datetime  # the quality baseline's first hour
+
+
+@dataclass(frozen=True)
+class _Top:
+    names: list[str]  # the names with scopes of their own
+    seen: int  # distinct names in the window
+
+
+def _pinned(keep: Sequence[str], kind: str) -> list[str]:
+    # A scope is taken for the name it was made of, which it is unless the name had
+    # characters scope_name() replaces (such a scope is then not pinned).
+    return [name.partition(":")[2] for name in keep if kind_of(name) == kind]
+
+
+def _top(connection: Connection, kind: str, w: _Window, limit: int, pinned: list[str]) -> _Top:
+    """The names that get a scope of their own: the pinned ones with calls, then by volume in
+    the window (calls, and quality scores: a model judged only by feedback still counts)."""
+    volumes = union_all(
+        select(_usage[kind].label("name"), _usage.calls.label("volume")).where(
+            _usage.minute >= w.first_minute, _usage.minute < w.end
+        ),
+        select(func.coalesce(_scores[kind], "").label("name"), literal(1).label("volume")).where(
+            _scores.ts > w.start, _scores.ts <= w.end
+        ),
+    ).subquery()
+    name = volumes.c.name
+    first = [case((name.in_(pinned), 0), else_=1)] if pinned else []
+    query = (
+        select(name, func.count().over())  # over the groups: every distinct name
+        .where(name != "")
+        .group_by(name)
+        .order_by(*first, func.sum(volumes.c.volume).desc(), name)
+        .limit(limit + 1)
+    )
+    rows = connection.execute(query).all()
+    # A name spelled "(other)" would merge with the fold: it folds.
+    names = [str(row[0]) for row in rows if row[0] != OTHER][:limit]
+    return _Top(names, int(rows[0][1]) if rows else 0)
+
+
+def _keys(model: Any, feature: Any, models: list[str], features: list[str]) -> list[Any]:
+    """(model key, feature key): the name when it is a top one, "" for no feature, else OTHER."""
+    m, f = func.coalesce(model, ""), func.coalesce(feature, "")
+    return [
+        case((m.in_(models), m), else_=literal(OTHER)).label("model_key"),
+        case((f.in_(features), f), (f == "", ""), else_=literal(OTHER)).label("feature_key"),
+    ]
+
+
+def _grouped(
+    inner: Select[Any], keys: tuple[str, ...], sums: Callable[[Any], list[Any]]
+) -> Select[Any]:
+    """Group by the keys in an outer query: PostgreSQL does not see two CASE expressions with
+    their own bound parameters as the same, so GROUP BY CASE ... would not do."""
+    columns = inner.subquery().c
+    by = [columns.model_key, columns.feature_key, *(columns[name] for name in keys)]
+    return select(*by, *sums(columns)).group_by(*by)
+
+
+def _folded_cells(
+    connection: Connection, w: _Window, models: list[str], features: list[str]
+) -> dict[tuple[str, str], Aggregate]:
+    """Sums per (model key, feature key): at most (models + 1) * (features + 2) cells, each
+    scanned table read once for both dimensions."""
+    cells: dict[tuple[str, str], Aggregate] = {}
+
+    def at(model: str, feature: str) -> Aggregate:
+        return cells.setdefault((model, feature), Aggregate())
+
+    usage = _grouped(
+        select(*_keys(_usage.model, _usage.feature, models, features), *_usage_sums()).where(
+            _usage.minute >= w.first_minute, _usage.minute < w.end
+        ),
+        (),
+        lambda c: [func.sum(c[n]) for n in USAGE_SUMS],
+    )
+    latency = _grouped(
+        select(
+            *_keys(_latency.model, _latency.feature, models, features),
+            _latency.bucket,
+            _latency.calls,
+        ).where(_latency.minute >= w.first_minute, _latency.minute < w.end),
+        ("bucket",),
+        lambda c: [func.sum(c.calls)],
+    )
+    quality = _grouped(
+        select(*_keys(_scores.model, _scores.feature, models, features), _scores.score).where(
+            _scores.ts > w.start, _scores.ts <= w.end
+        ),
+        (),
+        lambda c: [func.count(), func.sum(c.score)],
+    )
+    baseline = _grouped(
+        select(
+            *_keys(_hourly.model, _hourly.feature, models, features),
+            _hourly.scores,
+            _hourly.score_sum,
+            _hourly.score_sumsq,
+        ).where(
+            _hourly.hour >= w.baseline_since,
+            _hourly.hour < w.start.replace(minute=0, second=0, microsecond=0),
+        ),
+        (),
+        lambda c: [func.sum(c.scores), func.sum(c.score_sum), func.sum(c.score_sumsq)],
+    )
+    for model, feature, *values in connection.execute(usage):
+        target = at(model, feature)
+        for name, value in zip(USAGE_SUMS, values, strict=True):
+            setattr(target, name, type(getattr(target, name))(value or 0))
+    for model, feature, bucket, calls in connection.execute(latency):
+        at(model, feature).latency_histogram[int(bucket)] = int(calls)
+    for model, feature, count, total in connection.execute(quality):
+        at(model, feature).quality_count = int(count)
+        at(model, feature).quality_sum = float(total or 0)
+    for model, feature, count, total, squares in connection.execute(baseline):
+        target = at(model, feature)
+        target.baseline_count = int(count or 0)
+        target.baseline_sum = float(total or 0)
+        target.baseline_sumsq = float(squares or 0)
+    return cells
+
+
+def _usage_sums() -> list[Any]:
+    return [_usage[name] for name in USAGE_SUMS]
