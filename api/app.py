@@ -2,115 +2,106 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NoReturn
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import feedback, health, ingest, otlp, pagerduty, silences, slack, status
+from api import errors, feedback, health, ingest, otlp, pagerduty, silences, slack, status
+from api.auth import readable_by
+from api.bodies import add_components
 from api.deps import Services
 from api.telemetry import REJECTED_REQUESTS
 
-# Webhooks are small; only the ingest endpoints take big batches.
-WEBHOOK_MAX_BYTES = 1_000_000
+# Webhooks and operator requests are small; only the ingest endpoints take big batches.
+SMALL_BODY_BYTES = 1_000_000
+SILENCE_BODY_BYTES = 64_000
 
 
 class BodySizeLimit:
-    """413 for a body over the limit of its path prefix, declared or streamed, before any
-    parsing or signature check."""
+    """413 for a body over the limit of its path prefix: at once when declared, else as soon as
+    the streamed body passes it. Nothing is read here: the endpoint reads the body only after
+    authenticating the caller, so an unauthenticated client cannot make the server read."""
 
     def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
         self.app = app
         self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
         limit = next(
-            (
-                size
-                for prefix, size in self.limits.items()
-                if scope.get("path", "").startswith(prefix)
-            ),
-            None,
+            (size for prefix, size in self.limits.items() if path.startswith(prefix)), None
         )
         if scope["type"] != "http" or limit is None:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._refuse(send, limit)
+            await _refuse(send, limit)
             return
-        # Read the body here (bounded) so a streamed, undeclared body is measured too.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                await self._refuse(send, limit)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    _too_large(limit)
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, counted, send)
 
-        await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _refuse(send: Send, limit: int) -> None:
-        REJECTED_REQUESTS.labels("any", "too_large").inc()
-        response = JSONResponse(
-            {"detail": f"request body larger than {limit} bytes"}, status_code=413
-        )
-        await response({"type": "http"}, _no_receive, send)
+def _too_large(limit: int) -> NoReturn:
+    REJECTED_REQUESTS.labels("any", "too_large").inc()
+    raise HTTPException(413, f"request body larger than {limit} bytes")
+
+
+async def _refuse(send: Send, limit: int) -> None:
+    REJECTED_REQUESTS.labels("any", "too_large").inc()
+    response = JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+    await response({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
-    path = ""
-    for part in loc:
-        if part == "body":
-            continue
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "body"
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    REJECTED_REQUESTS.labels(request.url.path, "invalid").inc()
-    messages = [f"{_field_path(error['loc'])}: {error['msg']}" for error in errors]
-    return JSONResponse(
-        {"detail": "; ".join(messages[:20]), "errors": [dict(e, ctx=None) for e in errors[:100]]},
-        status_code=422,
-    )
-
-
 def create_app(svc: Services) -> FastAPI:
-    app = FastAPI(title="pagerloop", version="0.1.0")
+    # The schema and the docs are routes of our own, so that they can be kept to operators.
+    app = FastAPI(
+        title="pagerloop", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None
+    )
     app.state.services = svc
+    ingest_limit = svc.settings.ingest_max_body_bytes
     app.add_middleware(
         BodySizeLimit,
         limits={
-            "/v1/": svc.settings.ingest_max_body_bytes,
-            "/slack/": WEBHOOK_MAX_BYTES,
-            "/pagerduty/": WEBHOOK_MAX_BYTES,
+            "/v1/silences": SILENCE_BODY_BYTES,
+            "/v1/feedback": min(ingest_limit, SMALL_BODY_BYTES * 2),
+            "/v1/": ingest_limit,
+            "/slack/": SMALL_BODY_BYTES,
+            "/pagerduty/": SMALL_BODY_BYTES,
         },
     )
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    errors.install(app)
     for module in (ingest, otlp, feedback, silences, slack, pagerduty, status, health):
         app.include_router(module.router)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[readable_by("openapi")])
+    def openapi() -> JSONResponse:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_components(
+                get_openapi(title=app.title, version=app.version, routes=app.routes)
+            )
+        return JSONResponse(app.openapi_schema)
+
+    @app.get("/docs", include_in_schema=False, dependencies=[readable_by("docs")])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="pagerloop API")
+
     return app

@@ -6,13 +6,16 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, status
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from api.auth import require_ingest_key
+from api.bodies import JsonBody
+from api.bounds import MAX_FEEDBACK_PER_REQUEST, RecentTimestamp, Storable, Text128
 from api.deps import Services, services
-from api.ingest import require_ingest_key
+from api.errors import INGEST_ERRORS
 from api.telemetry import INGESTED_CALLS
 from stores.llm_calls import LLMCall
 from stores.quality import ScoreRecord, write_scores
@@ -26,14 +29,14 @@ class FeedbackIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    call_id: Annotated[str, Field(min_length=1, max_length=128)]
-    score: float | None = Field(default=None, ge=0, le=1)
+    call_id: Text128
+    score: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     thumbs: Literal["up", "down"] | None = None
     source: Literal["feedback", "eval"] = "feedback"
-    evaluator: Annotated[str, Field(max_length=128)] | None = None
-    label: Annotated[str, Field(max_length=64)] | None = None
-    comment: Annotated[str, Field(max_length=1000)] | None = None
-    timestamp: AwareDatetime | None = None
+    evaluator: Annotated[str, Field(max_length=128), Storable] | None = None
+    label: Annotated[str, Field(max_length=64), Storable] | None = None
+    comment: Annotated[str, Field(max_length=1000), Storable] | None = None
+    timestamp: RecentTimestamp | None = None
 
     @model_validator(mode="after")
     def _one_verdict(self) -> FeedbackIn:
@@ -46,6 +49,16 @@ class FeedbackIn(BaseModel):
         if self.score is not None:
             return self.score
         return 1.0 if self.thumbs == "up" else 0.0
+
+
+FEEDBACK = JsonBody[FeedbackIn | list[FeedbackIn]](
+    "Feedback",
+    FeedbackIn
+    | Annotated[
+        list[FeedbackIn],
+        Field(min_length=1, max_length=MAX_FEEDBACK_PER_REQUEST, fail_fast=True),
+    ],
+)
 
 
 class FeedbackResult(BaseModel):
@@ -74,11 +87,13 @@ def _calls_by_reference(engine: Engine, references: set[str]) -> dict[str, LLMCa
     "/v1/feedback",
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[Depends(require_ingest_key)],
+    openapi_extra=FEEDBACK.openapi,
+    responses={**INGEST_ERRORS, 404: {"description": "a referenced call is not recorded"}},
 )
 async def post_feedback(
-    body: Annotated[FeedbackIn | list[FeedbackIn], Body()],
-    svc: Annotated[Services, Depends(services)],
+    request: Request, svc: Annotated[Services, Depends(services)]
 ) -> FeedbackResult:
+    body = await FEEDBACK.parse(request)
     items = body if isinstance(body, list) else [body]
     calls = await asyncio.to_thread(
         _calls_by_reference, svc.engine, {item.call_id for item in items}

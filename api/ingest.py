@@ -3,97 +3,87 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, status
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
+from api.auth import require_ingest_key
+from api.bodies import JsonBody
+from api.bounds import (
+    MAX_CALLS_PER_BATCH,
+    MAX_COST_USD,
+    MAX_LATENCY_MS,
+    MAX_RETRIES,
+    MAX_TOKENS,
+    ErrorMessage,
+    Metadata,
+    RecentTimestamp,
+    Text64,
+    Text128,
+    Text256,
+)
 from api.deps import Services, services
+from api.errors import INGEST_ERRORS
 from api.telemetry import INGESTED_CALLS, REJECTED_REQUESTS
 from instrumentation.pricing import PriceTable
 from instrumentation.privacy import hash_user_id
-from instrumentation.recorder import UNPRICED
+from instrumentation.recorder import count_unpriced
 from stores.llm_calls import ERROR_MESSAGE_MAX, CallRecord, write_calls
 
 router = APIRouter()
 
-MAX_CALLS_PER_BATCH = 10_000
-
-Short = Annotated[str, Field(min_length=1, max_length=128)]
 CallId = Annotated[str, Field(min_length=8, max_length=32, pattern=r"^[0-9a-f]+$")]
 
 
 class CallIn(BaseModel):
-    """One call as other languages send it (the contract's `/v1/llm-calls` record)."""
+    """One call as other languages send it (the contract's `/v1/llm-calls` record); every
+    field bounded (api/bounds.py, README "Limits")."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Short
+    model: Text128
     status: Literal["success", "error", "timeout", "rate_limited", "server_error"]
-    latency_ms: float = Field(ge=0)
-    timestamp: AwareDatetime | None = None
-    call_id: Annotated[str, Field(min_length=8, max_length=32, pattern=r"^[0-9a-f]+$")] | None = (
-        None
-    )
+    latency_ms: float = Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
+    timestamp: RecentTimestamp | None = None
+    call_id: CallId | None = None
     operation: Literal["chat", "responses", "embeddings"] = "chat"
-    response_model: Short | None = None
-    feature: Short | None = None
-    team: Short | None = None
-    environment: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    session_id: Short | None = None
-    user: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    response_model: Text128 | None = None
+    feature: Text128 | None = None
+    team: Text128 | None = None
+    environment: Text64 | None = None
+    session_id: Text128 | None = None
+    user: Text256 | None = None
     http_status: int | None = Field(default=None, ge=100, le=599)
-    ttft_ms: float | None = Field(default=None, ge=0)
-    input_tokens: int | None = Field(default=None, ge=0)
-    output_tokens: int | None = Field(default=None, ge=0)
-    cached_input_tokens: int | None = Field(default=None, ge=0)
-    cost_usd: float | None = Field(default=None, ge=0)
-    error_type: Short | None = None
-    error_message: str | None = None
-    retry_count: int = Field(default=0, ge=0)
-    finish_reason: Annotated[str, Field(max_length=64)] | None = None
-    request_id: Short | None = None
-    trace_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    metadata: dict[str, Any] | None = None
+    ttft_ms: float | None = Field(default=None, ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
+    input_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    output_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    cached_input_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    cost_usd: float | None = Field(default=None, ge=0, le=MAX_COST_USD, allow_inf_nan=False)
+    error_type: Text128 | None = None
+    error_message: ErrorMessage | None = None
+    retry_count: int = Field(default=0, ge=0, le=MAX_RETRIES)
+    finish_reason: Text64 | None = None
+    request_id: Text128 | None = None
+    trace_id: Text64 | None = None
+    metadata: Metadata | None = None
 
 
 class CallBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    calls: list[CallIn] = Field(min_length=1, max_length=MAX_CALLS_PER_BATCH)
+    # fail_fast: a body of a million empty objects is refused at the first, not after
+    # building a million errors (seconds holding the GIL, and the event loop with it).
+    calls: list[CallIn] = Field(min_length=1, max_length=MAX_CALLS_PER_BATCH, fail_fast=True)
+
+
+BATCH = JsonBody[CallBatch]("CallBatch", CallBatch)
 
 
 class IngestResult(BaseModel):
     accepted: int
-
-
-def require_ingest_key(
-    svc: Annotated[Services, Depends(services)],
-    authorization: Annotated[str | None, Header()] = None,
-) -> None:
-    keys = svc.settings.ingest_api_keys
-    if not keys:
-        if svc.settings.dev_mode:
-            return
-        REJECTED_REQUESTS.labels("ingest", "disabled").inc()
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "ingest is disabled: set PAGERLOOP_INGEST_API_KEYS",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    scheme, _, presented = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not any(
-        hmac.compare_digest(presented.encode(), key.get_secret_value().encode()) for key in keys
-    ):
-        REJECTED_REQUESTS.labels("ingest", "bad_key").inc()
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "a valid bearer key is required (Authorization: Bearer <key>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
 
 def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime) -> CallRecord:
@@ -107,7 +97,7 @@ def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime
             call.cached_input_tokens or 0,
         )
         if cost is None:
-            UNPRICED.labels(call.response_model or call.model).inc()
+            count_unpriced(call.response_model or call.model)
     message = call.error_message
     record = CallRecord(
         ts=(call.timestamp or received_at).astimezone(UTC),
@@ -128,7 +118,7 @@ def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime
         session_id=call.session_id,
         user_hash=hash_user_id(call.user, salt) if call.user else None,
         error_type=call.error_type,
-        error_message=message[:ERROR_MESSAGE_MAX] if message else None,
+        error_message=message[:ERROR_MESSAGE_MAX] if message is not None else None,
         retry_count=call.retry_count,
         finish_reason=call.finish_reason,
         request_id=call.request_id,
@@ -156,10 +146,13 @@ async def store_records(svc: Services, records: list[CallRecord], endpoint: str)
     "/v1/llm-calls",
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[Depends(require_ingest_key)],
+    openapi_extra=BATCH.openapi,
+    responses=INGEST_ERRORS,
 )
 async def ingest_calls(
-    batch: CallBatch, svc: Annotated[Services, Depends(services)]
+    request: Request, svc: Annotated[Services, Depends(services)]
 ) -> IngestResult:
+    batch = await BATCH.parse(request)
     salt = svc.settings.user_hash_salt.get_secret_value()
     now = datetime.now(UTC)
     records = [to_record(call, salt, svc.prices, now) for call in batch.calls]

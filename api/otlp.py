@@ -4,11 +4,12 @@ batch are ignored."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import gzip
-import json
-import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
@@ -22,16 +23,31 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from pydantic import ValidationError
 
+from api.auth import require_ingest_key
 from api.deps import Services, services
-from api.ingest import CallIn, require_ingest_key, store_records, to_record
+from api.errors import INGEST_ERRORS
+from api.ingest import CallIn, store_records, to_record
+from api.otlp_limits import (
+    MAX_DEPTH,
+    MAX_INFLATED_BYTES,
+    ExportRefusedError,
+    check_protobuf,
+    inflate,
+    load_json,
+    malformed,
+)
 from api.telemetry import REJECTED_REQUESTS
-from instrumentation.genai_spans import SpanView, call_fields
+from instrumentation.genai_spans import InvalidSpanError, SpanView, call_fields
+from instrumentation.pricing import PriceTable
+from stores.llm_calls import CallRecord
 
 router = APIRouter()
 
 PROTOBUF = "application/x-protobuf"
-# A gzip bomb must not get past the body limit: cap what a body may inflate to.
-INFLATE_FACTOR = 20
+_REASONS = {400: "malformed", 413: "too_large", 415: "unsupported"}
+# Decoding runs off the event loop, two exports at a time: each may take a second of CPU and
+# a few hundred MB at the budget, and the next ones wait their turn without holding either.
+_DECODERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="otlp-decode")
 
 
 def _value(value: AnyValue) -> Any:
@@ -53,47 +69,48 @@ def _attributes(pairs: Any) -> dict[str, Any]:
     return found
 
 
-def _hex_ids_to_base64(node: Any) -> None:
+def _listed(node: Any, key: str) -> list[Any]:
+    value = node.get(key) if isinstance(node, dict) else None
+    return value if isinstance(value, list) else []  # a wrong type is ParseDict's to report
+
+
+def _id_holders(data: dict[str, Any]) -> Iterator[Any]:
+    for resource_spans in _listed(data, "resourceSpans"):
+        for scope_spans in _listed(resource_spans, "scopeSpans"):
+            for span in _listed(scope_spans, "spans"):
+                yield span
+                yield from _listed(span, "links")
+
+
+def _hex_ids_to_base64(data: dict[str, Any]) -> None:
     """OTLP/JSON writes trace and span ids in hex; protobuf's JSON mapping wants base64."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("traceId", "spanId", "parentSpanId") and isinstance(value, str):
-                node[key] = base64.b64encode(bytes.fromhex(value)).decode()
-            else:
-                _hex_ids_to_base64(value)
-    elif isinstance(node, list):
-        for item in node:
-            _hex_ids_to_base64(item)
-
-
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"Content-Encoding {encoding}")
-    decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        inflated = decompressor.decompress(body, limit + 1)
-    except (zlib.error, gzip.BadGzipFile) as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"body: bad {encoding} data") from exc
-    if len(inflated) > limit:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "inflated body too large")
-    return inflated
+    for node in _id_holders(data):
+        for key in ("traceId", "spanId", "parentSpanId"):
+            value = node.get(key) if isinstance(node, dict) else None
+            if isinstance(value, str):
+                try:
+                    node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                except ValueError:
+                    raise ExportRefusedError(400, f"body: {key} is not hex") from None
 
 
 def decode(body: bytes, content_type: str) -> ExportTraceServiceRequest:
     request = ExportTraceServiceRequest()
     try:
         if content_type.startswith("application/json"):
-            data = json.loads(body)
+            data = load_json(body)
+            if not isinstance(data, dict):
+                raise ExportRefusedError(400, "body: OTLP/JSON must be an object")
             _hex_ids_to_base64(data)
-            json_format.ParseDict(data, request, ignore_unknown_fields=True)
+            json_format.ParseDict(
+                data, request, ignore_unknown_fields=True, max_recursion_depth=MAX_DEPTH
+            )
         else:
+            check_protobuf(body)
             request.ParseFromString(body)
-    except (ValueError, DecodeError, json_format.ParseError) as exc:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, f"body: not an OTLP ExportTraceServiceRequest ({exc})"
-        ) from None
+    # TypeError: ParseDict given a list or a number where it expects an object.
+    except (ValueError, TypeError, DecodeError, json_format.ParseError) as exc:
+        raise malformed(exc) from None
     return request
 
 
@@ -127,7 +144,47 @@ def _answer(content_type: str, rejected: int, message: str) -> Response:
     return Response(answer.SerializeToString(), media_type=PROTOBUF)
 
 
-@router.post("/v1/traces", dependencies=[Depends(require_ingest_key)])
+def calls(
+    body: bytes,
+    *,
+    encoding: str,
+    content_type: str,
+    limit: int,
+    salt: str,
+    prices: PriceTable,
+    now: datetime,
+) -> tuple[list[CallRecord], list[str]]:
+    """The records of the export's GenAI spans and why each refused span was refused. CPU
+    bound, for a second at the budget: run it off the event loop."""
+    export = decode(inflate(body, encoding, limit), content_type)
+    records, problems = [], []
+    for view in spans(export):
+        try:
+            fields = call_fields(view)
+            if fields is None:
+                continue
+            call = CallIn.model_validate(fields)
+        except InvalidSpanError as exc:
+            problems.append(f"span of trace {view.trace_id}: {exc}")
+            continue
+        except ValidationError as exc:
+            problems.append(f"span of trace {view.trace_id}: {exc.errors()[0]['msg']}")
+            continue
+        record = to_record(call, salt, prices, now)
+        record.source = "otlp"
+        records.append(record)
+    return records, problems
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **INGEST_ERRORS,
+    400: {"description": "not an OTLP ExportTraceServiceRequest (or bad gzip)"},
+    413: {"description": "body over the size limit, or more than 10,000 spans"},
+    415: {"description": "neither application/x-protobuf nor application/json"},
+}
+
+
+@router.post("/v1/traces", dependencies=[Depends(require_ingest_key)], responses=_ERRORS)
 async def receive_traces(request: Request, svc: Annotated[Services, Depends(services)]) -> Response:
     content_type = request.headers.get("content-type", PROTOBUF).lower()
     if not content_type.startswith((PROTOBUF, "application/json")):
@@ -135,24 +192,22 @@ async def receive_traces(request: Request, svc: Annotated[Services, Depends(serv
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             "send application/x-protobuf or application/json (OTLP/HTTP)",
         )
-    limit = svc.settings.ingest_max_body_bytes * INFLATE_FACTOR
-    body = _inflate(await request.body(), request.headers.get("content-encoding", ""), limit)
-    export = decode(body, content_type)
-    salt = svc.settings.user_hash_salt.get_secret_value()
-    now = datetime.now(UTC)
-    records, problems = [], []
-    for view in spans(export):
-        fields = call_fields(view)
-        if fields is None:
-            continue
-        try:
-            call = CallIn.model_validate(fields)
-        except ValidationError as exc:
-            problems.append(f"span of trace {view.trace_id}: {exc.errors()[0]['msg']}")
-            continue
-        record = to_record(call, salt, svc.prices, now)
-        record.source = "otlp"
-        records.append(record)
+    work = partial(
+        calls,
+        await request.body(),
+        encoding=request.headers.get("content-encoding", "").strip().lower(),
+        content_type=content_type,
+        # An uncompressed body may already be as large as the body limit.
+        limit=max(MAX_INFLATED_BYTES, svc.settings.ingest_max_body_bytes),
+        salt=svc.settings.user_hash_salt.get_secret_value(),
+        prices=svc.prices,
+        now=datetime.now(UTC),
+    )
+    try:
+        records, problems = await asyncio.get_running_loop().run_in_executor(_DECODERS, work)
+    except ExportRefusedError as exc:
+        REJECTED_REQUESTS.labels("traces", _REASONS.get(exc.status, "refused")).inc()
+        raise HTTPException(exc.status, exc.message) from None
     if records:
         await store_records(svc, records, "traces")
     if problems:

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel, Field, ValidationError
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError
 
+from api.bounds import Storable
 from api.deps import Services, services
+from api.errors import field_path
 from api.telemetry import REJECTED_REQUESTS
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest
@@ -33,8 +35,9 @@ def signed(body: bytes, header: str, secret: str) -> bool:
     """`X-PagerDuty-Signature: v1=<hex>[,v1=<hex>...]` (several during a secret rotation)."""
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     candidates = [part.strip() for part in header.split(",")]
+    # Bytes, not str: compare_digest raises on non-ASCII text, which a caller may send.
     return any(
-        hmac.compare_digest(candidate.removeprefix("v1="), expected)
+        hmac.compare_digest(candidate.removeprefix("v1=").encode(), expected.encode())
         for candidate in candidates
         if candidate.startswith("v1=")
     )
@@ -54,16 +57,41 @@ def _verify(svc: Services, body: bytes, request: Request) -> None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid PagerDuty signature")
 
 
-def _event(body: bytes) -> dict[str, Any]:
+Short = Annotated[str, Field(max_length=1000), Storable]
+
+
+class _Agent(BaseModel):
+    id: Short | None = None
+    summary: Short | None = None
+    email: Short | None = None
+
+
+class _Data(BaseModel):
+    incident_key: Short | None = None
+
+
+class _Event(BaseModel):
+    """The part of a v3 webhook event we act on; PagerDuty sends much more."""
+
+    event_type: Short = ""
+    agent: _Agent | None = None
+    data: _Data | None = None
+
+
+class _Webhook(BaseModel):
+    event: _Event
+
+
+def _event(body: bytes) -> _Event:
     try:
-        event = json.loads(body)["event"]
-    except (ValueError, KeyError, TypeError) as exc:
+        return _Webhook.model_validate_json(body).event
+    except ValidationError as exc:
+        problem = "; ".join(
+            f"{field_path(e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)[:5]
+        )
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"event: not a PagerDuty v3 webhook ({exc})"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"not a PagerDuty v3 webhook: {problem}"
         ) from None
-    if not isinstance(event, dict):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "event: expected an object")
-    return event
 
 
 @router.post("/pagerduty/webhook")
@@ -73,14 +101,13 @@ async def pagerduty_webhook(
     body = await request.body()
     _verify(svc, body, request)
     event = _event(body)
-    update = UPDATES.get(str(event.get("event_type", "")))
-    data = event.get("data") or {}
-    incident_key = str(data.get("incident_key") or "")
+    update = UPDATES.get(event.event_type)
+    incident_key = (event.data.incident_key if event.data else None) or ""
     if update is None or not incident_key.startswith("incident-"):
         return {"status": "ignored", "reason": "not an acknowledge or resolve of ours"}
     incident_id = incident_key.split("/")[0]  # "<incident id>/<level>" for a level's service
-    agent = event.get("agent") or {}
-    user = str(agent.get("summary") or agent.get("email") or agent.get("id") or "someone")
+    agent = event.agent or _Agent()
+    user = agent.summary or agent.email or agent.id or "someone"
     handle = svc.temporal.get_workflow_handle(incident_id)
     action = ActionRequest(user=f"{user} (PagerDuty)", channel="pagerduty")
     try:
@@ -90,7 +117,10 @@ async def pagerduty_webhook(
         return {"status": "ignored", "reason": str(getattr(exc.cause, "message", exc.cause))}
     except RPCError as exc:
         return {"status": "ignored", "reason": f"{incident_id}: {exc.status.name}"}
-    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError) as exc:
-        log.warning("PagerDuty %s for %s not applied yet", event.get("event_type"), incident_id)
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "try again") from exc
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, RuntimeError) as exc:
+        # RuntimeError: a lazy client that cannot reach Temporal. PagerDuty retries a 5xx.
+        log.warning("PagerDuty %s for %s not applied yet", event.event_type, incident_id)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "try again", headers={"Retry-After": "5"}
+        ) from exc
     return {"status": "applied", "incident": incident_id}

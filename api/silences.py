@@ -6,37 +6,43 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Path, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from api.auth import Operator
+from api.bounds import MAX_INT64, Storable, Text1000
 from api.deps import Services, services
-from api.ingest import require_ingest_key
-from stores import silences
+from api.errors import OPERATOR_ERRORS
+from stores import silence_rules, silences
 from stores.llm_calls import utc
 from stores.silences import Silence
 from workflows.incident_types import Trigger
 
-router = APIRouter(dependencies=[Depends(require_ingest_key)])
+MAX_SILENCE_MINUTES = int(silence_rules.MAX_SILENCE.total_seconds() // 60)
+MAX_LISTED = 1_000
+router = APIRouter(responses=OPERATOR_ERRORS)
 
 
 class SilenceIn(BaseModel):
+    """A silence; the author is the operator key's name, not a field. Bounds: at most 30 days
+    long, starting between a day ago and 30 days ahead; silencing every trigger on every
+    scope needs `match_all: true`."""
+
     model_config = ConfigDict(extra="forbid")
 
     trigger: Trigger | None = None
-    scope: Annotated[str, Field(min_length=1, max_length=160)] | None = None
+    scope: Annotated[str, Field(min_length=1, max_length=160), Storable] | None = None
     starts_at: AwareDatetime | None = None
     ends_at: AwareDatetime | None = None
-    duration_minutes: int | None = Field(default=None, gt=0, le=60 * 24 * 30)
-    author: Annotated[str, Field(min_length=1, max_length=128)]
-    reason: Annotated[str, Field(min_length=1, max_length=1000)]
+    duration_minutes: int | None = Field(default=None, gt=0, le=MAX_SILENCE_MINUTES)
+    reason: Text1000
+    match_all: bool = False
 
     @model_validator(mode="after")
     def _a_window(self) -> SilenceIn:
         if self.ends_at is not None and self.duration_minutes is not None:
             raise ValueError("give ends_at or duration_minutes, not both")
-        starts, ends = self.starts_at, self.ends_at
-        if starts is not None and ends is not None and ends <= starts:
-            raise ValueError("ends_at must be after starts_at")
         return self
 
 
@@ -69,38 +75,62 @@ def _out(silence: Silence, now: datetime) -> SilenceOut:
     )
 
 
+def _window(body: SilenceIn, now: datetime) -> tuple[datetime, datetime]:
+    try:
+        starts = utc(body.starts_at) if body.starts_at else now
+        ends = utc(body.ends_at) if body.ends_at else None
+    except (OverflowError, ValueError):  # year 1 at +14:00 has no UTC time
+        raise _refused("starts_at" if body.starts_at else "ends_at", "out of range") from None
+    if ends is None:
+        ends = starts + timedelta(minutes=body.duration_minutes or 60)
+    return starts, ends
+
+
+def _refused(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
+
+
 @router.post("/v1/silences", status_code=status.HTTP_201_CREATED)
 async def create_silence(
-    body: SilenceIn, svc: Annotated[Services, Depends(services)]
+    body: SilenceIn, author: Operator, svc: Annotated[Services, Depends(services)]
 ) -> SilenceOut:
     now = datetime.now(UTC)
-    starts = body.starts_at or now
-    ends = body.ends_at or starts + timedelta(minutes=body.duration_minutes or 60)
+    starts, ends = _window(body, now)
     silence = Silence(
         trigger=str(body.trigger) if body.trigger else None,
         scope=body.scope,
-        starts_at=utc(starts),
-        ends_at=utc(ends),
-        author=body.author,
+        starts_at=starts,
+        ends_at=ends,
+        author=author,
         reason=body.reason,
         created_at=now,
     )
-    created = await asyncio.to_thread(silences.create, svc.engine, silence)
+    cap = svc.settings.max_active_silences
+    try:
+        created = await asyncio.to_thread(
+            silence_rules.create_checked, svc.engine, silence, now, cap, body.match_all
+        )
+    except silence_rules.SilenceRefusedError as exc:
+        raise _refused(exc.field, str(exc)) from None
+    except silence_rules.TooManySilencesError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return _out(created, now)
 
 
 @router.get("/v1/silences")
 async def list_silences(
-    svc: Annotated[Services, Depends(services)], include_past: bool = False
+    _: Operator, svc: Annotated[Services, Depends(services)], include_past: bool = False
 ) -> list[SilenceOut]:
     now = datetime.now(UTC)
     found = await asyncio.to_thread(silences.listed, svc.engine, now, include_past)
-    return [_out(s, now) for s in found]
+    return [_out(s, now) for s in found[:MAX_LISTED]]
 
 
 @router.delete("/v1/silences/{silence_id}")
 async def expire_silence(
-    silence_id: int, svc: Annotated[Services, Depends(services)]
+    silence_id: Annotated[int, Path(ge=1, le=MAX_INT64)],
+    _: Operator,
+    svc: Annotated[Services, Depends(services)],
 ) -> SilenceOut:
     now = datetime.now(UTC)
     expired = await asyncio.to_thread(silences.expire, svc.engine, silence_id, now)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from pydantic import BaseModel, Field, ValidationError
 from slack_sdk.signature import SignatureVerifier
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
@@ -24,7 +24,9 @@ from activities.slack import (
     SNOOZE_MINUTES,
     post_ephemeral,
 )
+from api.bounds import Storable
 from api.deps import Services, services
+from api.errors import field_path
 from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest, SnoozeRequest
@@ -71,8 +73,10 @@ def _verify(svc: Services, body: bytes, request: Request) -> None:
             "Slack interactions are refused: PAGERLOOP_SLACK_SIGNING_SECRET is not set",
         )
     try:
-        valid = SignatureVerifier(secret.get_secret_value()).is_valid(body, timestamp, signature)
-    except ValueError:  # a timestamp that is not a number
+        valid = signature.isascii() and SignatureVerifier(secret.get_secret_value()).is_valid(
+            body, timestamp, signature
+        )
+    except (ValueError, TypeError):  # a timestamp that is not a number, non-ASCII text
         valid = False
     if not valid:
         REJECTED_REQUESTS.labels("slack", "bad_signature").inc()
@@ -82,17 +86,39 @@ def _verify(svc: Services, body: bytes, request: Request) -> None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this signed request was already used")
 
 
-def _payload(body: bytes) -> dict[str, Any]:
+class _Ref(BaseModel):
+    id: Annotated[str, Field(max_length=64), Storable] = ""
+
+
+class _Action(BaseModel):
+    # Slack's own limits on block action ids and button values.
+    action_id: Annotated[str, Field(max_length=255), Storable] = ""
+    value: Annotated[str, Field(max_length=2000), Storable] = ""
+
+
+class _Interaction(BaseModel):
+    """The part of a Slack interactive payload we act on; Slack sends much more."""
+
+    type: Annotated[str, Field(max_length=64)]
+    user: _Ref = _Ref()
+    channel: _Ref | None = None
+    actions: Annotated[list[_Action], Field(max_length=25)] = []
+
+
+def _payload(body: bytes) -> _Interaction:
     try:
         raw = parse_qs(body.decode(), strict_parsing=True)["payload"][0]
-        payload = json.loads(raw)
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        return _Interaction.model_validate_json(raw)
+    except ValidationError as exc:
+        problem = "; ".join(
+            f"{field_path(e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)[:5]
+        )
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"payload: {problem}") from None
+    except (KeyError, ValueError, UnicodeDecodeError):
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"payload: not a Slack interaction ({exc})"
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "payload: not a Slack interaction (a form field `payload` holding JSON)",
         ) from None
-    if not isinstance(payload, dict):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "payload: expected an object")
-    return payload
 
 
 @router.post("/slack/interactions")
@@ -102,17 +128,16 @@ async def slack_interactions(
     body = await request.body()
     _verify(svc, body, request)
     payload = _payload(body)
-    if payload.get("type") != "block_actions":
+    if payload.type != "block_actions":
         return Response(status_code=status.HTTP_200_OK)
-    user = str(payload.get("user", {}).get("id", ""))
-    channel = str((payload.get("channel") or {}).get("id", ""))
-    for action in payload.get("actions", []):
-        action_id = str(action.get("action_id", ""))
-        update = UPDATES.get(action_id)
+    user = payload.user.id
+    channel = payload.channel.id if payload.channel else ""
+    for action in payload.actions:
+        update = UPDATES.get(action.action_id)
         if update is None:
             continue
         work = asyncio.create_task(
-            _apply_and_tell(svc, update, action_id, str(action.get("value", "")), user, channel)
+            _apply_and_tell(svc, update, action.action_id, action.value, user, channel)
         )
         _background.add(work)
         work.add_done_callback(_background.discard)

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from temporalio.service import RPCError
 
 from activities.incidents import open_incidents_query
+from api.auth import readable_by
 from api.deps import Services, services
 from workflows import search_attributes as sa
 
@@ -61,7 +62,7 @@ async def open_incidents(svc: Services) -> list[OpenIncident]:
     return found
 
 
-@router.get("/status", response_model=StatusPage)
+@router.get("/status", response_model=StatusPage, dependencies=[readable_by("status")])
 async def status_page(request: Request, svc: Annotated[Services, Depends(services)]) -> Response:
     code = 200
     try:

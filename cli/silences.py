@@ -13,7 +13,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from config import load_settings
-from stores import silences
+from stores import silence_rules, silences
 from stores.engine import create_schema, make_engine
 from stores.silences import Silence
 from workflows.incident_types import Trigger
@@ -36,7 +36,10 @@ def parse_duration(text: str) -> timedelta:
         raise typer.BadParameter(f"{text!r}: use minutes, hours or days, like 30m, 2h, 1d")
     amount, unit = int(match.group(1)), match.group(2)
     unit_name = {"m": "minutes", "h": "hours", "d": "days"}[unit]
-    return timedelta(**{unit_name: amount})
+    try:
+        return timedelta(**{unit_name: amount})
+    except OverflowError:
+        raise typer.BadParameter(f"{text!r} is too long", param_hint="--for") from None
 
 
 @app.command()
@@ -48,25 +51,41 @@ def add(
     scope: Annotated[
         str | None, typer.Option(help="a scope or a glob: global, model:gpt-4.1, feature:*")
     ] = None,
-    duration: Annotated[str, typer.Option("--for", help="how long: 30m, 2h, 1d")] = "1h",
+    duration: Annotated[
+        str, typer.Option("--for", help="how long: 30m, 2h, 1d (at most 30d)")
+    ] = "1h",
     author: Annotated[str | None, typer.Option(help="default: your login")] = None,
+    match_all: Annotated[
+        bool, typer.Option("--match-all", help="required to silence every trigger everywhere")
+    ] = False,
 ) -> None:
     """Keep new incidents from opening for a trigger and/or scope."""
     if trigger is not None and trigger not in {t.value for t in Trigger}:
         raise typer.BadParameter(f"unknown trigger {trigger!r}", param_hint="--trigger")
     now = datetime.now(UTC)
-    silence = silences.create(
-        _engine(),
-        Silence(
-            trigger=trigger,
-            scope=scope,
-            starts_at=now,
-            ends_at=now + parse_duration(duration),
-            author=author or getpass.getuser(),
-            reason=reason,
-            created_at=now,
-        ),
-    )
+    settings = load_settings()
+    try:
+        silence = silence_rules.create_checked(
+            _engine(),
+            Silence(
+                trigger=trigger,
+                scope=scope,
+                starts_at=now,
+                ends_at=now + parse_duration(duration),
+                author=author or getpass.getuser(),
+                reason=reason,
+                created_at=now,
+            ),
+            now,
+            settings.max_active_silences,
+            match_all,
+        )
+    except silence_rules.SilenceRefusedError as exc:
+        hint = {"ends_at": "--for", "match_all": "--match-all"}.get(exc.field, exc.field)
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+    except silence_rules.TooManySilencesError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     out.print(f"silence #{silence.id} until {silence.ends_at:%Y-%m-%d %H:%M} UTC")
 
 

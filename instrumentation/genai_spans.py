@@ -9,8 +9,10 @@ short look alike on a span (no finish reason, no error); both are taken as succe
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +22,11 @@ from instrumentation.classify import status_for_error_type, status_for_http
 GENAI_OPERATIONS = {"chat", "embeddings", "text_completion", "generate_content"}
 _HTTP_CODE = re.compile(r"^Error code: (\d{3})")
 ABANDONED = ("_OTHER", "abandoned stream")
+_INT64 = 2**63
+
+
+class InvalidSpanError(ValueError):
+    """A GenAI call span whose values cannot make a call record (refused alone, not its batch)."""
 
 
 @dataclass(frozen=True)
@@ -45,21 +52,74 @@ def _first(attributes: Mapping[str, Any], resource: Mapping[str, Any], *keys: st
     return None
 
 
+def _kind(value: Any) -> str:
+    # What the value is, never the value: a refusal must not echo the sender's text back.
+    return type(value).__name__
+
+
+def _whole(attrs: Mapping[str, Any], key: str) -> int | None:
+    """An integer attribute; senders also write them as whole doubles or digit strings."""
+    value = attrs.get(key)
+    if value is None:
+        return None
+    number = None
+    whole = isinstance(value, float) and value.is_integer()
+    digits = isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif whole or digits:
+        number = int(value)
+    if number is None or not -_INT64 <= number < _INT64:
+        raise InvalidSpanError(f"{key} is not a 64-bit integer ({_kind(value)})")
+    return number
+
+
+def _seconds(attrs: Mapping[str, Any], key: str) -> float | None:
+    value = attrs.get(key)
+    if value is None:
+        return None
+    seconds = math.nan
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with suppress(ValueError, OverflowError):
+            seconds = float(value)
+    if not math.isfinite(seconds):
+        raise InvalidSpanError(f"{key} is not a finite number of seconds ({_kind(value)})")
+    return seconds
+
+
+def _first_reason(value: Any) -> str | None:
+    if not value:
+        return None
+    if isinstance(value, list):
+        return str(value[0])
+    if isinstance(value, str):  # a sender that flattened the array
+        return value
+    raise InvalidSpanError(f"gen_ai.response.finish_reasons is not a list ({_kind(value)})")
+
+
+def _start(span: SpanView) -> datetime:
+    try:
+        return datetime.fromtimestamp(span.start_ns / 1e9, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise InvalidSpanError(f"start time out of range: {span.start_ns}") from None
+
+
 def call_fields(span: SpanView) -> dict[str, Any] | None:
-    """The `/v1/llm-calls` record of a GenAI call span; None for any other span."""
+    """The `/v1/llm-calls` record of a GenAI call span; None for any other span. InvalidSpanError
+    for a GenAI call span whose attributes have the wrong types (the rest is left to the
+    validation of the record)."""
     attrs = span.attributes
     operation_name = attrs.get("gen_ai.operation.name")
     model = attrs.get("gen_ai.request.model")
-    if operation_name not in GENAI_OPERATIONS or not model:
+    if not isinstance(operation_name, str) or operation_name not in GENAI_OPERATIONS or not model:
         return None
     if operation_name == "embeddings":
         operation = "embeddings"
     else:
         operation = "responses" if attrs.get("openai.api.type") == "responses" else "chat"
 
-    finish_reasons = attrs.get("gen_ai.response.finish_reasons") or []
-    finish_reason = str(finish_reasons[0]) if finish_reasons else None
-    http_status = attrs.get("http.response.status_code")
+    finish_reason = _first_reason(attrs.get("gen_ai.response.finish_reasons"))
+    http_status = _whole(attrs, "http.response.status_code")
     error_type = attrs.get("error.type")
     error_message = None
     if span.error and (error_type, span.status_message) == ABANDONED:
@@ -69,7 +129,7 @@ def call_fields(span: SpanView) -> dict[str, Any] | None:
         if match:
             http_status = int(match.group(1))
         if http_status is not None and http_status >= 400:
-            status = status_for_http(int(http_status))
+            status = status_for_http(http_status)
         else:
             status, code = status_for_error_type(str(error_type or "error"))
             http_status = http_status or code
@@ -78,21 +138,21 @@ def call_fields(span: SpanView) -> dict[str, Any] | None:
         status = "success"
         http_status = http_status or 200
 
-    input_tokens = attrs.get("gen_ai.usage.input_tokens")
-    output_tokens = attrs.get("gen_ai.usage.output_tokens")
+    input_tokens = _whole(attrs, "gen_ai.usage.input_tokens")
+    output_tokens = _whole(attrs, "gen_ai.usage.output_tokens")
     if operation == "embeddings" and input_tokens is not None and output_tokens is None:
         output_tokens = 0
-    cached = attrs.get("gen_ai.usage.cache_read.input_tokens")
-    ttft = attrs.get("gen_ai.response.time_to_first_chunk")
+    cached = _whole(attrs, "gen_ai.usage.cache_read.input_tokens")
+    ttft = _seconds(attrs, "gen_ai.response.time_to_first_chunk")
     fields: dict[str, Any] = {
-        "timestamp": datetime.fromtimestamp(span.start_ns / 1e9, UTC),
+        "timestamp": _start(span),
         "operation": operation,
         "model": model,
         "response_model": attrs.get("gen_ai.response.model"),
         "status": status,
         "http_status": http_status,
         "latency_ms": round(max(span.end_ns - span.start_ns, 0) / 1e6, 3),
-        "ttft_ms": round(float(ttft) * 1000, 3) if ttft is not None else None,
+        "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "cached_input_tokens": cached
@@ -101,7 +161,7 @@ def call_fields(span: SpanView) -> dict[str, Any] | None:
         "finish_reason": finish_reason,
         "error_type": str(error_type)[:128] if error_type else None,
         "error_message": error_message,
-        "retry_count": int(attrs.get("http.request.resend_count") or 0),
+        "retry_count": _whole(attrs, "http.request.resend_count") or 0,
         "request_id": attrs.get("openai.request.id"),
         "trace_id": span.trace_id or None,
         "feature": _first(attrs, span.resource, "pagerloop.feature"),

@@ -166,6 +166,7 @@ def fake_jira() -> Iterator[FakeJira]:
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 INGEST_KEY = "test-ingest-key"
+OPERATOR_KEY = "operator-test-key"
 
 
 @pytest.fixture
@@ -183,6 +184,7 @@ def settings(
         api_port=free_port(),
         detector_interval_seconds=1,
         ingest_api_keys=INGEST_KEY,
+        operator_api_keys=f"alice:{OPERATOR_KEY}",
         slack_bot_token="xoxb-test",
         slack_signing_secret=SIGNING_SECRET,
         slack_api_url=fake_slack.api_url,

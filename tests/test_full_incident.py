@@ -112,6 +112,8 @@ def environment(settings: Settings) -> dict[str, str]:
             value = value.get_secret_value()
         elif isinstance(value, list):
             value = ",".join(v.get_secret_value() if isinstance(v, SecretStr) else v for v in value)
+        elif name == "operator_api_keys":
+            value = ",".join(f"{k}:{v.get_secret_value()}" for k, v in value.items())
         elif isinstance(value, dict):
             value = ",".join(f"{k}={v}" for k, v in value.items())
         env[f"PAGERLOOP_{name.upper()}"] = str(value)

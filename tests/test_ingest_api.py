@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -45,13 +46,14 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 async def test_accepts_a_batch_hashes_users_and_prices_calls(
     api: httpx.AsyncClient, engine: Engine
 ) -> None:
+    an_hour_ago = datetime.now(timezone(timedelta(hours=1))) - timedelta(hours=1)
     body = {
         "calls": [
             {
                 "model": "gpt-4.1-2025-04-14",
                 "status": "success",
                 "latency_ms": 847.3,
-                "timestamp": "2026-11-26T13:00:00+01:00",
+                "timestamp": an_hour_ago.isoformat(),
                 "feature": "chat",
                 "user": "customer_42",
                 "input_tokens": 1_000_000,
@@ -71,7 +73,7 @@ async def test_accepts_a_batch_hashes_users_and_prices_calls(
     assert first.user_hash.startswith("user_")
     assert "customer_42" not in first.user_hash
     assert first.cost_usd == pytest.approx(2.00 + 8.00)  # dated snapshot priced as gpt-4.1
-    assert first.ts.hour == 12  # stored as UTC
+    assert first.ts.hour == an_hour_ago.astimezone(UTC).hour  # stored as UTC
     assert first.metadata_ == {"prompt_version": "v7"}
     assert unknown.cost_usd is None  # an unknown model is never priced as gpt-4.1
     assert explicit.cost_usd == 0.5

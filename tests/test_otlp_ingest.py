@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -306,8 +308,8 @@ def test_a_span_that_fails_validation_is_reported_as_a_partial_success(
         "spanId": "eee19b7ec3c1b174",
         "name": "chat x",
         "kind": 3,
-        "startTimeUnixNano": "1795720078113695764",
-        "endTimeUnixNano": "1795720078119741908",
+        "startTimeUnixNano": str(AN_HOUR_AGO_NS),
+        "endTimeUnixNano": str(AN_HOUR_AGO_NS + 6_046_144),
         "status": {},
     }
     good = {
@@ -338,6 +340,16 @@ def test_a_span_that_fails_validation_is_reported_as_a_partial_success(
     )
 
 
+# Records must be recent (README "Limits"): captured spans are moved to an hour ago.
+AN_HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
+
+
+def _an_hour_ago(capture: str) -> str:
+    times = [int(t) for t in re.findall(r'UnixNano":"(\d+)"', capture)]
+    shift = AN_HOUR_AGO_NS - min(times)
+    return re.sub(r'(UnixNano":")(\d+)"', lambda m: f'{m[1]}{int(m[2]) + shift}"', capture)
+
+
 def _kv(key: str, value: str) -> dict[str, Any]:
     return {"key": key, "value": {"stringValue": value}}
 
@@ -345,7 +357,8 @@ def _kv(key: str, value: str) -> dict[str, Any]:
 def test_otlp_json_example_of_a_rate_limited_call(api: ThreadedServer, engine: Engine) -> None:
     """What the OTLP/JSON exporter sent for a 429, verbatim: ids in hex, ints as strings."""
     body = json.loads(
-        """{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"otlp-capture"}}]},
+        _an_hour_ago(
+            """{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"otlp-capture"}}]},
  "scopeSpans":[{"scope":{"name":"opentelemetry.instrumentation.genai.openai","version":"1.3b0"},
   "spans":[{"traceId":"ce95ee71db80e5ddcc3a8fc48886cf38","spanId":"a2b14a05e53d6cda","flags":256,
    "name":"chat gpt-4o-mini","kind":3,
@@ -358,6 +371,7 @@ def test_otlp_json_example_of_a_rate_limited_call(api: ThreadedServer, engine: E
                  {"key":"error.type","value":{"stringValue":"openai.RateLimitError"}}],
    "status":{"message":"Error code: 429 - Rate limit exceeded.","code":2}}],
   "schemaUrl":"https://opentelemetry.io/schemas/1.37.0"}]}]}"""
+        )
     )
     assert httpx.post(f"{api.url}/v1/traces", json=body, headers=AUTH).status_code == 200
     [row] = rows(engine)

@@ -84,3 +84,31 @@ def test_empty_optional_secrets_mean_off(monkeypatch: pytest.MonkeyPatch) -> Non
     settings = load_settings()
     assert not settings.slack_enabled
     assert not settings.jira_enabled
+
+
+def test_operator_keys_are_named_and_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGERLOOP_OPERATOR_API_KEYS", "alice:k-one, ci-bot:k:two")
+    settings = load_settings()
+    assert {n: k.get_secret_value() for n, k in settings.operator_api_keys.items()} == {
+        "alice": "k-one",
+        "ci-bot": "k:two",
+    }
+    assert "k-one" not in repr(settings)
+
+
+@pytest.mark.parametrize("value", ["nokey", ":key", "alice:", "a b:key", "alice:1,alice:2"])
+def test_bad_operator_keys_stop_the_start(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("PAGERLOOP_OPERATOR_API_KEYS", value)
+    with pytest.raises(ConfigurationError, match="PAGERLOOP_OPERATOR_API_KEYS"):
+        load_settings()
+
+
+def test_public_endpoints_default_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().public_endpoints == ["metrics", "status"]
+    monkeypatch.setenv("PAGERLOOP_PUBLIC_ENDPOINTS", "metrics,secrets")
+    with pytest.raises(ConfigurationError, match="PAGERLOOP_PUBLIC_ENDPOINTS"):
+        load_settings()
+    monkeypatch.setenv("PAGERLOOP_DETECTOR_MAX_SCOPES", "1000")
+    monkeypatch.setenv("PAGERLOOP_PUBLIC_ENDPOINTS", "")
+    with pytest.raises(ConfigurationError, match="PAGERLOOP_DETECTOR_MAX_SCOPES"):
+        load_settings()
