@@ -12,6 +12,7 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy import Engine
 from temporalio import activity
@@ -147,8 +148,9 @@ class DiagnosisActivities:
 
     @activity.defn(name="diagnosis.check_signal")
     async def check_signal(self, c: SignalCheck) -> SignalReading:
+        # The scope under verification is always read, however many others are busier.
         aggregates = await asyncio.to_thread(
-            window_aggregates, self._engine, c.end, c.window_seconds
+            partial(window_aggregates, keep=[c.scope]), self._engine, c.end, c.window_seconds
         )
         return read_signal(c, aggregates, self._rules, self._daily_budget_usd)
 

@@ -89,8 +89,10 @@ def step(
 ) -> tuple[RuleState, Event]:
     """The rule's state after one more evaluation, and what that evaluation means."""
     if value is None or samples < rule.min_samples:
-        # Quiet traffic proves nothing: a firing rule stays firing, a pending one starts over.
-        return (state if state.firing else replace(state, breaches=0)), Event.INSUFFICIENT_DATA
+        # Quiet traffic proves nothing: a firing rule stays firing, a pending one starts over
+        # (from the empty state, which the detector does not keep: scopes that went quiet
+        # cost nothing, however many came and went).
+        return (state if state.firing else RuleState()), Event.INSUFFICIENT_DATA
     level = rule.level(value)
     if level is not None:
         breaches = state.breaches + 1

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         SignalCheck,
         SignalReading,
     )
+    from detectors.signals import OTHER
     from runbooks.base import (
         Priority,
         RunbookInput,
@@ -104,7 +105,9 @@ class Steps:
 
     @property
     def may_mitigate(self) -> bool:
-        return self.input.may_mitigate
+        # A folded scope (`feature:(other)`) stands for many small features: no control fits
+        # them all, so its runbook diagnoses and the people decide.
+        return self.input.may_mitigate and not self.input.scope.endswith(f":{OTHER}")
 
     async def apply(self, spec: ControlSpec) -> ControlRef:
         """Put a control in force (idempotent: a retry or a rerun finds the same control)."""

@@ -283,3 +283,18 @@ def test_a_bad_rules_file_says_what_is_wrong(tmp_path: Path, content: str, compl
     with pytest.raises(RulesFileError) as error:
         load_rules(path)
     assert complaint in str(error.value)
+
+
+def test_scopes_that_go_quiet_leave_no_state_behind() -> None:
+    """A hostile client can make thousands of scopes pending for one evaluation each; what the
+    detector carries from one evaluation (and run) to the next must not grow with them."""
+    rules = DetectorRules()
+    states: dict[str, RuleState] = {}
+    for n in range(20):
+        failing = Aggregate(calls=50, errors=50)
+        seen = window({"gpt-4.1": {f"feature-{n}": failing}})
+        states = evaluate(rules, seen, states, daily_budget_usd=500).rule_states
+        assert {key.partition("|")[2] for key in states} <= {
+            "global", "model:gpt-4.1", f"feature:feature-{n}", f"feature:feature-{n - 1}"
+        }  # fmt: skip
+    assert not any(key.endswith("feature-0") for key in states)

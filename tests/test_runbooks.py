@@ -146,6 +146,18 @@ async def test_without_leave_to_mitigate_a_runbook_only_diagnoses(
     assert run.report.verification == Verification.NOT_CHECKED
 
 
+async def test_a_folded_scope_is_only_diagnosed(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    """`feature:(other)` sums thousands of small features: no control fits them all."""
+    kit = RunbookKit(time_skipping_env.client, engine, RATE_LIMITED)
+    run = await kit.run(rate_limit_exhaustion.SPEC, scope="feature:(other)")
+
+    assert run.report.findings
+    assert run.controls == []
+    assert run.report.verification == Verification.NOT_CHECKED
+
+
 # --- elevated latency ----------------------------------------------------------------------
 
 
