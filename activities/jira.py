@@ -9,10 +9,11 @@ from datetime import timedelta
 from typing import Any
 
 from jira import JIRA, JIRAError
-from requests.exceptions import InvalidJSONError, RequestException
-from requests.exceptions import JSONDecodeError as ResponseNotJSON
+from requests.exceptions import RequestException
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+
+from activities.vendor_http import PERMANENT_STATUSES, request_unencodable
 
 DONE_TRANSITIONS = (
     "done",
@@ -24,11 +25,10 @@ DONE_TRANSITIONS = (
     "closed",
 )
 COMMENT_MAX = 30_000
+
+
 # The request itself is wrong (400, 413 too large, 422) or its credentials, project or issue
 # are: the same request gets the same answer however often it is sent.
-_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
-
-
 class JiraPermanentError(Exception):
     """Jira refused the request for a reason a retry cannot fix (credentials, project, type,
     a body it cannot parse), or the request could not even be encoded."""
@@ -46,7 +46,7 @@ def incident_label(incident_id: str) -> str:
 
 
 def _translate(exc: JIRAError | RequestException, what: str) -> Exception:
-    if isinstance(exc, InvalidJSONError) and not isinstance(exc, ResponseNotJSON):
+    if request_unencodable(exc):
         return _unencodable(exc, what)
     if isinstance(exc, RequestException):
         return ApplicationError(f"Jira unreachable for {what}: {exc}", type="JiraError")
@@ -60,7 +60,7 @@ def _translate(exc: JIRAError | RequestException, what: str) -> Exception:
             type="JiraThrottled",
             next_retry_delay=timedelta(seconds=retry_after),
         )
-    if status in _PERMANENT_STATUSES:
+    if status in PERMANENT_STATUSES:
         return JiraPermanentError(f"Jira refused {what} (HTTP {status}): {exc.text}")
     return ApplicationError(f"Jira failed {what}: HTTP {status}", type="JiraError")
 

@@ -21,6 +21,9 @@ class WindowQuery:
     window_seconds: int
     # Scopes measured on their own whenever they have calls, busiest or not (firing ones).
     keep: list[str] = field(default_factory=list)
+    # Per-scope sums (small at any cardinality); False, the default of detector code from
+    # before, asks for per-(model, feature) cells, the only shape that code can evaluate.
+    per_scope: bool = False
 
 
 class MetricsActivities:
@@ -37,4 +40,5 @@ class MetricsActivities:
             query.window_seconds,
             max_scopes=self._max_scopes,
             keep=query.keep,
+            per_scope=query.per_scope,
         )

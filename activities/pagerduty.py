@@ -15,10 +15,10 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import SecretStr
-from requests.exceptions import InvalidJSONError
-from requests.exceptions import JSONDecodeError as ResponseNotJSON
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+
+from activities.vendor_http import PERMANENT_STATUSES, request_unencodable
 
 with warnings.catch_warnings():
     # pdpyras announces its deprecation on import; the swap is tracked, not news per process.
@@ -45,9 +45,6 @@ class PagerDutyPermanentError(Exception):
 
 # Answers that say the event itself is wrong (400 invalid event, 413 too large, 422) or that
 # the key is: the same event gets the same answer however often it is sent.
-_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
-
-
 def make_session(routing_key: str, events_url: str) -> pdpyras.EventsAPISession:
     session = pdpyras.EventsAPISession(routing_key)
     session.url = events_url.rstrip("/")
@@ -65,7 +62,7 @@ def _translate(exc: pdpyras.PDClientError, what: str) -> Exception:
     cause = exc.__cause__
     # pdpyras reports every requests error as a network error, including requests' refusal to
     # encode the body (`allow_nan=False`); only a bad response body is worth another try.
-    if isinstance(cause, InvalidJSONError) and not isinstance(cause, ResponseNotJSON):
+    if request_unencodable(cause):
         return PagerDutyPermanentError(f"PagerDuty {what} could not be encoded: {cause}")
     response = getattr(exc, "response", None)
     status = response.status_code if response is not None else 0
@@ -76,7 +73,7 @@ def _translate(exc: pdpyras.PDClientError, what: str) -> Exception:
             type="PagerDutyThrottled",
             next_retry_delay=timedelta(seconds=retry_after),
         )
-    if status in _PERMANENT_STATUSES:
+    if status in PERMANENT_STATUSES:
         return PagerDutyPermanentError(f"PagerDuty rejected {what} (HTTP {status}): {exc}")
     return ApplicationError(f"PagerDuty failed {what}: {exc}", type="PagerDutyError")
 

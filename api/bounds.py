@@ -8,11 +8,12 @@ numbers, integers that fit 64-bit columns with room for a minute's sums, and tex
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, Field
+from pydantic import AfterValidator, AwareDatetime, Field, PlainValidator, WithJsonSchema
 
 MAX_CALLS_PER_BATCH = 10_000
 MAX_FEEDBACK_PER_REQUEST = 1_000
@@ -28,7 +29,6 @@ MAX_INT64 = 2**63 - 1
 # future: older ones would miss every detector window and fall to retention at once.
 MAX_RECORD_AGE = timedelta(days=7)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
-MAX_SILENCE = timedelta(days=30)
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -65,11 +65,35 @@ def _recent(value: datetime) -> datetime:
 RecentTimestamp = Annotated[AwareDatetime, AfterValidator(_recent)]
 
 
-MetadataValue = (
-    Annotated[str, Field(max_length=MAX_METADATA_VALUE), Storable]
-    | Annotated[int, Field(ge=-MAX_INT64, le=MAX_INT64)]
-    | Annotated[float, Field(allow_inf_nan=False)]
-    | bool
-    | None
-)
+def _metadata_value(value: object) -> object:
+    # One validator, not a union: an error names the key, not pydantic's union members.
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and -MAX_INT64 <= value <= MAX_INT64:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_METADATA_VALUE:
+        return _storable(value)
+    raise ValueError(
+        f"a metadata value is a string of at most {MAX_METADATA_VALUE} characters, an integer "
+        "within 64 bits, a finite number, a boolean or null"
+    )
+
+
+MetadataValue = Annotated[
+    object,
+    PlainValidator(_metadata_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": MAX_METADATA_VALUE},
+                {"type": "integer", "minimum": -MAX_INT64, "maximum": MAX_INT64},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
 Metadata = Annotated[dict[Text64, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]

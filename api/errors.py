@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -50,6 +51,12 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
         else:
             path += f".{_printable(part)}" if path else _printable(part)
     return path or "body"
+
+
+def problems(exc: ValidationError, most: int = 5) -> str:
+    """`field: message; ...` of a pydantic error, without its input."""
+    errors = exc.errors(include_input=False, include_url=False)[:most]
+    return "; ".join(f"{field_path(e['loc'])}: {_printable(e['msg'])}" for e in errors)
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:

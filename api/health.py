@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.auth import readable_by
 from api.deps import Services, services
+from api.errors import RETRY_AFTER_SECONDS
 from api.telemetry import REGISTRY
 from stores.engine import ping
 
@@ -42,6 +43,7 @@ async def healthz(svc: Annotated[Services, Depends(services)]) -> JSONResponse:
     return JSONResponse(
         {"status": "ok" if healthy else "degraded", "checks": checks},
         status_code=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={} if healthy else {"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
 

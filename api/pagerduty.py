@@ -12,11 +12,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field, ValidationError
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.bounds import Storable
 from api.deps import Services, services
-from api.errors import field_path
+from api.errors import RETRY_AFTER_SECONDS, problems
 from api.telemetry import REJECTED_REQUESTS
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest
@@ -86,12 +86,19 @@ def _event(body: bytes) -> _Event:
     try:
         return _Webhook.model_validate_json(body).event
     except ValidationError as exc:
-        problem = "; ".join(
-            f"{field_path(e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)[:5]
-        )
+        problem = problems(exc)
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"not a PagerDuty v3 webhook: {problem}"
         ) from None
+
+
+def _try_again() -> HTTPException:
+    # Temporal is away or slow: PagerDuty retries a 5xx, so the acknowledge is not lost.
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "the incident could not be reached; try again",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 @router.post("/pagerduty/webhook")
@@ -116,11 +123,12 @@ async def pagerduty_webhook(
     except WorkflowUpdateFailedError as exc:  # already acknowledged or resolved: once is enough
         return {"status": "ignored", "reason": str(getattr(exc.cause, "message", exc.cause))}
     except RPCError as exc:
-        return {"status": "ignored", "reason": f"{incident_id}: {exc.status.name}"}
+        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            return {"status": "ignored", "reason": f"{incident_id}: {exc.status.name}"}
+        log.warning("PagerDuty %s for %s not applied: %s", event.event_type, incident_id, exc)
+        raise _try_again() from exc
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError, RuntimeError) as exc:
         # RuntimeError: a lazy client that cannot reach Temporal. PagerDuty retries a 5xx.
         log.warning("PagerDuty %s for %s not applied yet", event.event_type, incident_id)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, "try again", headers={"Retry-After": "5"}
-        ) from exc
+        raise _try_again() from exc
     return {"status": "applied", "incident": incident_id}

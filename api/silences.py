@@ -6,11 +6,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from api.auth import Operator
+from api.bodies import JsonBody
 from api.bounds import MAX_INT64, Storable, Text1000
 from api.deps import Services, services
 from api.errors import OPERATOR_ERRORS
@@ -20,6 +21,22 @@ from stores.silences import Silence
 from workflows.incident_types import Trigger
 
 MAX_SILENCE_MINUTES = int(silence_rules.MAX_SILENCE.total_seconds() // 60)
+# Far enough for any silence the rules allow; near enough that no arithmetic overflows.
+NEAR = 2 * (silence_rules.MAX_START_AHEAD + silence_rules.MAX_SILENCE)
+
+
+def _near(value: datetime) -> datetime:
+    now = datetime.now(UTC)
+    try:
+        at = value.astimezone(UTC)
+    except (OverflowError, ValueError):  # year 1 at +14:00 has no UTC time
+        at = None
+    if at is None or abs(at - now) > NEAR:
+        raise ValueError(f"must lie within {NEAR.days} days of now")
+    return at
+
+
+NearTime = Annotated[AwareDatetime, AfterValidator(_near)]
 MAX_LISTED = 1_000
 router = APIRouter(responses=OPERATOR_ERRORS)
 
@@ -33,8 +50,8 @@ class SilenceIn(BaseModel):
 
     trigger: Trigger | None = None
     scope: Annotated[str, Field(min_length=1, max_length=160), Storable] | None = None
-    starts_at: AwareDatetime | None = None
-    ends_at: AwareDatetime | None = None
+    starts_at: NearTime | None = None
+    ends_at: NearTime | None = None
     duration_minutes: int | None = Field(default=None, gt=0, le=MAX_SILENCE_MINUTES)
     reason: Text1000
     match_all: bool = False
@@ -44,6 +61,9 @@ class SilenceIn(BaseModel):
         if self.ends_at is not None and self.duration_minutes is not None:
             raise ValueError("give ends_at or duration_minutes, not both")
         return self
+
+
+SILENCE = JsonBody[SilenceIn]("SilenceIn", SilenceIn)
 
 
 class SilenceOut(BaseModel):
@@ -76,24 +96,19 @@ def _out(silence: Silence, now: datetime) -> SilenceOut:
 
 
 def _window(body: SilenceIn, now: datetime) -> tuple[datetime, datetime]:
-    try:
-        starts = utc(body.starts_at) if body.starts_at else now
-        ends = utc(body.ends_at) if body.ends_at else None
-    except (OverflowError, ValueError):  # year 1 at +14:00 has no UTC time
-        raise _refused("starts_at" if body.starts_at else "ends_at", "out of range") from None
-    if ends is None:
-        ends = starts + timedelta(minutes=body.duration_minutes or 60)
-    return starts, ends
+    starts = body.starts_at or now
+    return starts, body.ends_at or starts + timedelta(minutes=body.duration_minutes or 60)
 
 
 def _refused(field: str, message: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
 
 
-@router.post("/v1/silences", status_code=status.HTTP_201_CREATED)
+@router.post("/v1/silences", status_code=status.HTTP_201_CREATED, openapi_extra=SILENCE.openapi)
 async def create_silence(
-    body: SilenceIn, author: Operator, svc: Annotated[Services, Depends(services)]
+    request: Request, author: Operator, svc: Annotated[Services, Depends(services)]
 ) -> SilenceOut:
+    body = await SILENCE.parse(request)  # after the key is checked
     now = datetime.now(UTC)
     starts, ends = _window(body, now)
     silence = Silence(
@@ -123,7 +138,7 @@ async def list_silences(
 ) -> list[SilenceOut]:
     now = datetime.now(UTC)
     found = await asyncio.to_thread(silences.listed, svc.engine, now, include_past)
-    return [_out(s, now) for s in found[:MAX_LISTED]]
+    return [_out(s, now) for s in found[-MAX_LISTED:]]  # the latest
 
 
 @router.delete("/v1/silences/{silence_id}")

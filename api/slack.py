@@ -26,7 +26,7 @@ from activities.slack import (
 )
 from api.bounds import Storable
 from api.deps import Services, services
-from api.errors import field_path
+from api.errors import problems
 from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest, SnoozeRequest
@@ -110,9 +110,7 @@ def _payload(body: bytes) -> _Interaction:
         raw = parse_qs(body.decode(), strict_parsing=True)["payload"][0]
         return _Interaction.model_validate_json(raw)
     except ValidationError as exc:
-        problem = "; ".join(
-            f"{field_path(e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)[:5]
-        )
+        problem = problems(exc)
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"payload: {problem}") from None
     except (KeyError, ValueError, UnicodeDecodeError):
         raise HTTPException(

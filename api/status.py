@@ -15,6 +15,7 @@ from temporalio.service import RPCError
 from activities.incidents import open_incidents_query
 from api.auth import readable_by
 from api.deps import Services, services
+from api.errors import RETRY_AFTER_SECONDS
 from workflows import search_attributes as sa
 
 router = APIRouter()
@@ -72,9 +73,10 @@ async def status_page(request: Request, svc: Annotated[Services, Depends(service
     except (TimeoutError, RPCError, RuntimeError):
         # Temporal is away (a lazy client fails to connect with RuntimeError): say so.
         page, code = StatusPage(overall="unknown", open_incidents=[]), 503
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code == 503 else {}
     if "text/html" in request.headers.get("accept", ""):
-        return HTMLResponse(_render(page), status_code=code)
-    return JSONResponse(page.model_dump(mode="json"), status_code=code)
+        return HTMLResponse(_render(page), status_code=code, headers=headers)
+    return JSONResponse(page.model_dump(mode="json"), status_code=code, headers=headers)
 
 
 def _render(page: StatusPage) -> str:

@@ -36,10 +36,12 @@ def parse_duration(text: str) -> timedelta:
         raise typer.BadParameter(f"{text!r}: use minutes, hours or days, like 30m, 2h, 1d")
     amount, unit = int(match.group(1)), match.group(2)
     unit_name = {"m": "minutes", "h": "hours", "d": "days"}[unit]
-    try:
-        return timedelta(**{unit_name: amount})
-    except OverflowError:
-        raise typer.BadParameter(f"{text!r} is too long", param_hint="--for") from None
+    if amount > silence_rules.MAX_SILENCE / timedelta(**{unit_name: 1}):
+        raise typer.BadParameter(
+            f"{text!r}: a silence lasts at most {silence_rules.MAX_SILENCE.days} days",
+            param_hint="--for",
+        )
+    return timedelta(**{unit_name: amount})
 
 
 @app.command()

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
+from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -159,6 +159,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_url_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _keys_kept_apart(self) -> Settings:
+        ingest = {key.get_secret_value() for key in self.ingest_api_keys}
+        shared = [n for n, k in self.operator_api_keys.items() if k.get_secret_value() in ingest]
+        if shared:
+            # An app holding it could silence and act on incidents: keys must not be shared.
+            raise ValueError(
+                f"the operator key of {', '.join(shared)} is also an ingest key "
+                "(PAGERLOOP_INGEST_API_KEYS): give operators keys of their own"
+            )
+        return self
 
     @property
     def slack_enabled(self) -> bool:

@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.incident_types import Breach, Recovery, severity_rank
     from workflows.policies import OPEN_INCIDENT, STORE_QUERY
 
+PER_SCOPE_PATCH = "detector-per-scope-aggregates"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
 # A firing trigger refreshes its open incident's metrics at most this often (like
@@ -183,7 +184,13 @@ class DetectorWorkflow:
         config = self._config
         aggregates: WindowAggregates = await workflow.execute_activity_method(
             MetricsActivities.window_aggregates,
-            WindowQuery(end=now, window_seconds=config.window_seconds, keep=self._firing_scopes()),
+            WindowQuery(
+                end=now,
+                window_seconds=config.window_seconds,
+                keep=self._firing_scopes(),
+                # A run begun before the folding replays on the per-cell shape it recorded.
+                per_scope=workflow.patched(PER_SCOPE_PATCH),
+            ),
             start_to_close_timeout=STORE_QUERY.start_to_close,
             schedule_to_close_timeout=STORE_QUERY.schedule_to_close,
             retry_policy=STORE_QUERY.retry,

@@ -64,13 +64,17 @@ def window_aggregates(
     *,
     max_scopes: int = DEFAULT_MAX_SCOPES,
     keep: Sequence[str] = (),
+    per_scope: bool = True,
 ) -> WindowAggregates:
     """Every minute that overlaps (end - window, end): the last window_seconds, counted in whole
     minutes (the current minute included), per scope.
 
     `keep` names scopes (`feature:checkout`) that take the first of the `max_scopes` places
     when they have calls in the window, ahead of busier names: a firing scope stays measured
-    until it recovers, instead of vanishing into `(other)` while its incident is open."""
+    until it recovers, instead of vanishing into `(other)` while its incident is open.
+
+    `per_scope=False` answers in the per-cell shape (folded too) that detector runs begun
+    before the folding read: they stay consistent while workers of both versions run."""
     end = utc(end)
     first_minute = _floor_minute(end - timedelta(seconds=window_seconds))
     window = _Window(
@@ -91,6 +95,16 @@ def window_aggregates(
         cells = _folded_cells(connection, window, tops["model"].names, tops["feature"].names)
         cost_today = float(connection.execute(today_query).scalar_one())
     by_scope = _scopes(cells)
+    if not per_scope:  # the shape detector code from before the folding reads
+        nested: dict[str, dict[str, Aggregate]] = {}
+        for (model, feature), cell in cells.items():
+            nested.setdefault(model, {})[feature] = cell
+        return WindowAggregates(
+            end=end,
+            window_seconds=(end - first_minute).total_seconds(),
+            cells=nested,
+            cost_today_usd=cost_today,
+        )
     folded = {
         kind: FoldedInfo(
             values=top.seen - len(top.names),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -195,20 +196,29 @@ def settings(
     )
 
 
+@contextlib.asynccontextmanager
+async def serving_api(settings: Settings, client: Client, engine: Engine) -> AsyncIterator[str]:
+    """The real API server (uvicorn) on settings.api_url, until the block ends."""
+    server = api_server(settings, worker.build_api(settings, client, engine))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield settings.api_url
+    finally:
+        server.should_exit = True
+        await serving
+
+
 @pytest.fixture
 async def running(dev_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Client]:
     """Worker, detector and API on the local dev server, serving on settings.api_url."""
     client = dev_env.client
     engine = worker.open_store(settings)
-    server = api_server(settings, worker.build_api(settings, client, engine))
     async with worker.build_worker(settings, client, engine):
-        serving = asyncio.create_task(server.serve())
         await worker.ensure_detector(client, settings)
-        while not server.started:
-            await asyncio.sleep(0.02)
-        yield client
-        server.should_exit = True
-        await serving
+        async with serving_api(settings, client, engine):
+            yield client
         await client.get_workflow_handle(detector_workflow_id(settings.task_queue)).terminate()
     engine.dispose()
 

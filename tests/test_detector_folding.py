@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 from temporalio import activity
 from temporalio.api.common.v1 import Payload
 from temporalio.api.sdk.v1 import WorkflowMetadata
@@ -35,6 +36,8 @@ from detectors.detector import DetectorConfig, DetectorInput, DetectorStatus, De
 from detectors.evaluation import Evaluation, evaluate
 from detectors.rules import RuleState
 from detectors.signals import Aggregate, FoldedInfo, WindowAggregates
+from stores.aggregates import window_aggregates
+from stores.llm_calls import CallRecord, write_calls
 
 END = datetime(2026, 11, 26, 12, tzinfo=UTC)
 HISTORY = Path(__file__).parent / "histories" / "detector_per_cell_result.json"
@@ -163,6 +166,28 @@ async def test_the_detector_shows_the_fold_and_keeps_a_firing_scope_out_of_it(
     assert line in metadata.current_details
     assert queries[0].keep == []
     assert queries[-1].keep == ["feature:checkout"]
+    assert all(query.per_scope for query in queries)  # a new run asks for the small shape
+
+
+def test_the_per_cell_shape_for_runs_begun_before_evaluates_the_same(store: Engine) -> None:
+    """While workers of both versions run, a detector run begun on the old code asks for (and
+    evaluates) per-cell results: the same decisions as the per-scope ones."""
+    now = datetime.now(UTC)
+    records = [
+        CallRecord(ts=now, model=model, feature=feature, status=status, latency_ms=900.0)
+        for model in ("gpt-4.1", "o3")
+        for feature, status in (("chat", "error"), ("search", "success"), (None, "success"))
+        for _ in range(30)
+    ]
+    write_calls(store, records)
+    cells = window_aggregates(store, now, 300, per_scope=False)
+    scoped = window_aggregates(store, now, 300)
+    assert cells.cells
+    assert not cells.by_scope
+
+    [old], [new] = run([cells]), run([scoped])
+    assert old.verdicts == new.verdicts
+    assert [(f.trigger, f.scope) for f in old.firing] == [(f.trigger, f.scope) for f in new.firing]
 
 
 def test_detector_status_prints_what_was_folded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,12 +15,10 @@ from sqlalchemy import Engine, func
 from sqlmodel import Session, select
 from temporalio.testing import WorkflowEnvironment
 
-import worker
 from api.bounds import MAX_CALLS_PER_BATCH
-from cli.stack import api_server
 from config import Settings
 from stores.llm_calls import LLMCall
-from tests.conftest import free_port
+from tests.conftest import free_port, serving_api
 
 KEY = "loop-key"
 
@@ -33,13 +31,8 @@ async def api_url(time_skipping_env: WorkflowEnvironment, engine: Engine) -> Asy
         ingest_api_keys=KEY,
         slack_signing_secret="loop-secret",
     )
-    server = api_server(settings, worker.build_api(settings, time_skipping_env.client, engine))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield settings.api_url
-    server.should_exit = True
-    await serving
+    async with serving_api(settings, time_skipping_env.client, engine) as url:
+        yield url
 
 
 def largest_batch(limit: int) -> bytes:

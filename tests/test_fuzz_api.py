@@ -18,10 +18,8 @@ import pytest
 from sqlalchemy import Engine
 from temporalio.testing import WorkflowEnvironment
 
-import worker
-from cli.stack import api_server
 from config import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, serving_api
 
 INGEST = "fuzz-ingest-key"
 OPERATOR = "fuzz-operator-key"
@@ -41,13 +39,8 @@ async def api_url(dev_env: WorkflowEnvironment, store: Engine) -> AsyncIterator[
         pagerduty_webhook_secret="fuzz-pagerduty-secret",
         max_active_silences=10_000,
     )
-    server = api_server(settings, worker.build_api(settings, dev_env.client, store))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield settings.api_url
-    server.should_exit = True
-    await serving
+    async with serving_api(settings, dev_env.client, store) as url:
+        yield url
 
 
 # Each key on the operations it may call; a run on the others would only collect 401s.

@@ -151,12 +151,13 @@ async def test_errors_never_echo_the_input_back(api: httpx.AsyncClient) -> None:
     assert "calls[0].model" in response.json()["detail"]
 
 
-async def test_a_key_with_an_unpaired_surrogate_is_named_without_breaking_the_answer(
-    api: httpx.AsyncClient,
-) -> None:
-    bad = '{"calls":[{"model":"x","status":"success","latency_ms":5,"metadata":{"\\udc80":1}}]}'
-    response = await post_raw(api, "/v1/llm-calls", bad)
+async def test_a_bad_metadata_key_is_named(api: httpx.AsyncClient) -> None:
+    bad = call(metadata={"k" * 65: 1, "ok": "\u0000"})
+    response = await api.post("/v1/llm-calls", json={"calls": [bad]}, headers=APP)
     assert response.status_code == 422
+    fields = {error["field"] for error in response.json()["errors"]}
+    assert "calls[0].metadata.ok" in fields
+    assert any(f.startswith("calls[0].metadata.kkkk") for f in fields)
 
 
 # --- /v1/feedback -------------------------------------------------------------------------
@@ -268,6 +269,10 @@ async def test_the_author_is_the_operator_keys_name(api: httpx.AsyncClient) -> N
         ({"trigger": "error_rate", "reason": "r", "duration_minutes": 10**9}, "duration_minutes"),
         ({"trigger": "error_rate", "reason": "r", "starts_at": "0001-01-01T00:00:00+14:00"},
          "starts_at"),
+        ({"trigger": "error_rate", "reason": "r", "starts_at": "9999-12-31T23:30:00Z"},
+         "starts_at"),
+        ({"trigger": "error_rate", "reason": "r", "starts_at": "9999-12-31T23:30:00Z",
+          "ends_at": "9999-12-31T23:59:00Z"}, "ends_at"),
         ({"trigger": "error_rate", "reason": "r", "ends_at": "2000-01-01T00:00:00Z"}, "ends_at"),
         ({"reason": "everything"}, "match_all"),
         ({"scope": "*", "reason": "everything"}, "match_all"),
@@ -357,7 +362,7 @@ async def test_the_body_is_not_read_before_the_key_is_checked(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    for path in ("/v1/llm-calls", "/v1/traces", "/v1/feedback"):
+    for path in ("/v1/llm-calls", "/v1/traces", "/v1/feedback", "/v1/silences"):
         scope = {
             "type": "http",
             "method": "POST",
@@ -373,7 +378,7 @@ async def test_the_body_is_not_read_before_the_key_is_checked(
         }
         await app(scope, receive, send)
     statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
-    assert statuses == [401, 401, 401]
+    assert statuses == [401, 401, 401, 401]
     assert reads == 0
 
 
@@ -439,6 +444,7 @@ def test_the_cli_keeps_the_same_silence_rules(
 
     assert add("--for", "31d", "--trigger", "error_rate").exit_code == 2
     assert add("--for", "99999999999d", "--trigger", "error_rate").exit_code == 2
+    assert add("--for", "9999999d", "--trigger", "error_rate").exit_code == 2
     everything = add("--for", "1h")
     assert everything.exit_code == 2
     assert "--match-all" in everything.output

@@ -509,10 +509,21 @@ def test_the_span_mapping_refuses_odd_values_without_crashing(key: str) -> None:
                 )
                 try:
                     fields = call_fields(view)
-                    if fields is not None:
-                        to_record(CallIn.model_validate(fields), "s", DEFAULT_PRICES, now)
+                    if fields is None:
+                        continue
+                    record = to_record(CallIn.model_validate(fields), "s", DEFAULT_PRICES, now)
                 except (InvalidSpanError, ValidationError):
-                    pass
+                    continue
+                # What passes is a call both stores take: finite, bounded, storable text.
+                for name in ("latency_ms", "ttft_ms", "cost_usd"):
+                    number = getattr(record, name)
+                    assert number is None or 0 <= number < 1e8, (key, value, name)
+                for name in ("input_tokens", "output_tokens", "retry_count", "http_status"):
+                    number = getattr(record, name)
+                    assert number is None or 0 <= number <= 1_000_000_000, (key, value, name)
+                for name in ("model", "feature", "team", "session_id", "error_type"):
+                    text = getattr(record, name)
+                    assert text is None or ("\x00" not in text and len(text) <= 128), (key, value)
 
 
 @pytest.mark.parametrize("start_ns", [0, 1, 2**53, 2**63 - 1, 2**63, 2**64 - 1])

@@ -112,3 +112,10 @@ def test_public_endpoints_default_and_bounds(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PAGERLOOP_PUBLIC_ENDPOINTS", "")
     with pytest.raises(ConfigurationError, match="PAGERLOOP_DETECTOR_MAX_SCOPES"):
         load_settings()
+
+
+def test_an_operator_key_cannot_also_be_an_ingest_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGERLOOP_INGEST_API_KEYS", "app-key,shared")
+    monkeypatch.setenv("PAGERLOOP_OPERATOR_API_KEYS", "alice:shared")
+    with pytest.raises(ConfigurationError, match="alice"):
+        load_settings()

@@ -4,7 +4,8 @@ A poisoned record (an ingested `cost_usd: Infinity`) makes a metric infinite. St
 no spelling for that: encoders refuse it (`allow_nan=False`) or write a token vendors' parsers
 reject, and a page that can never be encoded must not wait a day of retries. What the stores
 hold is not trusted here: whatever they say, what leaves is JSON, and an absurd value still
-reads as absurd. Standard library only: workflow and detector modules import this.
+reads as absurd. The vendor activities apply it; standard library only, so that workflow code
+may too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import sys
 from collections.abc import Mapping, Set
 from datetime import date, time
 from enum import Enum
@@ -48,19 +48,6 @@ def json_safe(value: object) -> JSONValue:
       cut to MAX_TEXT characters; nesting past MAX_DEPTH is summarised the same way.
     """
     return _safe(value, 0, set())
-
-
-def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """A metrics mapping that stays typed `float` (as `Breach.metrics`) and holds only finite
-    values: +/-inf become the largest finite float of the same sign (still absurd when shown),
-    NaN and what is not a number are dropped (no number stands for them)."""
-    finite: dict[str, float] = {}
-    for name, value in metrics.items():
-        number = _float(value)
-        if number is None or math.isnan(number):
-            continue
-        finite[str(name)] = math.copysign(min(abs(number), sys.float_info.max), number)
-    return finite
 
 
 def human_number(value: object, *, percent: bool = False) -> str:

@@ -1,0 +1,16 @@
+"""What the vendor activities (PagerDuty and Jira, both on `requests`) share about failures."""
+
+from __future__ import annotations
+
+from requests.exceptions import InvalidJSONError
+from requests.exceptions import JSONDecodeError as ResponseNotJSON
+
+# Answers no retry can change: the request itself is refused (credentials, project, a body
+# the vendor cannot parse or will not take).
+PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
+
+
+def request_unencodable(exc: BaseException) -> bool:
+    """Our request body could not be encoded (the same on every try); an answer that is not
+    JSON subclasses the same exception and is the vendor's, retryable."""
+    return isinstance(exc, InvalidJSONError) and not isinstance(exc, ResponseNotJSON)
