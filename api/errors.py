@@ -36,9 +36,9 @@ OPERATOR_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _printable(part: Any) -> str:
-    # A key with an unpaired surrogate cannot go out as UTF-8: show it escaped instead.
-    return str(part).encode("utf-8", "backslashreplace").decode("utf-8")[:200]
+def printable(part: Any, limit: int = 200) -> str:
+    """Text for an error body: short, and encodable (an unpaired surrogate shows escaped)."""
+    return str(part).encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -49,14 +49,14 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
         if isinstance(part, int):
             path += f"[{part}]"
         else:
-            path += f".{_printable(part)}" if path else _printable(part)
+            path += f".{printable(part)}" if path else printable(part)
     return path or "body"
 
 
 def problems(exc: ValidationError, most: int = 5) -> str:
     """`field: message; ...` of a pydantic error, without its input."""
     errors = exc.errors(include_input=False, include_url=False)[:most]
-    return "; ".join(f"{field_path(e['loc'])}: {_printable(e['msg'])}" for e in errors)
+    return "; ".join(f"{field_path(e['loc'])}: {printable(e['msg'])}" for e in errors)
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -67,7 +67,7 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         {
             "field": field_path(error["loc"]),
             "type": error.get("type"),
-            "msg": _printable(error.get("msg", "")),
+            "msg": printable(error.get("msg", "")),
         }
         for error in errors[:MAX_ERRORS_SHOWN]
     ]

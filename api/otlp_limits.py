@@ -17,6 +17,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from api.errors import printable
+
 # Like the 10,000-call batch of /v1/llm-calls; exporters send 512 spans a batch by default.
 MAX_SPANS_PER_REQUEST = 10_000
 # Every protobuf message of the export (in JSON: every object and number; arrays are bounded
@@ -47,7 +49,7 @@ class ExportRefusedError(Exception):
 
 def malformed(why: object) -> ExportRefusedError:
     # Parser messages may quote the body: keep them short and encodable (no lone surrogate).
-    text = str(why).encode("utf-8", "backslashreplace").decode()[:300]
+    text = printable(why, 300)
     return ExportRefusedError(400, f"body: not an OTLP ExportTraceServiceRequest ({text})")
 
 
