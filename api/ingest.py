@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
@@ -142,6 +143,25 @@ async def store_records(svc: Services, records: list[CallRecord], endpoint: str)
     INGESTED_CALLS.labels(endpoint).inc(len(records))
 
 
+def _refuse_repeated_call_ids(batch: CallBatch) -> None:
+    """A call_id twice in one batch is the batch's own mistake (422), not a retry (409)."""
+    seen: set[str] = set()
+    for index, call in enumerate(batch.calls):
+        if call.call_id is None:
+            continue
+        if call.call_id in seen:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("body", "calls", index, "call_id"),
+                        "msg": "this call_id is already in this batch",
+                        "type": "value_error",
+                    }
+                ]
+            )
+        seen.add(call.call_id)
+
+
 @router.post(
     "/v1/llm-calls",
     status_code=status.HTTP_202_ACCEPTED,
@@ -153,6 +173,7 @@ async def ingest_calls(
     request: Request, svc: Annotated[Services, Depends(services)]
 ) -> IngestResult:
     batch = await BATCH.parse(request)
+    _refuse_repeated_call_ids(batch)
     salt = svc.settings.user_hash_salt.get_secret_value()
     now = datetime.now(UTC)
     records = [to_record(call, salt, svc.prices, now) for call in batch.calls]

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import fnmatch
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Engine, func
+from sqlalchemy import Engine, func, text
 from sqlmodel import Session, col, select
 
 from stores.llm_calls import utc
-from stores.silences import Silence, create
+from stores.silences import Silence
 
 MAX_SILENCE = timedelta(days=30)
 # How far back a start may be given (a window opened a little late), and ahead.
 MAX_START_IN_PAST = timedelta(days=1)
 MAX_START_AHEAD = timedelta(days=30)
+# One advisory lock key for "creating a silence" on PostgreSQL.
+_CAP_LOCK = 0x51_1E_4C_E5
 # Scopes no glob should cover unless it means "everything".
 _PROBES = ("global", "model:gpt-4.1", "feature:checkout", "model:(other)")
 
@@ -58,24 +61,31 @@ def check(silence: Silence, now: datetime, match_all: bool = False) -> None:
         )
 
 
-def active_count(engine: Engine, now: datetime) -> int:
-    query = (
+def _active(now: datetime) -> Any:
+    return (
         select(func.count())
         .select_from(Silence)
         .where(col(Silence.ends_at) > utc(now), col(Silence.expired_at).is_(None))
     )
-    with Session(engine) as session:
-        return int(session.exec(query).one())
 
 
 def create_checked(
     engine: Engine, silence: Silence, now: datetime, cap: int, match_all: bool = False
 ) -> Silence:
-    """Check the silence, refuse past `cap` silences in force or to come, then create it."""
+    """Check the silence, refuse past `cap` silences in force or to come, then create it, in
+    one transaction: concurrent requests cannot both take the last place."""
     check(silence, now, match_all)
-    if active_count(engine, now) >= cap:
-        raise TooManySilencesError(
-            f"{cap} silences are already in force or scheduled "
-            "(PAGERLOOP_MAX_ACTIVE_SILENCES): expire some first"
-        )
-    return create(engine, silence)
+    with Session(engine) as session:
+        if engine.dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CAP_LOCK})
+        else:  # SQLite: take the write lock before counting, not after
+            session.execute(text("BEGIN IMMEDIATE"))
+        if int(session.exec(_active(now)).one()) >= cap:
+            raise TooManySilencesError(
+                f"{cap} silences are already in force or scheduled "
+                "(PAGERLOOP_MAX_ACTIVE_SILENCES): expire some first"
+            )
+        session.add(silence)
+        session.commit()
+        session.refresh(silence)
+    return silence

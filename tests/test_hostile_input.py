@@ -160,6 +160,14 @@ async def test_a_bad_metadata_key_is_named(api: httpx.AsyncClient) -> None:
     assert any(f.startswith("calls[0].metadata.kkkk") for f in fields)
 
 
+async def test_a_call_id_twice_in_one_batch_is_named(api: httpx.AsyncClient, store: Engine) -> None:
+    twice = [call(call_id="0123456789abcdef"), call(), call(call_id="0123456789abcdef")]
+    response = await api.post("/v1/llm-calls", json={"calls": twice}, headers=APP)
+    assert response.status_code == 422
+    assert "calls[2].call_id" in response.json()["detail"]
+    assert count(store, LLMCall) == 0
+
+
 # --- /v1/feedback -------------------------------------------------------------------------
 
 
@@ -313,6 +321,22 @@ async def test_active_silences_are_capped(
         assert "3 silences" in refused.json()["detail"]
         await api.delete("/v1/silences/1", headers=OPS)
         assert (await api.post("/v1/silences", json=body, headers=OPS)).status_code == 201
+
+
+async def test_concurrent_silences_never_pass_the_cap(
+    time_skipping_env: WorkflowEnvironment, store: Engine
+) -> None:
+    import asyncio
+
+    async with client_for(time_skipping_env, store, max_active_silences=3) as api:
+        body = {"trigger": "error_rate", "reason": "r"}
+        answers = await asyncio.gather(
+            *(api.post("/v1/silences", json=body, headers=OPS) for _ in range(12))
+        )
+    codes = sorted(answer.status_code for answer in answers)
+    assert codes.count(201) == 3
+    assert set(codes) <= {201, 409, 503}  # 503: SQLite's write lock was busy; retry later
+    assert count(store, Silence) == 3
 
 
 # --- what answers without a key -------------------------------------------------------------
