@@ -23,6 +23,7 @@ GLOBAL = "global"
 SCOPE_KINDS = ("global", "model", "feature")
 DIMENSIONS = ("model", "feature")
 OTHER = "(other)"
+SCOPE_NAME_MAX = 140
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:/@+-]")
 
 
@@ -31,7 +32,7 @@ def scope_name(kind: str, value: str = "") -> str:
     always safe in a visibility query and a workflow id."""
     if kind == GLOBAL:
         return GLOBAL
-    return f"{kind}:{_UNSAFE.sub('_', value)[:140] or '_'}"
+    return f"{kind}:{_UNSAFE.sub('_', value)[:SCOPE_NAME_MAX] or '_'}"
 
 
 def folded_scope(kind: str) -> str:

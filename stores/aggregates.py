@@ -22,6 +22,7 @@ from detectors.signals import (
     DIMENSIONS,
     GLOBAL,
     OTHER,
+    SCOPE_NAME_MAX,
     Aggregate,
     FoldedInfo,
     WindowAggregates,
@@ -89,7 +90,9 @@ def window_aggregates(
     )
     with engine.connect() as connection:
         tops = {
-            kind: _top(connection, kind, window, max_scopes, _pinned(keep, kind))
+            kind: _top(
+                connection, kind, window, max_scopes, _pinned(connection, kind, window, keep)
+            )
             for kind in DIMENSIONS
         }
         cells = _folded_cells(connection, window, tops["model"].names, tops["feature"].names)
@@ -145,10 +148,33 @@ class _Top:
     seen: int  # distinct names in the window
 
 
-def _pinned(keep: Sequence[str], kind: str) -> list[str]:
-    # A scope is taken for the name it was made of, which it is unless the name had
-    # characters scope_name() replaces (such a scope is then not pinned).
-    return [name.partition(":")[2] for name in keep if kind_of(name) == kind]
+def _pinned(connection: Connection, kind: str, w: _Window, keep: Sequence[str]) -> list[str]:
+    """The names the kept scopes were made of. scope_name() turns each odd character into `_`,
+    which LIKE reads as any one character: the names that match and make the same scope are
+    the ones (a name cut at its 140th character matches as a prefix). A scope without `_`
+    is its name."""
+    names: list[str] = []
+    for scope in keep:
+        if kind_of(scope) != kind or scope == folded_scope(kind):
+            continue
+        name = scope.partition(":")[2]
+        if "_" not in name and len(name) < SCOPE_NAME_MAX:
+            names.append(name)  # the name it was made of, as it is
+            continue
+        pattern = name + ("%" if len(name) >= SCOPE_NAME_MAX else "")
+        column = _usage[kind]
+        candidates = connection.execute(
+            select(column)
+            .where(_usage.minute >= w.first_minute, _usage.minute < w.end, column.like(pattern))
+            .distinct()
+            .limit(_LIKE_CANDIDATES)
+        ).scalars()
+        names += [str(raw) for raw in candidates if scope_name(kind, str(raw)) == scope]
+    return names
+
+
+# Raw names tried for one cleaned-up scope name (distinct names that clean up alike are few).
+_LIKE_CANDIDATES = 50
 
 
 def _top(connection: Connection, kind: str, w: _Window, limit: int, pinned: list[str]) -> _Top:

@@ -115,6 +115,20 @@ def test_a_kept_scope_stays_out_of_the_fold_while_it_has_calls(store: Engine) ->
     assert found.folded["feature"] == FoldedInfo(values=1, calls=20, top=2)
 
 
+def test_a_kept_scope_with_a_cleaned_up_name_stays_out_of_the_fold(store: Engine) -> None:
+    """`feature:checkout_flow` is made of "checkout flow" and "checkout#flow" (and of
+    "checkout_flow", none here); "checkoutXflow" is another name."""
+    write_calls(
+        store,
+        calls(30, "search") + calls(20, "chat") + calls(2, "checkout flow")
+        + calls(1, "checkout#flow") + calls(1, "checkoutXflow"),
+    )  # fmt: skip
+    found = window_aggregates(store, NOW, 300, max_scopes=3, keep=["feature:checkout_flow"])
+
+    assert found.scope("feature:checkout_flow").calls == 3
+    assert found.folded["feature"] == FoldedInfo(values=2, calls=21, top=3)
+
+
 def twice(config: DetectorRules, aggregates: WindowAggregates) -> Evaluation:
     states: dict[str, RuleState] = {}
     for _ in range(config.rules[0].for_evaluations):
