@@ -157,8 +157,12 @@ class Steps:
         if not report.actions or self._applied_at is None:
             return report
         await self.tell("mitigation", "\n".join(f"• {ref.description}" for ref in report.actions))
-        # The rollups count whole minutes: judge only minutes that began after the change.
-        start = _next_minute(self._applied_at)
+        # The rollups count whole minutes: judge only minutes that began after the change had
+        # reached the clients (a runbook begun before this rule replays on the old start).
+        reached = self._applied_at
+        if workflow.patched(VERIFY_AFTER_PROPAGATION):
+            reached += CONTROLS_REACH_CLIENTS
+        start = _next_minute(reached)
         wait = timedelta(seconds=self.input.verify_after_seconds)
         reading = await self._reading_at(start, start + wait)
         if not reading.recovered and not reading.breached:
@@ -213,6 +217,12 @@ class Steps:
         await workflow.get_external_workflow_handle(parent.workflow_id).signal(
             PROGRESS_SIGNAL, RunbookProgress(kind, text)
         )
+
+
+# Instrumented clients re-read the controls every 2 s (instrumentation.controls.DEFAULT_TTL);
+# the rest is room for a slow poll. Calls made before then still ran without the controls.
+CONTROLS_REACH_CLIENTS = timedelta(seconds=10)
+VERIFY_AFTER_PROPAGATION = "verify-after-controls-reach-clients"
 
 
 def _next_minute(at: datetime) -> datetime:
