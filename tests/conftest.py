@@ -19,6 +19,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 import worker
 from cli.stack import api_server
@@ -31,6 +32,7 @@ from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from workflows import search_attributes as sa
+from workflows.incident import IncidentWorkflow
 
 BIN = Path(sys.executable).parent
 
@@ -194,6 +196,23 @@ def settings(
         jira_url=fake_jira.url,
         jira_token="jira-test-token",
     )
+
+
+@contextlib.asynccontextmanager
+async def incident_worker(client: Client, settings: Settings) -> AsyncIterator[Engine]:
+    """A worker running IncidentWorkflow with every activity, wired as worker.py wires them,
+    on the settings' task queue; yields its stores."""
+    engine = worker.open_store(settings)
+    try:
+        async with Worker(
+            client,
+            task_queue=settings.task_queue,
+            workflows=[IncidentWorkflow],
+            activities=worker.build_activities(settings, client, engine),
+        ):
+            yield engine
+    finally:
+        engine.dispose()
 
 
 @contextlib.asynccontextmanager

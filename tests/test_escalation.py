@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 import worker
 from config.escalation import load_escalation
 from config.settings import Settings
+from tests.conftest import incident_worker
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
@@ -102,18 +102,11 @@ async def incidents(
     policy_file.write_text(POLICY_FILE)
     settings = settings.model_copy(update={"escalation_policy_file": policy_file})
     client = time_skipping_env.client
-    engine = worker.open_store(settings)
     plan = worker.notification_plan(settings, load_escalation(policy_file))
-    async with Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[IncidentWorkflow],
-        activities=worker.build_activities(settings, client, engine),
-    ):
+    async with incident_worker(client, settings):
         opened = Incidents(time_skipping_env, settings.task_queue, plan)
         yield opened
         await close_incidents(opened.handles)
-    engine.dispose()
 
 
 def kinds(state: IncidentState) -> list[str]:

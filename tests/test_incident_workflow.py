@@ -12,11 +12,10 @@ import pytest
 from sqlalchemy import Engine
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
-import worker
 from activities.incidents import IncidentActivities, OpenIncidentRequest, OpenIncidentResult
 from config.settings import Settings
+from tests.conftest import incident_worker
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from tests.helpers import close_incidents, eventually
@@ -81,17 +80,10 @@ async def stack(
     time_skipping_env: WorkflowEnvironment, settings: Settings, plan: NotificationPlan
 ) -> AsyncIterator[Stack]:
     client = time_skipping_env.client
-    engine = worker.open_store(settings)
-    async with Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[IncidentWorkflow],
-        activities=worker.build_activities(settings, client, engine),
-    ):
+    async with incident_worker(client, settings) as engine:
         opened = Stack(client, settings.task_queue, plan, engine)
         yield opened
         await close_incidents(opened.handles)
-    engine.dispose()
 
 
 async def state_of(handle: WorkflowHandle) -> IncidentState:

@@ -24,15 +24,14 @@ from jira import JIRAError
 from pydantic import SecretStr
 from temporalio.client import WorkflowHandle
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
-from temporalio.worker import Worker
 
-import worker
 from activities import jira, pagerduty, slack
 from activities.incidents import IncidentActivities, OpenIncidentRequest
 from activities.jira import JiraActivities, JiraPermanentError, JiraTicket
 from activities.pagerduty import PagerDutyActivities, PagerDutyPermanentError, PageRequest
 from activities.slack import SlackPermanentError
 from config.settings import Settings
+from tests.conftest import incident_worker
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
@@ -361,19 +360,12 @@ async def incidents(
     time_skipping_env: WorkflowEnvironment, settings: Settings
 ) -> AsyncIterator[Incidents]:
     client = time_skipping_env.client
-    engine = worker.open_store(settings)
-    async with Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[IncidentWorkflow],
-        activities=worker.build_activities(settings, client, engine),
-    ):
+    async with incident_worker(client, settings) as engine:
         opened = Incidents(
             IncidentActivities(client, settings.task_queue, PLAN, engine), time_skipping_env
         )
         yield opened
         await close_incidents(opened.handles)
-    engine.dispose()
 
 
 async def state_of(handle: WorkflowHandle[Any, Any]) -> IncidentState:
