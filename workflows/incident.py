@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import (
+    ActivityError,
+    CancelledError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+)
 from temporalio.types import MethodAsyncSingleParam
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.controls import (
@@ -64,12 +69,24 @@ with workflow.unsafe.imports_passed_through():
         TimelineEntry,
         severity_rank,
     )
+    from workflows.lanes import Lane, compact
     from workflows.policies import CONTROL_CHANGE, VENDOR_CALL, ActivityPolicy
     from workflows.postmortem import postmortem
 
 MAX_SNOOZE_MINUTES = 24 * 60
+TIMELINE_IN_ANSWERS = 10
+# Changes to the command sequence, each behind its patch so that runs begun before it replay
+# as they ran (README "Changing workflow code"):
+# a run due for a fresh one hands its queued and in-flight channel work over instead of
+# waiting for a vendor that may be down for hours; piled-up replies go out merged.
+HAND_OVER_LANES = "hand-over-lanes-to-the-next-run"
+HAND_OVER_GRACE = timedelta(seconds=10)
+# The controls keep-alive counts from when they were last extended, across runs, instead of
+# restarting its hour with each run (a run shorter than an hour never extended them).
+KEEPALIVE_ACROSS_RUNS = "controls-keepalive-across-runs"
 # How often an open incident pushes back the expiry of its runbook's controls.
 CONTROLS_KEEPALIVE = timedelta(hours=1)
+ZERO = timedelta(0)
 # Timeline kinds told in the Slack thread and on the Jira ticket.
 TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
         "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
@@ -80,40 +97,22 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 
-class _Lane:
-    """An ordered queue of side effects for one channel, drained by its own coroutine."""
-
-    def __init__(self, name: str, enabled: bool) -> None:
-        self.name = name
-        self.enabled = enabled
-        self.pending: deque[LaneAction] = deque()
-        self.in_flight: LaneAction | None = None
-
-    def push(self, kind: str, text: str = "", level: str = "") -> None:
-        if self.enabled:
-            self.pending.append(LaneAction(kind, text, level))
-
-    def queued(self, kind: str) -> bool:
-        return any(action.kind == kind for action in self.pending)
-
-    def underway(self, kind: str) -> bool:
-        """Queued or being performed right now."""
-        return self.queued(kind) or (self.in_flight is not None and self.in_flight.kind == kind)
-
-
 @workflow.defn
 class IncidentWorkflow:
     @workflow.init
     def __init__(self, input: IncidentInput) -> None:
         self._input = input
         plan = input.notify
-        self._slack = _Lane("slack", plan.slack_channel is not None)
-        self._pagerduty = _Lane("pagerduty", plan.pagerduty)
-        self._jira = _Lane("jira", plan.jira)
+        self._slack = Lane("slack", plan.slack_channel is not None)
+        self._pagerduty = Lane("pagerduty", plan.pagerduty)
+        self._jira = Lane("jira", plan.jira)
         # Incidents started before runbooks existed replay without one.
         with_runbooks = plan.runbook.enabled and workflow.patched("runbooks")
+        self._hand_over = workflow.patched(HAND_OVER_LANES)
+        self._grace_over = False
+        self._grace: asyncio.Task[None] | None = None
         self._runbook = runbook_for(input.trigger) if with_runbooks else None
-        self._controls = _Lane("controls", self._runbook is not None)
+        self._controls = Lane("controls", self._runbook is not None)
         self._lanes = (self._slack, self._pagerduty, self._jira, self._controls)
         self._runbook_active = False
         self._child: workflow.ChildWorkflowHandle[Any, RunbookReport] | None = None
@@ -153,6 +152,10 @@ class IncidentWorkflow:
         runbook = asyncio.create_task(self._run_runbook())
         keepalive = asyncio.create_task(self._keep_controls_alive())
         await self._escalation_clock()
+        if self._hand_over and self._state.status != IncidentStatus.RESOLVED:
+            # Working vendors finish their queues in a moment; a failing one is not waited for.
+            # Not awaited: once the queues are empty, this run ends with the timer pending.
+            self._grace = asyncio.create_task(self._hand_over_after_grace())
         await runbook
         await keepalive
         await asyncio.gather(*lanes)
@@ -161,7 +164,10 @@ class IncidentWorkflow:
             # Due for a fresh run: carry the state and whatever is still queued.
             carried = CarriedState(
                 state=self._state,
-                pending={lane.name: list(lane.pending) for lane in self._lanes},
+                pending={
+                    lane.name: compact(lane.pending) if self._hand_over else list(lane.pending)
+                    for lane in self._lanes
+                },
             )
             workflow.continue_as_new(replace(input, carried=carried))
         await self._tell_detector()
@@ -222,7 +228,7 @@ class IncidentWorkflow:
             self._record("recovered", text, actor="detector", channel="detector")
             self._slack.push("update")
             self._publish()
-        return self.state()
+        return self._answer()
 
     @report_recovery.validator
     def _validate_recovery(self, recovery: Recovery) -> None:
@@ -245,7 +251,7 @@ class IncidentWorkflow:
             self._pagerduty.push("acknowledge")
         self._changed = True
         self._publish()
-        return self.state()
+        return self._answer()
 
     @acknowledge.validator
     def _validate_acknowledge(self, request: ActionRequest) -> None:
@@ -262,7 +268,7 @@ class IncidentWorkflow:
     def resolve(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
         self._resolve(request)
-        return self.state()
+        return self._answer()
 
     def _resolve(self, request: ActionRequest) -> None:
         state = self._state
@@ -294,7 +300,7 @@ class IncidentWorkflow:
         self._updates += 1
         reason = f"escalated by {request.user}" + (f": {request.note}" if request.note else "")
         self._escalate(reason, actor=request.user, channel=request.channel)
-        return self.state()
+        return self._answer()
 
     @escalate.validator
     def _validate_escalate(self, request: ActionRequest) -> None:
@@ -317,7 +323,7 @@ class IncidentWorkflow:
         self._slack.push("update")
         self._changed = True
         self._publish()
-        return self.state()
+        return self._answer()
 
     @snooze.validator
     def _validate_snooze(self, request: SnoozeRequest) -> None:
@@ -331,7 +337,7 @@ class IncidentWorkflow:
         self._updates += 1
         self._record("note", request.note, request.user, request.channel)
         self._publish()
-        return self.state()
+        return self._answer()
 
     @add_note.validator
     def _validate_note(self, request: ActionRequest) -> None:
@@ -357,6 +363,16 @@ class IncidentWorkflow:
     @workflow.query
     def state(self) -> IncidentState:
         return replace(self._state, timeline=list(self._state.timeline))
+
+    def _answer(self) -> IncidentState:
+        """What an update answers with: the state and the timeline's last entries. Every
+        answer is written to the history; a whole timeline in each would grow it with the
+        square of the updates (the `state` query has it all)."""
+        return replace(self._state, timeline=self._state.timeline[-TIMELINE_IN_ANSWERS:])
+
+    def _without_timeline(self) -> IncidentState:
+        """The state a Slack message renders, which shows no timeline."""
+        return replace(self._state, timeline=[])
 
     @workflow.query
     def timeline(self) -> list[TimelineEntry]:
@@ -485,6 +501,19 @@ class IncidentWorkflow:
     def _finished(self) -> bool:
         return self._state.status == IncidentStatus.RESOLVED or self._time_for_a_fresh_run()
 
+    def _handing_over(self) -> bool:
+        """Due for a fresh run and past the grace: the next run takes over the channel work
+        not done yet."""
+        return (
+            self._grace_over
+            and self._state.status != IncidentStatus.RESOLVED
+            and self._time_for_a_fresh_run()
+        )
+
+    async def _hand_over_after_grace(self) -> None:
+        await workflow.sleep(HAND_OVER_GRACE, summary="hand the channel work over to a fresh run")
+        self._grace_over = True
+
     def _time_for_a_fresh_run(self) -> bool:
         if self._runbook_active:  # a running child would be cut off with this run
             return False
@@ -575,6 +604,7 @@ class IncidentWorkflow:
             self._runbook_active = False
             self._child = None
         state.controls = [ref.description for ref in report.actions]
+        state.controls_kept_at = workflow.now()
         return report
 
     async def _conclude(self, report: RunbookReport) -> None:
@@ -605,16 +635,21 @@ class IncidentWorkflow:
             return
         state = self._state
         await workflow.wait_condition(lambda: bool(state.controls) or self._finished())
+        across_runs = not self._finished() and workflow.patched(KEEPALIVE_ACROSS_RUNS)
         while not self._finished():
+            wait = CONTROLS_KEEPALIVE
+            if across_runs and state.controls_kept_at is not None:
+                wait = max(state.controls_kept_at + CONTROLS_KEEPALIVE - workflow.now(), ZERO)
             try:
                 await workflow.wait_condition(
                     self._finished,
-                    timeout=CONTROLS_KEEPALIVE,
+                    timeout=wait,
                     timeout_summary="keep the runbook's controls in force",
                 )
             except TimeoutError:
                 if state.controls and not self._controls.underway("extend"):
                     self._controls.push("extend")
+                    state.controls_kept_at = workflow.now()
 
     def _step_back(self) -> None:
         """Mitigation is over without a verified recovery: back to where the incident was."""
@@ -661,20 +696,40 @@ class IncidentWorkflow:
 
     # --- side effects ----------------------------------------------------------------------
 
-    async def _drain(self, lane: _Lane, perform: Callable[[LaneAction], Awaitable[None]]) -> None:
+    async def _drain(self, lane: Lane, perform: Callable[[LaneAction], Awaitable[None]]) -> None:
         """Perform the lane's actions in order; stop once finished with nothing left to do."""
         while True:
             await workflow.wait_condition(lambda: bool(lane.pending) or self._finished())
-            if not lane.pending:
+            if not lane.pending or self._handing_over():
                 return
-            action = lane.in_flight = lane.pending.popleft()
+            action = lane.in_flight = lane.take() if self._hand_over else lane.pending.popleft()
             try:
-                await perform(action)
+                if not self._hand_over:
+                    await perform(action)
+                elif not await self._unless_handing_over(perform(action)):
+                    lane.put_back(action)
             except ActivityError as err:
                 reason = f"{lane.name} {action.kind} failed: {err.cause or err}"
                 self._record("notification_failed", reason, channel=lane.name)
             finally:
                 lane.in_flight = None
+
+    async def _unless_handing_over(self, work: Awaitable[None]) -> bool:
+        """Do `work`, unless a fresh run becomes due first: then call it off (an attempt in
+        flight may still land) and say whether it happened."""
+        task = asyncio.ensure_future(work)
+        await workflow.wait_condition(lambda: task.done() or self._handing_over())
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return False
+        except ActivityError as err:
+            if isinstance(err.cause, CancelledError):
+                return False
+            raise
+        return True
 
     async def _slack_action(self, action: LaneAction) -> None:
         channel = self._input.notify.slack_channel
@@ -684,7 +739,7 @@ class IncidentWorkflow:
         if action.kind == "post":
             ref = await self._activity(
                 SlackActivities.post_incident,
-                SlackPostRequest(channel=channel, state=self.state()),
+                SlackPostRequest(channel=channel, state=self._without_timeline()),
                 summary=f"Slack: post incident to {channel}",
             )
             state.slack_message = ref
@@ -694,7 +749,7 @@ class IncidentWorkflow:
                 return  # a later update renders the same state: one call is enough
             await self._activity(
                 SlackActivities.update_incident,
-                SlackUpdateRequest(message=state.slack_message, state=self.state()),
+                SlackUpdateRequest(message=state.slack_message, state=self._without_timeline()),
                 summary=f"Slack: show {state.status} at {state.level_name}",
             )
         elif action.kind == "reply" and state.slack_message is not None:
@@ -706,7 +761,9 @@ class IncidentWorkflow:
         elif action.kind == "notify":
             await self._activity(
                 SlackActivities.notify,
-                SlackPostRequest(channel=action.level, state=self.state(), note=action.text),
+                SlackPostRequest(
+                    channel=action.level, state=self._without_timeline(), note=action.text
+                ),
                 summary=f"Slack: tell {action.level}",
             )
 
@@ -751,9 +808,17 @@ class IncidentWorkflow:
             start_to_close_timeout=VENDOR_CALL.start_to_close,
             schedule_to_close_timeout=VENDOR_CALL.schedule_to_close,
             retry_policy=VENDOR_CALL.retry,
+            cancellation_type=self._cancellation(),
             summary=f"PagerDuty: trigger {state.incident_id} at {level}",
         )
-        await workflow.wait_condition(lambda: paging.done() or self._pagerduty.queued("resolve"))
+        try:
+            await workflow.wait_condition(
+                lambda: paging.done() or self._pagerduty.queued("resolve")
+            )
+        except asyncio.CancelledError:  # handed over to a fresh run: it pages unless this did
+            paging.cancel()
+            self._paged(await paging, level)
+            return
         if not paging.done():
             # A try in flight usually lands in a moment; only a failing PagerDuty is given up on.
             with contextlib.suppress(asyncio.TimeoutError):
@@ -764,11 +829,17 @@ class IncidentWorkflow:
                 )
         if not paging.done():
             paging.cancel()
-            with contextlib.suppress(ActivityError, asyncio.CancelledError):
-                await paging
-            self._record("not_paged", "resolved before PagerDuty accepted the page")
-            return
-        target: PagedTarget = await paging
+            try:
+                target = await paging
+            except (ActivityError, asyncio.CancelledError):
+                self._record("not_paged", "resolved before PagerDuty accepted the page")
+                return
+        else:
+            target = await paging
+        self._paged(target, level)
+
+    def _paged(self, target: PagedTarget, level: str) -> None:
+        state = self._state
         if all(known.dedup_key != target.dedup_key for known in state.paged):
             state.paged.append(target)
         self._record("paged", f"PagerDuty triggered at {level}", channel="pagerduty")
@@ -843,8 +914,16 @@ class IncidentWorkflow:
             start_to_close_timeout=policy.start_to_close,
             schedule_to_close_timeout=policy.schedule_to_close,
             retry_policy=policy.retry,
+            cancellation_type=self._cancellation(),
             summary=summary,
         )
+
+    def _cancellation(self) -> ActivityCancellationType:
+        """Handing over waits to learn whether an attempt in flight landed, so the next run
+        neither repeats it nor drops it."""
+        if self._hand_over:
+            return ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+        return ActivityCancellationType.TRY_CANCEL
 
     async def _tell_detector(self) -> None:
         detector = self._input.detector_workflow_id

@@ -190,6 +190,7 @@ class IncidentState:
     runbook_runs: int = 0
     diagnosis: str = ""
     controls: list[str] = field(default_factory=list)  # the runbook's controls in force
+    controls_kept_at: datetime | None = None  # set or last extended (they expire unless kept)
     verification: str | None = None
     verified_at: datetime | None = None
     slack_message: SlackMessageRef | None = None

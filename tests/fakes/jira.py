@@ -50,10 +50,19 @@ class FakeJira(FakeServer):
         self._ids = itertools.count(10001)
         self._comment_ids = itertools.count(20001)
         self.delays: dict[str, float] = {}  # "create" -> seconds to wait after creating
+        self.unavailable = False  # an outage: every request answered 503 until set back
+        self.app.add_exception_handler(_UnavailableError, self._answer_unavailable)
 
     def invalid_json(self, reason: str) -> Response:
         return JSONResponse(
             {"errorMessages": [f"Unexpected character: {reason}"], "errors": {}}, 400
+        )
+
+    async def _answer_unavailable(self, request: Request, exc: Exception) -> Response:
+        return JSONResponse(
+            {"errorMessages": ["Service Unavailable"], "errors": {}},
+            503,
+            {"Retry-After": "60"},
         )
 
     def delay_next(self, operation: str, seconds: float) -> None:
@@ -63,6 +72,8 @@ class FakeJira(FakeServer):
     async def _recorded(self, request: Request) -> dict[str, Any] | None:
         body, data = await read_body(request)
         self.record(request, body, data)
+        if self.unavailable:
+            raise _UnavailableError
         if "authorization" not in request.headers:
             return None
         return data
@@ -237,6 +248,10 @@ def _matches(issue: dict[str, Any], field: str, value: str) -> bool:
     if field == "status":
         return bool(issue["status"] == value)
     return False
+
+
+class _UnavailableError(Exception):
+    """Raised by a handler while the fake is `unavailable`: answered 503."""
 
 
 def _unauthorized() -> Response:

@@ -55,9 +55,18 @@ class FakePagerDuty(FakeServer):
         self.invalid_routing_keys: set[str] = set()
         self.faults: deque[tuple[int, dict[str, str]]] = deque()
         self.alerts: dict[str, str] = {}
+        # An outage: every event answered with this 5xx status until set back to None.
+        self.outage_status: int | None = None
+        self.accepted: list[dict[str, Any]] = []  # the events answered 202, in order
 
     def fail_next(self, status: int, retry_after: int | None = None) -> None:
         self.faults.append((status, {"Retry-After": str(retry_after)} if retry_after else {}))
+
+    def accepted_events(self, action: str | None = None) -> list[dict[str, Any]]:
+        """The events PagerDuty processed (202), not those it refused or failed."""
+        with self.lock:
+            found = list(self.accepted)
+        return [e for e in found if action is None or e.get("event_action") == action]
 
     def invalid_json(self, reason: str) -> Response:
         return self.invalid_event([f"Malformed JSON: {reason}"])
@@ -74,6 +83,10 @@ class FakePagerDuty(FakeServer):
     async def _enqueue(self, request: Request) -> Response:
         body, event = await read_body(request)
         self.record(request, body, event)
+        if self.outage_status is not None:
+            return JSONResponse(
+                {"status": "error", "message": "Internal error"}, self.outage_status
+            )
         with self.lock:
             fault = self.faults.popleft() if self.faults else None
         if fault is not None:
@@ -93,6 +106,7 @@ class FakePagerDuty(FakeServer):
             # As PagerDuty: ack/resolve of an unknown key is accepted and does nothing.
             if action == "trigger" or dedup_key in self.alerts:
                 self.alerts[dedup_key] = STATE_AFTER[action]
+            self.accepted.append(event)
         return JSONResponse(
             {"status": "success", "message": "Event processed", "dedup_key": dedup_key}, 202
         )

@@ -1,4 +1,5 @@
-"""A local Slack Web API: chat.postMessage, chat.update, chat.postEphemeral, auth.test.
+"""A local Slack Web API: chat.postMessage, chat.update, chat.postEphemeral, auth.test,
+conversations.list, conversations.history and conversations.replies.
 
 Speaks Slack's wire format: form or JSON bodies, `Authorization: Bearer xoxb-…`, HTTP 200 with
 `{"ok": false, "error": …}` for API errors, HTTP 429 with `Retry-After` when rate limited, and
@@ -38,7 +39,9 @@ class Message:
     blocks: list[dict[str, Any]]
     edits: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] | None = None
-    replies: list[str] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)  # the thread's texts, in order
+    thread: list[Message] = field(default_factory=list)  # the thread's replies themselves
+    thread_ts: str | None = None  # a reply's parent
 
 
 def block_errors(blocks: list[dict[str, Any]]) -> list[str]:
@@ -85,6 +88,10 @@ class FakeSlack(FakeServer):
         self.messages: dict[tuple[str, str], Message] = {}
         self.ephemeral: list[dict[str, Any]] = []
         self.delays: dict[str, float] = {}  # method -> seconds to wait after answering
+        self.unavailable = False  # an outage: every call answered 503 until set back
+        # A rate-limit storm: every call answered HTTP 429 `ratelimited` with this Retry-After
+        # (seconds) until set back to None.
+        self.rate_limited: int | None = None
         self._channel_ids: dict[str, str] = {}
         self._ts = itertools.count(1)
 
@@ -96,7 +103,9 @@ class FakeSlack(FakeServer):
         # Slack answers a body it cannot parse like any API error: HTTP 200, `ok: false`.
         return _error("invalid_json", detail=reason)
 
-    def fail_next(self, method: str, error: str, status: int = 200, retry_after: int | None = None):
+    def fail_next(
+        self, method: str, error: str, status: int = 200, retry_after: int | None = None
+    ) -> None:
         self.faults.append(Fault(method, error, status, retry_after))
 
     def delay_next(self, method: str, seconds: float) -> None:
@@ -126,6 +135,11 @@ class FakeSlack(FakeServer):
         token = request.headers.get("authorization", "").removeprefix("Bearer ") or data.get(
             "token", ""
         )
+        if self.unavailable:
+            return JSONResponse({"ok": False, "error": "service_unavailable"}, 503)
+        if self.rate_limited is not None:
+            headers = {"Retry-After": str(self.rate_limited)}
+            return JSONResponse({"ok": False, "error": "ratelimited"}, 429, headers)
         with self.lock:
             fault = next((f for f in self.faults if f.method == method), None)
             if fault is not None:
@@ -144,6 +158,7 @@ class FakeSlack(FakeServer):
             "chat.postEphemeral": self._post_ephemeral,
             "conversations.list": self._list,
             "conversations.history": self._history,
+            "conversations.replies": self._replies,
         }.get(method)
         if handler is None:
             return _error("unknown_method")
@@ -180,17 +195,20 @@ class FakeSlack(FakeServer):
         if len(str(data.get("text", ""))) > 40_000:
             return _error("msg_too_long")
         ts = f"{int(time.time())}.{next(self._ts):06d}"
+        metadata = data.get("metadata")
+        if isinstance(metadata, str):
+            metadata = strict_loads(metadata)
         thread_ts = data.get("thread_ts")
         if thread_ts:
             parent = self.messages.get((channel, str(thread_ts)))
             if parent is None:
                 return _error("thread_not_found")
+            text = str(data.get("text", ""))
+            reply = Message(channel, ts, text, blocks, metadata=metadata, thread_ts=parent.ts)
             with self.lock:
-                parent.replies.append(str(data.get("text", "")))
+                parent.replies.append(text)
+                parent.thread.append(reply)
             return JSONResponse({"ok": True, "channel": channel, "ts": ts})
-        metadata = data.get("metadata")
-        if isinstance(metadata, str):
-            metadata = strict_loads(metadata)
         message = Message(channel, ts, str(data.get("text", "")), blocks, metadata=metadata)
         with self.lock:
             self.messages[(channel, ts)] = message
@@ -229,7 +247,7 @@ class FakeSlack(FakeServer):
         if channel not in self._channel_ids.values():
             return _error("channel_not_found")
         found = sorted(
-            (m for (c, _), m in self.messages.items() if c == channel),
+            (m for (c, _), m in self.messages.items() if c == channel and _in_window(m, data)),
             key=lambda m: m.ts,
             reverse=True,
         )
@@ -241,6 +259,41 @@ class FakeSlack(FakeServer):
         ]
         return JSONResponse({"ok": True, "messages": messages, "has_more": False})
 
+    def _replies(self, data: dict[str, Any]) -> JSONResponse:
+        """As Slack: the parent first, then its replies oldest first (those in the `oldest` /
+        `latest` window), `limit` (default 1000) a page, the next page's `cursor` in
+        `response_metadata.next_cursor`; `metadata` only with `include_all_metadata`."""
+        channel = str(data.get("channel", ""))
+        if channel not in self._channel_ids.values():
+            return _error("channel_not_found")
+        parent = self.messages.get((channel, str(data.get("ts", ""))))
+        if parent is None:
+            return _error("thread_not_found")
+        with self.lock:
+            thread = [parent] + [m for m in parent.thread if _in_window(m, data)]
+        try:
+            start = int(data.get("cursor") or 0)
+            limit = int(data.get("limit") or 1000)
+        except ValueError:
+            return _error("invalid_cursor")
+        page = thread[start : start + max(limit, 1)]
+        more = start + len(page) < len(thread)
+        with_metadata = str(data.get("include_all_metadata", "")).lower() in ("true", "1")
+        messages = [
+            {"type": "message", "ts": m.ts, "thread_ts": parent.ts, "text": m.text}
+            | ({"reply_count": len(parent.thread)} if m is parent else {})
+            | ({"metadata": m.metadata} if with_metadata and m.metadata else {})
+            for m in page
+        ]
+        return JSONResponse(
+            {
+                "ok": True,
+                "messages": messages,
+                "has_more": more,
+                "response_metadata": {"next_cursor": str(start + len(page)) if more else ""},
+            }
+        )
+
     def _post_ephemeral(self, data: dict[str, Any]) -> JSONResponse:
         channel = self._resolve_channel(str(data.get("channel", "")))
         if channel is None:
@@ -250,6 +303,16 @@ class FakeSlack(FakeServer):
         with self.lock:
             self.ephemeral.append(dict(data))
         return JSONResponse({"ok": True, "message_ts": f"{int(time.time())}.{next(self._ts):06d}"})
+
+
+def _in_window(message: Message, data: dict[str, Any]) -> bool:
+    """Slack's `oldest` / `latest` bounds (exclusive unless `inclusive`), when given."""
+    inclusive = str(data.get("inclusive", "")).lower() in ("true", "1")
+    ts = float(message.ts)
+    oldest, latest = data.get("oldest"), data.get("latest")
+    if oldest and (ts < float(oldest) or (ts == float(oldest) and not inclusive)):
+        return False
+    return not (latest and (ts > float(latest) or (ts == float(latest) and not inclusive)))
 
 
 def _error(error: str, **extra: Any) -> JSONResponse:

@@ -1,0 +1,69 @@
+"""Every recorded history replays on today's workflow code: an incident open during a deploy
+carries on where it was. The histories come from real runs (`tests/histories/record.py`) and
+are kept for every later change; the last tests show that a change to the command sequence
+without `workflow.patched` is caught, and the same change behind a patch is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, WorkflowReplayResult
+
+import worker
+from tests.histories.record import ON_DEV_SERVER, ON_TIME_SKIPPING
+from tests.replay_variants import KeepaliveBehindAPatch, ThanksPatched, ThanksUnpatched
+
+HISTORIES = Path(__file__).parent / "histories"
+RECORDED = sorted(HISTORIES.glob("*.json"))
+KEPT_ALIVE = next(HISTORIES.glob("runbook_controls_kept_alive@*.json"))
+
+
+def history(path: Path) -> WorkflowHistory:
+    return WorkflowHistory.from_json(path.stem, path.read_text())
+
+
+async def replay(path: Path, workflows: list[type] | None = None) -> WorkflowReplayResult:
+    replayer = Replayer(
+        workflows=workflows or worker.WORKFLOWS, data_converter=pydantic_data_converter
+    )
+    return await replayer.replay_workflow(history(path), raise_on_replay_failure=False)
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=[path.stem for path in RECORDED])
+async def test_a_recorded_history_replays_on_todays_code(path: Path) -> None:
+    result = await replay(path)
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+def test_every_path_has_a_recorded_history() -> None:
+    recorded = {path.name.split("@")[0].split(".")[0] for path in RECORDED}
+    assert set(ON_TIME_SKIPPING) | set(ON_DEV_SERVER) <= recorded
+
+
+def test_the_histories_hold_what_they_are_named_for() -> None:
+    kept_alive = KEPT_ALIVE.read_text()
+    assert '"controls.extend"' in kept_alive  # the keep-alive hour passed with controls in force
+    continued = next(HISTORIES.glob("continued_as_new.run1@*.json")).read_text()
+    assert "EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW" in continued
+
+
+# --- what the replay catches ----------------------------------------------------------------
+
+
+async def test_an_unpatched_change_to_the_command_sequence_fails_replay() -> None:
+    result = await replay(KEPT_ALIVE, [ThanksUnpatched, *worker.WORKFLOWS[1:]])
+    assert result.replay_failure is not None
+    assert "nondeterminism" in str(result.replay_failure).lower()
+
+
+async def test_the_same_change_behind_a_patch_replays() -> None:
+    result = await replay(KEPT_ALIVE, [ThanksPatched, *worker.WORKFLOWS[1:]])
+    assert result.replay_failure is None
+
+
+async def test_putting_the_shipped_keepalive_behind_a_patch_would_freeze_open_incidents() -> None:
+    result = await replay(KEPT_ALIVE, [KeepaliveBehindAPatch, *worker.WORKFLOWS[1:]])
+    assert result.replay_failure is not None
