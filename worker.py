@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from importlib.metadata import version
 from typing import Any
 
 from fastapi import FastAPI
@@ -187,6 +188,11 @@ def build_activities(
     ]
 
 
+# After a worker dies, its incidents' next workflow tasks wait this long on its sticky queue
+# before any other worker takes them (the SDK's default, 10 s, delays every timer as long).
+STICKY_QUEUE_TIMEOUT = timedelta(seconds=3)
+
+
 def build_worker(settings: Settings, client: Client, engine: Engine) -> Worker:
     return Worker(
         client,
@@ -194,6 +200,10 @@ def build_worker(settings: Settings, client: Client, engine: Engine) -> Worker:
         workflows=WORKFLOWS,
         activities=build_activities(settings, client, engine),
         graceful_shutdown_timeout=timedelta(seconds=5),
+        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
+        # Named, not derived: the SDK's default hashes every loaded module (~3 s per start,
+        # which a restarted worker adds to every incident's wait).
+        build_id=f"pagerloop-{version('pagerloop')}",
     )
 
 

@@ -13,7 +13,7 @@ from requests.exceptions import RequestException
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.vendor_http import PERMANENT_STATUSES, request_unencodable
+from activities.vendor_http import PERMANENT_STATUSES, attempt_key, request_unencodable
 
 DONE_TRANSITIONS = (
     "done",
@@ -25,6 +25,7 @@ DONE_TRANSITIONS = (
     "closed",
 )
 COMMENT_MAX = 30_000
+ANCHOR_PREFIX = "pagerloop-"
 
 
 # The request itself is wrong (400, 413 too large, 422) or its credentials, project or issue
@@ -116,23 +117,52 @@ def open_ticket(client: JIRA, ticket: JiraTicket) -> str:
     return str(issue.key)
 
 
-def comment(client: JIRA, issue: str, text: str) -> None:
+def anchor(key: str) -> str:
+    """Jira wiki markup that renders as nothing: the mark of the attempt that wrote a comment."""
+    return f"{{anchor:{ANCHOR_PREFIX}{key}}}"
+
+
+def _marked(text: str, key: str | None) -> str:
+    """The comment's body, cut to Jira's size, its mark (if any) on a last line of its own."""
+    if key is None:
+        return text[:COMMENT_MAX]
+    mark = anchor(key)
+    return f"{text[: COMMENT_MAX - len(mark) - 1]}\n{mark}"
+
+
+def _commented(client: JIRA, issue: str, key: str) -> bool:
+    """Whether a comment on `issue` carries `key`'s mark (an earlier attempt wrote it)."""
+    mark = anchor(key)
+    return any(mark in str(getattr(c, "body", "") or "") for c in client.comments(issue))
+
+
+def comment(
+    client: JIRA, issue: str, text: str, key: str | None = None, retry: bool = False
+) -> None:
+    """A comment on `issue`, marked with `key`; on a retry, only if no earlier attempt's
+    comment carries that mark."""
     try:
-        client.add_comment(issue, text[:COMMENT_MAX])
+        if retry and key is not None and _commented(client, issue, key):
+            return
+        client.add_comment(issue, _marked(text, key))
     except (JIRAError, RequestException) as exc:
         raise _translate(exc, f"a comment on {issue}") from exc
     except (TypeError, ValueError) as exc:
         raise _unencodable(exc, f"a comment on {issue}") from exc
 
 
-def resolve(client: JIRA, issue: str, postmortem: str) -> None:
-    """The postmortem as the last comment, then the issue's Done transition (once: a retry
-    after it finds the issue done already)."""
+def resolve(
+    client: JIRA, issue: str, postmortem: str, key: str | None = None, retry: bool = False
+) -> None:
+    """The postmortem as the last comment (marked with `key`: a retry finds it there and does
+    not post it again), then the issue's Done transition (once: a retry after it finds the
+    issue done already)."""
     try:
         current = client.issue(issue, fields="status")
         if str(current.fields.status.name).lower() in DONE_TRANSITIONS:
             return
-        client.add_comment(issue, postmortem[:COMMENT_MAX])
+        if not (retry and key is not None and _commented(client, issue, key)):
+            client.add_comment(issue, _marked(postmortem, key))
         transitions = client.transitions(issue)
         done = next((t for t in transitions if str(t["name"]).lower() in DONE_TRANSITIONS), None)
         if done is None:
@@ -164,8 +194,26 @@ class JiraActivities:
 
     @activity.defn(name="jira.comment")
     async def comment(self, request: JiraComment) -> None:
-        await asyncio.to_thread(comment, self._require_client(), request.issue, request.text)
+        """One comment: a retry first reads the issue's comments for the one an earlier attempt
+        may have added (marked with this activity's key) before it was cut off."""
+        info = activity.info()
+        await asyncio.to_thread(
+            comment,
+            self._require_client(),
+            request.issue,
+            request.text,
+            attempt_key(info),
+            info.attempt > 1,
+        )
 
     @activity.defn(name="jira.resolve")
     async def resolve(self, request: JiraResolution) -> None:
-        await asyncio.to_thread(resolve, self._require_client(), request.issue, request.postmortem)
+        info = activity.info()
+        await asyncio.to_thread(
+            resolve,
+            self._require_client(),
+            request.issue,
+            request.postmortem,
+            attempt_key(info),
+            info.attempt > 1,
+        )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -13,6 +15,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.vendor_http import attempt_key
 from workflows.finite import human_number
 from workflows.incident_types import IncidentState, IncidentStatus, SlackMessageRef
 
@@ -24,6 +27,16 @@ SNOOZE_ACTION = "incident_snooze"
 SNOOZE_MINUTES = 30
 # Slack message metadata marking an incident's message, so a retried post finds the first.
 METADATA_EVENT = "pagerloop_incident"
+# Metadata marking a thread reply / a heads-up in another channel with its activity's attempt
+# key, so a retry of the same activity finds what an earlier attempt posted before it was cut off.
+REPLY_EVENT = "pagerloop_reply"
+NOTIFY_EVENT = "pagerloop_notify"
+# A retry looks for an earlier attempt's message from this long before the activity was first
+# scheduled (Temporal's clock and Slack's may disagree), not through the whole conversation.
+LOOKBACK_SKEW = timedelta(minutes=5)
+LOOKUP_PAGE = 200
+
+_log = logging.getLogger(__name__)
 
 # Slack's published Block Kit limits.
 HEADER_MAX = 150
@@ -215,12 +228,10 @@ def post_message(
     *,
     thread_ts: str | None = None,
     incident_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> SlackMessageRef:
-    metadata = (
-        {"event_type": METADATA_EVENT, "event_payload": {"incident_id": incident_id}}
-        if incident_id
-        else None
-    )
+    if incident_id:
+        metadata = {"event_type": METADATA_EVENT, "event_payload": {"incident_id": incident_id}}
     try:
         response = client.chat_postMessage(
             channel=channel, text=text, blocks=blocks, thread_ts=thread_ts, metadata=metadata
@@ -252,6 +263,102 @@ def find_incident_message(
         if ours and (metadata.get("event_payload") or {}).get("incident_id") == incident_id:
             return SlackMessageRef(channel=channel_id, ts=str(message["ts"]))
     return None
+
+
+def keyed_metadata(event_type: str, key: str) -> dict[str, Any]:
+    return {"event_type": event_type, "event_payload": {"key": key}}
+
+
+def lookback_oldest(info: activity.Info) -> str | None:
+    """Slack's `oldest` for a retry's look-up: a little before the first attempt was scheduled."""
+    since = info.scheduled_time - LOOKBACK_SKEW
+    return f"{since.timestamp():.6f}" if since.timestamp() > 0 else None
+
+
+def find_keyed_message(
+    client: WebClient,
+    channel: str,
+    event_type: str,
+    key: str,
+    *,
+    thread_ts: str | None = None,
+    oldest: str | None = None,
+) -> bool:
+    """Whether the channel's history (or, with `thread_ts`, that thread) since `oldest` holds a
+    message whose metadata carries `key`: an earlier attempt of the same activity posted it."""
+    method = "conversations.replies" if thread_ts else "conversations.history"
+    try:
+        channel_id = _conversation_id(client, channel)
+        if channel_id is None:
+            raise SlackPermanentError(f"Slack {method}: no channel {channel}")
+        cursor: str | None = None
+        while True:
+            if thread_ts:
+                page = client.conversations_replies(
+                    channel=channel_id,
+                    ts=thread_ts,
+                    include_all_metadata=True,
+                    oldest=oldest,
+                    limit=LOOKUP_PAGE,
+                    cursor=cursor,
+                )
+            else:
+                page = client.conversations_history(
+                    channel=channel_id,
+                    include_all_metadata=True,
+                    oldest=oldest,
+                    limit=LOOKUP_PAGE,
+                    cursor=cursor,
+                )
+            messages: list[dict[str, Any]] = page.get("messages", [])
+            for message in messages:
+                metadata = message.get("metadata") or {}
+                if metadata.get("event_type") == event_type and (
+                    (metadata.get("event_payload") or {}).get("key") == key
+                ):
+                    return True
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return False
+    except SlackClientError as exc:
+        raise _translate(exc, method) from exc
+
+
+def post_once(
+    client: WebClient,
+    channel: str,
+    text: str,
+    *,
+    event_type: str,
+    key: str,
+    retry: bool,
+    thread_ts: str | None = None,
+    oldest: str | None = None,
+) -> None:
+    """Post `text` with `key` in its metadata; on a retry, only if no earlier attempt did. A
+    look-up Slack refuses for good (a scope or channel membership it lacks) does not stop the
+    post: told twice is better than not told."""
+    if retry:
+        try:
+            if find_keyed_message(
+                client, channel, event_type, key, thread_ts=thread_ts, oldest=oldest
+            ):
+                return
+        except SlackPermanentError as exc:
+            _log.warning("posting without looking for an earlier attempt's message: %s", exc)
+    post_message(
+        client, channel, text, thread_ts=thread_ts, metadata=keyed_metadata(event_type, key)
+    )
+
+
+_CONVERSATION_ID = re.compile(r"[CGD][A-Z0-9]{6,}")
+
+
+def _conversation_id(client: WebClient, channel: str) -> str | None:
+    """A conversation id as it is; a channel name (`#name` or `name`) looked up."""
+    if _CONVERSATION_ID.fullmatch(channel):
+        return channel
+    return _channel_id(client, channel)
 
 
 def _channel_id(client: WebClient, name: str) -> str | None:
@@ -341,21 +448,41 @@ class SlackActivities:
 
     @activity.defn(name="slack.reply")
     async def reply(self, request: SlackReplyRequest) -> None:
-        text = _truncate(request.text, FALLBACK_TEXT_MAX)
+        """One reply in the incident's thread: a retry first reads the thread for the reply an
+        earlier attempt may have posted (marked with this activity's key) before it was cut off."""
+        info = activity.info()
         await asyncio.to_thread(
-            partial(post_message, thread_ts=request.message.ts),
+            partial(
+                post_once,
+                event_type=REPLY_EVENT,
+                key=attempt_key(info),
+                retry=info.attempt > 1,
+                thread_ts=request.message.ts,
+                oldest=lookback_oldest(info),
+            ),
             self._require_client(),
             request.message.channel,
-            text,
+            _truncate(request.text, FALLBACK_TEXT_MAX),
         )
 
     @activity.defn(name="slack.notify")
     async def notify(self, request: SlackPostRequest) -> None:
-        """A heads-up in another channel (an escalation level's own)."""
+        """A heads-up in another channel (an escalation level's own), once: a retry first reads
+        that channel's recent history for an earlier attempt's message."""
         state = request.state
         text = f"{fallback_text(state)}\n{request.note}"
+        info = activity.info()
         await asyncio.to_thread(
-            post_message, self._require_client(), request.channel, _truncate(text, 3000)
+            partial(
+                post_once,
+                event_type=NOTIFY_EVENT,
+                key=attempt_key(info),
+                retry=info.attempt > 1,
+                oldest=lookback_oldest(info),
+            ),
+            self._require_client(),
+            request.channel,
+            _truncate(text, 3000),
         )
 
     @activity.defn(name="slack.update_incident")

@@ -91,7 +91,7 @@ STEPS = (
     "resolving",
 )
 # Not a step of its own: the kill lands while a Slack thread reply and a Jira comment are in
-# flight (both retried after the kill, neither checks whether the first attempt landed).
+# flight: both are retried after the kill and must find what the first attempt posted).
 REPLY_IN_FLIGHT = "thread reply and ticket comment in flight"
 
 L1_ACK_SECONDS = 6

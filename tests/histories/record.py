@@ -489,8 +489,10 @@ async def record(names: list[str], into: Path = HERE) -> list[Path]:
 def main() -> None:
     everything = [*ON_TIME_SKIPPING, *ON_DEV_SERVER]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenarios", nargs="*", choices=[*everything, []], default=everything)
+    parser.add_argument("scenarios", nargs="*", help=f"some of: {', '.join(everything)}")
     names = parser.parse_args().scenarios or everything
+    if unknown := set(names) - set(everything):
+        parser.error(f"no scenario {', '.join(sorted(unknown))}: choose from {everything}")
     for path in asyncio.run(record(names)):
         events = len(json.loads(path.read_text())["events"])
         print(f"  {path.relative_to(HERE.parent.parent)}: {events} events")
