@@ -1,4 +1,10 @@
-"""POST /v1/llm-calls: LLM call records from any language, validated as one batch."""
+"""POST /v1/llm-calls: LLM call records from any language, validated as one batch.
+
+Ingest is idempotent on `call_id`: a batch sent again (a client retrying after a timeout)
+is accepted and writes nothing twice; the answer says how many of its calls were already
+recorded. A call without a `call_id` gets a new one, so a client that wants its retries to be
+safe sends one (the pagerloop SDK always does).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,9 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError
 
 from api.auth import require_ingest_key
 from api.bodies import JsonBody
@@ -28,7 +33,7 @@ from api.bounds import (
 )
 from api.deps import Services, services
 from api.errors import INGEST_ERRORS
-from api.telemetry import INGESTED_CALLS, REJECTED_REQUESTS
+from api.telemetry import INGESTED_CALLS
 from instrumentation.pricing import PriceTable
 from instrumentation.privacy import hash_user_id
 from instrumentation.recorder import count_unpriced
@@ -84,7 +89,8 @@ BATCH = JsonBody[CallBatch]("CallBatch", CallBatch)
 
 
 class IngestResult(BaseModel):
-    accepted: int
+    accepted: int  # the calls of the batch, all recorded now
+    duplicates: int = 0  # of which were already recorded (a retried batch): not written again
 
 
 def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime) -> CallRecord:
@@ -132,19 +138,15 @@ def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime
     return record
 
 
-async def store_records(svc: Services, records: list[CallRecord], endpoint: str) -> None:
-    try:
-        await asyncio.to_thread(write_calls, svc.engine, records)
-    except IntegrityError:
-        REJECTED_REQUESTS.labels(endpoint, "duplicate").inc()
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, "a call_id of this batch is already recorded; nothing written"
-        ) from None
-    INGESTED_CALLS.labels(endpoint).inc(len(records))
+async def store_records(svc: Services, records: list[CallRecord], endpoint: str) -> int:
+    """Write the records whose call_id is not recorded yet; how many were already recorded."""
+    inserted = await asyncio.to_thread(write_calls, svc.engine, records)
+    INGESTED_CALLS.labels(endpoint).inc(inserted)
+    return len(records) - inserted
 
 
 def _refuse_repeated_call_ids(batch: CallBatch) -> None:
-    """A call_id twice in one batch is the batch's own mistake (422), not a retry (409)."""
+    """A call_id twice in one batch is the batch's own mistake (422), not a retry."""
     seen: set[str] = set()
     for index, call in enumerate(batch.calls):
         if call.call_id is None:
@@ -177,5 +179,5 @@ async def ingest_calls(
     salt = svc.settings.user_hash_salt.get_secret_value()
     now = datetime.now(UTC)
     records = [to_record(call, salt, svc.prices, now) for call in batch.calls]
-    await store_records(svc, records, "llm-calls")
-    return IngestResult(accepted=len(records))
+    duplicates = await store_records(svc, records, "llm-calls")
+    return IngestResult(accepted=len(records), duplicates=duplicates)

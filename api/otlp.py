@@ -1,6 +1,7 @@
 """POST /v1/traces: OTLP/HTTP traces (protobuf or JSON, gzip or not); GenAI call spans become
 call records through the same validation and write path as /v1/llm-calls. Other spans in the
-batch are ignored."""
+batch are ignored. A span's record has a call_id made from its trace and span ids, so an export
+sent again (an exporter's retry after a timeout) writes nothing twice."""
 
 from __future__ import annotations
 
@@ -123,6 +124,7 @@ def spans(request: ExportTraceServiceRequest) -> list[SpanView]:
                 found.append(
                     SpanView(
                         trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
                         error=span.status.code == Status.STATUS_CODE_ERROR,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
@@ -26,15 +27,17 @@ from activities.slack import (
 )
 from api.bounds import Storable
 from api.deps import Services, services
-from api.errors import problems
+from api.errors import problems, store_unavailable
 from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
+from stores import replay_guard
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest, SnoozeRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-# Slack gives up on an interaction after 3 s: answer by then, whatever the update is doing.
+# Slack gives up on an interaction after 3 s: answer by then (counted from the request's
+# arrival), whatever the update is doing.
 ANSWER_WITHIN_SECONDS = 2.3
 # An update still pending then (a worker restarting, Temporal slow) goes on in the background.
 UPDATE_PATIENCE_SECONDS = 60
@@ -47,22 +50,22 @@ UPDATES: dict[str, Any] = {
     ESCALATE_ACTION: IncidentWorkflow.escalate,
     SNOOZE_ACTION: IncidentWorkflow.snooze,
 }
-# Slack accepts a signed request for 5 minutes: within that time, one use per signature.
+# Slack accepts a signed request for 5 minutes: within that time, one use per signature. The
+# signatures used are kept in the stores, so that every API replica, and the next process after
+# a restart, refuses a replay. A row is kept until the signature stops being accepted (its
+# timestamp + 5 min), plus a margin for clocks of replicas that disagree a little.
 REPLAY_WINDOW_SECONDS = 5 * 60
-_seen_signatures: dict[str, float] = {}
+CLOCK_MARGIN_SECONDS = 60
+# The store answers in milliseconds; one that does not answer by then is unavailable (503):
+# Slack must hear back within 3 s, and a replay must not get through on a store outage. The
+# API's engine gives up on a lock or a connection sooner (1.5 s / 2 s): this is the backstop.
+REPLAY_CHECK_SECONDS = 2.0
+# Threads of their own, so that a burst of ingest writes never queues a click behind it.
+_REPLAY_CHECKS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="slack-replay")
 
 
-def _replayed(signature: str) -> bool:
-    now = time.monotonic()
-    for old in [s for s, at in _seen_signatures.items() if now - at > REPLAY_WINDOW_SECONDS]:
-        del _seen_signatures[old]
-    if signature in _seen_signatures:
-        return True
-    _seen_signatures[signature] = now
-    return False
-
-
-def _verify(svc: Services, body: bytes, request: Request) -> None:
+def _verify(svc: Services, body: bytes, request: Request) -> tuple[str, int]:
+    """The request's signature and timestamp, once both are valid; else a 401."""
     secret = svc.settings.slack_signing_secret
     timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
     signature = request.headers.get("X-Slack-Signature", "")
@@ -81,9 +84,21 @@ def _verify(svc: Services, body: bytes, request: Request) -> None:
     if not valid:
         REJECTED_REQUESTS.labels("slack", "bad_signature").inc()
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or stale Slack signature")
-    if _replayed(signature):
-        REJECTED_REQUESTS.labels("slack", "replayed").inc()
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this signed request was already used")
+    return signature, int(timestamp)
+
+
+async def _first_use(svc: Services, signature: str, signed_at: int) -> bool:
+    """Take the signature in the stores' replay cache; False when it was already taken.
+    Store errors (and a store slower than REPLAY_CHECK_SECONDS) propagate: a 503."""
+    now = datetime.now(UTC)
+    expires_at = datetime.fromtimestamp(signed_at, UTC) + timedelta(
+        seconds=REPLAY_WINDOW_SECONDS + CLOCK_MARGIN_SECONDS
+    )
+    key = replay_guard.request_key("slack", signature)
+    check = asyncio.get_running_loop().run_in_executor(
+        _REPLAY_CHECKS, replay_guard.take, svc.engine, key, now, expires_at
+    )
+    return await asyncio.wait_for(check, REPLAY_CHECK_SECONDS)
 
 
 class _Ref(BaseModel):
@@ -123,8 +138,17 @@ def _payload(body: bytes) -> _Interaction:
 async def slack_interactions(
     request: Request, svc: Annotated[Services, Depends(services)]
 ) -> Response:
+    loop = asyncio.get_running_loop()
+    answer_by = loop.time() + ANSWER_WITHIN_SECONDS  # the replay check counts too
     body = await request.body()
-    _verify(svc, body, request)
+    signature, signed_at = _verify(svc, body, request)
+    try:
+        fresh = await _first_use(svc, signature, signed_at)
+    except TimeoutError as exc:
+        return await store_unavailable(request, exc)
+    if not fresh:
+        REJECTED_REQUESTS.labels("slack", "replayed").inc()
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this signed request was already used")
     payload = _payload(body)
     if payload.type != "block_actions":
         return Response(status_code=status.HTTP_200_OK)
@@ -140,7 +164,7 @@ async def slack_interactions(
         _background.add(work)
         work.add_done_callback(_background.discard)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(work), ANSWER_WITHIN_SECONDS)
+            await asyncio.wait_for(asyncio.shield(work), max(0.0, answer_by - loop.time()))
     return Response(status_code=status.HTTP_200_OK)
 
 

@@ -11,7 +11,7 @@ is extrapolated from 100k, marked ~), and whether it is over Temporal's 2 MB pay
 
 The features accumulate: each size adds the new names' calls to the same store.
 
-    uv run python -m bench.p4_cardinality [--sizes 1000,10000,100000,1000000] [--max-scopes 50]
+    uv run python -m bench.p7_cardinality [--sizes 1000,10000,100000,1000000] [--max-scopes 50]
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def main() -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     print(
-        f"\nP4 cardinality: N distinct features in a {WINDOW_SECONDS}s window plus {BUSY!r} "
+        f"\nP7 cardinality: N distinct features in a {WINDOW_SECONDS}s window plus {BUSY!r} "
         f"({BUSY_CALLS:,} calls, 50 % errors), folded to the top {args.max_scopes} per "
         "dimension; evaluation = store query + evaluate (ms, median of 3)\n"
     )

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     user_hash_salt: SecretStr = SecretStr("")
     quality_sample_rate: float = Field(default=0.1, ge=0, le=1)
     prices_file: Path | None = None
+    # Where the SDK's recorder keeps records it cannot deliver yet (store down, app exiting),
+    # up to spool_max_bytes; unset: they wait in memory only (up to its queue bound).
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=1_000_000_000, gt=0)
     retention_days: int = Field(default=30, ge=1)
     rollup_retention_days: int = Field(default=400, ge=1)
 
@@ -158,6 +162,11 @@ class Settings(BaseSettings):
     @field_validator("jira_url", mode="before")
     @classmethod
     def _empty_url_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("spool_dir", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @model_validator(mode="after")

@@ -5,10 +5,14 @@ What a span cannot say is left empty: no request id or retry count unless the ap
 hooks added `openai.request.id` / `http.request.resend_count`; the HTTP status only from the
 SDK's "Error code: NNN" message. A stream the caller stopped reading and one the provider cut
 short look alike on a span (no finish reason, no error); both are taken as successes.
+
+A span's record has a call_id made from its trace and span ids (`span_call_id`): an exporter
+that sends the same span again writes nothing twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -40,6 +44,19 @@ class SpanView:
     status_message: str
     attributes: Mapping[str, Any]
     resource: Mapping[str, Any]
+    span_id: str = ""
+
+
+def span_call_id(trace_id: str, span_id: str, start_ns: int) -> str | None:
+    """The call_id of a span's record, the same each time the span is sent: 32 hex digits,
+    the span's start in milliseconds (12 digits, so that ids grow with time as new_call_id's
+    do and the unique index is appended to) and a digest of its trace and span ids (20). None
+    when the span has no ids to make it from."""
+    if not trace_id or not span_id:
+        return None
+    millis = max(0, start_ns // 1_000_000) % (1 << 48)
+    digest = hashlib.blake2b(f"{trace_id}:{span_id}".encode(), digest_size=10).hexdigest()
+    return f"{millis:012x}{digest}"
 
 
 def _first(attributes: Mapping[str, Any], resource: Mapping[str, Any], *keys: str) -> Any:
@@ -164,6 +181,7 @@ def call_fields(span: SpanView) -> dict[str, Any] | None:
         "retry_count": _whole(attrs, "http.request.resend_count") or 0,
         "request_id": attrs.get("openai.request.id"),
         "trace_id": span.trace_id or None,
+        "call_id": span_call_id(span.trace_id, span.span_id, span.start_ns),
         "feature": _first(attrs, span.resource, "pagerloop.feature"),
         "team": _first(attrs, span.resource, "pagerloop.team"),
         "environment": _first(

@@ -168,7 +168,9 @@ class LatencyRollup(SQLModel, table=True):
 
 
 def write_calls(engine: Engine, records: Sequence[CallRecord]) -> int:
-    """Insert a batch and its rollup in one transaction: all of it lands or none does."""
+    """Insert a batch and its rollups in one transaction: all of it lands or none does. Calls
+    whose call_id is already recorded are left out (a retried batch writes nothing twice, and
+    the rollups count only the rows inserted); the number of rows inserted."""
     from stores.writer import write_batch
 
     return write_batch(engine, records)

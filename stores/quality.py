@@ -1,4 +1,11 @@
-"""Quality scores: the scorer's sampled verdicts, user feedback and external evals, per call."""
+"""Quality scores: the scorer's sampled verdicts, user feedback and external evals, per call.
+
+A scorer verdict is the verdict on one call at that call's time, so (call_id, "scorer", ts) is
+a natural key: a retried batch leaves out the verdicts already recorded, and the rollup counts
+only those inserted.
+Feedback and evals have no natural key (a user may vote twice, an eval may run again): each
+one sent is recorded.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Engine, Index, insert
+from sqlalchemy import Column, Connection, DateTime, Engine, Index, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
@@ -96,10 +103,45 @@ def _upsert_rollup(engine: Engine) -> Any:
     )
 
 
+SCORER = "scorer"
+
+
+def _unrecorded(connection: Connection, scores: Sequence[ScoreRecord]) -> Sequence[ScoreRecord]:
+    """The batch without the scorer verdicts already recorded (nor one twice in the batch)."""
+    ids = {s.call_id for s in scores if s.source == SCORER}
+    if not ids:
+        return scores
+    table = QualityScore.__table__  # type: ignore[attr-defined]
+    query = select(table.c.call_id, table.c.ts).where(
+        table.c.source == SCORER, table.c.call_id.in_(ids)
+    )
+    seen = {(call_id, utc(ts)) for call_id, ts in connection.execute(query)}
+    kept = []
+    for score in scores:
+        if score.source == SCORER:
+            key = (score.call_id, utc(score.ts))
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(score)
+    return kept
+
+
 def write_scores(engine: Engine, scores: Sequence[ScoreRecord]) -> int:
+    """Insert the scores and their rollup in one transaction; the number inserted (a scorer
+    verdict already recorded for its call is left out)."""
     if not scores:
         return 0
-    rows = [
+    with engine.begin() as connection:
+        scores = _unrecorded(connection, scores)
+        if scores:
+            connection.execute(insert(QualityScore), _rows(scores))
+            connection.execute(_upsert_rollup(engine), _rollup(scores))
+    return len(scores)
+
+
+def _rows(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
+    return [
         {
             "call_id": s.call_id,
             "ts": utc(s.ts),
@@ -116,7 +158,3 @@ def write_scores(engine: Engine, scores: Sequence[ScoreRecord]) -> int:
         }
         for s in scores
     ]
-    with engine.begin() as connection:
-        connection.execute(insert(QualityScore), rows)
-        connection.execute(_upsert_rollup(engine), _rollup(scores))
-    return len(rows)

@@ -10,6 +10,15 @@ in one pass in C and only a batch that holds such a string pays for mending it.
 Calls the response cache answered (source "cache") are written to the call log but left out of
 both rollups: they never reached OpenAI, and counting their successes would hide an outage. A
 batch is checked for them once, in C; only a batch that holds one pays for filtering it.
+
+A call_id is written once: a batch sent again (a client retrying after a timeout, the recorder
+retrying after an ambiguous commit, an OTLP exporter re-sending) writes nothing twice, and the
+rollups count only the rows actually inserted. SQLite inserts with `ON CONFLICT (call_id) DO
+NOTHING` (its usage rollup already sums only the new ids; the latency histogram is recomputed
+from the inserted rows when the insert count says some were duplicates). PostgreSQL `COPY`s the
+batch under a savepoint, which a duplicate fails as a whole: only then is the batch copied into
+a temporary table and inserted with `ON CONFLICT (call_id) DO NOTHING RETURNING call_id`, and
+the rollups are summed from the rows it returned.
 """
 
 from __future__ import annotations
@@ -315,43 +324,104 @@ def _transaction(engine: Engine) -> Iterator[Any]:
             connection.close()
 
 
-def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> None:
-    marks = ", ".join("?" * len(CALL_COLUMNS))
-    insert = f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({marks})"  # noqa: S608
+UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
+_INSERT_SQLITE = (
+    f"INSERT INTO llm_calls ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(CALL_COLUMNS))}) "  # noqa: S608
+    "ON CONFLICT (call_id) DO NOTHING"
+)
+
+
+# The latency histogram of the rows with an id above the largest before the insert: only for a
+# batch that held duplicates (the batch's own histogram, computed in Python, is cheaper).
+def _sqlite_latency_sql(where: str) -> str:
+    return (
+        f"INSERT INTO latency_rollup ({', '.join(ROLLUP_KEYS)}, bucket, calls) "  # noqa: S608
+        "SELECT substr(ts, 1, 16) || ':00.000000', model, coalesce(feature, ''), "
+        "coalesce(team, ''), coalesce(environment, ''), latency_bucket, count(*) "
+        f"FROM llm_calls WHERE {where} GROUP BY 1, 2, 3, 4, 5, 6 "
+        f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}, bucket) DO UPDATE SET "
+        "calls = latency_rollup.calls + excluded.calls"
+    )
+
+
+_SQLITE_LATENCY = _sqlite_latency_sql("id > ?")
+_SQLITE_LATENCY_UNCACHED = _sqlite_latency_sql(f"id > ? AND source != '{CACHE_SOURCE}'")
+
+
+def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> int:
     calls = [_call_tuple(r, sqlite_datetime) for r in records]
-    rollup_sql = _SQLITE_ROLLUP
-    if has_cache_hits(records):
-        rollup_sql = _SQLITE_ROLLUP_UNCACHED
-        histogram = _sqlite_latency_rows([c for c in calls if c[_SOURCE_INDEX] != CACHE_SOURCE])
-    else:
-        histogram = _sqlite_latency_rows(calls)
+    cached = has_cache_hits(records)
+    rollup_sql = _SQLITE_ROLLUP_UNCACHED if cached else _SQLITE_ROLLUP
     with _transaction(engine) as connection:
         cursor = connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         (before,) = cursor.execute("SELECT coalesce(max(id), 0) FROM llm_calls").fetchone()
-        cursor.executemany(insert, calls)
-        cursor.execute(rollup_sql, (before,))
-        cursor.executemany(_LATENCY_ROLLUP_UPSERT.replace("%s", "?"), histogram)
+        cursor.executemany(_INSERT_SQLITE, calls)
+        inserted = int(cursor.rowcount)
+        cursor.execute(rollup_sql, (before,))  # sums the new ids only, duplicates or not
+        if inserted == len(calls):
+            if cached:
+                calls = [c for c in calls if c[_SOURCE_INDEX] != CACHE_SOURCE]
+            histogram = _sqlite_latency_rows(calls)
+            cursor.executemany(_LATENCY_ROLLUP_UPSERT.replace("%s", "?"), histogram)
+        else:
+            cursor.execute(_SQLITE_LATENCY_UNCACHED if cached else _SQLITE_LATENCY, (before,))
+    return inserted
 
 
-def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> None:
-    rolled_up = counted(records)
-    rollups = _rollup_rows(rolled_up, lambda value: value)
+def _copy(cursor: Any, table: str, records: Sequence[CallRecord]) -> None:
+    with cursor.copy(f"COPY {table} ({_COLUMN_LIST}) FROM STDIN") as copy:
+        for record in records:
+            copy.write_row(_call_tuple(record, utc))
+
+
+def _insert_new_postgres(cursor: Any, records: Sequence[CallRecord]) -> list[CallRecord]:
+    """Insert the records whose call_id is not recorded yet; those records, in batch order
+    (a call_id twice in the batch is inserted, and returned, once)."""
+    cursor.execute(
+        f"CREATE TEMP TABLE pagerloop_incoming ON COMMIT DROP AS "  # noqa: S608
+        f"SELECT {_COLUMN_LIST} FROM llm_calls WITH NO DATA"
+    )
+    _copy(cursor, "pagerloop_incoming", records)
+    cursor.execute(
+        f"INSERT INTO llm_calls ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} "  # noqa: S608
+        "FROM pagerloop_incoming ON CONFLICT (call_id) DO NOTHING RETURNING call_id"
+    )
+    new = {call_id for (call_id,) in cursor.fetchall()}
+    inserted = []
+    for record in records:
+        if record.call_id in new:
+            new.discard(record.call_id)
+            inserted.append(record)
+    return inserted
+
+
+def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> int:
     with _transaction(engine) as connection:
         cursor = connection.cursor()
-        with cursor.copy(f"COPY llm_calls ({_COLUMN_LIST}) FROM STDIN") as copy:
-            for record in records:
-                copy.write_row(_call_tuple(record, utc))
-        cursor.executemany(_rollup_sql("%s"), rollups)
+        cursor.execute("SAVEPOINT pagerloop_copy")
+        try:
+            _copy(cursor, "llm_calls", records)
+            inserted: Sequence[CallRecord] = records
+        except engine.dialect.loaded_dbapi.Error as exc:
+            if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
+                raise
+            cursor.execute("ROLLBACK TO SAVEPOINT pagerloop_copy")
+            inserted = _insert_new_postgres(cursor, records)
+        rolled_up = counted(inserted)
+        cursor.executemany(_rollup_sql("%s"), _rollup_rows(rolled_up, lambda value: value))
         cursor.executemany(_LATENCY_ROLLUP_UPSERT, _latency_rows(rolled_up))
+    return len(inserted)
 
 
 def write_batch(engine: Engine, records: Sequence[CallRecord]) -> int:
+    """Insert the batch's calls not recorded yet and their rollups, in one transaction (all of
+    it lands or none does); the number of rows inserted. A call_id already recorded, or twice
+    in the batch, is left as it is: the first write wins."""
     if not records:
         return 0
     backend = engine.dialect.name
     write = {"sqlite": _write_sqlite, "postgresql": _write_postgres}.get(backend)
     if write is None:
         raise ValueError(f"unsupported store backend {backend!r}: use SQLite or PostgreSQL")
-    write(engine, fit_records(records))
-    return len(records)
+    return write(engine, fit_records(records))

@@ -66,7 +66,7 @@ async def test_accepts_a_batch_hashes_users_and_prices_calls(
     }
     response = await api.post("/v1/llm-calls", json=body, headers=AUTH)
     assert response.status_code == 202, response.text
-    assert response.json() == {"accepted": 3}
+    assert response.json() == {"accepted": 3, "duplicates": 0}
 
     first, unknown, explicit = rows(engine)
     assert first.user_hash is not None
@@ -166,17 +166,16 @@ async def test_oversized_bodies_get_413(
     assert rows(engine) == []
 
 
-async def test_a_duplicate_call_id_is_a_conflict_and_writes_nothing(
+async def test_a_recorded_call_id_is_accepted_as_a_duplicate_and_not_written_again(
     api: httpx.AsyncClient, engine: Engine
 ) -> None:
     call = {"model": "gpt-4.1", "status": "success", "latency_ms": 1, "call_id": "0123456789abcdef"}
-    assert (
-        await api.post("/v1/llm-calls", json={"calls": [call]}, headers=AUTH)
-    ).status_code == 202
+    first = await api.post("/v1/llm-calls", json={"calls": [call]}, headers=AUTH)
+    assert (first.status_code, first.json()) == (202, {"accepted": 1, "duplicates": 0})
     other = {**call, "call_id": "fedcba9876543210"}
     again = await api.post("/v1/llm-calls", json={"calls": [other, call]}, headers=AUTH)
-    assert again.status_code == 409
-    assert [row.call_id for row in rows(engine)] == ["0123456789abcdef"]
+    assert (again.status_code, again.json()) == (202, {"accepted": 2, "duplicates": 1})
+    assert [row.call_id for row in rows(engine)] == ["0123456789abcdef", "fedcba9876543210"]
 
 
 async def test_feedback_and_eval_scores_attach_to_recorded_calls(

@@ -8,7 +8,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError
 from sqlmodel import Session, SQLModel, select
 
 from stores import latency, schema
@@ -145,11 +145,20 @@ def test_any_time_zone_in_means_the_same_instant(store: Engine) -> None:
 def test_a_failing_batch_writes_nothing(store: Engine) -> None:
     first = call(1)
     write_calls(store, [first])
-    with pytest.raises(IntegrityError):
-        write_calls(store, [call(2), call(3, call_id=first.call_id)])
+    with pytest.raises((OverflowError, DataError)):  # a value no store column takes
+        write_calls(store, [call(2), call(3, input_tokens=2**64)])
     assert [row.call_id for row in rows(store)] == [first.call_id]
     with Session(store) as session:
         assert session.exec(select(UsageRollup.calls)).all() == [1]
+
+
+def test_a_recorded_call_id_is_left_out_and_the_rest_written(store: Engine) -> None:
+    first = call(1)
+    write_calls(store, [first])
+    assert write_calls(store, [call(2), call(3, call_id=first.call_id)]) == 1
+    assert len(rows(store)) == 2
+    with Session(store) as session:
+        assert session.exec(select(UsageRollup.calls)).all() == [2]
 
 
 def test_the_rollup_sums_each_minute_and_dimension(store: Engine) -> None:

@@ -297,7 +297,10 @@ def told_lines(result: IncidentResult, since: int = 0) -> Counter[str]:
 
 
 def lines(texts: list[str]) -> Counter[str]:
-    return Counter(line for text in texts for line in text.splitlines())
+    """The lines told, without the invisible mark a Jira comment carries for its retries."""
+    return Counter(
+        line for text in texts for line in text.splitlines() if not line.startswith("{anchor:")
+    )
 
 
 def tally(
