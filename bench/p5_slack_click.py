@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -45,7 +43,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,6 +56,7 @@ import worker
 from activities.incidents import IncidentActivities, OpenIncidentRequest
 from activities.slack import ACK_ACTION, ESCALATE_ACTION, SNOOZE_ACTION
 from api.telemetry import REGISTRY
+from bench.stack import percentile, temporal_binary
 from cli.stack import api_server
 from config import Settings
 from config.escalation import load_escalation
@@ -82,20 +80,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def temporal_binary() -> str:
-    beside = Path(sys.executable).parent / "temporal"
-    found = str(beside) if beside.exists() else shutil.which("temporal")
-    if found is None:
-        raise SystemExit("the temporal CLI is missing: run with `uv run python -m bench...`")
-    return found
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest rank: the smallest value with at least `q` of the values at or below it."""
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
 
 
 def slack_actions(action: str, outcome: str) -> float:

