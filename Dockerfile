@@ -8,8 +8,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN pip install --no-cache-dir uv==0.13.9
 WORKDIR /app
+# The dependencies first (a layer kept while only our code changes): uv needs the workspace
+# member's pyproject (sdk/, the pagerloop-sdk distribution) to read the workspace.
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --frozen --no-dev --no-install-project
+COPY sdk/pyproject.toml sdk/
+RUN uv sync --frozen --no-dev --no-install-workspace
+# Then the server and the SDK it depends on (a workspace member, installed from sdk/).
+COPY sdk/ sdk/
 COPY . .
 RUN uv sync --frozen --no-dev
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from jira import JIRA
+from pagerloop_sdk.pricing import PriceTable
 from slack_sdk import WebClient
 from sqlalchemy import Engine
 from temporalio.api.enums.v1 import IndexedValueType
@@ -60,7 +61,6 @@ from detectors.detector import (
     DetectorWorkflow,
 )
 from detectors.naming import detector_workflow_id
-from instrumentation.pricing import PriceTable
 from stores.engine import create_schema, make_engine, ping
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow

@@ -2,7 +2,7 @@
 backoff) in the controls store, idempotently: a retried activity lands on the same control.
 
 The instrumentation of every process reads the store every few seconds and enforces what is
-active (instrumentation.controls).
+active (pagerloop_sdk.controls).
 """
 
 from __future__ import annotations

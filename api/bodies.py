@@ -43,7 +43,9 @@ class JsonBody(Generic[T]):
         return dict(found)
 
     async def parse(self, request: Request) -> T:
-        raw = await request.body()
+        return await self.parse_bytes(await request.body())
+
+    async def parse_bytes(self, raw: bytes) -> T:
         try:
             return await asyncio.to_thread(self.adapter.validate_json, raw)
         except ValidationError as exc:

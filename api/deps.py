@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
+from pagerloop_sdk.pricing import DEFAULT_PRICES, PriceTable
 from slack_sdk import WebClient
 from sqlalchemy import Engine
 from temporalio.client import Client
 
 from config import Settings
-from instrumentation.pricing import DEFAULT_PRICES, PriceTable
 
 
 @dataclass

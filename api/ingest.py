@@ -4,16 +4,24 @@ Ingest is idempotent on `call_id`: a batch sent again (a client retrying after a
 is accepted and writes nothing twice; the answer says how many of its calls were already
 recorded. A call without a `call_id` gets a new one, so a client that wants its retries to be
 safe sends one (the pagerloop SDK always does).
+
+The body may be gzipped (`Content-Encoding: gzip`, as the SDK sends it); it is refused once it
+inflates past the ingest body limit. A call may carry the SDK's quality verdict (`quality`),
+recorded in the quality store with the call.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
+from pagerloop_sdk.pricing import PriceTable
+from pagerloop_sdk.privacy import hash_user_id
+from pagerloop_sdk.recorder import count_unpriced
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import require_ingest_key
@@ -33,15 +41,26 @@ from api.bounds import (
 )
 from api.deps import Services, services
 from api.errors import INGEST_ERRORS
+from api.otlp_limits import ExportRefusedError, inflate
 from api.telemetry import INGESTED_CALLS
-from instrumentation.pricing import PriceTable
-from instrumentation.privacy import hash_user_id
-from instrumentation.recorder import count_unpriced
-from stores.llm_calls import ERROR_MESSAGE_MAX, CallRecord, write_calls
+from stores.llm_calls import CONTROLS_MAX, ERROR_MESSAGE_MAX, CallRecord, write_calls
+from stores.quality import SCORER, ScoreRecord, write_scores
 
 router = APIRouter()
 
 CallId = Annotated[str, Field(min_length=8, max_length=32, pattern=r"^[0-9a-f]+$")]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class QualityIn(BaseModel):
+    """The SDK scorer's verdict on a sampled call (0 bad .. 1 good)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Fraction
+    format_compliance: Fraction | None = None
+    hallucination_risk: Fraction | None = None
+    relevance: Fraction | None = None
 
 
 class CallIn(BaseModel):
@@ -75,6 +94,11 @@ class CallIn(BaseModel):
     request_id: Text128 | None = None
     trace_id: Text64 | None = None
     metadata: Metadata | None = None
+    # Sent by the pagerloop SDK: the controls that changed the call ("kind#id,..."), whether
+    # its response cache answered it ("cache": kept out of the golden signals), its verdict.
+    controls: Annotated[str, Field(min_length=1, max_length=CONTROLS_MAX)] | None = None
+    source: Literal["ingest", "sdk", "cache"] = "ingest"
+    quality: QualityIn | None = None
 
 
 class CallBatch(BaseModel):
@@ -130,17 +154,40 @@ def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime
         finish_reason=call.finish_reason,
         request_id=call.request_id,
         trace_id=call.trace_id,
-        source="ingest",
+        source=call.source,
         metadata=call.metadata,
+        controls=call.controls,
     )
     if call.call_id:
         record.call_id = call.call_id
     return record
 
 
-async def store_records(svc: Services, records: list[CallRecord], endpoint: str) -> int:
-    """Write the records whose call_id is not recorded yet; how many were already recorded."""
+def score_of(call: CallIn, record: CallRecord) -> ScoreRecord | None:
+    verdict = call.quality
+    if verdict is None:
+        return None
+    return ScoreRecord(
+        call_id=record.call_id,
+        ts=record.ts,
+        source=SCORER,
+        score=verdict.score,
+        format_compliance=verdict.format_compliance,
+        hallucination_risk=verdict.hallucination_risk,
+        relevance=verdict.relevance,
+        model=record.response_model or record.model,
+        feature=record.feature,
+    )
+
+
+async def store_records(
+    svc: Services, records: list[CallRecord], endpoint: str, scores: Sequence[ScoreRecord] = ()
+) -> int:
+    """Write the records whose call_id is not recorded yet (and their scorer verdicts, once
+    per call too); how many were already recorded."""
     inserted = await asyncio.to_thread(write_calls, svc.engine, records)
+    if scores:
+        await asyncio.to_thread(write_scores, svc.engine, scores)
     INGESTED_CALLS.labels(endpoint).inc(inserted)
     return len(records) - inserted
 
@@ -174,10 +221,24 @@ def _refuse_repeated_call_ids(batch: CallBatch) -> None:
 async def ingest_calls(
     request: Request, svc: Annotated[Services, Depends(services)]
 ) -> IngestResult:
-    batch = await BATCH.parse(request)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        limit = svc.settings.ingest_max_body_bytes
+        try:
+            raw = await asyncio.to_thread(inflate, await request.body(), encoding, limit)
+        except ExportRefusedError as exc:
+            raise HTTPException(exc.status, exc.message) from None
+        batch = await BATCH.parse_bytes(raw)
+    else:
+        batch = await BATCH.parse(request)
     _refuse_repeated_call_ids(batch)
     salt = svc.settings.user_hash_salt.get_secret_value()
     now = datetime.now(UTC)
     records = [to_record(call, salt, svc.prices, now) for call in batch.calls]
-    duplicates = await store_records(svc, records, "llm-calls")
+    scores = [
+        score
+        for call, record in zip(batch.calls, records, strict=True)
+        if (score := score_of(call, record)) is not None
+    ]
+    duplicates = await store_records(svc, records, "llm-calls", scores)
     return IngestResult(accepted=len(records), duplicates=duplicates)

@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
+from pagerloop_sdk.pricing import PriceTable
 from pydantic import ValidationError
 
 from api.auth import require_ingest_key
@@ -39,7 +40,6 @@ from api.otlp_limits import (
 )
 from api.telemetry import REJECTED_REQUESTS
 from instrumentation.genai_spans import InvalidSpanError, SpanView, call_fields
-from instrumentation.pricing import PriceTable
 from stores.llm_calls import CallRecord
 
 router = APIRouter()

@@ -69,7 +69,9 @@ def _client() -> Any:
 
 def _setup(variant: str, sink: str) -> Any:
     if variant == "pagerloop":
-        from instrumentation import Recorder, StoreSink, instrument
+        from pagerloop_sdk import Recorder, instrument
+
+        from instrumentation.store_sink import StoreSink
         from stores.engine import create_schema, make_engine
 
         engine = make_engine(f"sqlite:///{tempfile.mkdtemp()}/bench.db")

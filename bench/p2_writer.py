@@ -22,12 +22,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+from pagerloop_sdk.capture import PendingCall, finalize
+from pagerloop_sdk.context import LLMContext
+from pagerloop_sdk.pricing import DEFAULT_PRICES
+from pagerloop_sdk.recorder import Recorder, StoreSink
 from sqlalchemy.engine import make_url
 
-from instrumentation.capture import PendingCall, finalize
-from instrumentation.context import LLMContext
-from instrumentation.pricing import DEFAULT_PRICES
-from instrumentation.recorder import Recorder, StoreSink
 from stores.engine import create_schema, make_engine
 
 MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini", "o3")

@@ -30,13 +30,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+from pagerloop_sdk.pricing import DEFAULT_PRICES
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from bench.seed_collector import SeedMetricsCollector
 from detectors.config import DetectorRules
 from detectors.evaluation import evaluate
-from instrumentation.pricing import DEFAULT_PRICES
 from stores.aggregates import window_aggregates
 from stores.engine import create_schema, make_engine
 from stores.llm_calls import CallRecord, write_calls

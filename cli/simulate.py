@@ -22,6 +22,7 @@ from typing import Annotated
 
 import openai
 import typer
+from pagerloop_sdk import Recorder
 from rich.console import Console
 from rich.live import Live
 from sqlalchemy import Engine
@@ -33,9 +34,7 @@ from cli.simulate_progress import Progress
 from cli.simulate_traffic import make_client, sleep_until, traffic_loop
 from cli.simulate_watch import IncidentWatch, poll_controls, poll_incidents
 from config import ConfigurationError, Settings, load_settings
-from instrumentation import Recorder, StoreSink
-from instrumentation.pricing import PriceTable
-from stores.engine import create_schema, make_engine
+from instrumentation.embedded import store_recorder
 
 POLL_SECONDS = 5.0
 REFRESH_SECONDS = 0.5
@@ -109,17 +108,9 @@ async def drive(
 
 
 def make_recorder(settings: Settings) -> tuple[Recorder, Engine]:
-    """A recorder writing to the configured stores, as `instrument(client)` would make (the
-    instrumentation reads the controls from the same store), and the store's engine."""
-    engine = make_engine(settings.database_url)
-    create_schema(engine)
-    recorder = Recorder(
-        StoreSink(engine),
-        salt=settings.user_hash_salt.get_secret_value(),
-        prices=PriceTable.from_file(settings.prices_file),
-        quality_sample_rate=settings.quality_sample_rate,
-    )
-    return recorder, engine
+    """A recorder writing to the configured stores (the instrumentation reads the controls
+    from the same store), and the store's engine."""
+    return store_recorder(settings)
 
 
 def run(

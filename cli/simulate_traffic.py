@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 import openai
+from pagerloop_sdk import FeatureDisabled, Recorder, instrument, llm_context
+from pagerloop_sdk.classify import classify_exception
 
 from cli.fault_server import API_KEY
 from cli.scenarios import Traffic
 from cli.simulate_progress import STATUSES, Progress
-from instrumentation import FeatureDisabled, Recorder, instrument, llm_context
-from instrumentation.classify import classify_exception
 
 RESPONSE_CACHE_SIZE = 256
 CALL_TIMEOUT_SECONDS = 30.0

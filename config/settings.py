@@ -198,7 +198,9 @@ class Settings(BaseSettings):
         return self.public_url or f"http://{self.api_host}:{self.api_port}"
 
     def missing_inbound_secrets(self) -> list[str]:
-        """Inbound integrations that are configured but could not verify who is calling."""
+        """The secrets the API cannot serve without: inbound integrations that are configured
+        but could not verify who is calling, and the salt the end-user ids it takes in are
+        hashed with."""
         missing = []
         if self.slack_enabled and self.slack_signing_secret is None:
             missing.append(
@@ -206,17 +208,25 @@ class Settings(BaseSettings):
             )
         if not self.ingest_api_keys:
             missing.append("PAGERLOOP_INGEST_API_KEYS (the ingest endpoints need bearer keys)")
+        if not self.user_hash_salt.get_secret_value():
+            missing.append(
+                "PAGERLOOP_USER_HASH_SALT (without it end-user ids are hashed with no secret, "
+                "so a known id can be matched to its hash)"
+            )
         return missing
 
     def require_inbound_secrets(self) -> None:
-        """Refuse to serve outside dev mode when a request could not be verified."""
+        """Refuse to serve outside dev mode when a request could not be verified or an
+        end-user id could not be hashed with a secret."""
         if self.dev_mode:
             return
         missing = self.missing_inbound_secrets()
         if missing:
             raise ConfigurationError(
                 "refusing to start outside dev mode without the secrets that verify inbound "
-                "requests: " + "; ".join(missing) + ". Set them, or run `pagerloop dev`."
+                "requests and hash end-user ids: "
+                + "; ".join(missing)
+                + ". Set them, or run `pagerloop dev`."
             )
 
 

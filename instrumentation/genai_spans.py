@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from instrumentation.classify import status_for_error_type, status_for_http
+from pagerloop_sdk.classify import status_for_error_type, status_for_http
 
 GENAI_OPERATIONS = {"chat", "embeddings", "text_completion", "generate_content"}
 _HTTP_CODE = re.compile(r"^Error code: (\d{3})")

@@ -219,7 +219,7 @@ class Steps:
         )
 
 
-# Instrumented clients re-read the controls every 2 s (instrumentation.controls.DEFAULT_TTL);
+# Instrumented clients re-read the controls every 2 s (pagerloop_sdk.controls.DEFAULT_TTL);
 # the rest is room for a slow poll. Calls made before then still ran without the controls.
 CONTROLS_REACH_CLIENTS = timedelta(seconds=10)
 VERIFY_AFTER_PROPAGATION = "verify-after-controls-reach-clients"

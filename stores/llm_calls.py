@@ -7,27 +7,20 @@ detectors' cost-rate and budget queries read a few hundred rows, not millions.
 
 from __future__ import annotations
 
-import os
-import random
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+# The record types live in the SDK; importable from here for the stores' users.
+from pagerloop_sdk.records import CACHE_SOURCE as CACHE_SOURCE
+from pagerloop_sdk.records import CALL_SOURCES as CALL_SOURCES
+from pagerloop_sdk.records import CALL_STATUSES as CALL_STATUSES
+from pagerloop_sdk.records import CONTROLS_MAX as CONTROLS_MAX
+from pagerloop_sdk.records import ERROR_MESSAGE_MAX as ERROR_MESSAGE_MAX
+from pagerloop_sdk.records import CallRecord as CallRecord
+from pagerloop_sdk.records import new_call_id as new_call_id
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Engine, Index, Integer, SmallInteger
 from sqlmodel import Field, SQLModel
-
-CALL_STATUSES = ("success", "error", "timeout", "rate_limited", "server_error")
-# Where a record came from: the SDK wrapper, the ingest API, OTLP spans, or the wrapper's
-# response cache. A "cache" call was answered in-process and never reached OpenAI: its row stays
-# in the call log (with the `cache#id` control that served it) but no rollup, detector or
-# diagnosis counts it, or a cache serving during an outage would dilute the error rate.
-CALL_SOURCES = ("sdk", "ingest", "otlp", "cache")
-CACHE_SOURCE = "cache"
-ERROR_MESSAGE_MAX = 500
-CONTROLS_MAX = 200
-
 
 # Ids and counters that add up over a lifetime outgrow PostgreSQL's 32-bit integer. SQLite's
 # INTEGER is 64-bit already, and an id must stay INTEGER there to remain the rowid alias.
@@ -41,53 +34,6 @@ def big(default: int | None = 0, *, primary_key: bool = False) -> Any:
 def utc(value: datetime) -> datetime:
     """SQLite returns naive datetimes and PostgreSQL aware ones: both mean UTC here."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-# Call ids must be unique, not secret: a seeded generator is ten times cheaper than urandom.
-_ids = random.Random(os.urandom(16))  # noqa: S311
-os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(16)))
-
-
-def new_call_id() -> str:
-    """A UUIDv7 in hex: time-ordered, so the unique index grows at its end (twice the insert
-    rate of random ids on SQLite), and still unique across processes."""
-    millis = time.time_ns() // 1_000_000
-    rand = _ids.getrandbits(74)
-    value = (millis << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62)
-    return f"{value | (rand & ((1 << 62) - 1)):032x}"
-
-
-@dataclass(slots=True)
-class CallRecord:
-    """One LLM call, as the instrumentation, the ingest API and OTLP all deliver it."""
-
-    ts: datetime
-    model: str
-    status: str
-    latency_ms: float
-    call_id: str = field(default_factory=new_call_id)
-    operation: str = "chat"
-    response_model: str | None = None
-    http_status: int | None = None
-    ttft_ms: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_input_tokens: int | None = None
-    cost_usd: float | None = None
-    feature: str | None = None
-    team: str | None = None
-    environment: str | None = None
-    session_id: str | None = None
-    user_hash: str | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    retry_count: int = 0
-    finish_reason: str | None = None
-    request_id: str | None = None
-    trace_id: str | None = None
-    source: str = "sdk"  # CALL_SOURCES; "cache" is kept out of the golden signals
-    metadata: dict[str, Any] | None = None
-    controls: str | None = None  # the runbook controls that changed the call: "reroute#3,..."
 
 
 class LLMCall(SQLModel, table=True):

@@ -10,10 +10,10 @@ one sent is recorded.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pagerloop_sdk.records import ScoreRecord as ScoreRecord
 from sqlalchemy import Column, Connection, DateTime, Engine, Index, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
@@ -42,22 +42,6 @@ class QualityScore(SQLModel, table=True):
     comment: str | None = Field(default=None, max_length=1000)
     model: str | None = Field(default=None, max_length=128)
     feature: str | None = Field(default=None, max_length=128)
-
-
-@dataclass(slots=True)
-class ScoreRecord:
-    call_id: str
-    ts: datetime
-    source: str
-    score: float
-    format_compliance: float | None = None
-    hallucination_risk: float | None = None
-    relevance: float | None = None
-    evaluator: str | None = None
-    label: str | None = None
-    comment: str | None = None
-    model: str | None = None
-    feature: str | None = None
 
 
 class QualityRollup(SQLModel, table=True):

@@ -22,6 +22,8 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 import worker
+from api.app import create_app
+from api.deps import Services
 from cli.stack import api_server
 from config import Settings
 from detectors.naming import detector_workflow_id
@@ -30,6 +32,7 @@ from stores.engine import create_schema, make_engine
 from tests import postgres
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.server import ThreadedServer
 from tests.fakes.slack import FakeSlack
 from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
@@ -127,6 +130,19 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
     create_schema(engine)
     yield engine
     engine.dispose()
+
+
+INGEST_KEY = "sdk-ingest-key"
+
+
+@pytest.fixture
+def ingest_api(time_skipping_env: WorkflowEnvironment, engine: Engine) -> Iterator[ThreadedServer]:
+    """The real API app (ingest and controls) on a port of its own, over the test's stores;
+    apps authenticate with INGEST_KEY."""
+    settings = Settings(_env_file=None, ingest_api_keys=INGEST_KEY, user_hash_salt="s")  # type: ignore[call-arg]
+    app = create_app(Services(settings, engine, time_skipping_env.client, slack=None))
+    with ThreadedServer(app) as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

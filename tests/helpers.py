@@ -9,12 +9,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from pagerloop_sdk.recorder import Recorder
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
-from instrumentation.recorder import Recorder
 from stores.llm_calls import LLMCall
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest

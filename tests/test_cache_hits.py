@@ -17,14 +17,16 @@ from typing import Any
 import openai
 import pytest
 from llmock.pytest_plugin import LLMock
+from pagerloop_sdk import Recorder, instrument
+from pagerloop_sdk.context import llm_context
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 from sqlmodel import select as orm_select
 
 from activities.diagnosis import DiagnosisActivities, DiagnosisQuery, SignalCheck
 from detectors.config import DetectorRules
-from instrumentation import ControlSource, Recorder, StoreSink, instrument
-from instrumentation.context import llm_context
+from instrumentation.store_controls import StoreControls
+from instrumentation.store_sink import StoreSink
 from stores import controls, latency, writer
 from stores.aggregates import window_aggregates
 from stores.llm_calls import (
@@ -262,7 +264,7 @@ def recorder(engine: Engine) -> Iterator[Recorder]:
 async def test_an_outage_served_from_the_cache_stays_an_outage(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    source = ControlSource(engine, ttl=3600)  # refreshed by hand below
+    source = StoreControls(engine, ttl=3600)  # refreshed by hand below
     client = instrument(
         openai.OpenAI(base_url=llmock.base_url(), api_key="k", max_retries=0),
         recorder=recorder,

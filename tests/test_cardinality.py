@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pagerloop_sdk.recorder import count_unpriced
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -16,7 +17,6 @@ from detectors.config import DetectorRules
 from detectors.evaluation import Evaluation, evaluate
 from detectors.rules import RuleState
 from detectors.signals import Aggregate, FoldedInfo, WindowAggregates
-from instrumentation.recorder import count_unpriced
 from stores.aggregates import window_aggregates
 from stores.latency import LAST_BUCKET
 from stores.llm_calls import CallRecord, write_calls

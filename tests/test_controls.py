@@ -18,6 +18,17 @@ from typing import Any
 import openai
 import pytest
 from llmock.pytest_plugin import LLMock
+from pagerloop_sdk import (
+    FeatureDisabled,
+    Recorder,
+    backoff,
+    instrument,
+    openai_client,
+    response_cache,
+)
+from pagerloop_sdk import controls as ctl
+from pagerloop_sdk.context import llm_context
+from pagerloop_sdk.limiter import Limiter
 from sqlalchemy import Engine, event, text
 from sqlmodel import Session, select
 from temporalio.exceptions import ApplicationError
@@ -29,19 +40,8 @@ from activities.controls import (
     RevertControls,
     SetControl,
 )
-from instrumentation import (
-    ControlSource,
-    FeatureDisabled,
-    Recorder,
-    StoreSink,
-    backoff,
-    instrument,
-    openai_client,
-    response_cache,
-)
-from instrumentation import controls as ctl
-from instrumentation.context import llm_context
-from instrumentation.limiter import Limiter
+from instrumentation.store_controls import StoreControls, source_for
+from instrumentation.store_sink import StoreSink
 from stores import controls
 from stores.engine import create_schema, make_engine
 from stores.llm_calls import CallRecord, LLMCall, write_calls
@@ -266,17 +266,17 @@ def test_the_most_specific_then_newest_route_wins() -> None:
         rule(3, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", feature="chat"),
         rule(4, "reroute", "o4-mini", model="gpt-4.1"),
     ]
-    route = ctl.decide(rules, {}, "chat", "chat", "gpt-4.1")
+    route = ctl.decide(rules, {}, {}, "chat", "chat", "gpt-4.1")
     assert route is not None
     assert route.route == rules[2]
-    route = ctl.decide(rules, {}, "chat", "search", "gpt-4.1")
+    route = ctl.decide(rules, {}, {}, "chat", "search", "gpt-4.1")
     assert route is not None
     assert route.route == rules[3]
-    route = ctl.decide(rules, {}, "responses", None, "o3")
+    route = ctl.decide(rules, {}, {}, "responses", None, "o3")
     assert route is not None
     assert route.route == rules[0]
     # Embeddings are never rerouted to a chat model.
-    assert ctl.decide(rules, {}, "embeddings", None, "text-embedding-3-small") is None
+    assert ctl.decide(rules, {}, {}, "embeddings", None, "text-embedding-3-small") is None
 
 
 def test_the_tightest_token_cap_applies_and_unmatched_calls_have_no_decision() -> None:
@@ -285,14 +285,14 @@ def test_the_tightest_token_cap_applies_and_unmatched_calls_have_no_decision() -
         rule(2, "max_tokens", "128", feature="summarizer"),
         rule(3, "disable", feature="beta"),
     ]
-    decision = ctl.decide(rules, {}, "chat", "summarizer", "gpt-4.1")
+    decision = ctl.decide(rules, {}, {}, "chat", "summarizer", "gpt-4.1")
     assert decision is not None
     assert decision.cap == rules[1]
     assert decision.disabled is None
-    decision = ctl.decide(rules, {}, "chat", "beta", "gpt-4.1")
+    decision = ctl.decide(rules, {}, {}, "chat", "beta", "gpt-4.1")
     assert decision is not None
     assert decision.disabled == rules[2]
-    assert ctl.decide(rules[2:], {}, "chat", "chat", "gpt-4.1") is None
+    assert ctl.decide(rules[2:], {}, {}, "chat", "chat", "gpt-4.1") is None
 
 
 @pytest.mark.parametrize(
@@ -513,7 +513,7 @@ def test_answers_kept_before_an_outage_are_served_once_a_cache_control_is_set(
 ) -> None:
     """The api_outage runbook's "serve cached responses": the cache fills while no control is
     in force, and serves only under a cache control, whichever incident set it."""
-    source = ControlSource(engine, ttl=3600)  # refreshed by hand below
+    source = StoreControls(engine, ttl=3600)  # refreshed by hand below
     client = client_for(llmock, recorder, controls=source, response_cache=4)
     other = [{"role": "user", "content": "Which regions saw the largest growth?"}]
 
@@ -563,7 +563,7 @@ def test_answers_kept_before_an_outage_are_served_once_a_cache_control_is_set(
 async def test_async_clients_keep_and_serve_answers_too(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    source = ControlSource(engine, ttl=3600)
+    source = StoreControls(engine, ttl=3600)
     client = instrument(
         openai.AsyncOpenAI(base_url=llmock.base_url(), api_key="k", max_retries=0),
         recorder=recorder,
@@ -755,7 +755,7 @@ def test_a_stream_holds_its_slot_until_it_ends(
 ) -> None:
     throttle = put(engine, "concurrency", "1")
     client = client_for(llmock, recorder)
-    source = ctl.source_for(engine)
+    source = source_for(engine)
 
     stream = client.chat.completions.create(model="gpt-4.1", messages=CHAT, stream=True)
     limiter = source.snapshot().limiters[throttle.id]
@@ -798,7 +798,7 @@ def test_a_control_set_from_another_connection_applies_within_the_ttl(
         rows = recorded(recorder, app_engine)
         assert f"reroute#{reroute.id}" in {r.controls for r in rows}
     finally:
-        ctl.source_for(app_engine).close()
+        source_for(app_engine).close()
         recorder.close()
         app_engine.dispose()
 
@@ -815,7 +815,7 @@ def test_the_store_is_read_once_per_ttl_whatever_the_traffic(
 
     event.listen(engine, "before_cursor_execute", count)
     put(engine, "max_tokens", "100")
-    source = ControlSource(engine, ttl=0.5)
+    source = StoreControls(engine, ttl=0.5)
     client = client_for(llmock, recorder, controls=source)
     started = time.monotonic()
     for _ in range(60):
@@ -830,12 +830,12 @@ def test_a_failing_store_keeps_the_last_known_controls_and_logs_once(
     engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     reroute = put(engine, "reroute", "gpt-4.1-mini")
-    source = ControlSource(engine, ttl=3600)  # refreshed by hand below
+    source = StoreControls(engine, ttl=3600)  # refreshed by hand below
     assert [r.id for r in source.refresh().rules] == [reroute.id]
 
     with engine.begin() as connection:
         connection.execute(text("ALTER TABLE controls RENAME TO controls_gone"))
-    with caplog.at_level(logging.WARNING, logger="instrumentation.controls"):
+    with caplog.at_level(logging.WARNING, logger="pagerloop_sdk.controls"):
         for _ in range(3):
             assert [r.id for r in source.refresh().rules] == [reroute.id]
     assert len([r for r in caplog.records if "runbook controls" in r.message]) == 1
@@ -855,6 +855,6 @@ def test_no_store_means_no_controls(llmock: LLMock, engine: Engine) -> None:
     off.chat.completions.create(model="gpt-4.1", messages=CHAT)
     assert len(llmock.requests) == 2
     # Named explicitly, the store's disable applies.
-    on = client_for(llmock, recorder, controls=engine)
+    on = client_for(llmock, recorder, controls=source_for(engine))
     with pytest.raises(FeatureDisabled):
         on.chat.completions.create(model="gpt-4.1", messages=CHAT)

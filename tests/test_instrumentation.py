@@ -14,14 +14,16 @@ from typing import Any
 import openai
 import pytest
 from llmock.pytest_plugin import LLMock
+from pagerloop_sdk import Recorder, instrument, llm_context
+from pagerloop_sdk.pricing import DEFAULT_PRICES
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from instrumentation import Recorder, StoreSink, instrument, llm_context
-from instrumentation.pricing import DEFAULT_PRICES
-from stores.engine import make_engine
+from instrumentation.store_sink import StoreSink
 from stores.llm_calls import CallRecord, LLMCall
 from stores.quality import QualityScore, ScoreRecord
+from tests.conftest import INGEST_KEY
+from tests.fakes.server import ThreadedServer
 from tests.helpers import recorded
 
 SALT = "test-salt"
@@ -434,14 +436,16 @@ def test_one_json_log_line_per_call_and_no_raw_user_anywhere(
         assert RAW_USER.encode() not in path.read_bytes(), path
 
 
-def test_records_queued_at_exit_are_flushed(llmock: LLMock, tmp_path: Path) -> None:
+def test_records_queued_at_exit_are_flushed(
+    llmock: LLMock, ingest_api: ThreadedServer, engine: Engine
+) -> None:
+    """An app that exits right after its calls: the atexit hook delivers what is queued."""
     import subprocess
     import sys
 
-    db = tmp_path / "exit.db"
     script = f"""
 import openai
-from instrumentation import instrument, llm_context
+from pagerloop_sdk import instrument, llm_context
 client = instrument(openai.OpenAI(base_url={llmock.base_url()!r}, api_key="k"))
 with llm_context(feature="batch-job"):
     for _ in range(25):
@@ -449,15 +453,16 @@ with llm_context(feature="batch-job"):
 """  # noqa: E501
     env = {
         "PATH": "/usr/bin:/bin",
-        "PAGERLOOP_DATABASE_URL": f"sqlite:///{db}",
+        "PAGERLOOP_URL": ingest_api.url,
+        "PAGERLOOP_API_KEY": INGEST_KEY,
         "PAGERLOOP_QUALITY_SAMPLE_RATE": "0",
     }
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=60)
-    engine = make_engine(f"sqlite:///{db}")
     with Session(engine) as session:
         rows = session.exec(select(LLMCall)).all()
     assert len(rows) == 25
     assert {row.feature for row in rows} == {"batch-job"}
+    assert {row.source for row in rows} == {"sdk"}
 
 
 def payload_of(record: Any) -> dict[str, Any]:

@@ -30,6 +30,8 @@ import openai
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from pagerloop_sdk import Recorder, instrument
+from pagerloop_sdk.recorder import RecorderStats
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
@@ -39,8 +41,7 @@ import worker
 from api.app import create_app
 from api.deps import Services
 from config import Settings
-from instrumentation import Recorder, StoreSink, instrument
-from instrumentation.recorder import RecorderStats
+from instrumentation.store_sink import StoreSink
 from stores.engine import PATIENT_LOCK_SECONDS, create_schema, make_engine
 from stores.llm_calls import CallRecord, write_calls
 from stores.quality import ScoreRecord, write_scores
@@ -195,9 +196,7 @@ def losses_logged(caplog: pytest.LogCaptureFixture, words: str) -> int:
     return sum(
         1
         for r in caplog.records
-        if r.name == "instrumentation.recorder"
-        and r.levelno >= logging.ERROR
-        and words in r.message
+        if r.name == "pagerloop_sdk.recorder" and r.levelno >= logging.ERROR and words in r.message
     )
 
 

@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from pagerloop_sdk import Recorder, instrument
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 from temporalio.testing import WorkflowEnvironment
@@ -30,7 +31,7 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from api.deps import Services
 from config import Settings
-from instrumentation import Recorder, StoreSink, instrument
+from instrumentation.store_sink import StoreSink
 from stores.llm_calls import LLMCall
 from tests.fakes.server import ThreadedServer
 
@@ -100,7 +101,7 @@ def test_the_real_genai_instrumentation_gives_the_rows_our_wrapper_gives(
         openai.OpenAI(base_url=llmock.base_url(), api_key="k", max_retries=0, timeout=0.5),
         recorder=recorder,
     )
-    from instrumentation import llm_context
+    from pagerloop_sdk import llm_context
 
     app = provider.get_tracer("app")
     with llm_context(feature="reports", environment="prod"):

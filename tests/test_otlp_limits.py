@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from pagerloop_sdk.pricing import DEFAULT_PRICES
 from pydantic import ValidationError
 from sqlalchemy import Engine, func
 from sqlmodel import Session, select
@@ -45,7 +46,6 @@ from api.otlp_limits import (
 )
 from config import Settings
 from instrumentation.genai_spans import InvalidSpanError, SpanView, call_fields
-from instrumentation.pricing import DEFAULT_PRICES
 from stores.llm_calls import LLMCall
 from tests.fakes.server import ThreadedServer
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import openai
 import pytest
 from llmock.pytest_plugin import LLMock
+from pagerloop_sdk import Recorder, instrument, llm_context
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 from temporalio.client import Client
@@ -23,7 +24,7 @@ import worker
 from cli.main import app as cli_app
 from config import Settings
 from detectors.naming import detector_workflow_id
-from instrumentation import Recorder, StoreSink, instrument, llm_context
+from instrumentation.store_sink import StoreSink
 from stores.llm_calls import LLMCall
 from tests.conftest import incident_ids
 from tests.helpers import eventually

@@ -64,18 +64,37 @@ def test_dotenv_is_read(tmp_path: Path) -> None:
 
 
 def test_outside_dev_mode_inbound_secrets_are_required() -> None:
-    settings = Settings(slack_bot_token="xoxb-1", ingest_api_keys="k")
+    settings = Settings(slack_bot_token="xoxb-1", ingest_api_keys="k", user_hash_salt="salt")
     with pytest.raises(ConfigurationError) as error:
         settings.require_inbound_secrets()
     assert "PAGERLOOP_SLACK_SIGNING_SECRET" in str(error.value)
 
-    no_keys = Settings()
+    no_keys = Settings(user_hash_salt="salt")
     with pytest.raises(ConfigurationError) as error:
         no_keys.require_inbound_secrets()
     assert "PAGERLOOP_INGEST_API_KEYS" in str(error.value)
 
-    Settings(slack_bot_token="xoxb-1", slack_signing_secret="s", ingest_api_keys="k")
+    Settings(
+        slack_bot_token="xoxb-1", slack_signing_secret="s", ingest_api_keys="k", user_hash_salt="x"
+    ).require_inbound_secrets()
     Settings(dev_mode=True).require_inbound_secrets()  # dev mode starts without them
+
+
+def test_outside_dev_mode_the_user_hash_salt_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGERLOOP_INGEST_API_KEYS", "k")
+    monkeypatch.setenv("PAGERLOOP_USER_HASH_SALT", "")  # as compose passes an unset one
+    settings = load_settings()
+    [missing] = settings.missing_inbound_secrets()
+    assert missing.startswith("PAGERLOOP_USER_HASH_SALT")
+    with pytest.raises(ConfigurationError, match="PAGERLOOP_USER_HASH_SALT") as error:
+        settings.require_inbound_secrets()
+    assert "PAGERLOOP_INGEST_API_KEYS" not in str(error.value)
+
+    monkeypatch.setenv("PAGERLOOP_USER_HASH_SALT", "a-random-secret")
+    load_settings().require_inbound_secrets()  # nothing missing: it starts
+    monkeypatch.setenv("PAGERLOOP_USER_HASH_SALT", "")
+    monkeypatch.setenv("PAGERLOOP_DEV_MODE", "true")
+    load_settings().require_inbound_secrets()  # dev mode hashes with no salt
 
 
 def test_empty_optional_secrets_mean_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 from llmock.testing import LLMockServer
+from pagerloop_sdk import quality
+from pagerloop_sdk.pricing import DEFAULT_PRICES
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 from typer.testing import CliRunner
@@ -19,8 +21,6 @@ from cli import scenarios
 from cli.scenarios import NEW_SNAPSHOT, SNAPSHOT, Scenario, build
 from cli.simulate import Progress, run
 from config import Settings, load_settings
-from instrumentation import quality
-from instrumentation.pricing import DEFAULT_PRICES
 from stores import controls
 from stores.engine import create_schema, make_engine
 from stores.llm_calls import LLMCall

@@ -4,17 +4,17 @@
 The methods of this one client (and of the copies `with_options()` makes) are wrapped; other
 clients are left alone. The call itself goes through the SDK untouched (so other instrumentation
 layers see what they always see); a response hook on the client's HTTP client notes each
-attempt's status, request id and retry count for the call in progress (instrumentation.sdk).
+attempt's status, request id and retry count for the call in progress (pagerloop_sdk.openai_hooks).
 Exceptions reach the caller unchanged.
 
-Runbook controls are enforced on every call: `instrumentation.controls` decides which apply,
-`instrumentation.enforce` carries a call under controls out (refuse, rewrite, serve from the
+Runbook controls are enforced on every call: `pagerloop_sdk.controls` decides which apply,
+`pagerloop_sdk.enforce` carries a call under controls out (refuse, rewrite, serve from the
 response cache, hold a concurrency slot, back off 429s); calls under no control take the plain
 path here. The record's `model` stays the model the app asked for; `response_model` is the one
 that answered, and `controls` names the controls that changed the call.
 
 With `response_cache=N`, every successful non-streamed response is kept for a `cache` control
-to serve later (instrumentation.response_cache).
+to serve later (pagerloop_sdk.response_cache).
 """
 
 from __future__ import annotations
@@ -23,23 +23,23 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import openai
-from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import TracerProvider
-from sqlalchemy import Engine
 
-from instrumentation import controls as ctl
-from instrumentation import enforce
-from instrumentation.capture import PendingCall
-from instrumentation.context import EMPTY, LLMContext, current
-from instrumentation.privacy import hash_user_id
-from instrumentation.recorder import Recorder, StoreSink
-from instrumentation.response_cache import DEFAULT_MAX_AGE, ResponseCache, cache_key
-from instrumentation.sdk import hook_responses, in_flight, parsed, raw_mode
-from instrumentation.streams import track_async_stream, track_stream
-from instrumentation.telemetry import Telemetry
+from pagerloop_sdk import controls as ctl
+from pagerloop_sdk import enforce
+from pagerloop_sdk.capture import PendingCall
+from pagerloop_sdk.context import EMPTY, LLMContext, current
+from pagerloop_sdk.openai_hooks import hook_responses, in_flight, parsed, raw_mode
+from pagerloop_sdk.privacy import hash_user_id
+from pagerloop_sdk.recorder import Recorder
+from pagerloop_sdk.response_cache import DEFAULT_MAX_AGE, ResponseCache, cache_key
+from pagerloop_sdk.streams import track_async_stream, track_stream
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 C = TypeVar("C", openai.OpenAI, openai.AsyncOpenAI)
 
@@ -55,7 +55,7 @@ METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
 @dataclass(frozen=True)
 class _Options:
     recorder: Recorder
-    telemetry: Telemetry
+    telemetry: Any  # pagerloop_sdk.telemetry.Telemetry, or _NoTelemetry without OpenTelemetry
     send_user: bool
     send_metadata: bool
     server: tuple[str, int] | None
@@ -66,26 +66,33 @@ class _Options:
 def instrument(
     client: C,
     *,
+    url: str | None = None,
+    api_key: str | None = None,
     recorder: Recorder | None = None,
     send_user: bool = True,
     send_metadata: bool = True,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
-    controls: ctl.ControlSource | Engine | Literal[False] | None = None,
+    controls: ctl.ControlSource | Literal[False] | None = None,
     response_cache: int = 0,
     response_cache_max_age: float = DEFAULT_MAX_AGE,
 ) -> C:
     """Instrument `client` in place and return it.
 
+    Records go in batches to the pagerloop API at `url` with `api_key` (by default
+    `PAGERLOOP_URL` and `PAGERLOOP_API_KEY`; see `pagerloop_sdk.defaults`), or to `recorder`.
+    Nothing here blocks the call or raises into it: records are queued, and delivered (or
+    spooled) by a background thread.
+
     `send_user` passes the hashed user id of `llm_context` as the request's `user`, and
     `send_metadata` passes feature, team, environment, session and the context's metadata as
     the request's `metadata` (the caller's own values win), for the OpenAI dashboard.
-    Spans and GenAI metrics go to the given OpenTelemetry providers, else to the global ones
-    when the app has configured them.
+    With the `otel` extra, spans and GenAI metrics go to the given OpenTelemetry providers,
+    else to the global ones when the app has configured them.
 
-    `controls`: where the runbook controls to enforce come from. By default the store the
-    recorder writes to (none when its sink is not a store); an engine or a `ControlSource`
-    to choose, False for none.
+    `controls`: where the runbook controls to enforce come from. By default where the
+    recorder delivers (the API's `GET /v1/controls`, polled every 2 s); a `ControlSource` to
+    choose, False for none.
 
     `response_cache`: how many responses this client keeps (0: none, and `cache` controls do
     nothing here). Every successful non-streamed response is kept (the least recently used
@@ -96,13 +103,13 @@ def instrument(
     if getattr(client, "_pagerloop_options", None) is not None:
         return client
     if recorder is None:
-        from instrumentation.defaults import default_recorder
+        from pagerloop_sdk.defaults import http_recorder
 
-        recorder = default_recorder()
+        recorder = http_recorder(url, api_key)
     source = _control_source(controls, recorder)
     options = _Options(
         recorder,
-        Telemetry(tracer_provider, meter_provider),
+        _telemetry(tracer_provider, meter_provider),
         send_user,
         send_metadata,
         _server(client),
@@ -138,16 +145,33 @@ def _apply(client: C, options: _Options) -> C:
 
 
 def _control_source(
-    controls: ctl.ControlSource | Engine | Literal[False] | None, recorder: Recorder
+    controls: ctl.ControlSource | Literal[False] | None, recorder: Recorder
 ) -> ctl.ControlSource | None:
     if controls is False:
         return None
     if isinstance(controls, ctl.ControlSource):
         return controls
-    if isinstance(controls, Engine):
-        return ctl.source_for(controls)
-    sink = recorder.sink
-    return ctl.source_for(sink.engine) if isinstance(sink, StoreSink) else None
+    own = getattr(recorder.sink, "controls", None)  # a sink may say where its controls are
+    source = own() if own is not None else None
+    return source if isinstance(source, ctl.ControlSource) else None
+
+
+class _NoTelemetry:
+    """Without the `otel` extra: no spans, no GenAI metrics."""
+
+    def start(self, call: PendingCall, server: tuple[str, int] | None) -> None:
+        return None
+
+    def finish(self, call: PendingCall, span: object) -> None:
+        return None
+
+
+def _telemetry(tracer_provider: TracerProvider | None, meter_provider: MeterProvider | None) -> Any:
+    try:
+        from pagerloop_sdk.telemetry import Telemetry
+    except ImportError:  # opentelemetry is not installed
+        return _NoTelemetry()
+    return Telemetry(tracer_provider, meter_provider)
 
 
 def _server(client: openai.OpenAI | openai.AsyncOpenAI) -> tuple[str, int] | None:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from instrumentation.classify import classify_exception
-from instrumentation.context import LLMContext
-from instrumentation.pricing import PriceTable
-from instrumentation.privacy import hash_user_id
-from stores.llm_calls import CACHE_SOURCE, ERROR_MESSAGE_MAX, CallRecord
+from pagerloop_sdk.classify import classify_exception
+from pagerloop_sdk.context import LLMContext
+from pagerloop_sdk.pricing import PriceTable
+from pagerloop_sdk.privacy import hash_user_id
+from pagerloop_sdk.records import CACHE_SOURCE, ERROR_MESSAGE_MAX, CallRecord
 
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 

@@ -9,7 +9,7 @@ is queued, and an atexit hook closes the recorder on exit.
 No record is lost to a store outage the recorder can hold: a batch the sink fails to write is
 kept at the front and retried with capped exponential backoff and jitter (0.2 s doubling to
 30 s), and the records keep queueing in memory. With a spool directory (`PAGERLOOP_SPOOL_DIR`,
-instrumentation.spool), a second thread, the spooler, moves the oldest queued records to disk
+pagerloop_sdk.spool), a second thread, the spooler, moves the oldest queued records to disk
 whenever the queue is half full: up to half the queue's size per file, taken out of the queue
 before the file is written and synced, so the callers have room meanwhile (at most that many
 records are in memory beyond the queue's bound). It does not wait for the writer, which may
@@ -39,35 +39,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import Counter, Gauge
-from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, IntegrityError
-
-from instrumentation import calllog, quality
-from instrumentation.capture import PendingCall, finalize, prompt_text
-from instrumentation.pricing import DEFAULT_PRICES, PRICES, PriceTable, base_model
-from instrumentation.spool import CorruptSpoolFileError, Spool, SpooledBatch
-from stores.engine import create_schema
-from stores.llm_calls import CallRecord, write_calls
-from stores.quality import ScoreRecord, write_scores
+from pagerloop_sdk import calllog, quality
+from pagerloop_sdk.capture import PendingCall, finalize, prompt_text
+from pagerloop_sdk.metrics import counter, gauge
+from pagerloop_sdk.pricing import DEFAULT_PRICES, PRICES, PriceTable, base_model
+from pagerloop_sdk.records import CallRecord, ScoreRecord
+from pagerloop_sdk.spool import CorruptSpoolFileError, Spool, SpooledBatch
 
 log = logging.getLogger(__name__)
 
-RECORDS = Counter(
+RECORDS = counter(
     "pagerloop_instrumentation_records_total",
     "LLM call records by what became of them (written; dropped: no room or time left to keep "
     "them; failed: could not be made, or refused by the store for good).",
-    ["outcome"],
+    ("outcome",),
 )
-UNPRICED = Counter(
+UNPRICED = counter(
     "pagerloop_unpriced_calls_total",
     "Calls recorded with an unknown cost because their model has no price.",
-    ["model"],
+    ("model",),
 )
-QUEUE_DEPTH = Gauge(
+QUEUE_DEPTH = gauge(
     "pagerloop_instrumentation_queue_depth", "Records waiting for the recorder's thread."
 )
-SPOOLED = Gauge(
+SPOOLED = gauge(
     "pagerloop_instrumentation_spooled_records",
     "Records waiting in the recorder's spool directory for the store.",
 )
@@ -90,30 +85,13 @@ class Sink(Protocol):
     def write(self, calls: Sequence[CallRecord], scores: Sequence[ScoreRecord]) -> None: ...
 
 
-class StoreSink:
-    """Straight into the stores (SQLite file or PostgreSQL) the detectors read. With
-    `create_schema`, the first write creates (or upgrades) the stores' tables first: for a
-    recorder made while the store was away."""
-
-    def __init__(self, engine: Engine, *, create_schema: bool = False) -> None:
-        self.engine = engine
-        self._schema_due = create_schema
-
-    def write(self, calls: Sequence[CallRecord], scores: Sequence[ScoreRecord]) -> None:
-        if self._schema_due:
-            create_schema(self.engine)
-            self._schema_due = False
-        write_calls(self.engine, calls)
-        write_scores(self.engine, scores)
-
-
 class RecordsRefusedError(Exception):
     """For sinks: these records will never be accepted (retrying cannot help)."""
 
 
 # A sink's failures that are about the records themselves, for good: a value the store cannot
-# take (too long, out of range), a constraint it breaks, a value of the wrong type.
-REFUSALS = (RecordsRefusedError, DataError, IntegrityError, TypeError, ValueError, ArithmeticError)
+# take (sinks raise RecordsRefusedError for theirs), a value of the wrong type.
+REFUSALS = (RecordsRefusedError, TypeError, ValueError, ArithmeticError)
 
 
 def refused(exc: BaseException) -> bool:
@@ -441,6 +419,9 @@ class Recorder:
         self._failures += 1
         ceiling = min(self.retry_cap, self.retry_base * 2 ** min(self._failures - 1, 30))
         self._retry_at = time.monotonic() + ceiling * (0.5 + random.random() / 2)  # noqa: S311
+        asked = getattr(exc, "retry_after", None)  # the sink's server said when (Retry-After)
+        if asked:
+            self._retry_at = max(self._retry_at, time.monotonic() + asked)
         # While the store is away the queue does not wake the writer (it retries on its own
         # time); it still wakes the spooler at its mark.
         self._write_at = self.max_queue + 1

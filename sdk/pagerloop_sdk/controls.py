@@ -1,7 +1,7 @@
 """Runbook controls as the instrumentation sees them: which apply to a call (`Decision`), and
 where they come from (`ControlSource`). The mechanics live beside: concurrency slots in
-`instrumentation.limiter`, 429 backoff in `instrumentation.backoff`, the response cache in
-`instrumentation.response_cache`; `instrumentation.enforce` applies a decision to one call.
+`pagerloop_sdk.limiter`, 429 backoff in `pagerloop_sdk.backoff`, the response cache in
+`pagerloop_sdk.response_cache`; `pagerloop_sdk.enforce` applies a decision to one call.
 
 Every process keeps the active controls of its store in memory (`ControlSource`): a daemon
 thread reads them every `ttl` seconds, so a control set or reverted anywhere applies here
@@ -18,34 +18,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import openai
-from prometheus_client import Counter
-from sqlalchemy import Engine
 
 # The mechanics, importable from here as before the split (the constants are copies: patch
-# them in instrumentation.backoff).
-from instrumentation.backoff import BACKOFF_BASE as BACKOFF_BASE
-from instrumentation.backoff import BACKOFF_CAP as BACKOFF_CAP
-from instrumentation.backoff import RETRY_AFTER_MAX as RETRY_AFTER_MAX
-from instrumentation.backoff import backoff_delay as backoff_delay
-from instrumentation.backoff import is_rate_limit as is_rate_limit
-from instrumentation.backoff import retry_after as retry_after
-from instrumentation.limiter import Held as Held
-from instrumentation.limiter import Limiter as Limiter
-from instrumentation.limiter import acquire as acquire
-from instrumentation.limiter import acquire_async as acquire_async
-from instrumentation.response_cache import ResponseCache as ResponseCache
-from instrumentation.response_cache import cache_key as cache_key
-from stores import controls as store
-from stores.llm_calls import CONTROLS_MAX
+# them in pagerloop_sdk.backoff).
+from pagerloop_sdk.backoff import BACKOFF_BASE as BACKOFF_BASE
+from pagerloop_sdk.backoff import BACKOFF_CAP as BACKOFF_CAP
+from pagerloop_sdk.backoff import RETRY_AFTER_MAX as RETRY_AFTER_MAX
+from pagerloop_sdk.backoff import backoff_delay as backoff_delay
+from pagerloop_sdk.backoff import is_rate_limit as is_rate_limit
+from pagerloop_sdk.backoff import retry_after as retry_after
+from pagerloop_sdk.limiter import Held as Held
+from pagerloop_sdk.limiter import Limiter as Limiter
+from pagerloop_sdk.limiter import Pacer
+from pagerloop_sdk.limiter import acquire as acquire
+from pagerloop_sdk.limiter import acquire_async as acquire_async
+from pagerloop_sdk.metrics import counter
+from pagerloop_sdk.records import CONTROLS_MAX
+from pagerloop_sdk.response_cache import ResponseCache as ResponseCache
+from pagerloop_sdk.response_cache import cache_key as cache_key
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,21 @@ MEMO_MAX = 4096  # (operation, feature, model) decisions kept per set of control
 # Model-rewriting kinds make no sense for embeddings (a chat model cannot embed).
 GENERATIVE = frozenset({"chat", "responses"})
 MODEL_KINDS = frozenset({"reroute", "pin", "max_tokens"})
+KINDS = ("concurrency", "rpm", "tpm", "reroute", "pin", "max_tokens", "disable", "cache", "backoff")
+# The kinds whose value is a positive count (calls in flight, per minute, tokens, attempts).
+COUNTED = frozenset({"concurrency", "rpm", "tpm", "max_tokens", "backoff"})
+# The limits of the whole application: the server gives each process its share, which may be 0.
+SHARED = frozenset({"concurrency", "rpm", "tpm"})
 TOKEN_LIMITS = {
     "chat": ("max_completion_tokens", "max_tokens"),
     "responses": ("max_output_tokens",),
 }
 
-ACTIONS = Counter(
+ACTIONS = counter(
     "pagerloop_control_actions_total",
-    "Calls a runbook control acted on (rerouted, capped, throttled, served from cache, "
+    "Calls a runbook control acted on (rerouted, capped, throttled, paced, served from cache, "
     "retried, refused), by control kind.",
-    ["kind"],
+    ("kind",),
 )
 
 
@@ -127,6 +132,7 @@ class Rule:
     value: str = ""
     incident_id: str = ""
     reason: str = ""
+    expires_at: float = math.inf  # time.time() at which the control stops, wherever it came from
 
     @property
     def tag(self) -> str:
@@ -148,20 +154,30 @@ class Rule:
         return (self.feature is not None) + (self.model is not None), self.id
 
 
-def rules_from(rows: Iterable[store.Control]) -> tuple[Rule, ...]:
-    """The enforceable rules of store rows; a row that cannot be enforced is skipped."""
-    rules = []
-    for row in rows:
-        if row.id is None:
-            continue
-        problem = store.validate(row.kind, row.value)
-        if problem is not None:
-            _warn_once(f"invalid:{row.id}", "ignoring control #%s: %s", row.id, problem)
-            continue
-        rules.append(
-            Rule(row.id, row.kind, row.feature, row.model, row.value, row.incident_id, row.reason)
-        )
-    return tuple(rules)
+def problem(kind: str, value: str, *, share: bool = False) -> str | None:
+    """Why a control cannot be enforced, or None when it can. A `share` of an application-wide
+    limit may be 0 (this process waits its turn)."""
+    if kind not in KINDS:
+        return f"unknown control kind {kind!r} (one of {', '.join(KINDS)})"
+    least = 0 if share and kind in SHARED else 1
+    if kind in COUNTED and not (value.isdigit() and int(value) >= least):
+        return f"a {kind} control needs a whole number of at least {least}, not {value!r}"
+    if kind in ("reroute", "pin") and not value:
+        return f"a {kind} control needs the model to use instead"
+    return None
+
+
+def enforceable(rules: Iterable[Rule], *, shares: bool = False) -> tuple[Rule, ...]:
+    """The rules this process can enforce; one it cannot (a kind newer than this SDK, a bad
+    value) is skipped with a warning, once."""
+    kept = []
+    for rule in rules:
+        why = problem(rule.kind, rule.value, share=shares)
+        if why is None:
+            kept.append(rule)
+        else:
+            _warn_once(f"invalid:{rule.id}", "ignoring control #%s: %s", rule.id, why)
+    return tuple(kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +188,7 @@ class Decision:
     route: Rule | None = None  # reroute or pin: the model to send instead
     cap: Rule | None = None  # the tightest max_tokens
     limits: tuple[tuple[Rule, Limiter], ...] = ()  # every concurrency control, by id
+    paces: tuple[tuple[Rule, Pacer], ...] = ()  # every rpm and tpm control, by id
     cache: Rule | None = None
     backoff: Rule | None = None
 
@@ -179,6 +196,7 @@ class Decision:
 def decide(
     rules: Sequence[Rule],
     limiters: Mapping[int, Limiter],
+    pacers: Mapping[int, Pacer],
     operation: str,
     feature: str | None,
     model: str,
@@ -201,6 +219,11 @@ def decide(
             (r, limiters[r.id])
             for r in sorted(matching, key=lambda r: r.id)
             if r.kind == "concurrency" and r.id in limiters
+        ),
+        paces=tuple(
+            (r, pacers[r.id])
+            for r in sorted(matching, key=lambda r: r.id)
+            if r.kind in ("rpm", "tpm") and r.id in pacers
         ),
         cache=best("cache"),
         backoff=best("backoff"),
@@ -249,13 +272,14 @@ def count_actions(tags: Sequence[str]) -> None:
         ACTIONS.labels(tag.partition("#")[0]).inc()
 
 
-# --- the process's view of the store ---------------------------------------------------------
+# --- the process's view of the controls ---------------------------------------------------------
 
 
 @dataclass(eq=False)
 class Snapshot:
     rules: tuple[Rule, ...] = ()
     limiters: Mapping[int, Limiter] = field(default_factory=dict)
+    pacers: Mapping[int, Pacer] = field(default_factory=dict)
     _memo: dict[tuple[str, str | None, str], Decision | None] = field(default_factory=dict)
 
     def decide(self, operation: str, feature: str | None, model: str) -> Decision | None:
@@ -265,7 +289,7 @@ class Snapshot:
             return memo[key]
         except KeyError:
             pass
-        decision = decide(self.rules, self.limiters, operation, feature, model)
+        decision = decide(self.rules, self.limiters, self.pacers, operation, feature, model)
         if len(memo) >= MEMO_MAX:
             memo.clear()  # app-chosen model names must not grow this without bound
         memo[key] = decision
@@ -276,17 +300,28 @@ EMPTY = Snapshot()
 
 
 class ControlSource:
-    """The active controls of one store, re-read every `ttl` seconds by a daemon thread."""
+    """The controls in force, re-read every `ttl` seconds by a daemon thread; `read()` says
+    from where (the API: `pagerloop_sdk.http_controls`; the server's own store in embedded
+    mode). A read that fails keeps the last controls known, each until its own expiry."""
 
-    def __init__(self, engine: Engine, ttl: float = DEFAULT_TTL) -> None:
-        self.engine = engine
+    def __init__(self, ttl: float = DEFAULT_TTL) -> None:
         self.ttl = ttl
-        self.reads = 0  # successful store reads, for tests and curiosity
+        self.reads = 0  # successful reads, for tests and curiosity
         self._snapshot: Snapshot | None = None
+        self._rules: tuple[Rule, ...] = ()  # as last read, expired ones included
         self._limiters: dict[int, Limiter] = {}
+        self._pacers: dict[int, Pacer] = {}
         self._failing = False
         self._reset_process_state()
         _SOURCES.add(self)
+
+    def read(self) -> tuple[Rule, ...] | None:
+        """The controls in force now, or None when they have not changed since the last
+        read; raises when they cannot be read."""
+        raise NotImplementedError
+
+    def after_fork(self) -> None:
+        """In a forked child: drop what cannot be shared with the parent (connections)."""
 
     def _reset_process_state(self) -> None:
         self._running = False
@@ -342,21 +377,22 @@ class ControlSource:
         self._stop.set()
 
     def refresh(self) -> Snapshot:
-        """Read the store once and make what it says current."""
+        """Read once and make what it says current."""
         try:
-            rows = store.active(self.engine, datetime.now(UTC))
+            rules = self.read()
         except Exception as exc:
             if not self._failing:
                 self._failing = True
                 log.warning("cannot read the runbook controls, keeping the last known: %s", exc)
-            if self._snapshot is None:
-                self._snapshot = EMPTY
         else:
             self.reads += 1
             if self._failing:
                 self._failing = False
                 log.info("reading the runbook controls again")
-            self._apply(rules_from(rows))
+            if rules is not None:
+                self._rules = rules
+        now = time.time()
+        self._apply(tuple(rule for rule in self._rules if rule.expires_at > now))
         self._loaded.set()
         return self._snapshot or EMPTY
 
@@ -374,7 +410,16 @@ class ControlSource:
                 self._limiters[control_id] = Limiter(limit)
             elif limiter.limit != limit:
                 limiter.resize(limit)
-        self._snapshot = Snapshot(rules, dict(self._limiters))
+        rates = {r.id: r.number for r in rules if r.kind in ("rpm", "tpm")}
+        for control_id in set(self._pacers) - set(rates):
+            self._pacers.pop(control_id).resize(None)  # gone: its waiters go
+        for control_id, per_minute in rates.items():
+            pacer = self._pacers.get(control_id)
+            if pacer is None:
+                self._pacers[control_id] = Pacer(per_minute)
+            elif pacer.per_minute != per_minute:
+                pacer.resize(per_minute)
+        self._snapshot = Snapshot(rules, dict(self._limiters), dict(self._pacers))
 
 
 def _poll(ref: weakref.ref[ControlSource], stop: threading.Event, ttl: float) -> None:
@@ -392,17 +437,6 @@ def _poll(ref: weakref.ref[ControlSource], stop: threading.Event, ttl: float) ->
 
 
 _SOURCES: weakref.WeakSet[ControlSource] = weakref.WeakSet()
-_by_engine: weakref.WeakValueDictionary[int, ControlSource] = weakref.WeakValueDictionary()
-_by_engine_lock = threading.Lock()
-
-
-def source_for(engine: Engine) -> ControlSource:
-    """The process's one source for `engine` (one store read per TTL, however many clients)."""
-    with _by_engine_lock:
-        source = _by_engine.get(id(engine))
-        if source is None or source.engine is not engine:
-            source = _by_engine[id(engine)] = ControlSource(engine)
-        return source
 
 
 def _after_fork_in_child() -> None:
@@ -411,7 +445,8 @@ def _after_fork_in_child() -> None:
         source._reset_process_state()
         source._snapshot = None
         source._limiters = {}
-        source.engine.dispose(close=False)
+        source._pacers = {}
+        source.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 from openai._constants import RAW_RESPONSE_HEADER
 
-from instrumentation.capture import RETRY_COUNT_HEADER, PendingCall
+from pagerloop_sdk.capture import RETRY_COUNT_HEADER, PendingCall
 
 # The call the current thread / task is making, for the HTTP response hook.
 in_flight: ContextVar[PendingCall | None] = ContextVar("pagerloop_call", default=None)

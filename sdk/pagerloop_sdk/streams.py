@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from instrumentation.capture import PendingCall
+from pagerloop_sdk.capture import PendingCall
 
 CLIENT_CLOSED = "client_closed"
 

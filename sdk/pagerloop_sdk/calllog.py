@@ -14,7 +14,7 @@ from dataclasses import fields
 from operator import attrgetter
 from typing import Any
 
-from stores.llm_calls import CallRecord
+from pagerloop_sdk.records import CallRecord
 
 logger = logging.getLogger("pagerloop.llm_calls")
 

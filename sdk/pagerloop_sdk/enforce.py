@@ -1,9 +1,10 @@
 """One call under runbook controls, as `instrument()` makes it: refused (disable) or rewritten
 (reroute, pin, max_tokens) before it is sent; then served from the response cache (cache),
-or sent holding a slot of every matching concurrency control, its 429s retried with backoff
-(backoff). The record names each control that changed the call (`controls`, "kind#id").
+or sent in its turn under every matching rpm and tpm control (paced evenly over the minute),
+holding a slot of every matching concurrency control, its 429s retried with backoff (backoff).
+The record names each control that changed the call (`controls`, "kind#id").
 
-Which controls apply is `instrumentation.controls`' decision; this module only carries it out.
+Which controls apply is `pagerloop_sdk.controls`' decision; this module only carries it out.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import contextlib
 import time
 import weakref
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from instrumentation import backoff, limiter
-from instrumentation.capture import PendingCall
-from instrumentation.controls import Decision, FeatureDisabled, count_actions, label, rewrite
-from instrumentation.response_cache import ResponseCache
-from instrumentation.sdk import in_flight, parsed
-from instrumentation.streams import track_async_stream, track_stream
+from pagerloop_sdk import backoff, limiter
+from pagerloop_sdk.capture import PendingCall
+from pagerloop_sdk.controls import Decision, FeatureDisabled, count_actions, label, rewrite
+from pagerloop_sdk.openai_hooks import in_flight, parsed
+from pagerloop_sdk.response_cache import ResponseCache
+from pagerloop_sdk.streams import track_async_stream, track_stream
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class Plan:
     tags: list[str]  # kind#id of each control that changed the call, in the order they did
     cache_key: str | None = None  # set when the client keeps a response cache and may use it
     retries: int = 0  # requests of the attempts before the last (429s backed off)
+    estimates: list[tuple[limiter.Pacer, float]] = field(default_factory=list)  # tpm reserved
 
 
 def refuse(decision: Decision, feature: str | None, model: str) -> None:
@@ -69,6 +71,7 @@ def call_sync(
     hit = _cached(plan, cache)
     if hit is not None:
         return _serve_cached(call, plan, hit, done)
+    limiter.pace(_reservations(plan))
     held = limiter.acquire(plan.decision.limits)
     plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
     finish = _closer(call, plan, held, done)
@@ -109,6 +112,7 @@ async def call_async(
     hit = _cached(plan, cache)
     if hit is not None:
         return _serve_cached(call, plan, hit, done)
+    await limiter.pace_async(_reservations(plan))
     held = await limiter.acquire_async(plan.decision.limits)
     plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
     finish = _closer(call, plan, held, done)
@@ -137,6 +141,27 @@ async def call_async(
     return _settle(result, call, plan, cache, held, finish, track_async_stream)
 
 
+def _reservations(plan: Plan) -> list[tuple[limiter.Pacer, float]]:
+    """What the call takes off each pacer's schedule: one request, or its tokens as
+    estimated (settled when the call ends)."""
+    reservations = []
+    for rule, pacer in plan.decision.paces:
+        units = 1.0 if rule.kind == "rpm" else pacer.typical
+        if rule.kind == "tpm":
+            plan.estimates.append((pacer, units))
+        reservations.append((pacer, units))
+        plan.tags.append(rule.tag)
+    return reservations
+
+
+def _tokens(call: PendingCall) -> int:
+    usage = getattr(call.response, "usage", None)
+    total = getattr(usage, "total_tokens", None)
+    if isinstance(total, int):
+        return total
+    return (call.input_tokens or 0) + (call.output_tokens or 0)
+
+
 def _cached(plan: Plan, cache: ResponseCache | None) -> Any | None:
     """The cached answer to serve: only while a cache control matches the call."""
     if plan.decision.cache is None or plan.cache_key is None or cache is None:
@@ -149,6 +174,10 @@ def _closer(
 ) -> Callable[[], None]:
     def finish() -> None:
         held.release()
+        if plan.estimates:
+            used = _tokens(call)
+            for pacer, estimated in plan.estimates:
+                pacer.settle(estimated, used)
         call.retry_count += plan.retries
         call.controls = label(plan.tags)
         count_actions(plan.tags)

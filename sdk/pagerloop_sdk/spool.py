@@ -29,8 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stores.llm_calls import CallRecord
-from stores.quality import ScoreRecord
+from pagerloop_sdk.records import CallRecord, ScoreRecord
 
 try:
     import fcntl

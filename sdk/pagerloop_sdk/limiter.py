@@ -1,10 +1,14 @@
-"""The concurrency slots of `concurrency` controls: at most `limit` calls in flight per
-control, first come first served, shared by threads and any number of event loops."""
+"""The mechanics of the limits: the slots of `concurrency` controls (at most `limit` calls in
+flight per control, first come first served, shared by threads and any number of event loops),
+and the pacing of `rpm` and `tpm` controls (calls spaced evenly over the minute, not let
+through in bursts: OpenAI counts its own limits per minute but enforces them over shorter
+spans, so a burst of a minute's worth is refused all the same)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -126,3 +130,66 @@ async def acquire_async(limits: Sequence[tuple[object, Limiter]]) -> Held:
         Held(taken).release()
         raise
     return Held(taken)
+
+
+# A pacer whose share is 0 (more app instances than the limit) lets nothing through; its
+# waiters look again this often, for a share.
+IDLE_RECHECK = 0.5
+
+
+class Pacer:
+    """`per_minute` units (requests, or tokens) per minute, spaced evenly: each reservation
+    takes the next free moment on a schedule (GCRA's virtual time), so calls go one every
+    60/per_minute seconds rather than all at the start of a minute. Idle time banks nothing.
+    `per_minute` None: no limit (the control is gone)."""
+
+    def __init__(self, per_minute: int | None) -> None:
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._next = 0.0  # time.monotonic() at which the next unit may go
+        # Tokens are known only after the call: a call reserves the typical count of the
+        # calls before it, and settles the difference when it ends.
+        self.typical = 1000.0
+
+    def resize(self, per_minute: int | None) -> None:
+        with self._lock:
+            self.per_minute = per_minute
+
+    def reserve(self, units: float) -> float | None:
+        """Take `units` off the schedule: how long to wait before going (0: now), or None
+        when nothing may go now (a share of 0): ask again after IDLE_RECHECK."""
+        with self._lock:
+            rate = self.per_minute
+            if rate is None:
+                return 0.0
+            if rate <= 0:
+                return None
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + units * 60.0 / rate
+            return start - now
+
+    def settle(self, estimated: float, actual: float) -> None:
+        """Correct a reservation made on an estimate (tokens are known after the call)."""
+        with self._lock:
+            rate = self.per_minute
+            if rate:
+                self._next += (actual - estimated) * 60.0 / rate
+            self.typical += (actual - self.typical) / 8
+
+
+def pace(reservations: Sequence[tuple[Pacer, float]]) -> None:
+    """Wait for a place on the schedule of every (pacer, units) pair."""
+    for pacer, units in reservations:
+        while (delay := pacer.reserve(units)) is None:
+            time.sleep(IDLE_RECHECK)
+        if delay > 0:
+            time.sleep(delay)
+
+
+async def pace_async(reservations: Sequence[tuple[Pacer, float]]) -> None:
+    for pacer, units in reservations:
+        while (delay := pacer.reserve(units)) is None:
+            await asyncio.sleep(IDLE_RECHECK)
+        if delay > 0:
+            await asyncio.sleep(delay)

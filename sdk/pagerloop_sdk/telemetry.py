@@ -12,7 +12,7 @@ from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from opentelemetry.semconv.attributes import error_attributes, server_attributes
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from instrumentation.capture import PendingCall
+from pagerloop_sdk.capture import PendingCall
 
 PROVIDER = "openai"
 OPERATION_NAMES = {"chat": "chat", "responses": "chat", "embeddings": "embeddings"}
