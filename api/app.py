@@ -10,7 +10,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors, feedback, health, ingest, otlp, pagerduty, silences, slack, status
+from api import (
+    controls,
+    errors,
+    feedback,
+    health,
+    ingest,
+    otlp,
+    pagerduty,
+    silences,
+    slack,
+    status,
+)
 from api.auth import readable_by
 from api.bodies import add_components
 from api.deps import Services
@@ -82,6 +93,7 @@ def create_app(svc: Services) -> FastAPI:
         BodySizeLimit,
         limits={
             "/v1/silences": SILENCE_BODY_BYTES,
+            "/v1/controls": SILENCE_BODY_BYTES,
             "/v1/feedback": min(ingest_limit, SMALL_BODY_BYTES * 2),
             "/v1/": ingest_limit,
             "/slack/": SMALL_BODY_BYTES,
@@ -89,7 +101,7 @@ def create_app(svc: Services) -> FastAPI:
         },
     )
     errors.install(app)
-    for module in (ingest, otlp, feedback, silences, slack, pagerduty, status, health):
+    for module in (ingest, otlp, feedback, silences, controls, slack, pagerduty, status, health):
         app.include_router(module.router)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[readable_by("openapi")])

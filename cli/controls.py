@@ -1,22 +1,39 @@
-"""`pagerloop controls ...`: the runbook controls in force, and taking one out by hand."""
+"""`pagerloop controls ...`: the controls in force (runbook and manual ones), setting one by
+hand and taking one out."""
 
 from __future__ import annotations
 
+import asyncio
 import getpass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
 from sqlalchemy import Engine
 
+import worker
+from api.controls import (
+    MAX_CONTROL_MINUTES,
+    ControlIn,
+    IncidentRefusedError,
+    key_problem,
+    set_by_hand,
+    target_problem,
+)
+from cli.silences import parse_duration
 from config import load_settings
 from stores import controls
 from stores.controls import Control
 from stores.engine import create_schema, make_engine
+from stores.llm_calls import utc
 
-app = typer.Typer(help="Runbook controls: list them, revert one.", no_args_is_help=True)
+app = typer.Typer(
+    help="Runbook and manual controls: list them, set one by hand, revert one.",
+    no_args_is_help=True,
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -33,6 +50,12 @@ def _until(control: Control, now: datetime) -> str:
     if not control.active_at(now):
         return f"expired {control.expires_at:%m-%d %H:%M}"
     return f"until {control.expires_at:%m-%d %H:%M}"
+
+
+def _incident(control: Control) -> str:
+    if control.manual and control.incident_id != controls.MANUAL:
+        return f"{control.incident_id} (manual)"
+    return control.incident_id
 
 
 @app.command("list")
@@ -60,7 +83,7 @@ def list_controls(
             c.kind,
             c.target,
             c.value,
-            c.incident_id,
+            _incident(c),
             c.reason,
             c.set_by,
             _until(c, now),
@@ -88,3 +111,103 @@ def revert(
         out.print(f"reverted #{control_id}: {control.description}")
     else:
         out.print(f"control #{control_id} was not in force ({_until(control, now)})")
+
+
+# CLI options of the body's fields, for the errors that name them.
+_OPTION = {
+    "kind": "KIND",
+    "value": "--value",
+    "feature": "--feature",
+    "model": "--model",
+    "reason": "--reason",
+    "incident_id": "--incident",
+    "duration_minutes": "--for",
+}
+
+
+def control_minutes(text: str) -> int:
+    """`--for` in whole minutes: 30m, 1h, 2d; from 1 minute to 7 days."""
+    hint = f"use minutes, hours or days, like 30m, 1h, 2d (at most {MAX_CONTROL_MINUTES // 1440}d)"
+    try:
+        duration = parse_duration(text)
+    except typer.BadParameter:
+        raise typer.BadParameter(f"{text!r}: {hint}", param_hint="--for") from None
+    minutes = duration // timedelta(minutes=1)
+    if not 1 <= minutes <= MAX_CONTROL_MINUTES:
+        raise typer.BadParameter(f"{text!r}: {hint}", param_hint="--for")
+    return minutes
+
+
+@app.command("set")
+def set_control(
+    kind: Annotated[
+        str, typer.Argument(metavar="KIND", help=f"one of {', '.join(controls.KINDS)}")
+    ],
+    reason: Annotated[str, typer.Option(help="why (shown on the list and the timeline)")],
+    duration: Annotated[
+        str, typer.Option("--for", help="how long: 30m, 1h, 2d (at most 7d)")
+    ] = "1h",
+    value: Annotated[
+        str,
+        typer.Option(
+            help="a whole number for concurrency, rpm, tpm (the whole app's), max_tokens, "
+            "backoff; the model to use for reroute, pin; none for disable, cache"
+        ),
+    ] = "",
+    feature: Annotated[str | None, typer.Option(help="only this feature (default: all)")] = None,
+    model: Annotated[str | None, typer.Option(help="only this model (default: all)")] = None,
+    incident: Annotated[
+        str | None,
+        typer.Option(help="an open incident: noted on its timeline, reverted when it resolves"),
+    ] = None,
+    by: Annotated[str | None, typer.Option(help="who is acting (default: your login)")] = None,
+) -> None:
+    """Put a control in force by hand for a while (again on the same target: refresh it)."""
+    try:
+        body = ControlIn(
+            kind=kind,
+            feature=feature,
+            model=model,
+            value=value,
+            duration_minutes=control_minutes(duration),
+            reason=reason,
+            incident_id=incident,
+        )
+    except ValidationError as exc:
+        error = exc.errors(include_input=False, include_url=False)[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise typer.BadParameter(message, param_hint=_OPTION.get(field, field)) from None
+    for option, problem in (
+        ("--feature", target_problem(body.kind, body.feature, body.model)),
+        ("--incident", key_problem(body.incident_id, body.kind, body.feature, body.model)),
+    ):
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint=option)
+    author = by or getpass.getuser()
+    engine = _engine()
+
+    async def put() -> tuple[Control, bool | None]:
+        client = None
+        if incident is not None:
+            try:
+                client = await worker.connect_temporal(load_settings())
+            except RuntimeError as exc:
+                raise IncidentRefusedError(503, f"could not reach Temporal ({exc})") from None
+        return await set_by_hand(engine, client, body, author, "cli", datetime.now(UTC))
+
+    try:
+        control, noted = asyncio.run(put())
+    except IncidentRefusedError as exc:
+        err.print(f"[red]{exc.message}: no control was set[/red]")
+        raise typer.Exit(1) from None
+    out.print(
+        f"control #{control.id}: {control.description}, "
+        f"until {utc(control.expires_at):%Y-%m-%d %H:%M} UTC "
+        f"(set by {control.set_by}, {control.incident_id})"
+    )
+    if noted is False:
+        err.print(
+            f"[yellow]incident {incident} did not answer in time: its timeline does not "
+            "record this control[/yellow]"
+        )

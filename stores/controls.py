@@ -1,9 +1,20 @@
 """Runbook controls: what a runbook (or a responder) changed about how the application calls
-OpenAI, until when, and why. The instrumentation of every process reads the active ones.
+OpenAI, until when, and why. The app's instrumentation enforces the active ones (read over
+`GET /v1/controls`, or from the store in embedded mode).
 
 One row per idempotency key (`<incident>/<kind>/<feature or *>/<model or *>`): setting a
 control again refreshes that row, so a retried activity never leaves two behind. A control is
 active while it is not reverted and its expiry is ahead; expired rows stay for the record.
+
+Controls set by hand (`POST /v1/controls`, `pagerloop controls set`) have keys of their own,
+`manual:<incident or "manual">/<kind>/<feature or *>/<model or *>`: a runbook setting the same
+kind on the same target refreshes its own row, never the person's, and a runbook rolling its
+controls back (by key) leaves them alone. A manual control tied to an incident is reverted
+with the incident's controls when it resolves (`revert` without keys), but the incident's
+keep-alive (`extend`) does not push its expiry back: it lasts what the person asked for.
+
+`concurrency`, `rpm` and `tpm` are limits of the whole application; `GET /v1/controls` hands
+each app instance its share (stores.instances).
 """
 
 from __future__ import annotations
@@ -12,16 +23,25 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from pagerloop_sdk import controls as sdk_controls
 from sqlalchemy import Column, DateTime, Engine, Index, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from stores.llm_calls import big, utc
 
-KINDS = ("concurrency", "reroute", "pin", "max_tokens", "disable", "cache", "backoff")
-# The kinds whose value is a positive count (calls in flight, tokens, attempts).
-COUNTED = frozenset({"concurrency", "max_tokens", "backoff"})
+# The kinds, which take a count, and which are limits of the whole application shared out among
+# its live instances: as the SDK that enforces them knows them.
+KINDS = sdk_controls.KINDS
+COUNTED = sdk_controls.COUNTED
+SHARED = sdk_controls.SHARED
+# The largest count a control may carry: far above any real limit (OpenAI's largest tiers
+# allow tens of millions of tokens per minute), far inside 64 bits.
+COUNT_MAX = 10**12
 KEY_MAX = 400
+# The incident id of a manual control tied to no incident, and the key prefix of every manual one.
+MANUAL = "manual"
+MANUAL_PREFIX = "manual:"
 
 
 def _ts(nullable: bool = False) -> Any:
@@ -62,9 +82,18 @@ class Control(SQLModel, table=True):
     def description(self) -> str:
         return describe(self.kind, self.feature, self.model, self.value)
 
+    @property
+    def manual(self) -> bool:
+        """Set by hand (the API or the CLI), not by a runbook."""
+        return self.key.startswith(MANUAL_PREFIX)
+
 
 def control_key(incident_id: str, kind: str, feature: str | None, model: str | None) -> str:
     return f"{incident_id}/{kind}/{feature or '*'}/{model or '*'}"
+
+
+def manual_key(incident_id: str | None, kind: str, feature: str | None, model: str | None) -> str:
+    return MANUAL_PREFIX + control_key(incident_id or MANUAL, kind, feature, model)
 
 
 def target(feature: str | None, model: str | None) -> str:
@@ -78,6 +107,10 @@ def describe(kind: str, feature: str | None, model: str | None, value: str) -> s
     scope = f" ({target(feature, None)})" if feature else ""
     if kind == "concurrency":
         return f"throttle {where} to {value} calls in flight"
+    if kind == "rpm":
+        return f"limit {where} to {value} requests per minute"
+    if kind == "tpm":
+        return f"limit {where} to {value} tokens per minute"
     if kind in ("reroute", "pin"):
         verb = "reroute" if kind == "reroute" else "pin"
         return f"{verb} {model or 'any model'} -> {value}{scope}"
@@ -94,13 +127,10 @@ def describe(kind: str, feature: str | None, model: str | None, value: str) -> s
 
 def validate(kind: str, value: str) -> str | None:
     """Why a control cannot be enforced, or None when it can."""
-    if kind not in KINDS:
-        return f"unknown control kind {kind!r} (one of {', '.join(KINDS)})"
-    if kind in COUNTED and not (value.isdigit() and int(value) > 0):
-        return f"a {kind} control needs a positive whole number, not {value!r}"
-    if kind in ("reroute", "pin") and not value:
-        return f"a {kind} control needs the model to use instead"
-    return None
+    problem = sdk_controls.problem(kind, value)
+    if problem is None and kind in COUNTED and int(value) > COUNT_MAX:
+        return f"a {kind} control needs a whole number from 1 to {COUNT_MAX}, not {value!r}"
+    return problem
 
 
 def _insert(engine: Engine) -> Any:
@@ -119,11 +149,13 @@ def upsert(
     set_by: str,
     expires_at: datetime,
     now: datetime,
+    key: str | None = None,
 ) -> Control:
     """Set a control, idempotently: the same key refreshes its value, reason and expiry, and
-    brings a reverted one back. One statement, so concurrent retries cannot collide."""
+    brings a reverted one back. One statement, so concurrent retries cannot collide. The key
+    is the runbook's (`control_key`) unless given."""
     now, expires_at = utc(now), utc(expires_at)
-    key = control_key(incident_id, kind, feature, model)
+    key = key or control_key(incident_id, kind, feature, model)
     refreshed = {
         "value": value,
         "reason": reason,
@@ -148,6 +180,36 @@ def upsert(
         session.execute(statement)
         session.commit()
         return session.exec(select(Control).where(Control.key == key)).one()
+
+
+def set_manual(
+    engine: Engine,
+    *,
+    incident_id: str | None,
+    kind: str,
+    feature: str | None,
+    model: str | None,
+    value: str,
+    reason: str,
+    set_by: str,
+    expires_at: datetime,
+    now: datetime,
+) -> Control:
+    """Set a control by hand (idempotently, on its `manual_key`), for `incident_id` or for
+    none (`MANUAL`). Setting the same kind on the same target again refreshes it."""
+    return upsert(
+        engine,
+        incident_id=incident_id or MANUAL,
+        kind=kind,
+        feature=feature,
+        model=model,
+        value=value,
+        reason=reason,
+        set_by=set_by,
+        expires_at=expires_at,
+        now=now,
+        key=manual_key(incident_id, kind, feature, model),
+    )
 
 
 def _revert(
@@ -202,12 +264,14 @@ def revert_id(
 
 
 def extend(engine: Engine, incident_id: str, now: datetime, until: datetime) -> list[Control]:
-    """Push the expiry of the incident's controls in force to `until` (never earlier)."""
+    """Push the expiry of the incident's runbook controls in force to `until` (never earlier);
+    its manual ones keep the expiry they were given. Returns all its controls in force."""
     now, until = utc(now), utc(until)
     statement = (
         update(Control)
         .where(
             col(Control.incident_id) == incident_id,
+            col(Control.key).not_like(f"{MANUAL_PREFIX}%"),
             col(Control.reverted_at).is_(None),
             col(Control.expires_at) > now,
             col(Control.expires_at) < until,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ import httpx
 import openai
 import pytest
 from llmock.pytest_plugin import LLMock
-from pagerloop_sdk import Recorder, instrument, llm_context
+from pagerloop_sdk import FeatureDisabled, Recorder, instrument, llm_context
+from pagerloop_sdk.http_controls import HttpControls
 from pagerloop_sdk.http_sink import HttpSink
 from pagerloop_sdk.privacy import hash_user_id
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
+from stores import controls
 from stores.llm_calls import LLMCall
 from stores.quality import QualityScore
 from tests.conftest import INGEST_KEY
@@ -228,3 +231,56 @@ def test_an_unreachable_api_never_reaches_the_caller_and_loses_nothing(
     wait_for(lambda: len(rows(engine)) == 20, timeout=15)
     again.close()
     assert len({r.call_id for r in rows(engine)}) == 20
+
+
+def set_control(engine: Engine, kind: str, value: str, *, feature: str, seconds: float) -> None:
+    now = datetime.now(UTC)
+    controls.upsert(
+        engine,
+        incident_id="incident-api_outage-global-test",
+        kind=kind,
+        feature=feature,
+        model=None,
+        value=value,
+        reason="OpenAI is down",
+        set_by="test",
+        now=now,
+        expires_at=now + timedelta(seconds=seconds),
+    )
+
+
+def test_controls_come_over_http_and_unchanged_ones_cost_a_304(
+    llmock: LLMock, ingest_api: ThreadedServer, http_recorder: Recorder, engine: Engine
+) -> None:
+    source = HttpControls(ingest_api.url, f"Bearer {INGEST_KEY}", ttl=0.1)
+    client = instrument(
+        openai.OpenAI(base_url=llmock.base_url(), api_key="k"),
+        recorder=http_recorder,
+        controls=source,
+    )
+    with llm_context(feature="digest"):
+        client.chat.completions.create(model="gpt-4.1", messages=CHAT)
+    set_control(engine, "disable", "", feature="digest", seconds=600)
+    wait_for(lambda: any(r.kind == "disable" for r in source.refresh().rules))
+    with llm_context(feature="digest"), pytest.raises(FeatureDisabled) as refused:
+        client.chat.completions.create(model="gpt-4.1", messages=CHAT)
+    assert refused.value.incident_id == "incident-api_outage-global-test"
+    assert source.read() is None  # nothing changed: the API answered 304
+    assert source.instances == 1
+    source.close()
+
+
+def test_the_last_controls_stay_while_the_api_is_away_each_until_its_expiry(
+    ingest_api: ThreadedServer, engine: Engine
+) -> None:
+    set_control(engine, "disable", "", feature="short", seconds=2)
+    set_control(engine, "disable", "", feature="long", seconds=600)
+    with ThreadedServer(ingest_api.app) as api:
+        source = HttpControls(api.url, f"Bearer {INGEST_KEY}", ttl=3600)
+        assert {r.feature for r in source.refresh().rules} == {"short", "long"}
+    # The API is gone: reads fail, the controls read last stay in force...
+    assert {r.feature for r in source.refresh().rules} == {"short", "long"}
+    time.sleep(2.1)
+    # ...each until its own expiry.
+    assert {r.feature for r in source.refresh().rules} == {"long"}
+    source.close()

@@ -160,7 +160,8 @@ def problem(kind: str, value: str, *, share: bool = False) -> str | None:
     if kind not in KINDS:
         return f"unknown control kind {kind!r} (one of {', '.join(KINDS)})"
     least = 0 if share and kind in SHARED else 1
-    if kind in COUNTED and not (value.isdigit() and int(value) >= least):
+    # isascii: "²".isdigit() is true, and int("²") fails.
+    if kind in COUNTED and not (value.isascii() and value.isdigit() and int(value) >= least):
         return f"a {kind} control needs a whole number of at least {least}, not {value!r}"
     if kind in ("reroute", "pin") and not value:
         return f"a {kind} control needs the model to use instead"

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import weakref
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ def call_sync(
     hit = _cached(plan, cache)
     if hit is not None:
         return _serve_cached(call, plan, hit, done)
-    limiter.pace(_reservations(plan))
+    limiter.pace(_reservations(plan, kwargs))
     held = limiter.acquire(plan.decision.limits)
     plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
     finish = _closer(call, plan, held, done)
@@ -112,7 +112,7 @@ async def call_async(
     hit = _cached(plan, cache)
     if hit is not None:
         return _serve_cached(call, plan, hit, done)
-    await limiter.pace_async(_reservations(plan))
+    await limiter.pace_async(_reservations(plan, kwargs))
     held = await limiter.acquire_async(plan.decision.limits)
     plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
     finish = _closer(call, plan, held, done)
@@ -141,25 +141,47 @@ async def call_async(
     return _settle(result, call, plan, cache, held, finish, track_async_stream)
 
 
-def _reservations(plan: Plan) -> list[tuple[limiter.Pacer, float]]:
+OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text
+
+
+def _reservations(plan: Plan, kwargs: Mapping[str, Any]) -> list[tuple[limiter.Pacer, float]]:
     """What the call takes off each pacer's schedule: one request, or its tokens as
     estimated (settled when the call ends)."""
     reservations = []
     for rule, pacer in plan.decision.paces:
-        units = 1.0 if rule.kind == "rpm" else pacer.typical
-        if rule.kind == "tpm":
+        if rule.kind == "rpm":
+            units = 1.0
+        else:
+            units = estimate_tokens(kwargs, pacer.typical_output)
             plan.estimates.append((pacer, units))
         reservations.append((pacer, units))
         plan.tags.append(rule.tag)
     return reservations
 
 
-def _tokens(call: PendingCall) -> int:
+def estimate_tokens(kwargs: Mapping[str, Any], typical_output: float) -> float:
+    """A call's tokens before it is sent: its prompt's characters / 4, plus its output limit
+    (or the typical output so far). Cheap on purpose: the call settles the difference."""
+    prompt = kwargs.get("messages", kwargs.get("input", ""))
+    size = len(prompt) if isinstance(prompt, str) else len(repr(prompt))
+    limit = next(
+        (v for name in OUTPUT_LIMITS if isinstance(v := kwargs.get(name), int)),
+        None,
+    )
+    return size / CHARS_PER_TOKEN + (limit if limit is not None else typical_output)
+
+
+def _usage(call: PendingCall) -> tuple[int, int]:
+    """(total, output) tokens of the finished call."""
     usage = getattr(call.response, "usage", None)
     total = getattr(usage, "total_tokens", None)
-    if isinstance(total, int):
-        return total
-    return (call.input_tokens or 0) + (call.output_tokens or 0)
+    output = call.output_tokens
+    if output is None:
+        output = getattr(usage, "completion_tokens", None) or getattr(usage, "output_tokens", 0)
+    if not isinstance(total, int):
+        total = (call.input_tokens or 0) + (output or 0)
+    return total, int(output or 0)
 
 
 def _cached(plan: Plan, cache: ResponseCache | None) -> Any | None:
@@ -175,9 +197,9 @@ def _closer(
     def finish() -> None:
         held.release()
         if plan.estimates:
-            used = _tokens(call)
+            used, output = _usage(call)
             for pacer, estimated in plan.estimates:
-                pacer.settle(estimated, used)
+                pacer.settle(estimated, used, output)
         call.retry_count += plan.retries
         call.controls = label(plan.tags)
         count_actions(plan.tags)

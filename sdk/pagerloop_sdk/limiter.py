@@ -147,9 +147,10 @@ class Pacer:
         self.per_minute = per_minute
         self._lock = threading.Lock()
         self._next = 0.0  # time.monotonic() at which the next unit may go
-        # Tokens are known only after the call: a call reserves the typical count of the
-        # calls before it, and settles the difference when it ends.
-        self.typical = 1000.0
+        # Tokens are known only after the call: a call reserves an estimate (its prompt's
+        # size, plus its output limit or the typical output of the calls before it) and
+        # settles the difference when it ends.
+        self.typical_output = 256.0
 
     def resize(self, per_minute: int | None) -> None:
         with self._lock:
@@ -169,13 +170,13 @@ class Pacer:
             self._next = start + units * 60.0 / rate
             return start - now
 
-    def settle(self, estimated: float, actual: float) -> None:
+    def settle(self, estimated: float, actual: float, output: float) -> None:
         """Correct a reservation made on an estimate (tokens are known after the call)."""
         with self._lock:
             rate = self.per_minute
             if rate:
                 self._next += (actual - estimated) * 60.0 / rate
-            self.typical += (actual - self.typical) / 8
+            self.typical_output += (output - self.typical_output) / 8
 
 
 def pace(reservations: Sequence[tuple[Pacer, float]]) -> None:
