@@ -49,6 +49,12 @@ class FeatureUsage:
     # in the window.
     concurrency: float
     models: list[str] = field(default_factory=list)  # models it called, most calls first
+    # Its pace over the same time, per minute (what OpenAI's own limits count)...
+    calls_per_minute: float = 0.0
+    tokens_per_minute: float = 0.0
+    # ...and the calls that were not rate-limited, over one minute at least: a quota per
+    # minute lets a burst through at first, which is not the pace it allows.
+    answered_per_minute: float = 0.0
 
 
 @dataclass
@@ -172,12 +178,15 @@ def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
         models.setdefault(feature, Counter())[model] += cell.calls
     first = queries.first_calls(engine, window, q.scope)
 
-    def in_flight(feature: str, latency_ms_sum: float) -> float:
-        # Little's law over the time the feature's traffic has flowed, not the whole window:
-        # a feature that started a minute ago is not idle for the other fourteen.
+    def flowing_ms(feature: str) -> float:
+        # The time the feature's traffic has flowed, not the whole window: a feature that
+        # started a minute ago is not idle for the other fourteen.
         since = max(first.get(feature, window.start), window.start)
-        flowing_ms = (window.end - since).total_seconds() * 1000
-        return latency_ms_sum / flowing_ms if flowing_ms > 0 else 0.0
+        return (window.end - since).total_seconds() * 1000
+
+    def per_ms(feature: str, amount: float) -> float:
+        flowing = flowing_ms(feature)
+        return amount / flowing if flowing > 0 else 0.0
 
     found = [
         FeatureUsage(
@@ -187,8 +196,12 @@ def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
             cost_usd=sums.cost_usd,
             rate_limited=sums.rate_limited,
             share_of_cost=sums.cost_usd / total_cost if total_cost else 0.0,
-            concurrency=in_flight(feature, sums.latency_ms_sum),
+            concurrency=per_ms(feature, sums.latency_ms_sum),  # Little's law
             models=[m for m, _ in sorted(models[feature].items(), key=lambda mc: (-mc[1], mc[0]))],
+            calls_per_minute=per_ms(feature, sums.calls) * 60_000,
+            tokens_per_minute=per_ms(feature, sums.input_tokens + sums.output_tokens) * 60_000,
+            answered_per_minute=(sums.calls - sums.rate_limited)
+            / max(flowing_ms(feature) / 60_000, 1.0),
         )
         for feature, sums in features.items()
     ]

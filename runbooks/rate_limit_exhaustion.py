@@ -1,5 +1,11 @@
 """Rate limit exhaustion (the seed: 429 rate > 5%): find who spends the quota, halve their
-concurrency, back off on 429s, shed the lowest-priority features."""
+pace, back off on 429s, shed the lowest-priority features.
+
+OpenAI counts its limits per minute, so the pace halved is per minute: requests per minute
+(`rpm`), and tokens per minute (`tpm`) when the token quota is what ran out. Both are limits of
+the whole application, shared out among its replicas. Runs started before this were halving
+calls in flight (`concurrency`) and keep doing so (patch PER_MINUTE_LIMITS).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,15 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.controls import ControlSpec
+    from activities.diagnosis import FeatureUsage
     from runbooks.base import Priority, RunbookInput, RunbookReport, RunbookSpec
     from runbooks.steps import Steps
 
 BACKOFF_ATTEMPTS = 5
+PER_MINUTE_LIMITS = "rate-limits-per-minute"
+GOT_THROUGH_SHARE = 0.9
+# A token limit below this starves a feature of a single large call.
+MIN_TPM = 1_000
 
 
 @workflow.defn
@@ -29,7 +40,8 @@ class RateLimitExhaustionRunbook:
         for f in features[:3]:
             steps.found(
                 f"{f.feature or '(no feature)'}: {f.tokens:,} tokens, ${f.cost_usd:.2f}, "
-                f"{f.rate_limited} 429s, ~{f.concurrency:.1f} calls in flight"
+                f"{f.rate_limited} 429s of {f.calls} calls, ~{f.calls_per_minute:.0f} a minute, "
+                f"~{f.concurrency:.1f} in flight"
             )
         await steps.tell_diagnosis()
         if not steps.may_mitigate:
@@ -44,9 +56,13 @@ class RateLimitExhaustionRunbook:
         # Critical features keep their pace while others can give.
         spared = [f for f in hitting if steps.priority(f.feature) != Priority.CRITICAL]
         hitting = spared or hitting
-        for f in hitting[:3]:
-            limit = max(1, int(f.concurrency / 2))
-            await steps.apply(ControlSpec("concurrency", feature=f.feature, value=str(limit)))
+        if workflow.patched(PER_MINUTE_LIMITS):
+            for f in hitting[:3]:
+                await steps.apply(halved_pace(input.trigger, f))
+        else:
+            for f in hitting[:3]:
+                limit = max(1, int(f.concurrency / 2))
+                await steps.apply(ControlSpec("concurrency", feature=f.feature, value=str(limit)))
         if not hitting:
             for m in limits[:3]:
                 await steps.apply(ControlSpec("concurrency", model=m.model, value="2"))
@@ -57,6 +73,18 @@ class RateLimitExhaustionRunbook:
         for f in shed:
             await steps.apply(ControlSpec("disable", feature=f.feature))
         return await steps.verify()
+
+
+def halved_pace(trigger: str, f: FeatureUsage) -> ControlSpec:
+    """Half the feature's requests per minute, and never more than 90 % of those that got
+    through (the quota it had: half of a demand six times the quota is still three times
+    it); half its tokens per minute (only answered calls spend tokens) when the token quota
+    is what ran out."""
+    if trigger == "token_quota":
+        tpm = max(MIN_TPM, int(f.tokens_per_minute / 2))
+        return ControlSpec("tpm", feature=f.feature, value=str(tpm))
+    rpm = min(f.calls_per_minute / 2, GOT_THROUGH_SHARE * f.answered_per_minute)
+    return ControlSpec("rpm", feature=f.feature, value=str(max(1, int(rpm))))
 
 
 SPEC = RunbookSpec(

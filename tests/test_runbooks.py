@@ -42,6 +42,9 @@ def feature(
     rate_limited: int = 0,
     concurrency: float = 2.0,
     models: tuple[str, ...] = ("gpt-4.1",),
+    calls_per_minute: float = 40.0,
+    tokens_per_minute: float = 20_000.0,
+    answered_per_minute: float = 30.0,
 ) -> FeatureUsage:
     return FeatureUsage(
         feature=name,
@@ -52,6 +55,9 @@ def feature(
         share_of_cost=share,
         concurrency=concurrency,
         models=list(models),
+        calls_per_minute=calls_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        answered_per_minute=answered_per_minute,
     )
 
 
@@ -65,7 +71,13 @@ def has(kind: str) -> Callable[[list[ControlRef]], bool]:
 RATE_LIMITED = Snapshot(
     rate_limits=[ModelRateLimits("gpt-4.1", calls=1000, rate_limited=300, share=0.3, retries=80)],
     features=[
-        feature("search", rate_limited=220, concurrency=6.4),
+        feature(
+            "search",
+            rate_limited=220,
+            concurrency=6.4,
+            calls_per_minute=301.0,
+            answered_per_minute=135.0,
+        ),
         feature("chat", rate_limited=60, concurrency=1.5),
         feature("summaries", rate_limited=20),
         feature("embeddings-batch", rate_limited=0, concurrency=9.0),
@@ -73,7 +85,7 @@ RATE_LIMITED = Snapshot(
 )
 
 
-async def test_rate_limit_halves_concurrency_backs_off_and_sheds_low_priority(
+async def test_rate_limit_halves_requests_per_minute_backs_off_and_sheds_low_priority(
     time_skipping_env: WorkflowEnvironment, engine: Engine
 ) -> None:
     kit = RunbookKit(
@@ -84,9 +96,11 @@ async def test_rate_limit_halves_concurrency_backs_off_and_sheds_low_priority(
     )
 
     assert run.report.verification == Verification.RECOVERED
-    assert run.control("concurrency", feature="search").value == "3"  # 6.4 in flight, halved
+    # 301 a minute, of which 45 % answered: 90 % of those (121), less than half (150).
+    assert run.control("rpm", feature="search").value == "121"
     # chat is critical: it keeps its pace while search can give.
-    assert [c.feature for c in run.controls if c.kind == "concurrency"] == ["search"]
+    assert [c.feature for c in run.controls if c.kind == "rpm"] == ["search"]
+    assert not [c for c in run.controls if c.kind == "concurrency"]
     assert run.control("backoff", model="gpt-4.1").value == "5"
     assert run.control("disable", feature="summaries")
     # Shed, not throttled; and a feature that was not rate-limited is left alone.
@@ -95,11 +109,23 @@ async def test_rate_limit_halves_concurrency_backs_off_and_sheds_low_priority(
     assert any("30.0% of 1000 calls rate-limited" in line for line in run.report.findings)
     assert run.queries == ["rate_limits", "top_features"]
     [in_force_when_checked] = run.checks
-    assert {c.kind for c in in_force_when_checked} >= {"backoff", "concurrency"}
+    assert {c.kind for c in in_force_when_checked} >= {"backoff", "rpm"}
     # Verified on whole minutes after the change: from a minute boundary, for 180 s.
     [check] = run.signal_checks
     assert check.trigger == "rate_limit_exhaustion"
     assert (check.end.second, check.end.microsecond, check.window_seconds) == (0, 0, 179)
+
+
+async def test_an_exhausted_token_quota_halves_tokens_per_minute(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    kit = RunbookKit(
+        time_skipping_env.client, engine, RATE_LIMITED, after=recovered_if(has("backoff"))
+    )
+    run = await kit.run(rate_limit_exhaustion.SPEC, trigger="token_quota")
+
+    assert run.control("tpm", feature="search").value == "10000"  # 20,000 a minute, halved
+    assert not [c for c in run.controls if c.kind in ("rpm", "concurrency")]
 
 
 async def test_a_mitigation_that_does_not_help_is_rolled_back(
@@ -112,7 +138,7 @@ async def test_a_mitigation_that_does_not_help_is_rolled_back(
     assert run.controls == []  # nothing left in force
     assert run.report.actions == []
     assert sorted(ref.kind for ref in run.report.rolled_back) == [
-        "backoff", "concurrency", "concurrency", "disable",
+        "backoff", "disable", "rpm", "rpm",
     ]  # fmt: skip
     # While checking, the controls were in force.
     assert len(run.checks[0]) == 4

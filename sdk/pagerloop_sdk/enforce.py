@@ -87,6 +87,7 @@ def call_sync(
                 if delay is None:
                     raise
                 time.sleep(delay)
+                limiter.pace(_retry_reservations(plan))
                 attempt += 1
     except Exception as exc:
         call.fail(exc, time.perf_counter())
@@ -128,6 +129,7 @@ async def call_async(
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
+                await limiter.pace_async(_retry_reservations(plan))
                 attempt += 1
     except Exception as exc:
         call.fail(exc, time.perf_counter())
@@ -158,6 +160,12 @@ def _reservations(plan: Plan, kwargs: Mapping[str, Any]) -> list[tuple[limiter.P
         reservations.append((pacer, units))
         plan.tags.append(rule.tag)
     return reservations
+
+
+def _retry_reservations(plan: Plan) -> list[tuple[limiter.Pacer, float]]:
+    """A retried request counts against the requests per minute like the first (its tokens
+    are the call's, already reserved)."""
+    return [(pacer, 1.0) for rule, pacer in plan.decision.paces if rule.kind == "rpm"]
 
 
 def estimate_tokens(kwargs: Mapping[str, Any], typical_output: float) -> float:
