@@ -76,7 +76,7 @@ class ControlOut(BaseModel):
     """A control in force. `value` is a string as stored; for `concurrency`, `rpm` and `tpm`
     in `GET /v1/controls` it is the calling instance's share of `limit`, the whole app's
     (which may leave it "0" for a moment: wait, do not call). `limit` is null for other kinds.
-    `incident_id` is "manual" for a control set by hand for no incident."""
+    `incident_id` is null for a control set by hand for no incident."""
 
     id: int
     kind: str
@@ -85,7 +85,7 @@ class ControlOut(BaseModel):
     value: str
     limit: int | None
     expires_at: datetime
-    incident_id: str
+    incident_id: str | None
     reason: str
 
 
@@ -118,7 +118,9 @@ def _out(control: Control) -> ControlOut:
         value=control.value,
         limit=int(control.value) if shared else None,
         expires_at=utc(control.expires_at),
-        incident_id=control.incident_id,
+        incident_id=None
+        if control.manual and control.incident_id == controls.MANUAL
+        else control.incident_id,
         reason=control.reason,
     )
 

@@ -420,7 +420,7 @@ async def test_a_control_set_by_hand_is_in_force_and_listed(
     assert (created["feature"], created["model"]) == ("chat", None)
     assert (created["value"], created["limit"]) == ("600", 600)
     assert created["set_by"] == "alice"  # the key's name
-    assert created["incident_id"] == "manual"
+    assert created["incident_id"] is None  # set by hand for no incident
     assert created["noted"] is None
     assert created["reason"] == "keep under the org's quota"
     expires = datetime.fromisoformat(created["expires_at"])

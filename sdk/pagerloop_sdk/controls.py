@@ -97,9 +97,9 @@ class FeatureDisabled(openai.OpenAIError):
         call = ", ".join(
             f"{name} {value!r}" for name, value in (("feature", feature), ("model", model)) if value
         )
+        by = f"a control of incident {incident_id}" if incident_id else "a control set by hand"
         super().__init__(
-            f"LLM call ({call or 'any'}) disabled by a runbook control of incident "
-            f"{incident_id}: {reason or 'no reason given'}"
+            f"LLM call ({call or 'any'}) disabled by {by}: {reason or 'no reason given'}"
         )
 
     def __reduce__(self) -> Any:

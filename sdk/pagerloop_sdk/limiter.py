@@ -180,17 +180,20 @@ class Pacer:
 
 
 def pace(reservations: Sequence[tuple[Pacer, float]]) -> None:
-    """Wait for a place on the schedule of every (pacer, units) pair."""
+    """Wait for a place on the schedule of every (pacer, units) pair. A wait is cut short
+    when its control goes (the pacer is resized to None)."""
     for pacer, units in reservations:
         while (delay := pacer.reserve(units)) is None:
             time.sleep(IDLE_RECHECK)
-        if delay > 0:
-            time.sleep(delay)
+        while delay > 0 and pacer.per_minute is not None:
+            time.sleep(min(delay, IDLE_RECHECK))
+            delay -= IDLE_RECHECK
 
 
 async def pace_async(reservations: Sequence[tuple[Pacer, float]]) -> None:
     for pacer, units in reservations:
         while (delay := pacer.reserve(units)) is None:
             await asyncio.sleep(IDLE_RECHECK)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        while delay > 0 and pacer.per_minute is not None:
+            await asyncio.sleep(min(delay, IDLE_RECHECK))
+            delay -= IDLE_RECHECK
