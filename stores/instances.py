@@ -14,21 +14,16 @@ again (its `first_seen` restarts), since the others' shares no longer leave room
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Column, DateTime, Engine, Index, case, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, SQLModel, col
 
 from stores.llm_calls import utc
-
-log = logging.getLogger(__name__)
+from stores.pruning import Pruner
 
 INSTANCE_ID_MAX = 128
 # An instance stops counting this long after its last poll (the SDK polls every 2 s).
@@ -37,7 +32,6 @@ LIVE_SECONDS = 10.0
 # their next poll: the app runs below its limit for a few seconds, never above it.
 SETTLE_SECONDS = 5.0
 PRUNE_AFTER = timedelta(days=1)
-PRUNE_EVERY_SECONDS = 60.0
 
 # (instance_id, first_seen) of a live instance.
 Live = tuple[str, datetime]
@@ -140,8 +134,7 @@ def prune(engine: Engine, now: datetime, older_than: timedelta = PRUNE_AFTER) ->
         return int(connection.execute(statement).rowcount)
 
 
-_next_prune: dict[str, float] = {}  # engine URL -> monotonic time of the next prune
-_prune_lock = threading.Lock()
+_pruner = Pruner(prune, "departed SDK instances")
 
 
 def poll(engine: Engine, instance_id: str, now: datetime) -> list[Live]:
@@ -150,14 +143,5 @@ def poll(engine: Engine, instance_id: str, now: datetime) -> list[Live]:
     only postpones it)."""
     touch(engine, instance_id, now)
     found = live(engine, now)
-    where = engine.url.render_as_string(hide_password=True)
-    with _prune_lock:
-        due = _next_prune.get(where, 0.0) <= time.monotonic()
-        if due:
-            _next_prune[where] = time.monotonic() + PRUNE_EVERY_SECONDS
-    if due:
-        try:
-            prune(engine, now)
-        except SQLAlchemyError as exc:
-            log.warning("could not prune departed SDK instances: %s", type(exc).__name__)
+    _pruner.in_passing(engine, now)
     return found

@@ -14,21 +14,16 @@ passing, at most once a minute per process (`take`), and by `prune`.
 from __future__ import annotations
 
 import hashlib
-import logging
-import threading
-import time
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Column, DateTime, Engine, Index, delete
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, SQLModel, col
 
-log = logging.getLogger(__name__)
+from stores.pruning import Pruner
 
 KEY_LENGTH = 64  # a SHA-256 hex digest
-PRUNE_EVERY_SECONDS = 60.0
 
 
 class SeenRequest(SQLModel, table=True):
@@ -68,22 +63,12 @@ def prune(engine: Engine, now: datetime) -> int:
         return int(connection.execute(statement).rowcount)
 
 
-_next_prune: dict[str, float] = {}  # engine URL -> monotonic time of the next prune
-_prune_lock = threading.Lock()
+_pruner = Pruner(prune, "expired request keys")
 
 
 def take(engine: Engine, key: str, now: datetime, expires_at: datetime) -> bool:
     """`first_use`, then, at most once every PRUNE_EVERY_SECONDS per process and store, a
     prune of the expired rows (whose failure only postpones it: the answer stands)."""
     fresh = first_use(engine, key, now, expires_at)
-    where = engine.url.render_as_string(hide_password=True)
-    with _prune_lock:
-        due = _next_prune.get(where, 0.0) <= time.monotonic()
-        if due:
-            _next_prune[where] = time.monotonic() + PRUNE_EVERY_SECONDS
-    if due:
-        try:
-            prune(engine, now)
-        except SQLAlchemyError as exc:
-            log.warning("could not prune expired request keys: %s", type(exc).__name__)
+    _pruner.in_passing(engine, now)
     return fresh

@@ -207,7 +207,7 @@ def test_prune_deletes_only_expired_rows(store: Engine) -> None:
 def test_take_prunes_in_passing_at_most_once_a_minute(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replay_guard, "_next_prune", {})
+    monkeypatch.setattr(replay_guard._pruner, "next_at", {})
     for i in range(3):
         first_use(store, request_key("slack", f"old{i}"), NOW, NOW + TTL)
     later = NOW + TTL + timedelta(seconds=1)
