@@ -25,9 +25,10 @@ import psycopg
 from pagerloop_sdk.capture import PendingCall, finalize
 from pagerloop_sdk.context import LLMContext
 from pagerloop_sdk.pricing import DEFAULT_PRICES
-from pagerloop_sdk.recorder import Recorder, StoreSink
+from pagerloop_sdk.recorder import Recorder
 from sqlalchemy.engine import make_url
 
+from instrumentation.store_sink import StoreSink
 from stores.engine import create_schema, make_engine
 
 MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini", "o3")

@@ -4,16 +4,20 @@ them, and percentiles."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from starlette.requests import Request
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -164,3 +168,70 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# --- the API as apps' SDKs reach it (P1, P8) --------------------------------------------------
+
+INGEST_KEY = "bench-ingest-key"  # a key of the benchmark's own API, not a secret
+
+
+def ingest_app() -> Any:
+    """uvicorn's factory (`bench.stack:ingest_app`): the API app as `pagerloop serve` builds it
+    (its fail-fast engine over `PAGERLOOP_DATABASE_URL`), with `INGEST_KEY`. No Temporal: the
+    ingest and controls endpoints do not use it."""
+    from api.app import create_app
+    from api.deps import Services
+    from worker import api_engine
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=os.environ["PAGERLOOP_DATABASE_URL"],
+        ingest_api_keys=INGEST_KEY,
+        user_hash_salt="bench-salt",
+    )
+    return create_app(Services(settings, api_engine(settings), None, slack=None))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def api_process(database_url: str, workers: int = 1, *, nice: int = 0) -> Iterator[str]:
+    """The API in processes of its own (uvicorn, `workers` of them) over the stores at
+    `database_url` (their schema created first); yields its base URL. `nice` lowers their
+    priority: on a benchmark's one machine, the API stands in for another host and must not
+    take the measured process's core."""
+    from stores.engine import create_schema, make_engine
+
+    engine = make_engine(database_url)
+    create_schema(engine)
+    engine.dispose()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.stack:ingest_app", "--factory",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+         "--log-level", "warning", "--no-access-log", "--lifespan", "off"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "PAGERLOOP_DATABASE_URL": database_url},
+        preexec_fn=(lambda: os.nice(nice)) if nice else None,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/v1/controls", timeout=2)  # any answer: it serves
+                break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the API did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

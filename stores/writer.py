@@ -348,10 +348,17 @@ _SQLITE_LATENCY = _sqlite_latency_sql("id > ?")
 _SQLITE_LATENCY_UNCACHED = _sqlite_latency_sql(f"id > ? AND source != '{CACHE_SOURCE}'")
 
 
+_SQLITE_LATENCY_UPSERT = _LATENCY_ROLLUP_UPSERT.replace("%s", "?")
+
+
 def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> int:
     calls = [_call_tuple(r, sqlite_datetime) for r in records]
     cached = has_cache_hits(records)
     rollup_sql = _SQLITE_ROLLUP_UNCACHED if cached else _SQLITE_ROLLUP
+    # The batch's latency histogram is counted before the write transaction, which only
+    # upserts it (the database stays locked for the writes alone). Used when every row is new.
+    counted_calls = [c for c in calls if c[_SOURCE_INDEX] != CACHE_SOURCE] if cached else calls
+    histogram = _sqlite_latency_rows(counted_calls)
     with _transaction(engine) as connection:
         cursor = connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
@@ -360,11 +367,8 @@ def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> int:
         inserted = int(cursor.rowcount)
         cursor.execute(rollup_sql, (before,))  # sums the new ids only, duplicates or not
         if inserted == len(calls):
-            if cached:
-                calls = [c for c in calls if c[_SOURCE_INDEX] != CACHE_SOURCE]
-            histogram = _sqlite_latency_rows(calls)
-            cursor.executemany(_LATENCY_ROLLUP_UPSERT.replace("%s", "?"), histogram)
-        else:
+            cursor.executemany(_SQLITE_LATENCY_UPSERT, histogram)
+        else:  # some were recorded already: the histogram of the rows inserted
             cursor.execute(_SQLITE_LATENCY_UNCACHED if cached else _SQLITE_LATENCY, (before,))
     return inserted
 
@@ -396,6 +400,10 @@ def _insert_new_postgres(cursor: Any, records: Sequence[CallRecord]) -> list[Cal
     return inserted
 
 
+def _rollup_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return row[: len(ROLLUP_KEYS)]
+
+
 def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> int:
     with _transaction(engine) as connection:
         cursor = connection.cursor()
@@ -409,8 +417,12 @@ def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> int:
             cursor.execute("ROLLBACK TO SAVEPOINT pagerloop_copy")
             inserted = _insert_new_postgres(cursor, records)
         rolled_up = counted(inserted)
-        cursor.executemany(_rollup_sql("%s"), _rollup_rows(rolled_up, lambda value: value))
-        cursor.executemany(_LATENCY_ROLLUP_UPSERT, _latency_rows(rolled_up))
+        # In key order: batches written at once (API workers, a sink's parallel requests) then
+        # lock the rollup rows they share in the same order, and wait for one another instead
+        # of deadlocking.
+        usage = sorted(_rollup_rows(rolled_up, lambda value: value), key=_rollup_key)
+        cursor.executemany(_rollup_sql("%s"), usage)
+        cursor.executemany(_LATENCY_ROLLUP_UPSERT, sorted(_latency_rows(rolled_up)))
     return len(inserted)
 
 

@@ -1,8 +1,9 @@
 """What the wrapper notes about one call on the caller's path, and how the recorder turns it
 into a stored record off that path.
 
-The caller's path only takes timestamps and references; reading usage, pricing, hashing,
-scoring and logging all happen in the recorder's thread (`finalize`).
+The caller's path only takes timestamps and references (the parsed response, the headers of
+the last HTTP attempt, the OpenTelemetry context); reading usage and headers, pricing, hashing,
+the call id, scoring and logging all happen in the recorder's thread (`finalize`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,30 @@ class PendingCall:
     # Served from the response cache: nothing reached OpenAI and no tokens were spent. Its
     # record has source "cache", which keeps it out of the rollups and the diagnosis queries.
     cache_hit: bool = False
+    # The last HTTP attempt's (response headers, request headers), read in `finalize` (or at
+    # once when `eager`: runbook controls read the retry count on the caller's path).
+    headers: Any = None
+    eager: bool = False
+    otel_context: Any = None  # the app's OpenTelemetry context, when it has one
+
+    def note(self, response: Any) -> None:
+        """An HTTP attempt of the call answered (the client's response hook)."""
+        self.http_status = response.status_code
+        if self.headers is not None:
+            self.read_headers()  # a retry: the earlier attempt's request id stays the fallback
+        self.headers = (response.headers, response.request.headers)
+        if self.eager:
+            self.read_headers()
+
+    def read_headers(self) -> None:
+        """The request id and the SDK's retry count, from the last attempt's headers."""
+        headers, self.headers = self.headers, None
+        if headers is not None:
+            self.request_id = headers[0].get("x-request-id") or self.request_id
+            self.retry_count = _int(headers[1].get(RETRY_COUNT_HEADER, "0"))
 
     def fail(self, exc: BaseException, ended: float) -> None:
+        self.read_headers()
         self.ended = ended
         self.status, self.http_status = classify_exception(exc)
         self.error_type = type(exc).__name__
@@ -147,6 +170,12 @@ class PendingCall:
         return ""
 
 
+def _otel_trace_id(context: Any) -> str | None:
+    from pagerloop_sdk.telemetry import trace_id_of  # only set when OpenTelemetry is there
+
+    return trace_id_of(context)
+
+
 def _int(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
 
@@ -171,6 +200,10 @@ def prompt_text(prompt: Any) -> str:
 
 def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
     """The stored record of a finished call (runs in the recorder's thread)."""
+    if call.headers is not None:
+        call.read_headers()
+    if call.trace_id is None and call.otel_context is not None:
+        call.trace_id = _otel_trace_id(call.otel_context)
     if call.response is not None:
         call._response(call.response)
         if call.cache_hit:

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from operator import attrgetter
 from typing import Any
 
 import httpx
 
 from pagerloop_sdk.backoff import RETRY_AFTER_MAX
-from pagerloop_sdk.recorder import RecordsRefusedError
+from pagerloop_sdk.recorder import SLICE, RecordsRefusedError, refused
 from pagerloop_sdk.records import CallRecord, ScoreRecord
 
 PATH = "/v1/llm-calls"
 CALLS_PER_REQUEST = 2_000  # the API takes 10,000 and 5 MB inflated; a call is ~0.5 KB of JSON
+CONCURRENCY = 4  # requests of one batch in flight together
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 # Quality verdicts travel with their call; a ScoreRecord's other fields are the call's.
 QUALITY_FIELDS = ("score", "format_compliance", "hallucination_risk", "relevance")
@@ -39,15 +43,22 @@ class RetryLaterError(Exception):
         self.retry_after = retry_after
 
 
+# The record's fields as the API names them, in one C call per record (`asdict` would deep-copy
+# each value): the cost is left out, `ts` is sent as `timestamp`, `user_hash` as `user`.
+_RENAMED = {"user_hash": "user"}
+_SENT = tuple(f.name for f in fields(CallRecord) if f.name not in ("ts", "cost_usd"))
+_WIRE_NAMES = tuple(_RENAMED.get(name, name) for name in _SENT)
+_sent_values = attrgetter(*_SENT)
+
+
 def wire(call: CallRecord, score: ScoreRecord | None) -> dict[str, Any]:
     """One record as `POST /v1/llm-calls` takes it. The user is the SDK's pseudonym (the API
     hashes it again with its own salt): raw end-user ids never leave the application. The cost
     is left to the API, which prices every call with the one price table it is configured
     with, whichever way the call arrived."""
-    body = {k: v for k, v in asdict(call).items() if v is not None and k != "cost_usd"}
-    body["timestamp"] = body.pop("ts").isoformat()
-    if "user_hash" in body:
-        body["user"] = body.pop("user_hash")
+    values = _sent_values(call)
+    body = {k: v for k, v in zip(_WIRE_NAMES, values, strict=True) if v is not None}
+    body["timestamp"] = call.ts.isoformat()
     if score is not None:
         body["quality"] = {name: getattr(score, name) for name in QUALITY_FIELDS}
     return body
@@ -68,6 +79,7 @@ class HttpSink:
         api_key: str | None,
         *,
         client: httpx.Client | None = None,
+        concurrency: int = CONCURRENCY,
     ) -> None:
         self.url = url.rstrip("/")
         headers = {
@@ -79,14 +91,50 @@ class HttpSink:
             headers["Authorization"] = f"Bearer {api_key}"
         self._headers = headers
         self._client = client or httpx.Client(timeout=TIMEOUT)
+        self.concurrency = concurrency
+        self._pool: ThreadPoolExecutor | None = None
 
     def write(self, calls: Sequence[CallRecord], scores: Sequence[ScoreRecord]) -> None:
+        """Send a batch: one request per `CALLS_PER_REQUEST` calls. A batch of several parts
+        has them in flight together (up to `concurrency`), each encoded while the API takes the
+        one before; the batch is written when every part is. A part that fails fails the batch,
+        which is sent again whole (the parts already written write nothing twice)."""
         by_call = {score.call_id: score for score in scores}
-        for part in _parts(calls):
-            records = [wire(call, by_call.get(call.call_id)) for call in part]
-            body = gzip.compress(json.dumps({"calls": records}).encode(), compresslevel=1)
-            response = self._client.post(self.url + PATH, content=body, headers=self._headers)
-            self._check(response)
+        parts = list(_parts(calls))
+        if len(parts) == 1 or self.concurrency <= 1:
+            for part in parts:
+                self._check(self._post(self._encode(part, by_call)))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pagerloop-http")
+        pending = [self._pool.submit(self._post, self._encode(part, by_call)) for part in parts]
+        failures: list[BaseException] = []
+        for future in pending:
+            try:
+                self._check(future.result())
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            # A failure that is not the records' own first: the batch is retried whole, and a
+            # refusal among its parts is isolated once the API takes the rest.
+            raise next((exc for exc in failures if not refused(exc)), failures[0])
+
+    @staticmethod
+    def _encode(part: Sequence[CallRecord], by_call: dict[str, ScoreRecord]) -> bytes:
+        """`{"calls": [...]}`, gzipped. Encoded SLICE records at a time: `json.dumps` holds the
+        GIL until it returns, and the app's threads wait meanwhile."""
+        pieces = []
+        for start in range(0, len(part), SLICE):
+            records = [
+                wire(call, by_call.get(call.call_id)) for call in part[start : start + SLICE]
+            ]
+            pieces.append(json.dumps(records)[1:-1])
+            time.sleep(0)  # the GIL to a waiting app thread
+        body = '{"calls": [' + ", ".join(pieces) + "]}"
+        return gzip.compress(body.encode(), compresslevel=1)
+
+    def _post(self, body: bytes) -> httpx.Response:
+        return self._client.post(self.url + PATH, content=body, headers=self._headers)
 
     @staticmethod
     def _check(response: httpx.Response) -> None:
@@ -111,6 +159,8 @@ class HttpSink:
         return HttpControls.shared(self.url, self._headers.get("Authorization"))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         self._client.close()
 
 

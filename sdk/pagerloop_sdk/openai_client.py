@@ -260,6 +260,16 @@ def _unrecorded(kwargs: dict[str, Any], operation: str, snap: ctl.Snapshot) -> N
             ctl.rewrite(decision, operation, kwargs)
 
 
+def _keep(call: PendingCall, payload: Any) -> None:
+    """The response, for the recorder's thread to read. An embeddings response (its vectors may
+    be megabytes) is read now and not kept: the queue may hold many while the store is away."""
+    if call.operation == "embeddings":
+        call._response(payload)
+        call.request_id = call.request_id or getattr(payload, "_request_id", None)
+    else:
+        call.response = payload
+
+
 def _finisher(call: PendingCall, span: Any, options: _Options) -> Callable[[], None]:
     def done() -> None:
         options.telemetry.finish(call, span)
@@ -276,13 +286,15 @@ def _wrap_sync(
 
     def create(*args: Any, **kwargs: Any) -> Any:
         snap = ctl.EMPTY if source is None else source.snapshot()
-        if raw_mode(kwargs) == "stream":  # with_streaming_response: the body is theirs to read
+        mode = raw_mode(kwargs)
+        if mode == "stream":  # with_streaming_response: the body is theirs to read
             _unrecorded(kwargs, operation, snap)
             return original(*args, **kwargs)
         call, kwargs, plan, key = _begin(operation, kwargs, options, snap)
         span = options.telemetry.start(call, options.server)
         done = _finisher(call, span, options)
         if plan is not None:
+            call.eager = True  # the controls read its retry count as it goes
             return enforce.call_sync(original, args, kwargs, call, plan, cache, done)
         token = in_flight.set(call)
         try:
@@ -293,12 +305,12 @@ def _wrap_sync(
             raise
         finally:
             in_flight.reset(token)
-        payload = parsed(result)
+        payload = result if mode is None else parsed(result)
         if call.stream:
             track_stream(payload, call, done)
         else:
             call.ended = time.perf_counter()
-            call.response = payload
+            _keep(call, payload)
             if key is not None and cache is not None:
                 cache.put(key, payload)
             done()
@@ -316,13 +328,15 @@ def _wrap_async(
 
     async def create(*args: Any, **kwargs: Any) -> Any:
         snap = ctl.EMPTY if source is None else await source.snapshot_async()
-        if raw_mode(kwargs) == "stream":
+        mode = raw_mode(kwargs)
+        if mode == "stream":
             _unrecorded(kwargs, operation, snap)
             return await original(*args, **kwargs)
         call, kwargs, plan, key = _begin(operation, kwargs, options, snap)
         span = options.telemetry.start(call, options.server)
         done = _finisher(call, span, options)
         if plan is not None:
+            call.eager = True
             return await enforce.call_async(original, args, kwargs, call, plan, cache, done)
         token = in_flight.set(call)
         try:
@@ -333,12 +347,12 @@ def _wrap_async(
             raise
         finally:
             in_flight.reset(token)
-        payload = parsed(result)
+        payload = result if mode is None else parsed(result)
         if call.stream:
             track_async_stream(payload, call, done)
         else:
             call.ended = time.perf_counter()
-            call.response = payload
+            _keep(call, payload)
             if key is not None and cache is not None:
                 cache.put(key, payload)
             done()

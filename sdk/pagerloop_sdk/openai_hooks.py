@@ -11,19 +11,17 @@ from typing import Any
 import openai
 from openai._constants import RAW_RESPONSE_HEADER
 
-from pagerloop_sdk.capture import RETRY_COUNT_HEADER, PendingCall
+from pagerloop_sdk.capture import PendingCall
 
 # The call the current thread / task is making, for the HTTP response hook.
 in_flight: ContextVar[PendingCall | None] = ContextVar("pagerloop_call", default=None)
 
 
 def note_attempt(response: Any) -> None:
+    """Notes the attempt's status and keeps its headers: they are read off the caller's path."""
     call = in_flight.get()
     if call is not None:
-        call.http_status = response.status_code
-        call.request_id = response.headers.get("x-request-id") or call.request_id
-        retries = response.request.headers.get(RETRY_COUNT_HEADER, "0")
-        call.retry_count = int(retries) if retries.isdigit() else 0
+        call.note(response)
 
 
 async def note_attempt_async(response: Any) -> None:

@@ -1,9 +1,11 @@
 """The recorder: a bounded queue on the caller's side, background threads on the other.
 
-`submit` never blocks and never does I/O: it turns the finished call into its record (a few
-microseconds of arithmetic: usage, price, pseudonym) and queues it; when the queue is full the
-record is dropped and counted. The writer thread does everything slow: quality scoring of the
-sampled calls, the JSON log line, and the batched writes to its sink. `flush()` waits for what
+`submit` never blocks and never does I/O: it queues the finished call as the wrapper noted it
+(timestamps and references); when the queue is full the call is dropped and counted. The writer
+thread does everything else: the record (usage, price, pseudonym, call id), quality scoring of
+the sampled calls, the JSON log line, and the batched writes to its sink. While the store is
+away it makes the records of the queued calls as they come, so that the queue holds records,
+not responses. `flush()` waits for what
 is queued, and an atexit hook closes the recorder on exit.
 
 No record is lost to a store outage the recorder can hold: a batch the sink fails to write is
@@ -34,10 +36,10 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pagerloop_sdk import calllog, quality
 from pagerloop_sdk.capture import PendingCall, finalize, prompt_text
@@ -47,6 +49,7 @@ from pagerloop_sdk.records import CallRecord, ScoreRecord
 from pagerloop_sdk.spool import CorruptSpoolFileError, Spool, SpooledBatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECORDS = counter(
     "pagerloop_instrumentation_records_total",
@@ -79,6 +82,30 @@ def count_unpriced(model: str) -> None:
     is a series on /metrics for as long as the process lives."""
     known = model if model in PRICES else base_model(model)
     UNPRICED.labels(known if known in PRICES else "other").inc()
+
+
+# What the queue holds: a call as submitted, a record, or a record with its call to score;
+# _FAILED stands for a call whose record could not be made (counted already).
+# The background threads work in slices of this many records and let the app's threads have
+# the GIL between slices: a thread returning from its OpenAI call would otherwise wait for the
+# interpreter's switch interval (5 ms) whenever a batch is being made or encoded.
+SLICE = 32
+
+
+def in_slices(items: Sequence[T]) -> Iterator[T]:
+    """The items, with the GIL handed over (`time.sleep(0)`) every SLICE of them."""
+    for index, item in enumerate(items):
+        if index % SLICE == SLICE - 1:
+            time.sleep(0)
+        yield item
+
+
+class _Unmade:
+    pass
+
+
+_FAILED = _Unmade()
+_Queued = PendingCall | CallRecord | tuple[CallRecord, PendingCall] | _Unmade
 
 
 class Sink(Protocol):
@@ -177,8 +204,9 @@ class Recorder:
         self._spool_mark = max(1, min(max_queue // 2, max_queue - batch_size))
         # ...this many at most per file: one file (one sync) for all the records past the mark.
         self._spool_chunk = max(batch_size, self._spool_mark)
-        # Each record with its call when that call is to be scored for quality.
-        self._queue: deque[tuple[CallRecord, PendingCall | None]] = deque()
+        # Calls as submitted (their records not made yet), records, and (record, call) pairs
+        # for the records whose call is to be scored for quality.
+        self._queue: deque[_Queued] = deque()
         self._take_lock = threading.Lock()  # one thread at a time takes from the queue's front
         self._held: _Batch | None = None  # the oldest batch: its write failed, to be retried
         self._spilling = 0  # records the spooler has taken from the queue, not yet on disk
@@ -216,20 +244,19 @@ class Recorder:
         return self.quality_sample_rate > 0 and random.random() < self.quality_sample_rate  # noqa: S311
 
     def submit(self, call: PendingCall) -> None:
-        """Queue a finished call. Never blocks, never raises."""
-        if len(self._queue) >= self.max_queue:
+        """Queue a finished call; its record is made in the writer's thread. Never blocks,
+        never raises."""
+        if self._thread is None:
+            self._start()
+        queue = self._queue
+        if len(queue) >= self.max_queue:
             self.dropped += 1
             RECORDS.labels("dropped").inc()
             return
-        try:
-            record = finalize(call, self.salt, self.prices)
-        except Exception:
-            log.exception("could not make a record of an LLM call")
-            self.failed += 1
-            RECORDS.labels("failed").inc()
-            return
-        scored = call if call.score_quality and record.status == "success" else None
-        self.enqueue(record, scored)
+        queue.append(call)
+        self.submitted += 1
+        if len(queue) >= self._wake_at:
+            self._wake_up()
 
     def enqueue(self, record: CallRecord, scored: PendingCall | None = None) -> None:
         """Queue a finished record (and the call to score, if any)."""
@@ -239,10 +266,47 @@ class Recorder:
             self.dropped += 1
             RECORDS.labels("dropped").inc()
             return
-        self._queue.append((record, scored))
+        self._queue.append(record if scored is None else (record, scored))
         self.submitted += 1
         if len(self._queue) >= self._wake_at:
             self._wake_up()
+
+    def _made(self, item: _Queued) -> tuple[CallRecord, PendingCall | None] | None:
+        """A queued item as (record, call to score); None when its record cannot be made
+        (logged and counted failed)."""
+        if isinstance(item, PendingCall):
+            try:
+                record = finalize(item, self.salt, self.prices)
+            except Exception:
+                log.exception("could not make a record of an LLM call")
+                self.failed += 1
+                RECORDS.labels("failed").inc()
+                return None
+            return record, item if item.score_quality and record.status == "success" else None
+        if isinstance(item, _Unmade):
+            return None
+        if isinstance(item, tuple):
+            return item
+        return item, None
+
+    def _make_queued(self) -> None:
+        """Make the records of the calls queued since the last time (the newest, at the right
+        end), in place: while the store is away the queue may fill, and a call holds its
+        response until its record is made."""
+        queue = self._queue
+        with self._take_lock:  # the left end stays put; callers only append at the right
+            index = len(queue) - 1
+            while index >= 0:
+                item = queue[index]
+                if type(item) is not PendingCall:
+                    break  # made by an earlier pass, as is everything before it
+                made = self._made(item)
+                if made is None:
+                    queue[index] = _FAILED
+                else:
+                    record, scored = made
+                    queue[index] = record if scored is None else (record, scored)
+                index -= 1
 
     def _wake_up(self) -> None:
         """Past a mark: wake the writer (a batch is ready), the spooler (the queue is half
@@ -295,6 +359,8 @@ class Recorder:
         try:
             if retry:
                 self._deliver()
+            if self._failures:
+                self._make_queued()
             self._note_losses()
         finally:
             self._gauges()
@@ -341,7 +407,12 @@ class Recorder:
             size = min(most, len(self._queue))
             if spilling:
                 self._spilling += size  # counted there before they leave the queue
-            taken = [self._queue.popleft() for _ in range(size)]
+            items = [self._queue.popleft() for _ in range(size)]
+        made = self._made
+        taken = [pair for item in in_slices(items) if (pair := made(item))]
+        if spilling and len(taken) < size:
+            with self._take_lock:
+                self._spilling -= size - len(taken)  # failed: they will not reach the disk
         calls = [record for record, _ in taken]
         scores: list[ScoreRecord] = []
         for record, pending in taken:
@@ -483,7 +554,7 @@ class Recorder:
                     self._spool_full, self._spool_full_at = True, spool.bytes
                     # Back to the front of the queue (their quality scores are lost).
                     with self._take_lock:
-                        self._queue.extendleft((record, None) for record in reversed(left.calls))
+                        self._queue.extendleft(reversed(left.calls))
                 with self._take_lock:
                     self._spilling -= len(batch.calls)  # on disk now, or back in the queue
             if left is not None:

@@ -4,9 +4,16 @@ a CLIENT span with the GenAI semantic conventions (a child of the app's current 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.environment_variables import (
+    OTEL_PYTHON_METER_PROVIDER,
+    OTEL_PYTHON_TRACER_PROVIDER,
+)
+from opentelemetry.metrics import _internal as metrics_internal
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from opentelemetry.semconv.attributes import error_attributes, server_attributes
@@ -24,6 +31,24 @@ _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 
 
 def _configured(provider: object, proxy: type, noop: type) -> bool:
     return not isinstance(provider, (proxy, noop))
+
+
+_UNKNOWN = object()
+
+
+def _global(module: Any, name: str, from_environment: bool) -> object:
+    """The global provider as set (None: not set), read without the environment lookup of
+    `get_tracer_provider()` on every call; `_UNKNOWN` when the public getter is to be asked:
+    an environment variable names the provider to load, or this OpenTelemetry keeps it
+    elsewhere."""
+    provider = getattr(module, name, _UNKNOWN)
+    return _UNKNOWN if provider is None and from_environment else provider
+
+
+def trace_id_of(context: Any) -> str | None:
+    """The trace id of the current span of an OpenTelemetry context, if it has a valid one."""
+    current = trace.get_current_span(context).get_span_context()
+    return format(current.trace_id, "032x") if current.is_valid else None
 
 
 class Telemetry:
@@ -44,9 +69,18 @@ class Telemetry:
         self._meter_provider: object = None
         self._duration: Any = None
         self._tokens: Any = None
+        # Whether the environment names providers to load (read once, not on every call).
+        self._tracer_from_environment = OTEL_PYTHON_TRACER_PROVIDER in os.environ
+        self._meter_from_environment = OTEL_PYTHON_METER_PROVIDER in os.environ
 
     def tracer(self) -> trace.Tracer | None:
-        provider = self._fixed_tracer_provider or trace.get_tracer_provider()
+        provider: Any = self._fixed_tracer_provider
+        if provider is None:
+            provider = _global(trace, "_TRACER_PROVIDER", self._tracer_from_environment)
+            if provider is None:
+                return None  # none set: the proxy, which records nothing
+            if provider is _UNKNOWN:
+                provider = trace.get_tracer_provider()
         if provider is not self._tracer_provider:
             self._tracer_provider = provider
             self._tracer = (
@@ -57,7 +91,13 @@ class Telemetry:
         return self._tracer
 
     def histograms(self) -> tuple[Any, Any] | None:
-        provider = self._fixed_meter_provider or metrics.get_meter_provider()
+        provider: Any = self._fixed_meter_provider
+        if provider is None:
+            provider = _global(metrics_internal, "_METER_PROVIDER", self._meter_from_environment)
+            if provider is None:
+                return None
+            if provider is _UNKNOWN:
+                provider = metrics.get_meter_provider()
         if provider is not self._meter_provider:
             self._meter_provider = provider
             proxy = metrics._internal._ProxyMeterProvider
@@ -84,9 +124,10 @@ class Telemetry:
     def start(self, call: PendingCall, server: tuple[str, int] | None) -> trace.Span | None:
         tracer = self.tracer()
         if tracer is None:
-            current = trace.get_current_span().get_span_context()
-            if current.is_valid:
-                call.trace_id = format(current.trace_id, "032x")
+            # The app's span, if any, is read from its context off the caller's path.
+            context = otel_context.get_current()
+            if context:
+                call.otel_context = context
             return None
         operation = OPERATION_NAMES[call.operation]
         attributes: dict[str, Any] = {
@@ -108,6 +149,7 @@ class Telemetry:
         histograms = self.histograms()
         if span is None and histograms is None:
             return
+        call.read_headers()
         if call.response is not None:
             call._response(call.response)
         attributes: dict[str, Any] = {
