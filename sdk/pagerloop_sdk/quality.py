@@ -48,9 +48,13 @@ class QualityScores:
     composite: float
 
 
-def _count_markers(text: str, markers: tuple[str, ...]) -> int:
-    # Whole words, so "mayor" is not a hedge and "overall" is not "all".
-    return sum(len(re.findall(rf"\b{re.escape(m)}\b", text)) for m in markers)
+def _markers(markers: tuple[str, ...]) -> re.Pattern[str]:
+    # Whole words, so "mayor" is not a hedge and "overall" is not "all"; one scan for them all.
+    return re.compile(r"\b(?:" + "|".join(re.escape(m) for m in markers) + r")\b")
+
+
+_HEDGE = _markers(_HEDGES)
+_ABSOLUTE = _markers(_ABSOLUTES)
 
 
 def format_compliance(output: str, expected_format: str = "text") -> float:
@@ -76,8 +80,8 @@ def hallucination_risk(output: str) -> float:
     """Higher is better: hedged, sourced statements over unqualified absolutes and figures."""
     lowered = output.lower()
     sentences = max(len([s for s in _SENTENCE_END.split(output) if s.strip()]), 1)
-    hedges = _count_markers(lowered, _HEDGES) / sentences
-    absolutes = _count_markers(lowered, _ABSOLUTES) / sentences
+    hedges = len(_HEDGE.findall(lowered)) / sentences
+    absolutes = len(_ABSOLUTE.findall(lowered)) / sentences
     claims = len(_CLAIM.findall(output)) / sentences
     score = 1.0 - 0.3 * absolutes - 0.1 * claims + 0.1 * hedges
     return round(max(0.0, min(1.0, score)), 3)
