@@ -13,7 +13,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.controls import ControlSpec
-    from activities.diagnosis import FeatureUsage
+    from activities.diagnosis import FeatureUsage, ModelRateLimits
     from runbooks.base import Priority, RunbookInput, RunbookReport, RunbookSpec
     from runbooks.steps import Steps
 
@@ -59,13 +59,17 @@ class RateLimitExhaustionRunbook:
         if workflow.patched(PER_MINUTE_LIMITS):
             for f in hitting[:3]:
                 await steps.apply(halved_pace(input.trigger, f))
+            if not hitting:
+                minutes = max(input.diagnosis_window_seconds / 60, 1.0)
+                for m in limits[:3]:
+                    await steps.apply(model_pace(m, minutes))
         else:
             for f in hitting[:3]:
                 limit = max(1, int(f.concurrency / 2))
                 await steps.apply(ControlSpec("concurrency", feature=f.feature, value=str(limit)))
-        if not hitting:
-            for m in limits[:3]:
-                await steps.apply(ControlSpec("concurrency", model=m.model, value="2"))
+            if not hitting:
+                for m in limits[:3]:
+                    await steps.apply(ControlSpec("concurrency", model=m.model, value="2"))
         # B. Back off (with jitter, honouring Retry-After) instead of failing on a 429.
         for m in limits[:3]:
             await steps.apply(ControlSpec("backoff", model=m.model, value=str(BACKOFF_ATTEMPTS)))
@@ -80,11 +84,30 @@ def halved_pace(trigger: str, f: FeatureUsage) -> ControlSpec:
     through (the quota it had: half of a demand six times the quota is still three times
     it); half its tokens per minute (only answered calls spend tokens) when the token quota
     is what ran out."""
+    if f.calls_per_minute <= 0:  # diagnosed before the pace was measured: calls in flight
+        limit = max(1, int(f.concurrency / 2))
+        return ControlSpec("concurrency", feature=f.feature, value=str(limit))
     if trigger == "token_quota":
         tpm = max(MIN_TPM, int(f.tokens_per_minute / 2))
         return ControlSpec("tpm", feature=f.feature, value=str(tpm))
-    rpm = min(f.calls_per_minute / 2, GOT_THROUGH_SHARE * f.answered_per_minute)
-    return ControlSpec("rpm", feature=f.feature, value=str(max(1, int(rpm))))
+    return ControlSpec(
+        "rpm", feature=f.feature, value=str(per_minute(f.calls_per_minute, f.answered_per_minute))
+    )
+
+
+def per_minute(calls: float, answered: float) -> int:
+    """Half the pace, and no more than 90 % of what got through, when anything did."""
+    pace = calls / 2
+    if answered > 0:
+        pace = min(pace, GOT_THROUGH_SHARE * answered)
+    return max(1, int(pace))
+
+
+def model_pace(m: ModelRateLimits, minutes: float) -> ControlSpec:
+    """No feature to hold back: the model's requests per minute, the same way, over the
+    diagnosis window (an app-wide concurrency of 2 would leave most replicas with nothing)."""
+    calls, answered = m.calls / minutes, (m.calls - m.rate_limited) / minutes
+    return ControlSpec("rpm", model=m.model, value=str(per_minute(calls, answered)))
 
 
 SPEC = RunbookSpec(

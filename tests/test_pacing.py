@@ -85,3 +85,38 @@ def test_a_call_is_estimated_from_its_prompt_and_output_limit() -> None:
     without = estimate_tokens({"messages": messages}, typical_output=300)
     assert without == pytest.approx(with_limit - 50 + 300)
     assert estimate_tokens({"input": "y" * 40}, typical_output=7) == 17
+
+
+def test_a_larger_share_shortens_the_waits_already_reserved() -> None:
+    pacer = Pacer(1)  # one a minute: the second caller is a minute away
+    pacer.reserve(1)
+    waiter = threading.Thread(target=pace, args=([(pacer, 1)],))
+    started = time.monotonic()
+    waiter.start()
+    time.sleep(0.2)
+    pacer.resize(6000)  # the share grew: a new schedule
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
+    assert time.monotonic() - started < 2
+
+
+def test_a_share_dropping_to_zero_stops_the_backlog() -> None:
+    pacer = Pacer(600)
+    for _ in range(5):
+        pacer.reserve(1)  # half a second of backlog
+    went = threading.Event()
+    waiter = threading.Thread(target=lambda: (pace([(pacer, 1)]), went.set()))
+    waiter.start()
+    pacer.resize(0)  # another replica joined: this one's share is 0 for now
+    assert not went.wait(1.2)  # the backlog does not drain at the old rate
+    pacer.resize(600)
+    assert went.wait(2)
+    waiter.join()
+
+
+def test_one_call_takes_at_most_a_minute_of_the_schedule() -> None:
+    pacer = Pacer(100)  # a small tpm share
+    assert pacer.reserve(4_000) == 0  # 40 minutes' worth of tokens
+    second = pacer.reserve(10)
+    assert second is not None
+    assert second <= 60.0

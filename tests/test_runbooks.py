@@ -128,6 +128,41 @@ async def test_an_exhausted_token_quota_halves_tokens_per_minute(
     assert not [c for c in run.controls if c.kind in ("rpm", "concurrency")]
 
 
+async def test_without_a_feature_to_hold_back_the_model_is_paced_per_minute(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    quiet_features = Snapshot(
+        rate_limits=RATE_LIMITED.rate_limits,
+        features=[feature("chat", rate_limited=0), feature("search", rate_limited=0)],
+    )
+    kit = RunbookKit(
+        time_skipping_env.client, engine, quiet_features, after=recovered_if(has("backoff"))
+    )
+    run = await kit.run(rate_limit_exhaustion.SPEC)
+
+    # 1,000 calls (300 rate-limited) in the 15-minute window: 66.7 a minute, 46.7 answered;
+    # half the pace (33), under 90 % of what got through (42). Not an app-wide concurrency of
+    # 2, which would leave most replicas nothing.
+    assert run.control("rpm", model="gpt-4.1").value == "33"
+    assert not [c for c in run.controls if c.kind == "concurrency"]
+
+
+async def test_a_diagnosis_without_the_pace_falls_back_to_calls_in_flight(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    unmeasured = Snapshot(
+        rate_limits=RATE_LIMITED.rate_limits,
+        features=[feature("search", rate_limited=220, concurrency=6.4, calls_per_minute=0.0)],
+    )
+    kit = RunbookKit(
+        time_skipping_env.client, engine, unmeasured, after=recovered_if(has("backoff"))
+    )
+    run = await kit.run(rate_limit_exhaustion.SPEC)
+
+    assert run.control("concurrency", feature="search").value == "3"  # not 1 request a minute
+    assert not [c for c in run.controls if c.kind == "rpm"]
+
+
 async def test_a_mitigation_that_does_not_help_is_rolled_back(
     time_skipping_env: WorkflowEnvironment, engine: Engine
 ) -> None:

@@ -284,3 +284,28 @@ def test_the_last_controls_stay_while_the_api_is_away_each_until_its_expiry(
     # ...each until its own expiry.
     assert {r.feature for r in source.refresh().rules} == {"long"}
     source.close()
+
+
+EXIT_WITH_A_BACKLOG = """
+import sys
+from datetime import datetime, timezone
+from pagerloop_sdk import Recorder
+from pagerloop_sdk.http_sink import HttpSink
+from pagerloop_sdk.records import CallRecord
+
+recorder = Recorder(HttpSink(sys.argv[1], sys.argv[2]), flush_interval=3600, batch_size=5000)
+now = datetime.now(timezone.utc)
+for _ in range(2500):  # more than one request's worth: the batch's parts go in parallel
+    recorder.enqueue(CallRecord(ts=now, model="gpt-4.1", status="success", latency_ms=1.0))
+"""  # the app exits at once: the atexit hook delivers them
+
+
+def test_a_backlog_of_several_requests_is_delivered_at_exit(
+    ingest_api: ThreadedServer, engine: Engine
+) -> None:
+    subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_A_BACKLOG, ingest_api.url, INGEST_KEY],
+        check=True,
+        timeout=60,
+    )
+    assert len(rows(engine)) == 2500

@@ -447,6 +447,7 @@ def _after_fork_in_child() -> None:
         source._snapshot = None
         source._limiters = {}
         source._pacers = {}
+        source._rules = ()  # the parent's, and its shares: this is another instance
         source.after_fork()
 
 

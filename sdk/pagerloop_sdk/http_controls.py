@@ -22,6 +22,7 @@ from pagerloop_sdk.controls import DEFAULT_TTL, ControlSource, Rule, enforceable
 
 PATH = "/v1/controls"
 TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+MIN_INTERVAL, MAX_INTERVAL = 0.1, 3.0  # seconds between polls
 
 
 def new_instance_id() -> str:
@@ -73,6 +74,9 @@ class HttpControls(ControlSource):
             source = cls._shared.get(key)
             if source is None:
                 ttl = float(os.environ.get("PAGERLOOP_CONTROLS_INTERVAL", DEFAULT_TTL))
+                # The API counts an instance live for 10 s after its poll, and lets a newcomer
+                # take its share 5 s after its first: older ones must have polled by then.
+                ttl = min(max(ttl, MIN_INTERVAL), MAX_INTERVAL)
                 source = cls._shared[key] = cls(url, authorization, ttl)
             return source
 
@@ -85,9 +89,11 @@ class HttpControls(ControlSource):
             return None
         response.raise_for_status()
         body = response.json()
+        rules = enforceable([rule_of(item) for item in body["controls"]], shares=True)
+        # Only once the answer is understood: a 304 must stand for controls actually applied.
         self._etag = response.headers.get("etag")
         self.instances = int(body.get("instances") or 0)
-        return enforceable((rule_of(item) for item in body["controls"]), shares=True)
+        return rules
 
     def after_fork(self) -> None:
         # A forked child is another instance with its own share, and must not use the

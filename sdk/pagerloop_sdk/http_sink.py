@@ -105,9 +105,16 @@ class HttpSink:
             for part in parts:
                 self._check(self._post(self._encode(part, by_call)))
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pagerloop-http")
-        pending = [self._pool.submit(self._post, self._encode(part, by_call)) for part in parts]
+        try:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.concurrency, thread_name_prefix="pagerloop-http"
+                )
+            pending = [self._pool.submit(self._post, self._encode(part, by_call)) for part in parts]
+        except RuntimeError:  # at exit (the flush of atexit): no new threads, one at a time
+            for part in parts:
+                self._check(self._post(self._encode(part, by_call)))
+            return
         failures: list[BaseException] = []
         for future in pending:
             try:
@@ -144,7 +151,7 @@ class HttpSink:
         detail = response.text[:300]
         if status in (429, 503):
             raise RetryLaterError(f"{status} {detail}", _retry_after(response))
-        if status in (400, 413, 422):
+        if status in (413, 422):  # the records themselves: their batch is split to find which
             raise RecordsRefusedError(f"{status} {detail}")
         raise httpx.HTTPStatusError(
             f"{status} from {response.request.url}: {detail}",

@@ -141,10 +141,15 @@ class Pacer:
     """`per_minute` units (requests, or tokens) per minute, spaced evenly: each reservation
     takes the next free moment on a schedule (GCRA's virtual time), so calls go one every
     60/per_minute seconds rather than all at the start of a minute. Idle time banks nothing.
-    `per_minute` None: no limit (the control is gone)."""
+    `per_minute` None: no limit (the control is gone).
+
+    A new rate (this process's share changed, or the control did) starts a new schedule: the
+    callers already waiting take their turn again on it, so a smaller share stops the backlog
+    at once and a larger one shortens the waits."""
 
     def __init__(self, per_minute: int | None) -> None:
         self.per_minute = per_minute
+        self.generation = 0  # one more at each resize: waiters on an older schedule re-reserve
         self._lock = threading.Lock()
         self._next = 0.0  # time.monotonic() at which the next unit may go
         # Tokens are known only after the call: a call reserves an estimate (its prompt's
@@ -155,45 +160,61 @@ class Pacer:
     def resize(self, per_minute: int | None) -> None:
         with self._lock:
             self.per_minute = per_minute
+            self.generation += 1
+            self._next = time.monotonic()
 
     def reserve(self, units: float) -> float | None:
         """Take `units` off the schedule: how long to wait before going (0: now), or None
-        when nothing may go now (a share of 0): ask again after IDLE_RECHECK."""
+        when nothing may go now (a share of 0): ask again after IDLE_RECHECK. One call takes
+        at most a minute of the schedule: a call bigger than a minute's tokens goes once a
+        minute rather than holding everyone behind it for longer."""
+        return self.turn(units)[0]
+
+    def turn(self, units: float) -> tuple[float | None, int]:
+        """`reserve`, and the schedule's generation it was reserved on."""
         with self._lock:
             rate = self.per_minute
             if rate is None:
-                return 0.0
+                return 0.0, self.generation
             if rate <= 0:
-                return None
+                return None, self.generation
             now = time.monotonic()
             start = max(now, self._next)
-            self._next = start + units * 60.0 / rate
-            return start - now
+            self._next = start + min(units * 60.0 / rate, 60.0)
+            return start - now, self.generation
 
     def settle(self, estimated: float, actual: float, output: float) -> None:
         """Correct a reservation made on an estimate (tokens are known after the call)."""
         with self._lock:
             rate = self.per_minute
             if rate:
-                self._next += (actual - estimated) * 60.0 / rate
+                self._next += min((actual - estimated) * 60.0 / rate, 60.0)
             self.typical_output += (output - self.typical_output) / 8
 
 
 def pace(reservations: Sequence[tuple[Pacer, float]]) -> None:
-    """Wait for a place on the schedule of every (pacer, units) pair. A wait is cut short
-    when its control goes (the pacer is resized to None)."""
+    """Wait for a place on the schedule of every (pacer, units) pair; again on the new
+    schedule when the pacer is resized meanwhile, and not at all once its control goes."""
     for pacer, units in reservations:
-        while (delay := pacer.reserve(units)) is None:
-            time.sleep(IDLE_RECHECK)
-        while delay > 0 and pacer.per_minute is not None:
-            time.sleep(min(delay, IDLE_RECHECK))
-            delay -= IDLE_RECHECK
+        delay, generation = pacer.turn(units)
+        while delay is None or delay > 0:
+            time.sleep(IDLE_RECHECK if delay is None else min(delay, IDLE_RECHECK))
+            if pacer.per_minute is None:
+                break
+            if delay is None or pacer.generation != generation:
+                delay, generation = pacer.turn(units)
+            else:
+                delay -= IDLE_RECHECK
 
 
 async def pace_async(reservations: Sequence[tuple[Pacer, float]]) -> None:
     for pacer, units in reservations:
-        while (delay := pacer.reserve(units)) is None:
-            await asyncio.sleep(IDLE_RECHECK)
-        while delay > 0 and pacer.per_minute is not None:
-            await asyncio.sleep(min(delay, IDLE_RECHECK))
-            delay -= IDLE_RECHECK
+        delay, generation = pacer.turn(units)
+        while delay is None or delay > 0:
+            await asyncio.sleep(IDLE_RECHECK if delay is None else min(delay, IDLE_RECHECK))
+            if pacer.per_minute is None:
+                break
+            if delay is None or pacer.generation != generation:
+                delay, generation = pacer.turn(units)
+            else:
+                delay -= IDLE_RECHECK
