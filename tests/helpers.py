@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from pagerloop_sdk.recorder import Recorder
@@ -15,6 +15,7 @@ from sqlmodel import Session, col, select
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
+from stores import controls
 from stores.llm_calls import LLMCall
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest
@@ -66,3 +67,32 @@ def recorded(recorder: Recorder, engine: Engine) -> list[LLMCall]:
     assert recorder.flush()
     with Session(engine) as session:
         return list(session.exec(select(LLMCall).order_by(col(LLMCall.id))))
+
+
+def put_control(
+    engine: Engine,
+    kind: str,
+    value: str = "",
+    *,
+    feature: str | None = None,
+    model: str | None = None,
+    incident: str = "incident-error_rate-global-1",
+    now: datetime | None = None,
+    ttl: timedelta = timedelta(hours=1),
+    reason: str = "test",
+    set_by: str = "runbook:test",
+) -> controls.Control:
+    """A control as a runbook sets it, in force for `ttl` from `now`."""
+    now = now or datetime.now(UTC)
+    return controls.upsert(
+        engine,
+        incident_id=incident,
+        kind=kind,
+        feature=feature,
+        model=model,
+        value=value,
+        reason=reason,
+        set_by=set_by,
+        expires_at=now + ttl,
+        now=now,
+    )

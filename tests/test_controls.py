@@ -45,46 +45,21 @@ from instrumentation.store_sink import StoreSink
 from stores import controls
 from stores.engine import create_schema, make_engine
 from stores.llm_calls import CallRecord, LLMCall, write_calls
-from tests.helpers import recorded
+from tests.helpers import put_control, recorded
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 CHAT = [{"role": "user", "content": "Summarize the quarterly financial report revenue"}]
-
-
-def put(
-    engine: Engine,
-    kind: str,
-    value: str = "",
-    *,
-    feature: str | None = None,
-    model: str | None = None,
-    incident: str = "incident-error_rate-global-1",
-    now: datetime | None = None,
-    ttl: timedelta = timedelta(hours=1),
-    reason: str = "test",
-) -> controls.Control:
-    now = now or datetime.now(UTC)
-    return controls.upsert(
-        engine,
-        incident_id=incident,
-        kind=kind,
-        feature=feature,
-        model=model,
-        value=value,
-        reason=reason,
-        set_by="runbook:test",
-        expires_at=now + ttl,
-        now=now,
-    )
 
 
 # --- the store ---------------------------------------------------------------------------
 
 
 def test_setting_a_control_again_refreshes_the_same_one(store: Engine) -> None:
-    first = put(store, "reroute", "gpt-4.1-mini", model="gpt-4.1", now=NOW)
+    first = put_control(store, "reroute", "gpt-4.1-mini", model="gpt-4.1", now=NOW)
     later = NOW + timedelta(minutes=5)
-    again = put(store, "reroute", "gpt-4.1-nano", model="gpt-4.1", now=later, reason="cheaper")
+    again = put_control(
+        store, "reroute", "gpt-4.1-nano", model="gpt-4.1", now=later, reason="cheaper"
+    )
 
     assert again.id == first.id
     assert again.key == "incident-error_rate-global-1/reroute/*/gpt-4.1"
@@ -94,14 +69,14 @@ def test_setting_a_control_again_refreshes_the_same_one(store: Engine) -> None:
     assert controls.utc(again.expires_at) == later + timedelta(hours=1)
     assert [c.id for c in controls.active(store, later)] == [first.id]
     # Another target is another control.
-    other = put(store, "reroute", "gpt-4.1-mini", model="o3", now=NOW)
+    other = put_control(store, "reroute", "gpt-4.1-mini", model="o3", now=NOW)
     assert other.id != first.id
 
 
 def test_revert_reports_each_control_once_and_setting_brings_it_back(store: Engine) -> None:
-    throttle = put(store, "concurrency", "4", feature="chat", now=NOW)
-    cap = put(store, "max_tokens", "512", now=NOW)
-    put(store, "disable", feature="search", incident="incident-other", now=NOW)
+    throttle = put_control(store, "concurrency", "4", feature="chat", now=NOW)
+    cap = put_control(store, "max_tokens", "512", now=NOW)
+    put_control(store, "disable", feature="search", incident="incident-other", now=NOW)
     later = NOW + timedelta(minutes=1)
 
     reverted = controls.revert(
@@ -112,7 +87,7 @@ def test_revert_reports_each_control_once_and_setting_brings_it_back(store: Engi
     assert controls.revert(store, "incident-error_rate-global-1", later) == []
     assert [c.kind for c in controls.active(store, later)] == ["disable"]
 
-    back = put(store, "concurrency", "2", feature="chat", now=later)
+    back = put_control(store, "concurrency", "2", feature="chat", now=later)
     assert back.id == throttle.id
     assert back.reverted_at is None
     assert back.value == "2"
@@ -122,8 +97,8 @@ def test_revert_reports_each_control_once_and_setting_brings_it_back(store: Engi
 
 
 def test_revert_by_keys_and_by_id(store: Engine) -> None:
-    a = put(store, "cache", feature="faq", now=NOW)
-    b = put(store, "backoff", "5", now=NOW)
+    a = put_control(store, "cache", feature="faq", now=NOW)
+    b = put_control(store, "backoff", "5", now=NOW)
     [only] = controls.revert(store, a.incident_id, NOW, keys=[a.key])
     assert only.id == a.id
     assert controls.revert(store, a.incident_id, NOW, keys=[]) == []
@@ -139,8 +114,8 @@ def test_revert_by_keys_and_by_id(store: Engine) -> None:
 
 
 def test_expired_controls_stop_applying_but_stay_listed(store: Engine) -> None:
-    lasting = put(store, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", now=NOW)
-    put(store, "max_tokens", "256", now=NOW, ttl=timedelta(minutes=10))
+    lasting = put_control(store, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", now=NOW)
+    put_control(store, "max_tokens", "256", now=NOW, ttl=timedelta(minutes=10))
     after = NOW + timedelta(minutes=30)
 
     assert [c.id for c in controls.active(store, after)] == [lasting.id]
@@ -152,11 +127,15 @@ def test_expired_controls_stop_applying_but_stay_listed(store: Engine) -> None:
 
 
 def test_extending_pushes_back_only_the_incidents_controls_in_force(store: Engine) -> None:
-    short = put(store, "max_tokens", "256", now=NOW, ttl=timedelta(minutes=10))
-    long = put(store, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", now=NOW, ttl=timedelta(hours=9))
-    gone = put(store, "disable", feature="summaries", now=NOW)
+    short = put_control(store, "max_tokens", "256", now=NOW, ttl=timedelta(minutes=10))
+    long = put_control(
+        store, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", now=NOW, ttl=timedelta(hours=9)
+    )
+    gone = put_control(store, "disable", feature="summaries", now=NOW)
     controls.revert(store, gone.incident_id, NOW, keys=[gone.key])
-    other = put(store, "backoff", "5", model="gpt-4.1", incident="incident-other-1", now=NOW)
+    other = put_control(
+        store, "backoff", "5", model="gpt-4.1", incident="incident-other-1", now=NOW
+    )
 
     later = NOW + timedelta(minutes=5)
     until = later + timedelta(hours=4)
@@ -395,7 +374,7 @@ def client_for(llmock: LLMock, recorder: Recorder, **options: Any) -> openai.Ope
 def test_reroute_sends_the_other_model_and_the_record_names_the_control(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    reroute = put(engine, "reroute", "gpt-4.1-mini", model="gpt-4.1")
+    reroute = put_control(engine, "reroute", "gpt-4.1-mini", model="gpt-4.1")
     client = client_for(llmock, recorder)
 
     answer = client.chat.completions.create(model="gpt-4.1", messages=CHAT)
@@ -419,7 +398,7 @@ def test_reroute_sends_the_other_model_and_the_record_names_the_control(
 def test_pin_applies_to_its_feature_only(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    pin = put(engine, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", feature="summarizer")
+    pin = put_control(engine, "pin", "gpt-4.1-2025-04-14", model="gpt-4.1", feature="summarizer")
     client = client_for(llmock, recorder)
 
     with llm_context(feature="summarizer"):
@@ -434,7 +413,7 @@ def test_pin_applies_to_its_feature_only(
 def test_max_tokens_caps_chat_and_responses(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    cap = put(engine, "max_tokens", "64")
+    cap = put_control(engine, "max_tokens", "64")
     client = client_for(llmock, recorder)
 
     client.chat.completions.create(model="gpt-4.1", messages=CHAT, max_tokens=2000)
@@ -453,7 +432,7 @@ def test_max_tokens_caps_chat_and_responses(
 def test_a_disabled_feature_raises_and_sends_nothing(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    disable = put(engine, "disable", feature="beta", reason="quality collapse")
+    disable = put_control(engine, "disable", feature="beta", reason="quality collapse")
     client = client_for(llmock, recorder)
 
     with llm_context(feature="beta"), pytest.raises(FeatureDisabled) as raised:
@@ -477,7 +456,7 @@ def test_a_disabled_feature_raises_and_sends_nothing(
 def test_cache_serves_identical_requests_where_the_app_enabled_it(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    cache = put(engine, "cache", feature="faq")
+    cache = put_control(engine, "cache", feature="faq")
     client = client_for(llmock, recorder, response_cache=16)
 
     with llm_context(feature="faq", session_id="s1", user_id="u1"):
@@ -529,7 +508,7 @@ def test_answers_kept_before_an_outage_are_served_once_a_cache_control_is_set(
     llmock.outage()  # every request 503 from now on
     with pytest.raises(openai.InternalServerError):
         ask()
-    first = put(engine, "cache", feature="faq", incident="incident-api_outage-global-1")
+    first = put_control(engine, "cache", feature="faq", incident="incident-api_outage-global-1")
     source.refresh()
     assert ask() == before  # served from the cache: nothing sent
     assert len(llmock.requests) == 3
@@ -541,7 +520,7 @@ def test_answers_kept_before_an_outage_are_served_once_a_cache_control_is_set(
 
     # The next incident's control serves the same answers: the key names no control.
     controls.revert(engine, first.incident_id, datetime.now(UTC))
-    second = put(engine, "cache", incident="incident-api_outage-global-2")
+    second = put_control(engine, "cache", incident="incident-api_outage-global-2")
     source.refresh()
     assert ask() == before
     assert len(llmock.requests) == 5
@@ -572,7 +551,7 @@ async def test_async_clients_keep_and_serve_answers_too(
     )
     before = await client.responses.create(model="gpt-4.1", input="Summarize the report")
     llmock.outage()
-    cache = put(engine, "cache", model="gpt-4.1")
+    cache = put_control(engine, "cache", model="gpt-4.1")
     source.refresh()
     served = await client.responses.create(model="gpt-4.1", input="Summarize the report")
     assert served.output_text == before.output_text
@@ -619,7 +598,7 @@ def test_clients_without_a_response_cache_never_compute_a_key(
         raise AssertionError("a cache key was computed")
 
     monkeypatch.setattr(openai_client, "cache_key", boom)
-    put(engine, "cache")
+    put_control(engine, "cache")
     client = client_for(llmock, recorder)
     client.chat.completions.create(model="gpt-4.1", messages=CHAT)
     client.chat.completions.create(model="gpt-4.1", messages=CHAT)
@@ -630,7 +609,7 @@ def test_backoff_retries_429s_honoring_retry_after(
     llmock: LLMock, recorder: Recorder, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(backoff, "BACKOFF_BASE", 0.01)
-    retrying = put(engine, "backoff", "4", model="gpt-4.1")
+    retrying = put_control(engine, "backoff", "4", model="gpt-4.1")
     client = client_for(llmock, recorder)
 
     llmock.rate_limit(times=2, retry_after=0.2)
@@ -675,7 +654,7 @@ def in_flight_peak(llmock: LLMock) -> int:
 def test_concurrency_limits_calls_in_flight_across_threads(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    throttle = put(engine, "concurrency", "2", feature="batch")
+    throttle = put_control(engine, "concurrency", "2", feature="batch")
     client = client_for(llmock, recorder)
     llmock.delay(0.2, times=None)
 
@@ -700,7 +679,7 @@ def test_concurrency_limits_calls_in_flight_across_threads(
 async def test_async_callers_wait_for_a_slot_without_blocking_the_loop(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    put(engine, "concurrency", "1", model="gpt-4.1")
+    put_control(engine, "concurrency", "1", model="gpt-4.1")
     client = instrument(
         openai.AsyncOpenAI(base_url=llmock.base_url(), api_key="k", max_retries=0),
         recorder=recorder,
@@ -729,9 +708,9 @@ async def test_async_clients_are_refused_rerouted_and_backed_off_too(
     llmock: LLMock, recorder: Recorder, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(backoff, "BACKOFF_BASE", 0.01)
-    put(engine, "disable", feature="beta")
-    put(engine, "reroute", "gpt-4.1-mini", model="gpt-4.1")
-    put(engine, "backoff", "3")
+    put_control(engine, "disable", feature="beta")
+    put_control(engine, "reroute", "gpt-4.1-mini", model="gpt-4.1")
+    put_control(engine, "backoff", "3")
     client = instrument(
         openai.AsyncOpenAI(base_url=llmock.base_url(), api_key="k", max_retries=0),
         recorder=recorder,
@@ -753,7 +732,7 @@ async def test_async_clients_are_refused_rerouted_and_backed_off_too(
 def test_a_stream_holds_its_slot_until_it_ends(
     llmock: LLMock, recorder: Recorder, engine: Engine
 ) -> None:
-    throttle = put(engine, "concurrency", "1")
+    throttle = put_control(engine, "concurrency", "1")
     client = client_for(llmock, recorder)
     source = source_for(engine)
 
@@ -784,7 +763,7 @@ def test_a_control_set_from_another_connection_applies_within_the_ttl(
 
     try:
         assert sent_model() == "gpt-4.1"
-        reroute = put(store, "reroute", "gpt-4.1-mini", model="gpt-4.1")
+        reroute = put_control(store, "reroute", "gpt-4.1-mini", model="gpt-4.1")
         set_at = time.monotonic()
         while sent_model() != "gpt-4.1-mini":
             assert time.monotonic() - set_at < ctl.DEFAULT_TTL + 1.0
@@ -814,7 +793,7 @@ def test_the_store_is_read_once_per_ttl_whatever_the_traffic(
             reads += 1
 
     event.listen(engine, "before_cursor_execute", count)
-    put(engine, "max_tokens", "100")
+    put_control(engine, "max_tokens", "100")
     source = StoreControls(engine, ttl=0.5)
     client = client_for(llmock, recorder, controls=source)
     started = time.monotonic()
@@ -829,7 +808,7 @@ def test_the_store_is_read_once_per_ttl_whatever_the_traffic(
 def test_a_failing_store_keeps_the_last_known_controls_and_logs_once(
     engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reroute = put(engine, "reroute", "gpt-4.1-mini")
+    reroute = put_control(engine, "reroute", "gpt-4.1-mini")
     source = StoreControls(engine, ttl=3600)  # refreshed by hand below
     assert [r.id for r in source.refresh().rules] == [reroute.id]
 
@@ -847,7 +826,7 @@ def test_no_store_means_no_controls(llmock: LLMock, engine: Engine) -> None:
         def write(self, calls: Any, scores: Any) -> None:
             pass
 
-    put(engine, "disable")
+    put_control(engine, "disable")
     recorder = Recorder(Nowhere(), quality_sample_rate=0.0)
     client = client_for(llmock, recorder)
     client.chat.completions.create(model="gpt-4.1", messages=CHAT)

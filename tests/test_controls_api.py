@@ -26,7 +26,7 @@ from config import Settings
 from stores import controls, instances
 from stores.instances import LIVE_SECONDS, SETTLE_SECONDS, SdkInstance, share
 from tests.conftest import incident_worker
-from tests.helpers import close_incidents
+from tests.helpers import close_incidents, put_control
 from tests.test_incident_workflow import Stack
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest, NotificationPlan
@@ -73,18 +73,15 @@ def settled(engine: Engine, *names: str) -> None:
 
 
 def put(engine: Engine, kind: str, value: str = "", **target: str) -> controls.Control:
-    now = datetime.now(UTC)
-    return controls.upsert(
+    return put_control(
         engine,
-        incident_id="incident-rate_limit_exhaustion-global-1",
-        kind=kind,
-        feature=target.get("feature"),
-        model=target.get("model"),
-        value=value,
+        kind,
+        value,
+        incident="incident-rate_limit_exhaustion-global-1",
+        ttl=timedelta(hours=1),
         reason="429s",
         set_by="runbook:rate_limit_exhaustion",
-        expires_at=now + timedelta(hours=1),
-        now=now,
+        **target,
     )
 
 

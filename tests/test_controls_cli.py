@@ -14,6 +14,7 @@ from cli.controls import control_minutes
 from cli.main import app
 from stores import controls
 from stores.engine import create_schema, make_engine
+from tests.helpers import put_control
 
 runner = CliRunner()
 
@@ -28,18 +29,15 @@ def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
 
 
 def put(engine: Engine, kind: str, value: str = "", **target: str) -> controls.Control:
-    now = datetime.now(UTC)
-    return controls.upsert(
+    return put_control(
         engine,
-        incident_id="incident-cost_spike-global-1",
-        kind=kind,
-        feature=target.get("feature"),
-        model=target.get("model"),
-        value=value,
+        kind,
+        value,
+        incident="incident-cost_spike-global-1",
+        ttl=timedelta(hours=4),
         reason="cost spike",
         set_by="runbook:cost_spike",
-        expires_at=now + timedelta(hours=4),
-        now=now,
+        **target,
     )
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,11 @@ from pagerloop_sdk.privacy import hash_user_id
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from stores import controls
 from stores.llm_calls import LLMCall
 from stores.quality import QualityScore
 from tests.conftest import INGEST_KEY
 from tests.fakes.server import ThreadedServer
+from tests.helpers import put_control
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_MODULES = {
@@ -41,6 +41,7 @@ SERVER_MODULES = {
 }  # fmt: skip
 CHAT = [{"role": "user", "content": "Summarize the quarter in one line."}]
 APP_SALT = "app-salt"
+OUTAGE, DOWN = "incident-api_outage-global-1", "OpenAI is down"
 RAW_USER = "customer_7@example.com"
 
 
@@ -233,22 +234,6 @@ def test_an_unreachable_api_never_reaches_the_caller_and_loses_nothing(
     assert len({r.call_id for r in rows(engine)}) == 20
 
 
-def set_control(engine: Engine, kind: str, value: str, *, feature: str, seconds: float) -> None:
-    now = datetime.now(UTC)
-    controls.upsert(
-        engine,
-        incident_id="incident-api_outage-global-test",
-        kind=kind,
-        feature=feature,
-        model=None,
-        value=value,
-        reason="OpenAI is down",
-        set_by="test",
-        now=now,
-        expires_at=now + timedelta(seconds=seconds),
-    )
-
-
 def test_controls_come_over_http_and_unchanged_ones_cost_a_304(
     llmock: LLMock, ingest_api: ThreadedServer, http_recorder: Recorder, engine: Engine
 ) -> None:
@@ -260,11 +245,12 @@ def test_controls_come_over_http_and_unchanged_ones_cost_a_304(
     )
     with llm_context(feature="digest"):
         client.chat.completions.create(model="gpt-4.1", messages=CHAT)
-    set_control(engine, "disable", "", feature="digest", seconds=600)
+    put_control(engine, "disable", feature="digest", incident=OUTAGE, reason=DOWN)
     wait_for(lambda: any(r.kind == "disable" for r in source.refresh().rules))
     with llm_context(feature="digest"), pytest.raises(FeatureDisabled) as refused:
         client.chat.completions.create(model="gpt-4.1", messages=CHAT)
-    assert refused.value.incident_id == "incident-api_outage-global-test"
+    assert refused.value.incident_id == OUTAGE
+    assert DOWN in str(refused.value)
     assert source.read() is None  # nothing changed: the API answered 304
     assert source.instances == 1
     source.close()
@@ -273,8 +259,8 @@ def test_controls_come_over_http_and_unchanged_ones_cost_a_304(
 def test_the_last_controls_stay_while_the_api_is_away_each_until_its_expiry(
     ingest_api: ThreadedServer, engine: Engine
 ) -> None:
-    set_control(engine, "disable", "", feature="short", seconds=2)
-    set_control(engine, "disable", "", feature="long", seconds=600)
+    put_control(engine, "disable", feature="short", ttl=timedelta(seconds=2))
+    put_control(engine, "disable", feature="long")
     with ThreadedServer(ingest_api.app) as api:
         source = HttpControls(api.url, f"Bearer {INGEST_KEY}", ttl=3600)
         assert {r.feature for r in source.refresh().rules} == {"short", "long"}

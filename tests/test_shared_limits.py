@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from llmock.chaos import ChaosSettings
@@ -19,10 +18,10 @@ from llmock.testing import LLMockServer
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from stores import controls
 from stores.llm_calls import LLMCall
 from tests.conftest import INGEST_KEY
 from tests.fakes.server import ThreadedServer
+from tests.helpers import put_control
 
 PROCESSES, THREADS = 3, 8
 ANSWER_SECONDS = 0.5
@@ -71,22 +70,6 @@ print("calls", len(done), flush=True)
 def slow_llm() -> Iterator[LLMockServer]:
     with LLMockServer(chaos=ChaosSettings(latency_ms=int(ANSWER_SECONDS * 1000))) as server:
         yield server
-
-
-def set_control(engine: Engine, kind: str, value: int) -> None:
-    now = datetime.now(UTC)
-    controls.upsert(
-        engine,
-        incident_id="incident-rate_limit_exhaustion-global-test",
-        kind=kind,
-        feature=FEATURE,
-        model=None,
-        value=str(value),
-        reason="test",
-        set_by="test",
-        now=now,
-        expires_at=now + timedelta(minutes=10),
-    )
 
 
 def run_replicas(
@@ -146,7 +129,7 @@ def test_a_concurrency_limit_holds_for_the_whole_application(
     ingest_api: ThreadedServer, slow_llm: LLMockServer, engine: Engine
 ) -> None:
     limit, seconds = 4, 6.0
-    set_control(engine, "concurrency", limit)
+    put_control(engine, "concurrency", str(limit), feature=FEATURE)
     go, _ = run_replicas(ingest_api, slow_llm, "concurrency", seconds)
     calls = requests_between(slow_llm, go, go + seconds)
     print(f"concurrency {limit}: peak {peak_in_flight(calls)}, {len(calls)} calls in {seconds} s")
@@ -160,7 +143,7 @@ def test_a_requests_per_minute_limit_holds_for_the_whole_application(
     ingest_api: ThreadedServer, slow_llm: LLMockServer, engine: Engine
 ) -> None:
     rpm, seconds = 360, 10.0  # 6 calls/s for the application, 2/s per replica
-    set_control(engine, "rpm", rpm)
+    put_control(engine, "rpm", str(rpm), feature=FEATURE)
     go, _ = run_replicas(ingest_api, slow_llm, "rpm", seconds)
     calls = requests_between(slow_llm, go, go + seconds)
     allowed = rpm / 60 * seconds
@@ -178,7 +161,7 @@ def test_a_tokens_per_minute_limit_holds_for_the_whole_application(
     ingest_api: ThreadedServer, slow_llm: LLMockServer, engine: Engine
 ) -> None:
     tpm, seconds = 1_800, 10.0  # 30 tokens/s for the application; a call here uses ~10-20
-    set_control(engine, "tpm", tpm)
+    put_control(engine, "tpm", str(tpm), feature=FEATURE)
     go, _ = run_replicas(ingest_api, slow_llm, "tpm", seconds)
     sent = len(requests_between(slow_llm, go, go + seconds))
     # Tokens per call are the API's record of the calls (the replicas flushed them at exit).
