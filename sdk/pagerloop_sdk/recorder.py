@@ -3,12 +3,13 @@
 `submit` never blocks and never does I/O: it queues the finished call as the wrapper noted it
 (timestamps and references); when the queue is full the call is dropped and counted. The writer
 thread does everything else: the record (usage, price, pseudonym, call id), quality scoring of
-the sampled calls, the JSON log line, and the batched writes to its sink. While the store is
-away it makes the records of the queued calls as they come, so that the queue holds records,
-not responses. `flush()` waits for what
-is queued, and an atexit hook closes the recorder on exit.
+the sampled calls, the JSON log line, and the batched writes to its sink (the pagerloop API in
+an app, `pagerloop_sdk.http_sink`; the stores themselves in the server's own processes). While
+the sink is away it makes the records of the queued calls as they come, so that the queue holds
+records, not responses. `flush()` waits for what is queued, and an atexit hook closes the
+recorder on exit.
 
-No record is lost to a store outage the recorder can hold: a batch the sink fails to write is
+No record is lost to a sink outage the recorder can hold: a batch the sink fails to write is
 kept at the front and retried with capped exponential backoff and jitter (0.2 s doubling to
 30 s), and the records keep queueing in memory. With a spool directory (`PAGERLOOP_SPOOL_DIR`,
 pagerloop_sdk.spool), a second thread, the spooler, moves the oldest queued records to disk
@@ -18,8 +19,8 @@ records are in memory beyond the queue's bound). It does not wait for the writer
 spend seconds in a write that does not come back (a connect or lock timeout). The writer
 replays the spool, oldest file first, ahead of the queue, whenever the store answers; and
 `close()` spools whatever is still undelivered, so that the next recorder on the same directory
-writes it. Batches are written once per call_id (stores.writer), so a retry after an ambiguous
-failure, or a replay, writes nothing twice.
+writes it. Batches are written once per call_id (ingest and the stores' writer are idempotent on
+it), so a retry after an ambiguous failure, or a replay, writes nothing twice.
 
 What is finally lost is counted in `pagerloop_instrumentation_records_total` and in `stats()`,
 and logged once per episode: "dropped" for want of room or time (queue full and no spool, spool
