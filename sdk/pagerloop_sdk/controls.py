@@ -16,6 +16,7 @@ attribute read, a controlled one a dict lookup.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import math
@@ -300,7 +301,7 @@ class Snapshot:
 EMPTY = Snapshot()
 
 
-class ControlSource:
+class ControlSource(abc.ABC):
     """The controls in force, re-read every `ttl` seconds by a daemon thread; `read()` says
     from where (the API: `pagerloop_sdk.http_controls`; the server's own store in embedded
     mode). A read that fails keeps the last controls known, each until its own expiry."""
@@ -316,12 +317,12 @@ class ControlSource:
         self._reset_process_state()
         _SOURCES.add(self)
 
+    @abc.abstractmethod
     def read(self) -> tuple[Rule, ...] | None:
         """The controls in force now, or None when they have not changed since the last
         read; raises when they cannot be read."""
-        raise NotImplementedError
 
-    def after_fork(self) -> None:
+    def after_fork(self) -> None:  # noqa: B027 (optional: most sources hold nothing to drop)
         """In a forked child: drop what cannot be shared with the parent (connections)."""
 
     def _reset_process_state(self) -> None:
