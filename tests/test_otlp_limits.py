@@ -308,17 +308,22 @@ def test_the_event_loop_answers_while_the_largest_export_is_decoded(
     )
     waits: list[float] = []
     with httpx.Client(base_url=api.url) as client:
+        export_started = time.perf_counter()
         sending.start()
         while sending.is_alive():
             started = time.perf_counter()
             assert client.get("/ping").status_code == 200
             waits.append(time.perf_counter() - started)
             time.sleep(0.02)
+        export_took = time.perf_counter() - export_started
     sending.join()
     assert answers[0].status_code == 200, answers[0].text
     assert stored(engine) == MAX_SPANS_PER_REQUEST
     assert len(waits) >= 10, "the export was answered too fast to measure anything"
-    assert max(waits) < 1.0, sorted(waits)[-5:]
+    # Decoding on the loop would hold one ping for about the whole export. Relative, because
+    # a loaded 2-core machine stalls any thread now and then (a full GC of the decoded export
+    # stops every thread), which an absolute bound took for a blocked loop.
+    assert max(waits) < export_took / 2, (export_took, sorted(waits)[-5:])
 
 
 # --- malformed bodies ----------------------------------------------------------------------
