@@ -13,103 +13,33 @@ recorded in the quality store with the call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
+from pagerloop_sdk.http_sink import COLUMNS_TYPE
 from pagerloop_sdk.pricing import PriceTable
 from pagerloop_sdk.privacy import hash_user_id
 from pagerloop_sdk.recorder import count_unpriced
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from api.auth import require_ingest_key
 from api.bodies import JsonBody
-from api.bounds import (
-    MAX_CALLS_PER_BATCH,
-    MAX_COST_USD,
-    MAX_LATENCY_MS,
-    MAX_RETRIES,
-    MAX_TOKENS,
-    ErrorMessage,
-    Metadata,
-    RecentTimestamp,
-    Text64,
-    Text128,
-    Text256,
-)
+from api.columns import CallColumns
 from api.deps import Services, services
 from api.errors import INGEST_ERRORS
+from api.ingest_types import CallBatch, CallIn
 from api.otlp_limits import ExportRefusedError, inflate
 from api.telemetry import INGESTED_CALLS
-from stores.llm_calls import CONTROLS_MAX, ERROR_MESSAGE_MAX, CallRecord, write_calls
+from stores.llm_calls import ERROR_MESSAGE_MAX, CallRecord, new_call_id, write_calls
 from stores.quality import SCORER, ScoreRecord, write_scores
 
 router = APIRouter()
 
-CallId = Annotated[str, Field(min_length=8, max_length=32, pattern=r"^[0-9a-f]+$")]
-Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-
-
-class QualityIn(BaseModel):
-    """The SDK scorer's verdict on a sampled call (0 bad .. 1 good)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    score: Fraction
-    format_compliance: Fraction | None = None
-    hallucination_risk: Fraction | None = None
-    relevance: Fraction | None = None
-
-
-class CallIn(BaseModel):
-    """One call as other languages send it (the contract's `/v1/llm-calls` record); every
-    field bounded (api/bounds.py, README "Limits")."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text128
-    status: Literal["success", "error", "timeout", "rate_limited", "server_error"]
-    latency_ms: float = Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
-    timestamp: RecentTimestamp | None = None
-    call_id: CallId | None = None
-    operation: Literal["chat", "responses", "embeddings"] = "chat"
-    response_model: Text128 | None = None
-    feature: Text128 | None = None
-    team: Text128 | None = None
-    environment: Text64 | None = None
-    session_id: Text128 | None = None
-    user: Text256 | None = None
-    http_status: int | None = Field(default=None, ge=100, le=599)
-    ttft_ms: float | None = Field(default=None, ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
-    input_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
-    output_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
-    cached_input_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
-    cost_usd: float | None = Field(default=None, ge=0, le=MAX_COST_USD, allow_inf_nan=False)
-    error_type: Text128 | None = None
-    error_message: ErrorMessage | None = None
-    retry_count: int = Field(default=0, ge=0, le=MAX_RETRIES)
-    finish_reason: Text64 | None = None
-    request_id: Text128 | None = None
-    trace_id: Text64 | None = None
-    metadata: Metadata | None = None
-    # Sent by the pagerloop SDK: the controls that changed the call ("kind#id,..."), whether
-    # its response cache answered it ("cache": kept out of the golden signals), its verdict.
-    controls: Annotated[str, Field(min_length=1, max_length=CONTROLS_MAX)] | None = None
-    source: Literal["ingest", "sdk", "cache"] = "ingest"
-    quality: QualityIn | None = None
-
-
-class CallBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # fail_fast: a body of a million empty objects is refused at the first, not after
-    # building a million errors (seconds holding the GIL, and the event loop with it).
-    calls: list[CallIn] = Field(min_length=1, max_length=MAX_CALLS_PER_BATCH, fail_fast=True)
-
-
 BATCH = JsonBody[CallBatch]("CallBatch", CallBatch)
+COLUMNS = JsonBody[CallColumns]("CallColumns", CallColumns, COLUMNS_TYPE)
 
 
 class IngestResult(BaseModel):
@@ -130,7 +60,8 @@ def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime
         if cost is None:
             count_unpriced(call.response_model or call.model)
     message = call.error_message
-    record = CallRecord(
+    return CallRecord(
+        call_id=call.call_id or new_call_id(),
         ts=(call.timestamp or received_at).astimezone(UTC),
         operation=call.operation,
         model=call.model,
@@ -158,9 +89,6 @@ def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime
         metadata=call.metadata,
         controls=call.controls,
     )
-    if call.call_id:
-        record.call_id = call.call_id
-    return record
 
 
 def score_of(call: CallIn, record: CallRecord) -> ScoreRecord | None:
@@ -192,53 +120,63 @@ async def store_records(
     return len(records) - inserted
 
 
-def _refuse_repeated_call_ids(batch: CallBatch) -> None:
-    """A call_id twice in one batch is the batch's own mistake (422), not a retry."""
+def _refuse_repeated_call_ids(call_ids: Iterable[str | None], where: tuple[Any, ...]) -> None:
+    """A call_id twice in one batch is the batch's own mistake (422), not a retry. `where`:
+    the location of the call_ids in the body, with `{}` for the call's index."""
     seen: set[str] = set()
-    for index, call in enumerate(batch.calls):
-        if call.call_id is None:
+    for index, call_id in enumerate(call_ids):
+        if call_id is None:
             continue
-        if call.call_id in seen:
-            raise RequestValidationError(
-                [
-                    {
-                        "loc": ("body", "calls", index, "call_id"),
-                        "msg": "this call_id is already in this batch",
-                        "type": "value_error",
-                    }
-                ]
-            )
-        seen.add(call.call_id)
+        if call_id in seen:
+            loc = tuple(index if part == "{}" else part for part in where)
+            message = "this call_id is already in this batch"
+            raise RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
+        seen.add(call_id)
+
+
+def _decode(
+    raw: bytes, columnar: bool, salt: str, prices: PriceTable, now: datetime
+) -> tuple[list[CallRecord], list[ScoreRecord]]:
+    """The batch's records and scorer verdicts, validated; CPU bound (a worker thread's)."""
+    calls: Sequence[Any]
+    if columnar:
+        columns = COLUMNS.validate(raw).columns
+        _refuse_repeated_call_ids(columns.call_ids(), ("body", "columns", "call_id", "{}"))
+        calls = list(columns.calls())
+    else:
+        calls = BATCH.validate(raw).calls
+        _refuse_repeated_call_ids((c.call_id for c in calls), ("body", "calls", "{}", "call_id"))
+    records = [to_record(call, salt, prices, now) for call in calls]
+    scores = [
+        score
+        for call, record in zip(calls, records, strict=True)
+        if (score := score_of(call, record)) is not None
+    ]
+    return records, scores
 
 
 @router.post(
     "/v1/llm-calls",
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[Depends(require_ingest_key)],
-    openapi_extra=BATCH.openapi,
+    openapi_extra=JsonBody.openapi_of(BATCH, COLUMNS),
     responses=INGEST_ERRORS,
 )
 async def ingest_calls(
     request: Request, svc: Annotated[Services, Depends(services)]
 ) -> IngestResult:
+    raw = await request.body()
     encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding not in ("", "identity"):
-        limit = svc.settings.ingest_max_body_bytes
         try:
-            raw = await asyncio.to_thread(inflate, await request.body(), encoding, limit)
+            limit = svc.settings.ingest_max_body_bytes
+            raw = await asyncio.to_thread(inflate, raw, encoding, limit)
         except ExportRefusedError as exc:
             raise HTTPException(exc.status, exc.message) from None
-        batch = await BATCH.parse_bytes(raw)
-    else:
-        batch = await BATCH.parse(request)
-    _refuse_repeated_call_ids(batch)
+    columnar = request.headers.get("content-type", "").lower().startswith(COLUMNS_TYPE)
     salt = svc.settings.user_hash_salt.get_secret_value()
-    now = datetime.now(UTC)
-    records = [to_record(call, salt, svc.prices, now) for call in batch.calls]
-    scores = [
-        score
-        for call, record in zip(batch.calls, records, strict=True)
-        if (score := score_of(call, record)) is not None
-    ]
+    records, scores = await asyncio.to_thread(
+        _decode, raw, columnar, salt, svc.prices, datetime.now(UTC)
+    )
     duplicates = await store_records(svc, records, "llm-calls", scores)
     return IngestResult(accepted=len(records), duplicates=duplicates)

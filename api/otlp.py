@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from api.auth import require_ingest_key
 from api.deps import Services, services
 from api.errors import INGEST_ERRORS
-from api.ingest import CallIn, store_records, to_record
+from api.ingest import store_records, to_record
+from api.ingest_types import CallIn
 from api.otlp_limits import (
     MAX_DEPTH,
     MAX_INFLATED_BYTES,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
 from datetime import UTC, datetime
 from itertools import chain
@@ -135,61 +135,6 @@ def has_cache_hits(records: Sequence[CallRecord]) -> bool:
     return CACHE_SOURCE in map(_source_of, records)
 
 
-def counted(records: Sequence[CallRecord]) -> Sequence[CallRecord]:
-    """The records the rollups count: the batch itself unless it holds cache hits."""
-    if not has_cache_hits(records):
-        return records
-    return [record for record in records if record.source != CACHE_SOURCE]
-
-
-def rollup(records: Iterable[CallRecord]) -> dict[tuple[datetime, str, str, str, str], list[float]]:
-    """Sum a batch per minute and dimension (missing dimensions are ""); the caller leaves out
-    what must not be counted (`counted`)."""
-    buckets: dict[tuple[datetime, str, str, str, str], list[float]] = {}
-    index = {name: i for i, name in enumerate(ROLLUP_SUMS)}
-    for record in records:
-        ts = utc(record.ts)
-        key = (
-            ts.replace(second=0, microsecond=0),
-            record.model,
-            record.feature or "",
-            record.team or "",
-            record.environment or "",
-        )
-        sums = buckets.get(key)
-        if sums is None:
-            sums = buckets[key] = [0.0] * len(ROLLUP_SUMS)
-        sums[0] += 1
-        sums[index[_STATUS_COUNTER.get(record.status, "errors")]] += 1
-        sums[6] += record.input_tokens or 0
-        sums[7] += record.output_tokens or 0
-        sums[8] += record.cached_input_tokens or 0
-        if record.cost_usd is not None:
-            sums[9] += record.cost_usd
-        elif record.input_tokens is not None:
-            sums[10] += 1  # tokens known, model without a price
-        sums[11] += record.latency_ms
-    return buckets
-
-
-def _rollup_sql(placeholder: str) -> str:
-    columns = ROLLUP_KEYS + ROLLUP_SUMS
-    updates = ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS)
-    values = ", ".join([placeholder] * len(columns))
-    return (
-        f"INSERT INTO usage_rollup ({', '.join(columns)}) VALUES ({values}) "  # noqa: S608
-        f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET {updates}"
-    )
-
-
-def _rollup_rows(records: Sequence[CallRecord], minute: Any) -> list[tuple[Any, ...]]:
-    rows = []
-    for (bucket, *dims), sums in rollup(records).items():
-        ints = [int(v) for v in sums[:9]] + [sums[9], int(sums[10]), sums[11]]
-        rows.append((minute(bucket), *dims, *ints))
-    return rows
-
-
 def _json(value: dict[str, Any]) -> str:
     text = json.dumps(value, separators=(",", ":"), default=str)
     # The text is ASCII: NUL and surrogates show as escapes (a pair too, for characters past
@@ -237,29 +182,6 @@ def _sqlite_rollup(where: str) -> str:
 _SQLITE_ROLLUP = _sqlite_rollup("id > ?")
 # Only for batches that hold cache hits: the filter costs a column read per row otherwise.
 _SQLITE_ROLLUP_UNCACHED = _sqlite_rollup(f"id > ? AND source != '{CACHE_SOURCE}'")
-
-
-_LATENCY_ROLLUP_UPSERT = (
-    f"INSERT INTO latency_rollup ({', '.join(ROLLUP_KEYS)}, bucket, calls) "  # noqa: S608
-    "VALUES (%s, %s, %s, %s, %s, %s, %s) "
-    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}, bucket) DO UPDATE SET "
-    "calls = latency_rollup.calls + excluded.calls"
-)
-
-
-def _latency_rows(records: Sequence[CallRecord]) -> list[tuple[Any, ...]]:
-    counts: dict[tuple[Any, ...], int] = {}
-    for record in records:
-        key = (
-            utc(record.ts).replace(second=0, microsecond=0),
-            record.model,
-            record.feature or "",
-            record.team or "",
-            record.environment or "",
-            latency.bucket(record.latency_ms),
-        )
-        counts[key] = counts.get(key, 0) + 1
-    return [(*key, count) for key, count in counts.items()]
 
 
 _HISTOGRAM_KEY = tuple(
@@ -348,7 +270,12 @@ _SQLITE_LATENCY = _sqlite_latency_sql("id > ?")
 _SQLITE_LATENCY_UNCACHED = _sqlite_latency_sql(f"id > ? AND source != '{CACHE_SOURCE}'")
 
 
-_SQLITE_LATENCY_UPSERT = _LATENCY_ROLLUP_UPSERT.replace("%s", "?")
+_SQLITE_LATENCY_UPSERT = (
+    f"INSERT INTO latency_rollup ({', '.join(ROLLUP_KEYS)}, bucket, calls) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, ?, ?, ?) "
+    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}, bucket) DO UPDATE SET "
+    "calls = latency_rollup.calls + excluded.calls"
+)
 
 
 def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> int:
@@ -373,56 +300,152 @@ def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> int:
     return inserted
 
 
-def _copy(cursor: Any, table: str, records: Sequence[CallRecord]) -> None:
+def _copy(cursor: Any, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
     with cursor.copy(f"COPY {table} ({_COLUMN_LIST}) FROM STDIN") as copy:
-        for record in records:
-            copy.write_row(_call_tuple(record, utc))
+        for row in rows:
+            copy.write_row(row)
 
 
-def _insert_new_postgres(cursor: Any, records: Sequence[CallRecord]) -> list[CallRecord]:
-    """Insert the records whose call_id is not recorded yet; those records, in batch order
-    (a call_id twice in the batch is inserted, and returned, once)."""
+_CALL_ID_INDEX = CALL_COLUMNS.index("call_id")
+
+
+def _insert_new_postgres(cursor: Any, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Insert the rows whose call_id is not recorded yet; those rows, in batch order (a
+    call_id twice in the batch is inserted, and returned, once)."""
     cursor.execute(
         f"CREATE TEMP TABLE pagerloop_incoming ON COMMIT DROP AS "  # noqa: S608
         f"SELECT {_COLUMN_LIST} FROM llm_calls WITH NO DATA"
     )
-    _copy(cursor, "pagerloop_incoming", records)
+    _copy(cursor, "pagerloop_incoming", rows)
     cursor.execute(
         f"INSERT INTO llm_calls ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} "  # noqa: S608
         "FROM pagerloop_incoming ON CONFLICT (call_id) DO NOTHING RETURNING call_id"
     )
     new = {call_id for (call_id,) in cursor.fetchall()}
     inserted = []
-    for record in records:
-        if record.call_id in new:
-            new.discard(record.call_id)
-            inserted.append(record)
+    for row in rows:
+        if row[_CALL_ID_INDEX] in new:
+            new.discard(row[_CALL_ID_INDEX])
+            inserted.append(row)
     return inserted
 
 
-def _rollup_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    return row[: len(ROLLUP_KEYS)]
+_INDEX = {name: CALL_COLUMNS.index(name) for name in CALL_COLUMNS}
+_SUM_INDEX = {name: i for i, name in enumerate(ROLLUP_SUMS)}
+_STATUS_SUM = {status: _SUM_INDEX[name] for status, name in _STATUS_COUNTER.items()}
+
+
+def rollups(
+    rows: Sequence[tuple[Any, ...]],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The usage and latency rollup rows of a batch of call rows (CALL_COLUMNS, `ts` a UTC
+    datetime), each sorted by key, in one pass; cache hits are left out. Missing dimensions
+    are ""."""
+    ts_, model_, feature_, team_, environment_, status_, bucket_, source_ = (
+        _INDEX[name]
+        for name in (
+            "ts", "model", "feature", "team", "environment", "status", "latency_bucket", "source"
+        )
+    )  # fmt: skip
+    input_, output_, cached_ = (
+        _INDEX["input_tokens"],
+        _INDEX["output_tokens"],
+        _INDEX["cached_input_tokens"],
+    )
+    cost_, latency_ = _INDEX["cost_usd"], _INDEX["latency_ms"]
+    errors = _SUM_INDEX["errors"]
+    usage: dict[tuple[Any, ...], list[Any]] = {}
+    histogram: Counter[tuple[Any, ...]] = Counter()
+    for row in rows:
+        if row[source_] == CACHE_SOURCE:
+            continue
+        key = (
+            row[ts_].replace(second=0, microsecond=0),
+            row[model_],
+            row[feature_] or "",
+            row[team_] or "",
+            row[environment_] or "",
+        )
+        sums = usage.get(key)
+        if sums is None:
+            sums = usage[key] = [0] * 9 + [0.0, 0, 0.0]
+        sums[0] += 1
+        sums[_STATUS_SUM.get(row[status_], errors)] += 1
+        sums[6] += row[input_] or 0
+        sums[7] += row[output_] or 0
+        sums[8] += row[cached_] or 0
+        if row[cost_] is not None:
+            sums[9] += row[cost_]
+        elif row[input_] is not None:
+            sums[10] += 1  # tokens known, model without a price
+        sums[11] += row[latency_]
+        histogram[(*key, row[bucket_])] += 1
+    return (
+        sorted((*key, *sums) for key, sums in usage.items()),
+        sorted((*key, count) for key, count in histogram.items()),
+    )
+
+
+_KEY_TYPES = ("timestamptz", "text", "text", "text", "text")
+_SUM_TYPES = tuple(
+    "float8" if name in ("cost_usd", "latency_ms_sum") else "int8" for name in ROLLUP_SUMS
+)
+
+
+def _unnest_upsert(table: str, columns: Sequence[str], types: Sequence[str], update: str) -> str:
+    """One statement for all of a batch's rollup rows, passed as one array per column: a
+    round of parsing and planning per row (a thousand latency buckets per batch) cost the API
+    more than the call rows' COPY."""
+    arrays = ", ".join(f"%b::{kind}[]" for kind in types)  # binary: no quoting to scan for
+    # ORDER BY ordinality: rows are locked in the order given (sorted by key), so that batches
+    # written at once wait for one another instead of deadlocking.
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
+        f"SELECT {', '.join(columns)} FROM unnest({arrays}) WITH ORDINALITY "
+        f"AS rows ({', '.join(columns)}, position) ORDER BY position "
+        f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}{update}"
+    )
+
+
+_USAGE_UNNEST = _unnest_upsert(
+    "usage_rollup",
+    ROLLUP_KEYS + ROLLUP_SUMS,
+    _KEY_TYPES + _SUM_TYPES,
+    ") DO UPDATE SET "
+    + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS),
+)
+_LATENCY_UNNEST = _unnest_upsert(
+    "latency_rollup",
+    (*ROLLUP_KEYS, "bucket", "calls"),
+    (*_KEY_TYPES, "int2", "int8"),
+    ", bucket) DO UPDATE SET calls = latency_rollup.calls + excluded.calls",
+)
+
+
+def _as_arrays(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> int:
+    rows = [_call_tuple(record, utc) for record in records]
     with _transaction(engine) as connection:
         cursor = connection.cursor()
         cursor.execute("SAVEPOINT pagerloop_copy")
         try:
-            _copy(cursor, "llm_calls", records)
-            inserted: Sequence[CallRecord] = records
+            _copy(cursor, "llm_calls", rows)
+            inserted: Sequence[tuple[Any, ...]] = rows
         except engine.dialect.loaded_dbapi.Error as exc:
             if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
                 raise
             cursor.execute("ROLLBACK TO SAVEPOINT pagerloop_copy")
-            inserted = _insert_new_postgres(cursor, records)
-        rolled_up = counted(inserted)
-        # In key order: batches written at once (API workers, a sink's parallel requests) then
+            inserted = _insert_new_postgres(cursor, rows)
+        # Sorted by key: batches written at once (API workers, a sink's parallel requests) then
         # lock the rollup rows they share in the same order, and wait for one another instead
         # of deadlocking.
-        usage = sorted(_rollup_rows(rolled_up, lambda value: value), key=_rollup_key)
-        cursor.executemany(_rollup_sql("%s"), usage)
-        cursor.executemany(_LATENCY_ROLLUP_UPSERT, sorted(_latency_rows(rolled_up)))
+        usage, histogram = rollups(inserted)
+        if usage:
+            cursor.execute(_USAGE_UNNEST, _as_arrays(usage))
+            cursor.execute(_LATENCY_UNNEST, _as_arrays(histogram))
     return len(inserted)
 
 

@@ -36,6 +36,7 @@ from stores.llm_calls import (
     LLMCall,
     UsageRollup,
     new_call_id,
+    utc,
     write_calls,
 )
 from stores.quality import QualityScore
@@ -128,13 +129,18 @@ def test_cache_hits_are_logged_with_their_control_but_not_rolled_up(store: Engin
     assert found.latency_histogram == {latency.bucket(1200.0): 10, latency.bucket(300.0): 1}
 
 
-def test_a_batch_without_cache_hits_is_rolled_up_as_it_is() -> None:
+def test_the_rollups_of_a_batch_leave_its_cache_hits_out() -> None:
     batch = [sent(NOW), sent(NOW, source="ingest"), sent(NOW, source="otlp")]
-    assert writer.counted(batch) is batch  # one check, no copy
     assert not writer.has_cache_hits(batch)
     with_hits = [*batch, hit(NOW)]
     assert writer.has_cache_hits(with_hits)
-    assert writer.counted(with_hits) == batch
+
+    def rows(records: list[CallRecord]) -> list[tuple[object, ...]]:
+        return [writer._call_tuple(record, utc) for record in records]
+
+    usage, histogram = writer.rollups(rows(batch))
+    assert sum(row[len(writer.ROLLUP_KEYS)] for row in usage) == 3  # calls
+    assert writer.rollups(rows(with_hits)) == (usage, histogram)
 
 
 # --- the diagnosis queries and the re-read of a signal ----------------------------------------

@@ -28,6 +28,7 @@ from pagerloop_sdk.recorder import SLICE, RecordsRefusedError, refused
 from pagerloop_sdk.records import CallRecord, ScoreRecord
 
 PATH = "/v1/llm-calls"
+COLUMNS_TYPE = "application/vnd.pagerloop.columns+json"  # api/columns.py
 CALLS_PER_REQUEST = 2_000  # the API takes 10,000 and 5 MB inflated; a call is ~0.5 KB of JSON
 CONCURRENCY = 4  # requests of one batch in flight together
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -51,17 +52,37 @@ _WIRE_NAMES = tuple(_RENAMED.get(name, name) for name in _SENT)
 _sent_values = attrgetter(*_SENT)
 
 
-def wire(call: CallRecord, score: ScoreRecord | None) -> dict[str, Any]:
-    """One record as `POST /v1/llm-calls` takes it. The user is the SDK's pseudonym (the API
+def encode(calls: Sequence[CallRecord], scores: dict[str, ScoreRecord]) -> bytes:
+    """The calls as `POST /v1/llm-calls` takes them in columns (COLUMNS_TYPE), gzipped: an
+    array per field, a field no call has left out. The user is the SDK's pseudonym (the API
     hashes it again with its own salt): raw end-user ids never leave the application. The cost
     is left to the API, which prices every call with the one price table it is configured
-    with, whichever way the call arrived."""
-    values = _sent_values(call)
-    body = {k: v for k, v in zip(_WIRE_NAMES, values, strict=True) if v is not None}
-    body["timestamp"] = call.ts.isoformat()
-    if score is not None:
-        body["quality"] = {name: getattr(score, name) for name in QUALITY_FIELDS}
-    return body
+    with, whichever way the call arrived.
+
+    Made SLICE records or one column at a time: `json.dumps` and the C loops hold the GIL until
+    they return, and the app's threads wait meanwhile."""
+    rows: list[tuple[Any, ...]] = []
+    stamps: list[str] = []
+    for start in range(0, len(calls), SLICE):
+        part = calls[start : start + SLICE]
+        rows.extend(map(_sent_values, part))
+        stamps.extend(call.ts.isoformat() for call in part)
+        time.sleep(0)  # the GIL to a waiting app thread
+    pieces = []
+    for name, column in zip(_WIRE_NAMES, zip(*rows, strict=True), strict=True):
+        if column.count(None) < len(column):
+            pieces.append(f'"{name}": {json.dumps(column)}')
+            time.sleep(0)
+    pieces.append(f'"timestamp": {json.dumps(stamps)}')
+    verdicts = [scores.get(call.call_id) for call in calls] if scores else []
+    if any(verdicts):
+        quality = [
+            None if v is None else {name: getattr(v, name) for name in QUALITY_FIELDS}
+            for v in verdicts
+        ]
+        pieces.append(f'"quality": {json.dumps(quality)}')
+    body = '{"columns": {' + ", ".join(pieces) + "}}"
+    return gzip.compress(body.encode(), compresslevel=1)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -83,7 +104,7 @@ class HttpSink:
     ) -> None:
         self.url = url.rstrip("/")
         headers = {
-            "Content-Type": "application/json",
+            "Content-Type": COLUMNS_TYPE,
             "Content-Encoding": "gzip",
             "User-Agent": "pagerloop-sdk",
         }
@@ -103,17 +124,17 @@ class HttpSink:
         parts = list(_parts(calls))
         if len(parts) == 1 or self.concurrency <= 1:
             for part in parts:
-                self._check(self._post(self._encode(part, by_call)))
+                self._check(self._post(encode(part, by_call)))
             return
         try:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     self.concurrency, thread_name_prefix="pagerloop-http"
                 )
-            pending = [self._pool.submit(self._post, self._encode(part, by_call)) for part in parts]
+            pending = [self._pool.submit(self._post, encode(part, by_call)) for part in parts]
         except RuntimeError:  # at exit (the flush of atexit): no new threads, one at a time
             for part in parts:
-                self._check(self._post(self._encode(part, by_call)))
+                self._check(self._post(encode(part, by_call)))
             return
         failures: list[BaseException] = []
         for future in pending:
@@ -125,20 +146,6 @@ class HttpSink:
             # A failure that is not the records' own first: the batch is retried whole, and a
             # refusal among its parts is isolated once the API takes the rest.
             raise next((exc for exc in failures if not refused(exc)), failures[0])
-
-    @staticmethod
-    def _encode(part: Sequence[CallRecord], by_call: dict[str, ScoreRecord]) -> bytes:
-        """`{"calls": [...]}`, gzipped. Encoded SLICE records at a time: `json.dumps` holds the
-        GIL until it returns, and the app's threads wait meanwhile."""
-        pieces = []
-        for start in range(0, len(part), SLICE):
-            records = [
-                wire(call, by_call.get(call.call_id)) for call in part[start : start + SLICE]
-            ]
-            pieces.append(json.dumps(records)[1:-1])
-            time.sleep(0)  # the GIL to a waiting app thread
-        body = '{"calls": [' + ", ".join(pieces) + "]}"
-        return gzip.compress(body.encode(), compresslevel=1)
 
     def _post(self, body: bytes) -> httpx.Response:
         return self._client.post(self.url + PATH, content=body, headers=self._headers)
