@@ -3,9 +3,11 @@
 `{"columns": {"model": [...], "status": [...], ...}}` under `Content-Type: COLUMNS_TYPE`: one
 array per field of `CallIn`, named as in the row form, all of one length (a call per index).
 A column left out is the field left out of every call; `null` at an index is the field left
-out of that call. Validation is the row form's: each column's items have the type and bounds
-of the field (generated from `CallIn`, never restated), so a batch is accepted or refused
-exactly as its rows would be, and an error names the column and the index.
+out of that call (its default applies: a column holds a null where a row would leave a key out,
+so `retry_count: null`, which the row form refuses, means 0 here). Otherwise validation is the
+row form's: each column's items have the type and bounds of the field (generated from `CallIn`,
+never restated), so a batch is accepted or refused as its rows would be, and an error names the
+column and the index.
 
 Why a second form: pydantic validates a list of numbers or strings in Rust at a few tens of
 nanoseconds an item, a model per call costs microseconds, and the keys of every call are not

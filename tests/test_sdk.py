@@ -295,3 +295,16 @@ def test_a_backlog_of_several_requests_is_delivered_at_exit(
         timeout=60,
     )
     assert len(rows(engine)) == 2500
+
+
+def test_snapshot_names_are_priced_as_their_model_however_many_names_come() -> None:
+    from pagerloop_sdk.pricing import RESOLVED_MAX, PriceTable
+
+    table = PriceTable()
+    base = table.cost_usd("gpt-4.1", 1000, 100)
+    assert base is not None
+    assert table.cost_usd("gpt-4.1-2025-04-14", 1000, 100) == base
+    for index in range(RESOLVED_MAX * 2):  # names past the memo's bound are still priced
+        assert table.cost_usd(f"no-such-model-{index}", 1000, 100) is None
+    assert table.cost_usd("gpt-4.1-2026-11-01", 1000, 100) == base
+    assert len(table._resolved) <= RESOLVED_MAX

@@ -47,9 +47,15 @@ def base_model(model: str) -> str:
     return _SNAPSHOT_SUFFIX.sub("", model)
 
 
+RESOLVED_MAX = 1_024
+
+
 class PriceTable:
     def __init__(self, prices: dict[str, ModelPrice] | None = None) -> None:
         self.prices = dict(PRICES if prices is None else prices)
+        # Snapshot names resolved to their base model's price (a regex each time otherwise).
+        # Bounded: the API prices whatever model names its clients send.
+        self._resolved: dict[str, ModelPrice | None] = {}
 
     @classmethod
     def from_file(cls, path: Path | None) -> PriceTable:
@@ -69,7 +75,16 @@ class PriceTable:
         return table
 
     def price(self, model: str) -> ModelPrice | None:
-        return self.prices.get(model) or self.prices.get(base_model(model))
+        found = self.prices.get(model)
+        if found is not None:
+            return found
+        try:
+            return self._resolved[model]
+        except KeyError:
+            found = self.prices.get(base_model(model))
+            if len(self._resolved) < RESOLVED_MAX:
+                self._resolved[model] = found
+            return found
 
     def cost_usd(
         self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
