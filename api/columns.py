@@ -34,7 +34,11 @@ def _column(name: str) -> Any:
     item: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
     if not info.is_required():
         item = item | None  # null: this call leaves the field out (its default applies)
-    column = Annotated[list[item], Field(min_length=1, max_length=MAX_CALLS_PER_BATCH)]
+    # fail_fast, as the row form's list of calls: a column of a million bad values is refused
+    # at its first, not after building a million errors (seconds holding the GIL).
+    column = Annotated[
+        list[item], Field(min_length=1, max_length=MAX_CALLS_PER_BATCH, fail_fast=True)
+    ]
     return (column, ...) if info.is_required() else (column | None, None)
 
 
