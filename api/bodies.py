@@ -49,10 +49,7 @@ class JsonBody(Generic[T]):
         return dict(found)
 
     async def parse(self, request: Request) -> T:
-        return await self.parse_bytes(await request.body())
-
-    async def parse_bytes(self, raw: bytes) -> T:
-        return await asyncio.to_thread(self.validate, raw)
+        return await asyncio.to_thread(self.validate, await request.body())
 
     def validate(self, raw: bytes) -> T:
         """The body, or RequestValidationError (a 422 naming the field). CPU bound."""

@@ -1,15 +1,18 @@
 """The bulk write path of the call log: the instrumentation's writer, ingest and OTLP use it.
 
-SQLite gets one `executemany` of plain tuples, PostgreSQL gets `COPY`: the ORM would cost a
-third of the throughput. The rollup is aggregated in Python per batch and upserted.
+SQLite gets one `executemany` of plain tuples and sums the usage rollup itself in SQL;
+PostgreSQL gets `COPY`, and both rollups summed in Python from the same rows, each upserted in
+one statement of arrays: the ORM, or a statement per rollup row, would cost a third of the
+throughput.
 
 Text PostgreSQL refuses (NUL) or no UTF-8 encoder takes (lone surrogates: `"\\ud800"`) would
 fail the whole batch; it is replaced by U+FFFD. It is rare, so the batch's strings are checked
 in one pass in C and only a batch that holds such a string pays for mending it.
 
 Calls the response cache answered (source "cache") are written to the call log but left out of
-both rollups: they never reached OpenAI, and counting their successes would hide an outage. A
-batch is checked for them once, in C; only a batch that holds one pays for filtering it.
+both rollups: they never reached OpenAI, and counting their successes would hide an outage.
+SQLite checks a batch for them once, in C, and only a batch that holds one pays for filtering
+it; PostgreSQL's one pass over the rows skips them.
 
 A call_id is written once: a batch sent again (a client retrying after a timeout, the recorder
 retrying after an ambiguous commit, an OTLP exporter re-sending) writes nothing twice, and the
@@ -62,6 +65,7 @@ ROLLUP_SUMS = (
     "unpriced_calls",
     "latency_ms_sum",
 )
+_FLOAT_SUMS = ("cost_usd", "latency_ms_sum")
 _STATUS_COUNTER = {
     "success": "successes",
     "error": "errors",
@@ -353,7 +357,16 @@ def rollups(
         _INDEX["cached_input_tokens"],
     )
     cost_, latency_ = _INDEX["cost_usd"], _INDEX["latency_ms"]
-    errors = _SUM_INDEX["errors"]
+    calls, errors, unpriced = (
+        _SUM_INDEX["calls"],
+        _SUM_INDEX["errors"],
+        _SUM_INDEX["unpriced_calls"],
+    )
+    inputs, outputs, cached = (
+        _SUM_INDEX[name] for name in ("input_tokens", "output_tokens", "cached_input_tokens")
+    )
+    cost, latency_sum = _SUM_INDEX["cost_usd"], _SUM_INDEX["latency_ms_sum"]
+    empty = [0.0 if name in _FLOAT_SUMS else 0 for name in ROLLUP_SUMS]
     usage: dict[tuple[Any, ...], list[Any]] = {}
     histogram: Counter[tuple[Any, ...]] = Counter()
     for row in rows:
@@ -368,17 +381,17 @@ def rollups(
         )
         sums = usage.get(key)
         if sums is None:
-            sums = usage[key] = [0] * 9 + [0.0, 0, 0.0]
-        sums[0] += 1
+            sums = usage[key] = empty.copy()
+        sums[calls] += 1
         sums[_STATUS_SUM.get(row[status_], errors)] += 1
-        sums[6] += row[input_] or 0
-        sums[7] += row[output_] or 0
-        sums[8] += row[cached_] or 0
+        sums[inputs] += row[input_] or 0
+        sums[outputs] += row[output_] or 0
+        sums[cached] += row[cached_] or 0
         if row[cost_] is not None:
-            sums[9] += row[cost_]
+            sums[cost] += row[cost_]
         elif row[input_] is not None:
-            sums[10] += 1  # tokens known, model without a price
-        sums[11] += row[latency_]
+            sums[unpriced] += 1  # tokens known, model without a price
+        sums[latency_sum] += row[latency_]
         histogram[(*key, row[bucket_])] += 1
     return (
         sorted((*key, *sums) for key, sums in usage.items()),
@@ -387,9 +400,7 @@ def rollups(
 
 
 _KEY_TYPES = ("timestamptz", "text", "text", "text", "text")
-_SUM_TYPES = tuple(
-    "float8" if name in ("cost_usd", "latency_ms_sum") else "int8" for name in ROLLUP_SUMS
-)
+_SUM_TYPES = tuple("float8" if name in _FLOAT_SUMS else "int8" for name in ROLLUP_SUMS)
 
 
 def _unnest_upsert(table: str, columns: Sequence[str], types: Sequence[str], update: str) -> str:
@@ -397,8 +408,7 @@ def _unnest_upsert(table: str, columns: Sequence[str], types: Sequence[str], upd
     round of parsing and planning per row (a thousand latency buckets per batch) cost the API
     more than the call rows' COPY."""
     arrays = ", ".join(f"%b::{kind}[]" for kind in types)  # binary: no quoting to scan for
-    # ORDER BY ordinality: rows are locked in the order given (sorted by key), so that batches
-    # written at once wait for one another instead of deadlocking.
+    # ORDER BY position: the rows are locked in the order given, which `rollups` sorts by key.
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
         f"SELECT {', '.join(columns)} FROM unnest({arrays}) WITH ORDINALITY "

@@ -35,7 +35,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from api.deps import Services
-from api.ingest import CallIn, to_record
+from api.ingest import to_record
+from api.ingest_types import CallIn
 from api.otlp import calls
 from api.otlp_limits import (
     MAX_INFLATED_BYTES,
