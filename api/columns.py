@@ -16,9 +16,7 @@ sent again; the SDK's encoding gets cheaper the same way (P8 in the README).
 
 from __future__ import annotations
 
-from collections import namedtuple
-from collections.abc import Iterator, Sequence
-from itertools import repeat
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -61,22 +59,21 @@ class _Columns(BaseModel):
         ids: Sequence[str | None] | None = getattr(self, "call_id", None)
         return ids or ()
 
-    def calls(self) -> Iterator[Any]:
-        """The batch's calls, each with the attributes of a `CallIn` (to_record takes them)."""
+    def filled(self) -> dict[str, list[Any]]:
+        """The batch as one list per CallIn field, with the defaults filled in."""
         count = len(getattr(self, REQUIRED[0]))
-        columns = []
+        columns = {}
         for name, info in CallIn.model_fields.items():
             column = getattr(self, name)
             default = info.get_default(call_default_factory=True)
             if column is None:
-                column = repeat(default, count)
+                column = [default] * count
             elif not info.is_required() and default is not None and None in column:
                 column = [default if value is None else value for value in column]
-            columns.append(column)
-        return map(CallRow._make, zip(*columns, strict=False))
+            columns[name] = column
+        return columns
 
 
-CallRow = namedtuple("CallRow", tuple(CallIn.model_fields))  # type: ignore[misc]
 if TYPE_CHECKING:
     CallColumnsBody = _Columns
 else:

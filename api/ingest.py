@@ -13,7 +13,8 @@ recorded in the quality store with the call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -33,8 +34,9 @@ from api.errors import INGEST_ERRORS
 from api.ingest_types import CallBatch, CallIn
 from api.otlp_limits import ExportRefusedError, inflate
 from api.telemetry import INGESTED_CALLS
-from stores.llm_calls import ERROR_MESSAGE_MAX, CallRecord, new_call_id, write_calls
+from stores.llm_calls import ERROR_MESSAGE_MAX, CallRecord, new_call_id
 from stores.quality import SCORER, ScoreRecord, write_scores
+from stores.writer import rows_from_columns, write_rows
 
 router = APIRouter()
 
@@ -47,77 +49,73 @@ class IngestResult(BaseModel):
     duplicates: int = 0  # of which were already recorded (a retried batch): not written again
 
 
-def to_record(call: CallIn, salt: str, prices: PriceTable, received_at: datetime) -> CallRecord:
-    """The stored record; the same function serves JSON ingest and OTLP."""
-    cost = call.cost_usd
-    if cost is None and call.input_tokens is not None:
-        cost = prices.cost_usd(
-            call.response_model or call.model,
-            call.input_tokens,
-            call.output_tokens or 0,
-            call.cached_input_tokens or 0,
+# CallRecord fields the API stores as sent; the others it computes (`to_rows`).
+_COMPUTED = ("call_id", "ts", "cost_usd", "user_hash", "error_message")
+_AS_SENT = tuple(
+    f.name for f in fields(CallRecord) if f.name in CallIn.model_fields and f.name not in _COMPUTED
+)
+
+
+def columns_of(calls: Sequence[CallIn]) -> dict[str, list[Any]]:
+    """The calls as the columnar form has them: one list per CallIn field."""
+    return {name: [getattr(call, name) for call in calls] for name in CallIn.model_fields}
+
+
+def to_rows(
+    calls: Mapping[str, Sequence[Any]], salt: str, prices: PriceTable, received_at: datetime
+) -> tuple[list[tuple[Any, ...]], list[ScoreRecord]]:
+    """The stored rows of a batch (one sequence per CallIn field, defaults filled in) and
+    its scorer verdicts. Both JSON forms and OTLP come through here, a column at a time: a
+    CallRecord per call cost the API more than validating it."""
+    asked = zip(calls["model"], calls["response_model"], strict=True)
+    models = [answered or model for model, answered in asked]
+    costs = list(calls["cost_usd"])
+    tokens = zip(
+        calls["input_tokens"], calls["output_tokens"], calls["cached_input_tokens"], strict=True
+    )
+    for index, (inputs, outputs, cached) in enumerate(tokens):
+        if costs[index] is None and inputs is not None:
+            model = models[index]
+            costs[index] = prices.cost_usd(model, inputs, outputs or 0, cached or 0)
+            if costs[index] is None:
+                count_unpriced(model)
+    stored: dict[str, Sequence[Any]] = {name: calls[name] for name in _AS_SENT}
+    stored["call_id"] = [given or new_call_id() for given in calls["call_id"]]
+    stored["ts"] = [(at or received_at).astimezone(UTC) for at in calls["timestamp"]]
+    stored["cost_usd"] = costs
+    stored["user_hash"] = [hash_user_id(user, salt) if user else None for user in calls["user"]]
+    stored["error_message"] = [
+        None if message is None else message[:ERROR_MESSAGE_MAX]
+        for message in calls["error_message"]
+    ]
+    scores = [
+        ScoreRecord(
+            call_id=stored["call_id"][index],
+            ts=stored["ts"][index],
+            source=SCORER,
+            score=verdict.score,
+            format_compliance=verdict.format_compliance,
+            hallucination_risk=verdict.hallucination_risk,
+            relevance=verdict.relevance,
+            model=models[index],
+            feature=calls["feature"][index],
         )
-        if cost is None:
-            count_unpriced(call.response_model or call.model)
-    message = call.error_message
-    return CallRecord(
-        call_id=call.call_id or new_call_id(),
-        ts=(call.timestamp or received_at).astimezone(UTC),
-        operation=call.operation,
-        model=call.model,
-        response_model=call.response_model,
-        status=call.status,
-        http_status=call.http_status,
-        latency_ms=call.latency_ms,
-        ttft_ms=call.ttft_ms,
-        input_tokens=call.input_tokens,
-        output_tokens=call.output_tokens,
-        cached_input_tokens=call.cached_input_tokens,
-        cost_usd=cost,
-        feature=call.feature,
-        team=call.team,
-        environment=call.environment,
-        session_id=call.session_id,
-        user_hash=hash_user_id(call.user, salt) if call.user else None,
-        error_type=call.error_type,
-        error_message=message[:ERROR_MESSAGE_MAX] if message is not None else None,
-        retry_count=call.retry_count,
-        finish_reason=call.finish_reason,
-        request_id=call.request_id,
-        trace_id=call.trace_id,
-        source=call.source,
-        metadata=call.metadata,
-        controls=call.controls,
-    )
-
-
-def score_of(call: CallIn, record: CallRecord) -> ScoreRecord | None:
-    verdict = call.quality
-    if verdict is None:
-        return None
-    return ScoreRecord(
-        call_id=record.call_id,
-        ts=record.ts,
-        source=SCORER,
-        score=verdict.score,
-        format_compliance=verdict.format_compliance,
-        hallucination_risk=verdict.hallucination_risk,
-        relevance=verdict.relevance,
-        model=record.response_model or record.model,
-        feature=record.feature,
-    )
+        for index, verdict in enumerate(calls["quality"])
+        if verdict is not None
+    ]
+    return rows_from_columns(stored), scores
 
 
 async def store_records(
-    svc: Services, records: list[CallRecord], endpoint: str, scores: Sequence[ScoreRecord] = ()
+    svc: Services, rows: list[tuple[Any, ...]], endpoint: str, scores: Sequence[ScoreRecord] = ()
 ) -> int:
-    """Write the records whose call_id is not recorded yet (and their scorer verdicts, once
-    per call too); how many were already recorded."""
-    inserted = await asyncio.to_thread(write_calls, svc.engine, records)
+    """Write the rows whose call_id is not recorded yet (and their scorer verdicts, once per
+    call too); how many were already recorded."""
+    inserted = await asyncio.to_thread(write_rows, svc.engine, rows)
     if scores:
         await asyncio.to_thread(write_scores, svc.engine, scores)
     INGESTED_CALLS.labels(endpoint).inc(inserted)
-    return len(records) - inserted
+    return len(rows) - inserted
 
 
 def _refuse_repeated_call_ids(call_ids: Iterable[str | None], where: tuple[Any, ...]) -> None:
@@ -136,23 +134,17 @@ def _refuse_repeated_call_ids(call_ids: Iterable[str | None], where: tuple[Any, 
 
 def _decode(
     raw: bytes, columnar: bool, salt: str, prices: PriceTable, now: datetime
-) -> tuple[list[CallRecord], list[ScoreRecord]]:
-    """The batch's records and scorer verdicts, validated; CPU bound (a worker thread's)."""
-    calls: Sequence[Any]
+) -> tuple[list[tuple[Any, ...]], list[ScoreRecord]]:
+    """The batch's rows and scorer verdicts, validated; CPU bound (a worker thread's)."""
     if columnar:
-        columns = COLUMNS.validate(raw).columns
-        _refuse_repeated_call_ids(columns.call_ids(), ("body", "columns", "call_id", "{}"))
-        calls = list(columns.calls())
+        body = COLUMNS.validate(raw).columns
+        _refuse_repeated_call_ids(body.call_ids(), ("body", "columns", "call_id", "{}"))
+        columns = body.filled()
     else:
         calls = BATCH.validate(raw).calls
         _refuse_repeated_call_ids((c.call_id for c in calls), ("body", "calls", "{}", "call_id"))
-    records = [to_record(call, salt, prices, now) for call in calls]
-    scores = [
-        score
-        for call, record in zip(calls, records, strict=True)
-        if (score := score_of(call, record)) is not None
-    ]
-    return records, scores
+        columns = columns_of(calls)
+    return to_rows(columns, salt, prices, now)
 
 
 @router.post(
@@ -175,8 +167,8 @@ async def ingest_calls(
             raise HTTPException(exc.status, exc.message) from None
     columnar = request.headers.get("content-type", "").lower().startswith(COLUMNS_TYPE)
     salt = svc.settings.user_hash_salt.get_secret_value()
-    records, scores = await asyncio.to_thread(
+    rows, scores = await asyncio.to_thread(
         _decode, raw, columnar, salt, svc.prices, datetime.now(UTC)
     )
-    duplicates = await store_records(svc, records, "llm-calls", scores)
-    return IngestResult(accepted=len(records), duplicates=duplicates)
+    duplicates = await store_records(svc, rows, "llm-calls", scores)
+    return IngestResult(accepted=len(rows), duplicates=duplicates)

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from api.auth import require_ingest_key
 from api.deps import Services, services
 from api.errors import INGEST_ERRORS
-from api.ingest import store_records, to_record
+from api.ingest import columns_of, store_records, to_rows
 from api.ingest_types import CallIn
 from api.otlp_limits import (
     MAX_DEPTH,
@@ -41,7 +41,6 @@ from api.otlp_limits import (
 )
 from api.telemetry import REJECTED_REQUESTS
 from instrumentation.genai_spans import InvalidSpanError, SpanView, call_fields
-from stores.llm_calls import CallRecord
 
 router = APIRouter()
 
@@ -156,27 +155,25 @@ def calls(
     salt: str,
     prices: PriceTable,
     now: datetime,
-) -> tuple[list[CallRecord], list[str]]:
-    """The records of the export's GenAI spans and why each refused span was refused. CPU
+) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """The stored rows of the export's GenAI spans and why each refused span was refused. CPU
     bound, for a second at the budget: run it off the event loop."""
     export = decode(inflate(body, encoding, limit), content_type)
-    records, problems = [], []
+    calls, problems = [], []
     for view in spans(export):
         try:
             fields = call_fields(view)
             if fields is None:
                 continue
-            call = CallIn.model_validate(fields)
+            calls.append(CallIn.model_validate(fields))
         except InvalidSpanError as exc:
             problems.append(f"span of trace {view.trace_id}: {exc}")
-            continue
         except ValidationError as exc:
             problems.append(f"span of trace {view.trace_id}: {exc.errors()[0]['msg']}")
-            continue
-        record = to_record(call, salt, prices, now)
-        record.source = "otlp"
-        records.append(record)
-    return records, problems
+    columns = columns_of(calls)
+    columns["source"] = ["otlp"] * len(calls)
+    rows, _ = to_rows(columns, salt, prices, now)  # spans carry no scorer verdict
+    return rows, problems
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -207,12 +204,12 @@ async def receive_traces(request: Request, svc: Annotated[Services, Depends(serv
         now=datetime.now(UTC),
     )
     try:
-        records, problems = await asyncio.get_running_loop().run_in_executor(_DECODERS, work)
+        rows, problems = await asyncio.get_running_loop().run_in_executor(_DECODERS, work)
     except ExportRefusedError as exc:
         REJECTED_REQUESTS.labels("traces", _REASONS.get(exc.status, "refused")).inc()
         raise HTTPException(exc.status, exc.message) from None
-    if records:
-        await store_records(svc, records, "traces")
+    if rows:
+        await store_records(svc, rows, "traces")
     if problems:
         REJECTED_REQUESTS.labels("traces", "invalid_span").inc(len(problems))
     return _answer(content_type, len(problems), "; ".join(problems[:5]))

@@ -29,11 +29,11 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import fields, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from sqlalchemy import Engine
@@ -46,10 +46,10 @@ from stores.llm_calls import CACHE_SOURCE, CallRecord, utc
 _PLAIN = tuple(f.name for f in fields(CallRecord) if f.name not in ("ts", "metadata"))
 CALL_COLUMNS: tuple[str, ...] = (*_PLAIN, "ts", "metadata", "latency_bucket")
 _plain_values = attrgetter(*_PLAIN)
-_source_of = attrgetter("source")
 _SOURCE_INDEX = CALL_COLUMNS.index("source")
+_source_of = itemgetter(_SOURCE_INDEX)
+_TS_INDEX = CALL_COLUMNS.index("ts")
 _TEXT = tuple(f.name for f in fields(CallRecord) if f.type in ("str", "str | None"))
-_texts = attrgetter(*_TEXT)
 ROLLUP_KEYS = ("minute", "model", "feature", "team", "environment")
 ROLLUP_SUMS = (
     "calls",
@@ -98,23 +98,25 @@ def fit_text(text: str) -> str:
     return text
 
 
-def fit_records(records: Sequence[CallRecord]) -> Sequence[CallRecord]:
-    """The batch, with copies of the records whose strings no store would take, mended."""
+_TEXT_INDEXES = tuple(CALL_COLUMNS.index(name) for name in _TEXT)
+_row_texts = itemgetter(*_TEXT_INDEXES)
+
+
+def fit_rows(rows: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
+    """The batch, with the rows whose strings no store would take mended (copies)."""
     try:
-        if not _unfit("".join(filter(None, chain.from_iterable(map(_texts, records))))):
-            return records
+        if not _unfit("".join(filter(None, chain.from_iterable(map(_row_texts, rows))))):
+            return rows
     except TypeError:
-        pass  # a non-string where a string belongs: check each record
-    return [_fit_record(record) for record in records]
+        pass  # a non-string where a string belongs: check each row
+    return [_fit_row(row) for row in rows]
 
 
-def _fit_record(record: CallRecord) -> CallRecord:
-    changes: dict[str, Any] = {
-        name: fit_text(value)
-        for name in _TEXT
-        if isinstance(value := getattr(record, name), str) and _unfit(value)
-    }
-    return replace(record, **changes) if changes else record
+def _fit_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    bad = [i for i in _TEXT_INDEXES if isinstance(row[i], str) and _unfit(row[i])]
+    if not bad:
+        return row
+    return tuple(fit_text(value) if i in bad else value for i, value in enumerate(row))
 
 
 def _fit_json(value: Any) -> Any:
@@ -134,9 +136,9 @@ def sqlite_datetime(value: datetime) -> str:
     return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-def has_cache_hits(records: Sequence[CallRecord]) -> bool:
-    """Whether any record of the batch was served from the response cache (one pass in C)."""
-    return CACHE_SOURCE in map(_source_of, records)
+def has_cache_hits(rows: Sequence[tuple[Any, ...]]) -> bool:
+    """Whether any call of the batch was served from the response cache (one pass in C)."""
+    return CACHE_SOURCE in map(_source_of, rows)
 
 
 def _json(value: dict[str, Any]) -> str:
@@ -158,6 +160,16 @@ def _call_tuple(record: CallRecord, ts: Any) -> tuple[Any, ...]:
         ts(record.ts),
         None if metadata is None else _json(metadata),
         latency.bucket(record.latency_ms),
+    )
+
+
+def rows_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """The rows (CALL_COLUMNS, `ts` an aware datetime) of calls given as one sequence per
+    CallRecord field: what `write_rows` takes, made without a CallRecord per call."""
+    metadata = [None if value is None else _json(value) for value in columns["metadata"]]
+    buckets = list(map(latency.bucket, columns["latency_ms"]))
+    return list(
+        zip(*(columns[name] for name in _PLAIN), columns["ts"], metadata, buckets, strict=True)
     )
 
 
@@ -194,7 +206,7 @@ _HISTOGRAM_KEY = tuple(
 )
 
 
-def _sqlite_latency_rows(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+def _sqlite_latency_rows(calls: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Count the batch's calls per minute, dimensions and latency bucket, from the rows about to
     be inserted (cheaper here than a six-column GROUP BY over them in the write transaction)."""
     ts, model, feature, team, environment, bucket = _HISTOGRAM_KEY
@@ -282,9 +294,8 @@ _SQLITE_LATENCY_UPSERT = (
 )
 
 
-def _write_sqlite(engine: Engine, records: Sequence[CallRecord]) -> int:
-    calls = [_call_tuple(r, sqlite_datetime) for r in records]
-    cached = has_cache_hits(records)
+def _write_sqlite(engine: Engine, calls: Sequence[tuple[Any, ...]]) -> int:
+    cached = has_cache_hits(calls)
     rollup_sql = _SQLITE_ROLLUP_UNCACHED if cached else _SQLITE_ROLLUP
     # The batch's latency histogram is counted before the write transaction, which only
     # upserts it (the database stays locked for the writes alone). Used when every row is new.
@@ -436,8 +447,7 @@ def _as_arrays(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> int:
-    rows = [_call_tuple(record, utc) for record in records]
+def _write_postgres(engine: Engine, rows: Sequence[tuple[Any, ...]]) -> int:
     with _transaction(engine) as connection:
         cursor = connection.cursor()
         cursor.execute("SAVEPOINT pagerloop_copy")
@@ -459,14 +469,34 @@ def _write_postgres(engine: Engine, records: Sequence[CallRecord]) -> int:
     return len(inserted)
 
 
+_WRITERS = {"sqlite": (_write_sqlite, sqlite_datetime), "postgresql": (_write_postgres, utc)}
+
+
+def _backend(engine: Engine) -> tuple[Any, Any]:
+    """The backend's writer and how it stores `ts`."""
+    found = _WRITERS.get(engine.dialect.name)
+    if found is None:
+        raise ValueError(
+            f"unsupported store backend {engine.dialect.name!r}: use SQLite or PostgreSQL"
+        )
+    return found
+
+
 def write_batch(engine: Engine, records: Sequence[CallRecord]) -> int:
     """Insert the batch's calls not recorded yet and their rollups, in one transaction (all of
     it lands or none does); the number of rows inserted. A call_id already recorded, or twice
     in the batch, is left as it is: the first write wins."""
     if not records:
         return 0
-    backend = engine.dialect.name
-    write = {"sqlite": _write_sqlite, "postgresql": _write_postgres}.get(backend)
-    if write is None:
-        raise ValueError(f"unsupported store backend {backend!r}: use SQLite or PostgreSQL")
-    return write(engine, fit_records(records))
+    write, ts = _backend(engine)
+    return int(write(engine, fit_rows([_call_tuple(record, ts) for record in records])))
+
+
+def write_rows(engine: Engine, rows: Sequence[tuple[Any, ...]]) -> int:
+    """`write_batch` for calls already made into rows (`rows_from_columns`)."""
+    if not rows:
+        return 0
+    write, ts = _backend(engine)
+    if ts is not utc:
+        rows = [(*row[:_TS_INDEX], ts(row[_TS_INDEX]), *row[_TS_INDEX + 1 :]) for row in rows]
+    return int(write(engine, fit_rows(rows)))

@@ -130,17 +130,17 @@ def test_cache_hits_are_logged_with_their_control_but_not_rolled_up(store: Engin
 
 
 def test_the_rollups_of_a_batch_leave_its_cache_hits_out() -> None:
-    batch = [sent(NOW), sent(NOW, source="ingest"), sent(NOW, source="otlp")]
-    assert not writer.has_cache_hits(batch)
-    with_hits = [*batch, hit(NOW)]
-    assert writer.has_cache_hits(with_hits)
-
     def rows(records: list[CallRecord]) -> list[tuple[object, ...]]:
         return [writer._call_tuple(record, utc) for record in records]
 
-    usage, histogram = writer.rollups(rows(batch))
+    batch = rows([sent(NOW), sent(NOW, source="ingest"), sent(NOW, source="otlp")])
+    assert not writer.has_cache_hits(batch)
+    with_hits = [*batch, *rows([hit(NOW)])]
+    assert writer.has_cache_hits(with_hits)
+
+    usage, histogram = writer.rollups(batch)
     assert sum(row[len(writer.ROLLUP_KEYS)] for row in usage) == 3  # calls
-    assert writer.rollups(rows(with_hits)) == (usage, histogram)
+    assert writer.rollups(with_hits) == (usage, histogram)
 
 
 # --- the diagnosis queries and the re-read of a signal ----------------------------------------

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -35,7 +36,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from api.deps import Services
-from api.ingest import to_record
+from api.ingest import columns_of, to_rows
 from api.ingest_types import CallIn
 from api.otlp import calls
 from api.otlp_limits import (
@@ -48,6 +49,7 @@ from api.otlp_limits import (
 from config import Settings
 from instrumentation.genai_spans import InvalidSpanError, SpanView, call_fields
 from stores.llm_calls import LLMCall
+from stores.writer import CALL_COLUMNS
 from tests.fakes.server import ThreadedServer
 
 KEY = "otlp-limits-key"
@@ -517,7 +519,9 @@ def test_the_span_mapping_refuses_odd_values_without_crashing(key: str) -> None:
                     fields = call_fields(view)
                     if fields is None:
                         continue
-                    record = to_record(CallIn.model_validate(fields), "s", DEFAULT_PRICES, now)
+                    call = CallIn.model_validate(fields)
+                    [row], _ = to_rows(columns_of([call]), "s", DEFAULT_PRICES, now)
+                    record = SimpleNamespace(**dict(zip(CALL_COLUMNS, row, strict=True)))
                 except (InvalidSpanError, ValidationError):
                     continue
                 # What passes is a call both stores take: finite, bounded, storable text.
