@@ -9,12 +9,21 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import httpx
 from pagerloop_sdk.recorder import Recorder
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
-from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
 from temporalio.service import RPCError
 
+from api.app import create_app
+from api.deps import Services
+from config import Settings
 from stores import controls
 from stores.llm_calls import LLMCall
 from workflows.incident import IncidentWorkflow
@@ -96,3 +105,11 @@ def put_control(
         expires_at=now + ttl,
         now=now,
     )
+
+
+def api_client(
+    settings: Settings, engine: Engine, client: Client, slack: object = None
+) -> httpx.AsyncClient:
+    """The API app in this process over `engine`, for httpx (no server, no port)."""
+    app = create_app(Services(settings, engine, client, slack))  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

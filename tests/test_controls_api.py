@@ -18,15 +18,13 @@ from sqlalchemy import Engine, update
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner, Result
 
-from api.app import create_app
 from api.controls import matches
-from api.deps import Services
 from cli.main import app as cli
 from config import Settings
 from stores import controls, instances
 from stores.instances import LIVE_SECONDS, SETTLE_SECONDS, SdkInstance, share
 from tests.conftest import incident_worker
-from tests.helpers import close_incidents, put_control
+from tests.helpers import api_client, close_incidents, put_control
 from tests.test_incident_workflow import Stack
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import ActionRequest, NotificationPlan
@@ -53,8 +51,7 @@ def make_api(env: WorkflowEnvironment, engine: Engine) -> httpx.AsyncClient:
         ingest_api_keys=INGEST,
         operator_api_keys=f"alice:{OPERATOR}",
     )
-    app = create_app(Services(config, engine, env.client, slack=None))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return api_client(config, engine, env.client)
 
 
 @pytest.fixture

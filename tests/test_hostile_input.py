@@ -24,6 +24,7 @@ from config import Settings
 from stores.llm_calls import LLMCall
 from stores.quality import QualityScore
 from stores.silences import Silence
+from tests.helpers import api_client
 
 INGEST = "ingest-key-1"
 OPERATOR = "operator-key-1"
@@ -46,8 +47,7 @@ def settings(**overrides: Any) -> Settings:
 
 
 def client_for(env: WorkflowEnvironment, engine: Engine, **overrides: Any) -> httpx.AsyncClient:
-    app = create_app(Services(settings(**overrides), engine, env.client, slack=None))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return api_client(settings(**overrides), engine, env.client)
 
 
 @pytest.fixture

@@ -12,19 +12,17 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 from temporalio.testing import WorkflowEnvironment
 
-from api.app import create_app
-from api.deps import Services
 from config import Settings
 from stores.llm_calls import LLMCall
 from stores.quality import QualityScore
+from tests.helpers import api_client
 
 KEY = "ingest-key-1"
 
 
 def make_client(env: WorkflowEnvironment, engine: Engine, **settings: object) -> httpx.AsyncClient:
     config = Settings(_env_file=None, user_hash_salt="pepper", **settings)  # type: ignore[call-arg]
-    app = create_app(Services(config, engine, env.client, slack=None))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return api_client(config, engine, env.client)
 
 
 @pytest.fixture

@@ -29,9 +29,7 @@ from sqlalchemy import Engine, delete
 from sqlmodel import Session, select
 from temporalio.testing import WorkflowEnvironment
 
-from api.app import create_app
 from api.bounds import MAX_CLOCK_SKEW, MAX_RECORD_AGE
-from api.deps import Services
 from api.errors import MAX_ERRORS_SHOWN
 from api.ingest_types import CallIn
 from config import Settings
@@ -46,6 +44,7 @@ from stores.llm_calls import (
 from stores.quality import QualityRollup, QualityScore
 from tests.conftest import INGEST_KEY
 from tests.fakes.server import ThreadedServer
+from tests.helpers import api_client
 from tests.test_ingest_properties import OPTIONAL, calls, numbers, texts
 
 PATH = "/v1/llm-calls"
@@ -57,14 +56,12 @@ REQUIRED = ("model", "status", "latency_ms")
 OPTIONAL_FIELDS = tuple(name for name in FIELDS if name not in REQUIRED)
 HEX = re.compile(r"^[0-9a-f]{32}$")
 
-
 # --- the API over the test's stores ----------------------------------------------------------
 
 
 def _client(env: WorkflowEnvironment, engine: Engine) -> httpx.AsyncClient:
     config = Settings(_env_file=None, ingest_api_keys=KEY, user_hash_salt=SALT)
-    app = create_app(Services(config, engine, env.client, slack=None))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return api_client(config, engine, env.client)
 
 
 @pytest.fixture

@@ -38,8 +38,6 @@ from sqlalchemy.exc import OperationalError
 from temporalio.testing import WorkflowEnvironment
 
 import worker
-from api.app import create_app
-from api.deps import Services
 from config import Settings
 from instrumentation.store_sink import StoreSink
 from stores.engine import PATIENT_LOCK_SECONDS, create_schema, make_engine
@@ -48,6 +46,7 @@ from stores.quality import ScoreRecord, write_scores
 from tests import postgres
 from tests.chaos import ledger
 from tests.conftest import postgres_required
+from tests.helpers import api_client
 
 KEY = "ingest-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -66,7 +65,6 @@ COMPLETION = {
     "usage": {"prompt_tokens": 42, "completion_tokens": 9, "total_tokens": 51},
 }
 CHAT = [{"role": "user", "content": "Summarize the quarterly report revenue in one sentence."}]
-
 
 # --- a PostgreSQL of our own, to stop and start ------------------------------------------------
 
@@ -420,8 +418,7 @@ def test_a_write_whose_answer_was_lost_is_retried_without_a_duplicate(store: Eng
 
 def api_for(env: WorkflowEnvironment, engine: Engine) -> httpx.AsyncClient:
     settings = Settings(_env_file=None, ingest_api_keys=KEY, user_hash_salt="s")  # type: ignore[call-arg]
-    app = create_app(Services(settings, engine, env.client, slack=None))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return api_client(settings, engine, env.client)
 
 
 def otlp_export(spans: int) -> bytes:

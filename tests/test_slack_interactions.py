@@ -18,7 +18,7 @@ from api.deps import Services
 from config import Settings
 from tests.conftest import SIGNING_SECRET
 from tests.fakes.slack import FakeSlack, Message, button_click
-from tests.helpers import eventually
+from tests.helpers import api_client, eventually
 from tests.test_incident_workflow import breach
 from workflows.incident import IncidentWorkflow
 from workflows.incident_types import IncidentStatus, NotificationPlan
@@ -27,8 +27,7 @@ from workflows.incident_types import IncidentStatus, NotificationPlan
 @pytest.fixture
 def api(settings: Settings, dev_env: WorkflowEnvironment, tmp_path: Path) -> httpx.AsyncClient:
     engine = worker.open_store(settings)
-    app = create_app(Services(settings, engine, dev_env.client, worker.make_slack_client(settings)))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return api_client(settings, engine, dev_env.client, worker.make_slack_client(settings))
 
 
 def message_for(incident_id: str) -> Message:
