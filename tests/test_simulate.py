@@ -59,12 +59,14 @@ def share(rows: list[LLMCall], status: str) -> float:
 
 
 def test_rate_limit_exhaustion_gets_429s_from_a_real_quota(tmp_path: Path) -> None:
-    progress, engine = simulate(tmp_path, Scenario.RATE_LIMIT_EXHAUSTION, 4)
+    # 6 s: on a loaded machine 4 s made 56 calls and only 4 of them met the quota.
+    progress, engine = simulate(tmp_path, Scenario.RATE_LIMIT_EXHAUSTION, 6)
     rows = calls(engine)
     assert len(rows) == progress.total > 50
     assert share(rows, "rate_limited") > 0.05  # the detector's warning line is 1 %
-    limited = {row.feature for row in rows if row.status == "rate_limited"}
-    assert {"chat", "search"} <= limited
+    # One quota for the whole app: it refuses calls of whichever features come when it is
+    # spent (which ones is chance: chat sends a quarter of the calls).
+    assert len({row.feature for row in rows if row.status == "rate_limited"}) >= 2
     assert all(row.http_status == 429 for row in rows if row.status == "rate_limited")
     # Nothing else went wrong, and no Temporal did not stop the run.
     assert {row.status for row in rows} == {"success", "rate_limited"}
