@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 
 class _Waiter:
@@ -192,29 +192,27 @@ class Pacer:
             self.typical_output += (output - self.typical_output) / 8
 
 
-def pace(reservations: Sequence[tuple[Pacer, float]]) -> None:
-    """Wait for a place on the schedule of every (pacer, units) pair; again on the new
-    schedule when the pacer is resized meanwhile, and not at all once its control goes."""
+def _waits(reservations: Sequence[tuple[Pacer, float]]) -> Iterator[float]:
+    """The sleeps until every (pacer, units) pair has its place on its schedule; again on the
+    new schedule when the pacer is resized meanwhile, and none once its control goes."""
     for pacer, units in reservations:
         delay, generation = pacer.turn(units)
         while delay is None or delay > 0:
-            time.sleep(IDLE_RECHECK if delay is None else min(delay, IDLE_RECHECK))
+            yield IDLE_RECHECK if delay is None else min(delay, IDLE_RECHECK)
             if pacer.per_minute is None:
                 break
             if delay is None or pacer.generation != generation:
                 delay, generation = pacer.turn(units)
             else:
                 delay -= IDLE_RECHECK
+
+
+def pace(reservations: Sequence[tuple[Pacer, float]]) -> None:
+    """Wait for a place on the schedule of every (pacer, units) pair (`_waits`)."""
+    for seconds in _waits(reservations):
+        time.sleep(seconds)
 
 
 async def pace_async(reservations: Sequence[tuple[Pacer, float]]) -> None:
-    for pacer, units in reservations:
-        delay, generation = pacer.turn(units)
-        while delay is None or delay > 0:
-            await asyncio.sleep(IDLE_RECHECK if delay is None else min(delay, IDLE_RECHECK))
-            if pacer.per_minute is None:
-                break
-            if delay is None or pacer.generation != generation:
-                delay, generation = pacer.turn(units)
-            else:
-                delay -= IDLE_RECHECK
+    for seconds in _waits(reservations):
+        await asyncio.sleep(seconds)
