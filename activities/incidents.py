@@ -1,11 +1,15 @@
 """Opening incidents: one update-with-start per breach, one open incident per trigger + scope,
-none while a silence covers them; and telling open incidents that their signal recovered."""
+none while a silence covers them; and telling open incidents that their signal recovered.
+
+The incident workflow is started and updated by name (domain.workflow_names): activities sit
+below the workflows that call them and never import one."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine
 from temporalio import activity
@@ -23,18 +27,24 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from detectors.naming import detector_workflow_id
-from stores import silences
-from workflows import search_attributes as sa
-from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
+from domain import search_attributes as sa
+from domain.incident import (
     Breach,
     BreachReceipt,
     IncidentInput,
+    IncidentResult,
+    IncidentState,
     IncidentStatus,
     NotificationPlan,
     Recovery,
 )
+from domain.workflow_names import (
+    INCIDENT_WORKFLOW,
+    REPORT_BREACH,
+    REPORT_RECOVERY,
+    detector_workflow_id,
+)
+from stores import silences
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +81,7 @@ class RecoveryResults:
 def open_incidents_query(task_queue: str) -> str:
     """Visibility query for this deployment's running incidents."""
     return (
-        "WorkflowType = 'IncidentWorkflow' AND ExecutionStatus = 'Running' "
+        f"WorkflowType = '{INCIDENT_WORKFLOW}' AND ExecutionStatus = 'Running' "
         f"AND TaskQueue = {sa.literal(task_queue)}"
     )
 
@@ -99,7 +109,9 @@ class IncidentActivities:
         for report in reports:
             handle = self._client.get_workflow_handle(report.incident_id)
             try:
-                await handle.execute_update(IncidentWorkflow.report_recovery, report.recovery)
+                await handle.execute_update(
+                    REPORT_RECOVERY, report.recovery, result_type=IncidentState
+                )
             except (WorkflowUpdateFailedError, RPCError) as exc:
                 log.info("incident %s not told of recovery: %s", report.incident_id, exc)
                 continue
@@ -126,8 +138,8 @@ class IncidentActivities:
     async def _report(self, incident_id: str, breach: Breach) -> BreachReceipt | None:
         """Update-with-start: the breach lands on the running incident or starts it. None when
         that incident is over (closed, or running but resolved)."""
-        start = WithStartWorkflowOperation(
-            IncidentWorkflow.run,
+        start: WithStartWorkflowOperation[Any, IncidentResult] = WithStartWorkflowOperation(
+            INCIDENT_WORKFLOW,
             IncidentInput(
                 incident_id=incident_id,
                 trigger=breach.trigger,
@@ -151,10 +163,11 @@ class IncidentActivities:
                 ]
             ),
             static_summary=incident_summary(breach),
+            result_type=IncidentResult,
         )
         try:
             receipt: BreachReceipt = await self._client.execute_update_with_start_workflow(
-                IncidentWorkflow.report_breach, breach, start_workflow_operation=start
+                REPORT_BREACH, breach, start_workflow_operation=start, result_type=BreachReceipt
             )
         except (WorkflowAlreadyStartedError, WorkflowUpdateFailedError, RPCError) as exc:
             # Closed (servers differ in how they say so), or running but already resolved.

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from jira import JIRA, JIRAError
 from requests.exceptions import RequestException
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities.vendor_http import PERMANENT_STATUSES, attempt_key, request_unencodable
+from activities.vendor_http import VendorErrors, attempt_key, request_unencodable
 
 DONE_TRANSITIONS = (
     "done",
@@ -28,11 +26,12 @@ COMMENT_MAX = 30_000
 ANCHOR_PREFIX = "pagerloop-"
 
 
-# The request itself is wrong (400, 413 too large, 422) or its credentials, project or issue
-# are: the same request gets the same answer however often it is sent.
 class JiraPermanentError(Exception):
     """Jira refused the request for a reason a retry cannot fix (credentials, project, type,
     a body it cannot parse), or the request could not even be encoded."""
+
+
+ERRORS = VendorErrors("Jira", JiraPermanentError, default_retry_after=10)
 
 
 def make_client(url: str, email: str | None, token: str) -> JIRA:
@@ -48,28 +47,11 @@ def incident_label(incident_id: str) -> str:
 
 def _translate(exc: JIRAError | RequestException, what: str) -> Exception:
     if request_unencodable(exc):
-        return _unencodable(exc, what)
+        return ERRORS.unencodable(what, exc)
     if isinstance(exc, RequestException):
-        return ApplicationError(f"Jira unreachable for {what}: {exc}", type="JiraError")
-    status = exc.status_code or 0
-    if status == 429:
-        retry_after = int(
-            (exc.response.headers if exc.response is not None else {}).get("Retry-After", "10")
-        )
-        return ApplicationError(
-            f"Jira rate-limited {what}",
-            type="JiraThrottled",
-            next_retry_delay=timedelta(seconds=retry_after),
-        )
-    if status in PERMANENT_STATUSES:
-        return JiraPermanentError(f"Jira refused {what} (HTTP {status}): {exc.text}")
-    return ApplicationError(f"Jira failed {what}: HTTP {status}", type="JiraError")
-
-
-def _unencodable(exc: Exception, what: str) -> JiraPermanentError:
-    # A bad answer from Jira surfaces as a RequestException (requests' JSONDecodeError), so a
-    # TypeError or ValueError is our request failing to encode, the same on every try.
-    return JiraPermanentError(f"Jira {what} not sent: the request could not be encoded: {exc}")
+        return ERRORS.unreachable(what, exc)
+    headers = exc.response.headers if exc.response is not None else {}
+    return ERRORS.answer(what, exc.status_code or 0, headers.get("Retry-After"), exc.text or "")
 
 
 @dataclass
@@ -113,7 +95,9 @@ def open_ticket(client: JIRA, ticket: JiraTicket) -> str:
     except (JIRAError, RequestException) as exc:
         raise _translate(exc, "the ticket") from exc
     except (TypeError, ValueError) as exc:
-        raise _unencodable(exc, "the ticket") from exc
+        # A bad answer from Jira surfaces as a RequestException (requests' JSONDecodeError), so
+        # a TypeError or ValueError is our request failing to encode, the same on every try.
+        raise ERRORS.unencodable("the ticket", exc) from exc
     return str(issue.key)
 
 
@@ -148,7 +132,7 @@ def comment(
     except (JIRAError, RequestException) as exc:
         raise _translate(exc, f"a comment on {issue}") from exc
     except (TypeError, ValueError) as exc:
-        raise _unencodable(exc, f"a comment on {issue}") from exc
+        raise ERRORS.unencodable(f"a comment on {issue}", exc) from exc
 
 
 def resolve(
@@ -172,7 +156,7 @@ def resolve(
     except (JIRAError, RequestException) as exc:
         raise _translate(exc, f"resolving {issue}") from exc
     except (TypeError, ValueError) as exc:
-        raise _unencodable(exc, f"resolving {issue}") from exc
+        raise ERRORS.unencodable(f"resolving {issue}", exc) from exc
 
 
 class JiraActivities:

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 from temporalio import activity
 
-from detectors.signals import WindowAggregates
+from domain.aggregates import WindowAggregates
 from stores.aggregates import DEFAULT_MAX_SCOPES, window_aggregates
 
 

@@ -11,23 +11,21 @@ from __future__ import annotations
 import asyncio
 import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from pydantic import SecretStr
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities.vendor_http import PERMANENT_STATUSES, request_unencodable
+from activities.vendor_http import VendorErrors, request_unencodable
 
 with warnings.catch_warnings():
     # pdpyras announces its deprecation on import; the swap is tracked, not news per process.
     warnings.simplefilter("ignore")
     import pdpyras
 
+from activities.finite import json_safe
 from config.escalation import Escalation
-from workflows.finite import json_safe
-from workflows.incident_types import PagedTarget, Severity
+from domain.incident import PagedTarget, Severity
 
 # PagerDuty's payload.severity values for our severities.
 PD_SEVERITY = {
@@ -43,8 +41,9 @@ class PagerDutyPermanentError(Exception):
     encoded: retrying cannot help."""
 
 
-# Answers that say the event itself is wrong (400 invalid event, 413 too large, 422) or that
-# the key is: the same event gets the same answer however often it is sent.
+ERRORS = VendorErrors("PagerDuty", PagerDutyPermanentError, default_retry_after=5)
+
+
 def make_session(routing_key: str, events_url: str) -> pdpyras.EventsAPISession:
     session = pdpyras.EventsAPISession(routing_key)
     session.url = events_url.rstrip("/")
@@ -63,19 +62,13 @@ def _translate(exc: pdpyras.PDClientError, what: str) -> Exception:
     # pdpyras reports every requests error as a network error, including requests' refusal to
     # encode the body (`allow_nan=False`); only a bad response body is worth another try.
     if request_unencodable(cause):
-        return PagerDutyPermanentError(f"PagerDuty {what} could not be encoded: {cause}")
+        return ERRORS.unencodable(what, cause)
     response = getattr(exc, "response", None)
-    status = response.status_code if response is not None else 0
-    if status == 429:
-        retry_after = int(response.headers.get("Retry-After", "5")) if response is not None else 5
-        return ApplicationError(
-            f"PagerDuty throttled {what}; retrying after {retry_after}s",
-            type="PagerDutyThrottled",
-            next_retry_delay=timedelta(seconds=retry_after),
-        )
-    if status in PERMANENT_STATUSES:
-        return PagerDutyPermanentError(f"PagerDuty rejected {what} (HTTP {status}): {exc}")
-    return ApplicationError(f"PagerDuty failed {what}: {exc}", type="PagerDutyError")
+    if response is None:
+        return ERRORS.answer(what, 0, detail=str(exc))
+    return ERRORS.answer(
+        what, response.status_code, response.headers.get("Retry-After"), detail=str(exc)
+    )
 
 
 @dataclass
@@ -147,7 +140,7 @@ class PagerDutyActivities:
             except pdpyras.PDClientError as exc:
                 raise _translate(exc, "trigger") from exc
             except (TypeError, ValueError) as exc:  # building or encoding the event
-                raise PagerDutyPermanentError(f"PagerDuty trigger not sent: {exc}") from exc
+                raise ERRORS.unencodable("trigger", exc) from exc
 
         await asyncio.to_thread(send)
         return target
@@ -172,6 +165,6 @@ class PagerDutyActivities:
                 except pdpyras.PDClientError as exc:
                     raise _translate(exc, action) from exc
                 except (TypeError, ValueError) as exc:
-                    raise PagerDutyPermanentError(f"PagerDuty {action} not sent: {exc}") from exc
+                    raise ERRORS.unencodable(action, exc) from exc
 
             await asyncio.to_thread(send)

@@ -13,11 +13,10 @@ from typing import Any
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities.vendor_http import attempt_key
-from workflows.finite import human_number
-from workflows.incident_types import IncidentState, IncidentStatus, SlackMessageRef
+from activities.finite import human_number
+from activities.vendor_http import VendorErrors, attempt_key
+from domain.incident import IncidentState, IncidentStatus, SlackMessageRef
 
 ACK_ACTION = "incident_acknowledge"
 RESOLVE_ACTION = "incident_resolve"
@@ -61,6 +60,11 @@ _STATUS_ICON = {
 class SlackPermanentError(Exception):
     """Slack refused the request for a reason a retry cannot fix (including a body that could
     not be encoded, or that Slack answered `invalid_json` / `invalid_blocks` to)."""
+
+
+ERRORS = VendorErrors(
+    "Slack", SlackPermanentError, default_retry_after=1, throttled_type="SlackRateLimited"
+)
 
 
 def make_client(token: str, base_url: str) -> WebClient:
@@ -198,26 +202,21 @@ def _button(text: str, action_id: str, value: str, style: str = "") -> dict[str,
 
 
 def _translate(exc: SlackClientError, what: str) -> Exception:
-    if isinstance(exc, SlackApiError):
-        error = str(exc.response.get("error", "")) if exc.response is not None else ""
-        status = exc.response.status_code if exc.response is not None else 0
-        if status == 429 or error == "ratelimited":
-            retry_after = int(exc.response.headers.get("Retry-After", "1"))
-            return ApplicationError(
-                f"Slack rate-limited {what}; retrying after {retry_after}s",
-                type="SlackRateLimited",
-                next_retry_delay=timedelta(seconds=retry_after),
-            )
-        if error and error not in _TRANSIENT_ERRORS and status < 500:
-            return SlackPermanentError(f"Slack refused {what}: {error}")
-        return ApplicationError(f"Slack failed {what}: {error or status}", type="SlackError")
-    return ApplicationError(f"Slack unreachable for {what}: {exc}", type="SlackError")
-
-
-def _unencodable(exc: Exception, what: str) -> SlackPermanentError:
-    # slack-sdk decodes answers itself (a bad one is a SlackApiError): a TypeError or
-    # ValueError out of a call is our request failing to encode, the same on every try.
-    return SlackPermanentError(f"Slack {what} not sent: the request could not be encoded: {exc}")
+    if not isinstance(exc, SlackApiError):
+        return ERRORS.unreachable(what, exc)
+    response = exc.response
+    if response is None:
+        return ERRORS.answer(what, 0)
+    error = str(response.get("error", ""))
+    return ERRORS.answer(
+        what,
+        response.status_code,
+        response.headers.get("Retry-After"),
+        error,
+        throttled=error == "ratelimited",
+        # Slack answers 200 with `ok: false` and an error: that error is the verdict.
+        refused=bool(error) and error not in _TRANSIENT_ERRORS and response.status_code < 500,
+    )
 
 
 def post_message(
@@ -239,7 +238,9 @@ def post_message(
     except SlackClientError as exc:
         raise _translate(exc, "chat.postMessage") from exc
     except (TypeError, ValueError) as exc:
-        raise _unencodable(exc, "chat.postMessage") from exc
+        # slack-sdk decodes answers itself (a bad one is a SlackApiError): a TypeError or
+        # ValueError out of a call is our request failing to encode, the same on every try.
+        raise ERRORS.unencodable("chat.postMessage", exc) from exc
     return SlackMessageRef(channel=str(response["channel"]), ts=str(response["ts"]))
 
 
@@ -383,7 +384,7 @@ def update_message(
     except SlackClientError as exc:
         raise _translate(exc, "chat.update") from exc
     except (TypeError, ValueError) as exc:
-        raise _unencodable(exc, "chat.update") from exc
+        raise ERRORS.unencodable("chat.update", exc) from exc
 
 
 def post_ephemeral(client: WebClient, channel: str, user: str, text: str) -> None:
@@ -392,7 +393,7 @@ def post_ephemeral(client: WebClient, channel: str, user: str, text: str) -> Non
     except SlackClientError as exc:
         raise _translate(exc, "chat.postEphemeral") from exc
     except (TypeError, ValueError) as exc:
-        raise _unencodable(exc, "chat.postEphemeral") from exc
+        raise ERRORS.unencodable("chat.postEphemeral", exc) from exc
 
 
 @dataclass

@@ -38,12 +38,12 @@ from api.bodies import JsonBody
 from api.bounds import Storable, Text128, Text1000
 from api.deps import Services, services
 from api.errors import INGEST_ERRORS, OPERATOR_ERRORS, RETRY_AFTER_SECONDS
+from domain import search_attributes as sa
+from domain.incident import ActionRequest, IncidentStatus
 from stores import controls, instances
 from stores.controls import Control
 from stores.llm_calls import utc
-from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest, IncidentStatus
 
 log = logging.getLogger(__name__)
 router = APIRouter()

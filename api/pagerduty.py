@@ -18,8 +18,8 @@ from api.bounds import Storable
 from api.deps import Services, services
 from api.errors import RETRY_AFTER_SECONDS, problems
 from api.telemetry import REJECTED_REQUESTS
+from domain.incident import ActionRequest
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter()

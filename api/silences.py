@@ -15,10 +15,10 @@ from api.bodies import JsonBody
 from api.bounds import MAX_INT64, Storable, Text1000
 from api.deps import Services, services
 from api.errors import OPERATOR_ERRORS
+from domain.incident import Trigger
 from stores import silence_rules, silences
 from stores.llm_calls import utc
 from stores.silences import Silence
-from workflows.incident_types import Trigger
 
 MAX_SILENCE_MINUTES = int(silence_rules.MAX_SILENCE.total_seconds() // 60)
 # Far enough for any silence the rules allow; near enough that no arithmetic overflows.

@@ -29,9 +29,9 @@ from api.bounds import Storable
 from api.deps import Services, services
 from api.errors import problems, store_unavailable
 from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
+from domain.incident import ActionRequest, SnoozeRequest
 from stores import replay_guard
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest, SnoozeRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter()

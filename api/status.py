@@ -16,7 +16,7 @@ from activities.incidents import open_incidents_query
 from api.auth import readable_by
 from api.deps import Services, services
 from api.errors import RETRY_AFTER_SECONDS
-from workflows import search_attributes as sa
+from domain import search_attributes as sa
 
 router = APIRouter()
 STATUS_DEADLINE_SECONDS = 3

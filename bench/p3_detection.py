@@ -39,8 +39,9 @@ from detectors.config import DetectorRules
 from detectors.evaluation import evaluate
 from stores.aggregates import window_aggregates
 from stores.engine import create_schema, make_engine
-from stores.llm_calls import CallRecord, write_calls
+from stores.llm_calls import CallRecord
 from stores.quality import ScoreRecord, write_scores
+from stores.writer import write_calls
 
 MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o4-mini")
 FEATURES = ("chat", "summarizer", "classifier", "code_review", "search")

@@ -51,8 +51,9 @@ from bench.stack import (
 from config import Settings
 from detectors.config import load_rules
 from detectors.detector import CONFIRM_AFTER, DetectorWorkflow
-from detectors.naming import detector_workflow_id
-from stores.llm_calls import CallRecord, write_calls
+from domain.workflow_names import detector_workflow_id
+from stores.llm_calls import CallRecord
+from stores.writer import write_calls
 from workflows.incident import IncidentWorkflow
 
 MODEL = "gpt-4.1"

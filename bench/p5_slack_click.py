@@ -2,7 +2,7 @@
 
 The embedded stack, wired as `pagerloop dev` wires it, in this process: Temporal's dev server
 (a child process, as tests/conftest.py starts it), the worker (`worker.build_worker`), the
-real API (uvicorn, `cli.stack.api_server` over `worker.build_api`, with the API's own
+real API (uvicorn, `worker.api_server` over `worker.build_api`, with the API's own
 fail-fast engine) and the vendor fakes of tests/fakes. It opens 50 incidents and waits for
 their Slack messages. Then, in rounds, it sends one click per incident, all 50 at once, each
 built as Slack sends it (form-encoded `payload` of `block_actions`, carrying the message as it
@@ -57,15 +57,15 @@ from activities.incidents import IncidentActivities, OpenIncidentRequest
 from activities.slack import ACK_ACTION, ESCALATE_ACTION, SNOOZE_ACTION
 from api.telemetry import REGISTRY
 from bench.stack import percentile, temporal_binary
-from cli.stack import api_server
 from config import Settings
 from config.escalation import load_escalation
+from domain import search_attributes as sa
+from domain.incident import Breach, IncidentStatus, Severity, Trigger
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack, Message, button_click
-from workflows import search_attributes as sa
+from worker import api_server
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import Breach, IncidentStatus, Severity, Trigger
 
 TARGET_P99_MS = 300.0
 SIGNING_SECRET = "p5-bench-signing-secret"  # noqa: S105 (a throwaway secret of the fakes)
@@ -125,7 +125,7 @@ def stack_settings(
 
 @contextlib.asynccontextmanager
 async def embedded_stack(settings: Settings, client: Client) -> AsyncIterator[str]:
-    """Worker and API as `pagerloop dev` runs them (cli.stack.serve); yields the API's URL."""
+    """Worker and API as `pagerloop dev` runs them (worker.serve); yields the API's URL."""
     engine = worker.open_store(settings)
     served = worker.api_engine(settings)
     try:

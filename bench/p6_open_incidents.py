@@ -75,11 +75,12 @@ from bench.stack import (
 from config import Settings
 from config.escalation import load_escalation
 from detectors.detector import DetectorWorkflow
-from detectors.naming import detector_workflow_id
-from stores.llm_calls import CallRecord, write_calls
-from workflows import search_attributes as sa
-from workflows.escalation import DEFAULT_POLICIES
-from workflows.incident_types import Breach, NotificationPlan, Severity, Trigger
+from domain import search_attributes as sa
+from domain.escalation import DEFAULT_POLICIES
+from domain.incident import Breach, NotificationPlan, Severity, Trigger
+from domain.workflow_names import detector_workflow_id
+from stores.llm_calls import CallRecord
+from stores.writer import write_calls
 
 T = TypeVar("T")
 X = TypeVar("X")

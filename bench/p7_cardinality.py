@@ -34,11 +34,13 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from detectors.config import DetectorRules
 from detectors.evaluation import evaluate
 from detectors.rules import RuleState
-from detectors.signals import Aggregate, WindowAggregates
-from stores.aggregates import USAGE_SUMS, window_aggregates
+from domain.aggregates import Aggregate, WindowAggregates
+from domain.usage import SIGNAL_COUNTERS
+from stores.aggregates import window_aggregates
 from stores.engine import create_schema, make_engine
-from stores.llm_calls import CallRecord, LatencyRollup, UsageRollup, utc, write_calls
+from stores.llm_calls import CallRecord, LatencyRollup, UsageRollup, utc
 from stores.quality import QualityScore, ScoreRecord, write_scores
+from stores.writer import write_calls
 
 MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o4-mini")
 BUSY = "checkout"
@@ -114,7 +116,7 @@ def per_cell(engine: Engine, end: datetime) -> WindowAggregates:
     lat = LatencyRollup.__table__.c  # type: ignore[attr-defined]
     s = QualityScore.__table__.c  # type: ignore[attr-defined]
     usage = (
-        select(u.model, u.feature, *(func.sum(u[n]) for n in USAGE_SUMS))
+        select(u.model, u.feature, *(func.sum(u[n]) for n in SIGNAL_COUNTERS))
         .where(u.minute >= first_minute, u.minute < end)
         .group_by(u.model, u.feature)
     )
@@ -131,7 +133,7 @@ def per_cell(engine: Engine, end: datetime) -> WindowAggregates:
     with engine.connect() as connection:
         for model, feature, *sums in connection.execute(usage):
             target = cell(model, feature)
-            for name, value in zip(USAGE_SUMS, sums, strict=True):
+            for name, value in zip(SIGNAL_COUNTERS, sums, strict=True):
                 setattr(target, name, type(getattr(target, name))(value or 0))
         for model, feature, bucket, calls in connection.execute(latency):
             cell(model, feature).latency_histogram[int(bucket)] = int(calls)

@@ -23,11 +23,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from config import Settings
+from domain import search_attributes as sa
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.server import Recorded
 from tests.fakes.slack import FakeSlack
-from workflows import search_attributes as sa
 
 # The fakes' credentials, not secrets.
 SLACK_TOKEN = "xoxb-bench"  # noqa: S105

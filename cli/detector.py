@@ -13,7 +13,7 @@ from temporalio.client import WorkflowHandle
 import worker
 from config import load_settings
 from detectors.detector import DetectorStatus, DetectorWorkflow, folded_line
-from detectors.naming import detector_workflow_id
+from domain.workflow_names import detector_workflow_id
 
 app = typer.Typer(help="The detector: its verdicts, and pausing it.", no_args_is_help=True)
 out = Console()

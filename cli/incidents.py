@@ -14,9 +14,9 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import worker
 from config import load_settings
-from workflows import search_attributes as sa
+from domain import search_attributes as sa
+from domain.incident import ActionRequest, IncidentState, SnoozeRequest
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest, IncidentState, SnoozeRequest
 
 app = typer.Typer(help="List, inspect, acknowledge and resolve incidents.", no_args_is_help=True)
 out = Console()

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 import worker
-from cli import controls, detector, incidents, silences, stack
+from cli import controls, detector, incidents, silences
 from cli.simulate import command as simulate_command
 from config import ConfigurationError, Settings, load_settings
 
@@ -39,13 +39,13 @@ def settings_or_exit(**overrides: object) -> Settings:
 @app.command()
 def dev() -> None:
     """Run everything on this machine: Temporal dev server with UI, API, worker, detector."""
-    asyncio.run(stack.run_dev(settings_or_exit()))
+    asyncio.run(worker.run_dev(settings_or_exit()))
 
 
 @app.command("worker")
 def run_worker() -> None:
     """Run a worker (workflows, activities, detector) against the configured Temporal."""
-    asyncio.run(stack.serve(settings_or_exit(), run_api=False, run_worker=True))
+    asyncio.run(worker.serve(settings_or_exit(), run_api=False, run_worker=True))
 
 
 @app.command()
@@ -59,7 +59,7 @@ def api(
     except ConfigurationError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    asyncio.run(stack.serve(settings, run_api=True, run_worker=with_worker))
+    asyncio.run(worker.serve(settings, run_api=True, run_worker=with_worker))
 
 
 @app.command()

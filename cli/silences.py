@@ -13,10 +13,10 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from config import load_settings
+from domain.incident import Trigger
 from stores import silence_rules, silences
 from stores.engine import create_schema, make_engine
 from stores.silences import Silence
-from workflows.incident_types import Trigger
 
 app = typer.Typer(help="Silence triggers and scopes for a while.", no_args_is_help=True)
 out = Console()

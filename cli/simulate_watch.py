@@ -12,8 +12,8 @@ from temporalio.client import Client
 
 from cli.simulate_progress import Progress
 from config import Settings
+from domain import search_attributes as sa
 from stores import controls
-from workflows import search_attributes as sa
 
 CONNECT_TIMEOUT_SECONDS = 3.0
 

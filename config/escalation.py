@@ -26,8 +26,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from config.tomlfile import read_toml
-from workflows.escalation import DEFAULT_POLICIES, EscalationLevel, EscalationPolicy
-from workflows.incident_types import Severity
+from domain.escalation import DEFAULT_POLICIES, EscalationLevel, EscalationPolicy
+from domain.incident import Severity
 
 
 class PolicyFileError(ValueError):

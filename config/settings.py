@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -94,6 +95,22 @@ class Settings(BaseSettings):
     jira_project: str = "OPS"
     jira_issue_type: str = "Task"
 
+    # Email is off while the host is unset. STARTTLS (port 587) by default; PAGERLOOP_SMTP_TLS
+    # for implicit TLS (port 465); both off: plain, for a local relay.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = True
+    smtp_tls: bool = False
+    email_from: str | None = None
+    email_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Alertmanager-format receivers, comma-separated http(s) URLs (a comma inside one as %2C).
+    # Secrets: hosted receivers put their token in the URL.
+    webhook_urls: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    webhook_secret: SecretStr | None = None
+
     daily_budget_usd: float = Field(default=500.0, gt=0)
 
     escalation_policy_file: Path | None = None
@@ -159,6 +176,59 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _webhook_urls_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _webhook_urls_http(cls, urls: list[SecretStr]) -> list[SecretStr]:
+        seen: dict[str, int] = {}
+        for position, url in enumerate(urls, start=1):
+            # Named by position, never quoted: a URL may hold a token.
+            try:
+                parts = urlsplit(url.get_secret_value())
+                usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                usable = False
+            if not usable:
+                raise ValueError(f"URL {position} is not an http(s) URL with a host")
+            if url.get_secret_value() in seen:
+                raise ValueError(f"URL {position} repeats URL {seen[url.get_secret_value()]}")
+            seen[url.get_secret_value()] = position
+        return urls
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_webhook_secret_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("smtp_host", "smtp_username", "smtp_password", "email_from", mode="before")
+    @classmethod
+    def _empty_smtp_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("email_to", mode="before")
+    @classmethod
+    def _email_to_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("email_from")
+    @classmethod
+    def _email_from_address(cls, value: str | None) -> str | None:
+        if value is not None and "@" not in value:
+            raise ValueError("expected an email address")
+        return value
+
+    @field_validator("email_to")
+    @classmethod
+    def _email_to_addresses(cls, value: list[str]) -> list[str]:
+        for position, address in enumerate(value, start=1):
+            if "@" not in address:
+                raise ValueError(f"address {position} ({address[:64]!r}) is not an email address")
+        return value
+
     @field_validator("jira_url", mode="before")
     @classmethod
     def _empty_url_is_unset(cls, value: object) -> object:
@@ -181,6 +251,19 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _smtp_one_tls(self) -> Settings:
+        if self.smtp_tls and self.smtp_starttls:
+            if "smtp_starttls" in self.model_fields_set:
+                raise ValueError(
+                    "PAGERLOOP_SMTP_TLS (implicit TLS, port 465) and PAGERLOOP_SMTP_STARTTLS "
+                    "(port 587) are both true: choose one"
+                )
+            self.smtp_starttls = False  # implicit TLS replaces the STARTTLS default
+        if self.smtp_host is not None and self.email_from is None:
+            raise ValueError("PAGERLOOP_EMAIL_FROM is required when PAGERLOOP_SMTP_HOST is set")
+        return self
+
     @property
     def slack_enabled(self) -> bool:
         return self.slack_bot_token is not None
@@ -192,6 +275,14 @@ class Settings(BaseSettings):
     @property
     def jira_enabled(self) -> bool:
         return self.jira_url is not None
+
+    @property
+    def email_enabled(self) -> bool:
+        return self.smtp_host is not None
+
+    @property
+    def webhook_enabled(self) -> bool:
+        return bool(self.webhook_urls)
 
     @property
     def api_url(self) -> str:

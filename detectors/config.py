@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from config.tomlfile import read_toml
 from detectors.rules import DEFAULT_RULES, Rule
-from workflows.incident_types import Severity
+from domain.incident import Severity
 
 ScopeKind = Literal["global", "model", "feature"]
 

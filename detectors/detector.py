@@ -26,12 +26,13 @@ with workflow.unsafe.imports_passed_through():
         RecoveryReport,
     )
     from activities.metrics import MetricsActivities, WindowQuery
+    from activities.policies import OPEN_INCIDENT, STORE_QUERY
     from detectors.config import DetectorRules
     from detectors.evaluation import Evaluation, Finding, evaluate, trigger_key
     from detectors.rules import RuleState
-    from detectors.signals import DIMENSIONS, FoldedInfo, WindowAggregates, folded_scope, kind_of
-    from workflows.incident_types import Breach, Recovery, severity_rank
-    from workflows.policies import OPEN_INCIDENT, STORE_QUERY
+    from domain.aggregates import FoldedInfo, WindowAggregates
+    from domain.incident import Breach, Recovery, severity_rank
+    from domain.scopes import DIMENSIONS, folded_scope, kind_of
 
 PER_SCOPE_PATCH = "detector-per-scope-aggregates"
 # A new breach is looked at again after this, not a whole interval later: the confirmation a

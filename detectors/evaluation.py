@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 from detectors.config import DetectorRules
 from detectors.rules import INHIBITS, Event, Rule, RuleState, step
-from detectors.signals import GLOBAL, Aggregate, WindowAggregates, values
-from workflows.incident_types import Severity, Trigger, severity_rank
+from detectors.signals import values
+from domain.aggregates import Aggregate, WindowAggregates
+from domain.incident import Severity, Trigger, severity_rank
+from domain.scopes import GLOBAL, kind_of
 
 
 @dataclass
@@ -45,10 +47,6 @@ def rule_key(rule: Rule, scope: str) -> str:
 
 def trigger_key(trigger: Trigger | str, scope: str) -> str:
     return f"{trigger}|{scope}"
-
-
-def _kind(scope: str) -> str:
-    return GLOBAL if scope == GLOBAL else scope.partition(":")[0]
 
 
 _LABELS = {
@@ -115,7 +113,7 @@ def evaluate(
         if not rule.enabled:
             continue
         for scope, found in scope_values.items():
-            if _kind(scope) not in rule.scopes:
+            if kind_of(scope) not in rule.scopes:
                 continue
             key = rule_key(rule, scope)
             value = found.get(rule.signal)
@@ -191,7 +189,7 @@ def _inhibited(
             narrower = [
                 other.scope
                 for other in findings.values()
-                if other.trigger == finding.trigger and _kind(other.scope) == kind
+                if other.trigger == finding.trigger and kind_of(other.scope) == kind
             ]
             if not narrower:
                 continue

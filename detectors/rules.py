@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from workflows.incident_types import Severity, Trigger
+from domain.incident import Severity, Trigger
 
 
 class Level(StrEnum):

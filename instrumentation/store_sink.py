@@ -12,8 +12,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
 from stores.engine import create_schema
-from stores.llm_calls import write_calls
 from stores.quality import write_scores
+from stores.writer import write_calls
 
 
 class StoreSink:

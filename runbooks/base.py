@@ -12,7 +12,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.controls import ControlRef
     from activities.diagnosis import SignalReading
-    from workflows.escalation import EscalationPolicy
+    from domain.escalation import EscalationPolicy
 
 
 class Priority(StrEnum):

@@ -26,7 +26,8 @@ with workflow.unsafe.imports_passed_through():
         SignalCheck,
         SignalReading,
     )
-    from detectors.signals import OTHER
+    from activities.policies import CONTROL_CHANGE, STORE_QUERY
+    from domain.scopes import OTHER
     from runbooks.base import (
         Priority,
         RunbookInput,
@@ -35,7 +36,6 @@ with workflow.unsafe.imports_passed_through():
         RunbookSpec,
         Verification,
     )
-    from workflows.policies import CONTROL_CHANGE, STORE_QUERY
 
 PROGRESS_SIGNAL = "runbook_progress"
 

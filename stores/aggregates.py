@@ -18,34 +18,21 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, case, func, literal, select, union_all
 
-from detectors.signals import (
+from domain.aggregates import Aggregate, FoldedInfo, WindowAggregates
+from domain.scopes import (
     DIMENSIONS,
     GLOBAL,
     OTHER,
     SCOPE_NAME_MAX,
-    Aggregate,
-    FoldedInfo,
-    WindowAggregates,
     folded_scope,
     kind_of,
     scope_name,
 )
+from domain.usage import SIGNAL_COUNTERS
 from stores.llm_calls import LatencyRollup, UsageRollup, utc
 from stores.quality import QualityRollup, QualityScore
 
 DEFAULT_MAX_SCOPES = 50
-
-USAGE_SUMS = (
-    "calls",
-    "successes",
-    "errors",
-    "timeouts",
-    "rate_limited",
-    "server_errors",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-)
 
 _usage = UsageRollup.__table__.c  # type: ignore[attr-defined]
 _latency = LatencyRollup.__table__.c  # type: ignore[attr-defined]
@@ -237,7 +224,7 @@ def _folded_cells(
             _usage.minute >= w.first_minute, _usage.minute < w.end
         ),
         (),
-        lambda c: [func.sum(c[n]) for n in USAGE_SUMS],
+        lambda c: [func.sum(c[n]) for n in SIGNAL_COUNTERS],
     )
     latency = _grouped(
         select(
@@ -270,7 +257,7 @@ def _folded_cells(
     )
     for model, feature, *values in connection.execute(usage):
         target = at(model, feature)
-        for name, value in zip(USAGE_SUMS, values, strict=True):
+        for name, value in zip(SIGNAL_COUNTERS, values, strict=True):
             setattr(target, name, type(getattr(target, name))(value or 0))
     for model, feature, bucket, calls in connection.execute(latency):
         at(model, feature).latency_histogram[int(bucket)] = int(calls)
@@ -286,4 +273,4 @@ def _folded_cells(
 
 
 def _usage_sums() -> list[Any]:
-    return [_usage[name] for name in USAGE_SUMS]
+    return [_usage[name] for name in SIGNAL_COUNTERS]

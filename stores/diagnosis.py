@@ -10,7 +10,7 @@ Calls served from the response cache (source "cache") never reached OpenAI: the 
 them out, and so does every read of the call rows here (`Window.rows`, `Window.all_rows`), so
 that the partial minutes agree with the whole ones.
 
-Scopes are matched in Python with the detector's own test (`detectors.signals._in_scope`) on the
+Scopes are matched in Python with the detector's own test (`domain.scopes.in_scope`) on the
 raw names, so a runbook reads the calls the detector judged even when a model's name had
 characters that the scope name replaced.
 """
@@ -23,7 +23,14 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
 
-from detectors.signals import _in_scope
+from domain.scopes import in_scope
+from domain.usage import (
+    ERROR_COUNTER,
+    FLOAT_COUNTERS,
+    STATUS_COUNTERS,
+    USAGE_COUNTERS,
+    UsageCounters,
+)
 from stores.llm_calls import CACHE_SOURCE, LatencyRollup, LLMCall, UsageRollup, utc
 from stores.quality import QualityScore
 
@@ -43,10 +50,6 @@ _usage = UsageRollup.__table__.c  # type: ignore[attr-defined]
 _latency = LatencyRollup.__table__.c  # type: ignore[attr-defined]
 # Calls that reached OpenAI: not those the response cache answered.
 _sent = _calls.source != CACHE_SOURCE
-
-
-def in_scope(scope: str, model: str, feature: str | None) -> bool:
-    return _in_scope(scope, model, feature or "")
 
 
 @dataclass(frozen=True)
@@ -98,55 +101,41 @@ class Window:
 # --- usage: calls, 429s, tokens, cost, time in flight per (model, feature) -------------------
 
 
-@dataclass
-class Usage:
-    calls: int = 0
-    rate_limited: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    latency_ms_sum: float = 0.0
+def _row_counters() -> list[Any]:
+    """What the call rows add to each usage counter (domain.usage), as the writer sums them
+    into the rollup: the rows answer the window's partial minutes."""
 
-    def add(self, calls: Any, limited: Any, inputs: Any, outputs: Any, cost: Any, ms: Any) -> None:
-        self.calls += int(calls or 0)
-        self.rate_limited += int(limited or 0)
-        self.input_tokens += int(inputs or 0)
-        self.output_tokens += int(outputs or 0)
-        self.cost_usd += float(cost or 0)
-        self.latency_ms_sum += float(ms or 0)
+    def count(condition: ColumnElement[bool]) -> Any:
+        return func.sum(case((condition, 1), else_=0))
+
+    status = _calls.status
+    sums: dict[str, Any] = {
+        "calls": func.count(),
+        **{counter: count(status == name) for name, counter in STATUS_COUNTERS.items()},
+        ERROR_COUNTER: count(status.not_in(list(STATUS_COUNTERS))),
+        "input_tokens": func.sum(_calls.input_tokens),
+        "output_tokens": func.sum(_calls.output_tokens),
+        "cached_input_tokens": func.sum(_calls.cached_input_tokens),
+        "cost_usd": func.sum(_calls.cost_usd),
+        "unpriced_calls": count(and_(_calls.cost_usd.is_(None), _calls.input_tokens.is_not(None))),
+        "latency_ms_sum": func.sum(_calls.latency_ms),
+    }
+    return [sums[name] for name in USAGE_COUNTERS]
 
 
-def usage(engine: Engine, window: Window, scope: str) -> dict[tuple[str, str], Usage]:
-    """(model, feature) -> usage sums; feature "" for calls without one."""
+def usage(engine: Engine, window: Window, scope: str) -> dict[tuple[str, str], UsageCounters]:
+    """(model, feature) -> usage counters; feature "" for calls without one."""
     rollup = (
-        select(
-            _usage.model,
-            _usage.feature,
-            func.sum(_usage.calls),
-            func.sum(_usage.rate_limited),
-            func.sum(_usage.input_tokens),
-            func.sum(_usage.output_tokens),
-            func.sum(_usage.cost_usd),
-            func.sum(_usage.latency_ms_sum),
-        )
+        select(_usage.model, _usage.feature, *(func.sum(_usage[n]) for n in USAGE_COUNTERS))
         .where(window.minutes(_usage.minute))
         .group_by(_usage.model, _usage.feature)
     )
     rows = (
-        select(
-            _calls.model,
-            _calls.feature,
-            func.count(),
-            func.sum(case((_calls.status == "rate_limited", 1), else_=0)),
-            func.sum(_calls.input_tokens),
-            func.sum(_calls.output_tokens),
-            func.sum(_calls.cost_usd),
-            func.sum(_calls.latency_ms),
-        )
+        select(_calls.model, _calls.feature, *_row_counters())
         .where(window.rows())
         .group_by(_calls.model, _calls.feature)
     )
-    found: dict[tuple[str, str], Usage] = {}
+    found: dict[tuple[str, str], UsageCounters] = {}
     with engine.connect() as connection:
         results = [connection.execute(rows)]
         if window.has_full_minutes:
@@ -154,7 +143,10 @@ def usage(engine: Engine, window: Window, scope: str) -> dict[tuple[str, str], U
         for result in results:
             for model, feature, *sums in result:
                 if in_scope(scope, model, feature):
-                    found.setdefault((model, feature or ""), Usage()).add(*sums)
+                    counters = found.setdefault((model, feature or ""), UsageCounters())
+                    for name, value in zip(USAGE_COUNTERS, sums, strict=True):
+                        kind = float if name in FLOAT_COUNTERS else int
+                        setattr(counters, name, getattr(counters, name) + kind(value or 0))
     return found
 
 
@@ -179,7 +171,7 @@ def first_calls(engine: Engine, window: Window, scope: str) -> dict[str, datetim
 
 
 def latency_histograms(engine: Engine, window: Window, scope: str) -> dict[str, dict[int, int]]:
-    """model -> latency bucket -> calls (stores.latency's buckets)."""
+    """model -> latency bucket -> calls (domain.histogram's buckets)."""
     rollup = (
         select(_latency.model, _latency.feature, _latency.bucket, func.sum(_latency.calls))
         .where(window.minutes(_latency.minute))

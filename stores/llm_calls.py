@@ -7,7 +7,6 @@ detectors' cost-rate and budget queries read a few hundred rows, not millions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,8 +18,10 @@ from pagerloop_sdk.records import CONTROLS_MAX as CONTROLS_MAX
 from pagerloop_sdk.records import ERROR_MESSAGE_MAX as ERROR_MESSAGE_MAX
 from pagerloop_sdk.records import CallRecord as CallRecord
 from pagerloop_sdk.records import new_call_id as new_call_id
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Engine, Index, Integer, SmallInteger
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, SmallInteger
 from sqlmodel import Field, SQLModel
+
+from domain.usage import FLOAT_COUNTERS, USAGE_COUNTERS
 
 # Ids and counters that add up over a lifetime outgrow PostgreSQL's 32-bit integer. SQLite's
 # INTEGER is 64-bit already, and an id must stay INTEGER there to remain the rowid alias.
@@ -71,6 +72,16 @@ class LLMCall(SQLModel, table=True):
     controls: str | None = Field(default=None, max_length=CONTROLS_MAX)
 
 
+def _counter_columns(namespace: dict[str, Any]) -> None:
+    """Declare a column per usage counter in the class body whose namespace this is."""
+    annotations = namespace["__annotations__"]
+    for name in USAGE_COUNTERS:
+        if name in FLOAT_COUNTERS:
+            annotations[name], namespace[name] = "float", 0.0
+        else:
+            annotations[name], namespace[name] = "int", big()
+
+
 class UsageRollup(SQLModel, table=True):
     """Per minute and dimension: what the cost and traffic detectors aggregate. Calls served
     from the response cache (source "cache") are not counted here, nor in LatencyRollup."""
@@ -84,22 +95,12 @@ class UsageRollup(SQLModel, table=True):
     feature: str = Field(primary_key=True, max_length=128)
     team: str = Field(primary_key=True, max_length=128)
     environment: str = Field(primary_key=True, max_length=64)
-    calls: int = big()
-    successes: int = big()
-    errors: int = big()
-    timeouts: int = big()
-    rate_limited: int = big()
-    server_errors: int = big()
-    input_tokens: int = big()
-    output_tokens: int = big()
-    cached_input_tokens: int = big()
-    cost_usd: float = 0.0
-    unpriced_calls: int = big()
-    latency_ms_sum: float = 0.0
+    # The usage counters (domain.usage), a column each: a 64-bit integer, or a float.
+    _counter_columns(locals())
 
 
 class LatencyRollup(SQLModel, table=True):
-    """Per minute and dimension: how many calls fell in each latency bucket (stores.latency)."""
+    """Per minute and dimension: how many calls fell in each latency bucket (domain.histogram)."""
 
     __tablename__ = "latency_rollup"
     __table_args__ = (Index("ix_latency_rollup_minute", "minute"),)
@@ -111,12 +112,3 @@ class LatencyRollup(SQLModel, table=True):
     environment: str = Field(primary_key=True, max_length=64)
     bucket: int = Field(sa_column=Column(SmallInteger, primary_key=True))
     calls: int = big()
-
-
-def write_calls(engine: Engine, records: Sequence[CallRecord]) -> int:
-    """Insert a batch and its rollups in one transaction: all of it lands or none does. Calls
-    whose call_id is already recorded are left out (a retried batch writes nothing twice, and
-    the rollups count only the rows inserted); the number of rows inserted."""
-    from stores.writer import write_batch
-
-    return write_batch(engine, records)

@@ -39,7 +39,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from stores import latency
+from domain.histogram import bucket as latency_bucket
+from domain.usage import ERROR_COUNTER, FLOAT_COUNTERS, STATUS_COUNTERS, USAGE_COUNTERS
 from stores.llm_calls import CACHE_SOURCE, CallRecord, utc
 
 # The plain columns first, then those that need converting or computing.
@@ -51,28 +52,6 @@ _source_of = itemgetter(_SOURCE_INDEX)
 _TS_INDEX = CALL_COLUMNS.index("ts")
 _TEXT = tuple(f.name for f in fields(CallRecord) if f.type in ("str", "str | None"))
 ROLLUP_KEYS = ("minute", "model", "feature", "team", "environment")
-ROLLUP_SUMS = (
-    "calls",
-    "successes",
-    "errors",
-    "timeouts",
-    "rate_limited",
-    "server_errors",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cost_usd",
-    "unpriced_calls",
-    "latency_ms_sum",
-)
-_FLOAT_SUMS = ("cost_usd", "latency_ms_sum")
-_STATUS_COUNTER = {
-    "success": "successes",
-    "error": "errors",
-    "timeout": "timeouts",
-    "rate_limited": "rate_limited",
-    "server_error": "server_errors",
-}
 
 
 def _has_surrogate(text: str) -> bool:
@@ -159,7 +138,7 @@ def _call_tuple(record: CallRecord, ts: Any) -> tuple[Any, ...]:
         *_plain_values(record),
         ts(record.ts),
         None if metadata is None else _json(metadata),
-        latency.bucket(record.latency_ms),
+        latency_bucket(record.latency_ms),
     )
 
 
@@ -167,31 +146,38 @@ def rows_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[tuple[Any, .
     """The rows (CALL_COLUMNS, `ts` an aware datetime) of calls given as one sequence per
     CallRecord field: what `write_rows` takes, made without a CallRecord per call."""
     metadata = [None if value is None else _json(value) for value in columns["metadata"]]
-    buckets = list(map(latency.bucket, columns["latency_ms"]))
+    buckets = list(map(latency_bucket, columns["latency_ms"]))
     return list(
         zip(*(columns[name] for name in _PLAIN), columns["ts"], metadata, buckets, strict=True)
     )
 
 
-_KNOWN_STATUSES = "'success', 'timeout', 'rate_limited', 'server_error'"
+_KNOWN_STATUSES = ", ".join(f"'{status}'" for status in STATUS_COUNTERS)
+# What the call rows add to each counter, in SQLite's SQL.
+_SQLITE_SUMS = {
+    "calls": "count(*)",
+    **{counter: f"sum(status = '{status}')" for status, counter in STATUS_COUNTERS.items()},
+    ERROR_COUNTER: f"sum(status NOT IN ({_KNOWN_STATUSES}))",
+    "input_tokens": "sum(coalesce(input_tokens, 0))",
+    "output_tokens": "sum(coalesce(output_tokens, 0))",
+    "cached_input_tokens": "sum(coalesce(cached_input_tokens, 0))",
+    "cost_usd": "sum(coalesce(cost_usd, 0))",
+    "unpriced_calls": "sum(cost_usd IS NULL AND input_tokens IS NOT NULL)",
+    "latency_ms_sum": "sum(latency_ms)",
+}
 
 
 # SQLite sums the batch it has just inserted itself (in C, without the GIL): the rows with
 # an id above the largest before the insert, which the IMMEDIATE transaction keeps ours.
 def _sqlite_rollup(where: str) -> str:
     return (
-        f"INSERT INTO usage_rollup ({', '.join(ROLLUP_KEYS + ROLLUP_SUMS)}) "  # noqa: S608
+        f"INSERT INTO usage_rollup ({', '.join(ROLLUP_KEYS + USAGE_COUNTERS)}) "  # noqa: S608
         "SELECT substr(ts, 1, 16) || ':00.000000', model, coalesce(feature, ''), "
-        "coalesce(team, ''), coalesce(environment, ''), count(*), "
-        "sum(status = 'success'), "
-        f"sum(status NOT IN ({_KNOWN_STATUSES})), "
-        "sum(status = 'timeout'), sum(status = 'rate_limited'), sum(status = 'server_error'), "
-        "sum(coalesce(input_tokens, 0)), sum(coalesce(output_tokens, 0)), "
-        "sum(coalesce(cached_input_tokens, 0)), sum(coalesce(cost_usd, 0)), "
-        "sum(cost_usd IS NULL AND input_tokens IS NOT NULL), sum(latency_ms) "
-        f"FROM llm_calls WHERE {where} GROUP BY 1, 2, 3, 4, 5 "
+        "coalesce(team, ''), coalesce(environment, ''), "
+        + ", ".join(_SQLITE_SUMS[name] for name in USAGE_COUNTERS)
+        + f" FROM llm_calls WHERE {where} GROUP BY 1, 2, 3, 4, 5 "
         f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET "
-        + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS)
+        + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in USAGE_COUNTERS)
     )
 
 
@@ -346,8 +332,8 @@ def _insert_new_postgres(cursor: Any, rows: Sequence[tuple[Any, ...]]) -> list[t
 
 
 _INDEX = {name: CALL_COLUMNS.index(name) for name in CALL_COLUMNS}
-_SUM_INDEX = {name: i for i, name in enumerate(ROLLUP_SUMS)}
-_STATUS_SUM = {status: _SUM_INDEX[name] for status, name in _STATUS_COUNTER.items()}
+_SUM_INDEX = {name: i for i, name in enumerate(USAGE_COUNTERS)}
+_STATUS_SUM = {status: _SUM_INDEX[name] for status, name in STATUS_COUNTERS.items()}
 
 
 def rollups(
@@ -370,14 +356,14 @@ def rollups(
     cost_, latency_ = _INDEX["cost_usd"], _INDEX["latency_ms"]
     calls, errors, unpriced = (
         _SUM_INDEX["calls"],
-        _SUM_INDEX["errors"],
+        _SUM_INDEX[ERROR_COUNTER],
         _SUM_INDEX["unpriced_calls"],
     )
     inputs, outputs, cached = (
         _SUM_INDEX[name] for name in ("input_tokens", "output_tokens", "cached_input_tokens")
     )
     cost, latency_sum = _SUM_INDEX["cost_usd"], _SUM_INDEX["latency_ms_sum"]
-    empty = [0.0 if name in _FLOAT_SUMS else 0 for name in ROLLUP_SUMS]
+    empty = [0.0 if name in FLOAT_COUNTERS else 0 for name in USAGE_COUNTERS]
     usage: dict[tuple[Any, ...], list[Any]] = {}
     histogram: Counter[tuple[Any, ...]] = Counter()
     for row in rows:
@@ -411,7 +397,7 @@ def rollups(
 
 
 _KEY_TYPES = ("timestamptz", "text", "text", "text", "text")
-_SUM_TYPES = tuple("float8" if name in _FLOAT_SUMS else "int8" for name in ROLLUP_SUMS)
+_SUM_TYPES = tuple("float8" if name in FLOAT_COUNTERS else "int8" for name in USAGE_COUNTERS)
 
 
 def _unnest_upsert(table: str, columns: Sequence[str], types: Sequence[str], update: str) -> str:
@@ -430,10 +416,10 @@ def _unnest_upsert(table: str, columns: Sequence[str], types: Sequence[str], upd
 
 _USAGE_UNNEST = _unnest_upsert(
     "usage_rollup",
-    ROLLUP_KEYS + ROLLUP_SUMS,
+    ROLLUP_KEYS + USAGE_COUNTERS,
     _KEY_TYPES + _SUM_TYPES,
     ") DO UPDATE SET "
-    + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in ROLLUP_SUMS),
+    + ", ".join(f"{name} = usage_rollup.{name} + excluded.{name}" for name in USAGE_COUNTERS),
 )
 _LATENCY_UNNEST = _unnest_upsert(
     "latency_rollup",
@@ -482,10 +468,11 @@ def _backend(engine: Engine) -> tuple[Any, Any]:
     return found
 
 
-def write_batch(engine: Engine, records: Sequence[CallRecord]) -> int:
+def write_calls(engine: Engine, records: Sequence[CallRecord]) -> int:
     """Insert the batch's calls not recorded yet and their rollups, in one transaction (all of
     it lands or none does); the number of rows inserted. A call_id already recorded, or twice
-    in the batch, is left as it is: the first write wins."""
+    in the batch, is left as it is: the first write wins (a retried batch writes nothing twice,
+    and the rollups count only the rows inserted)."""
     if not records:
         return 0
     write, ts = _backend(engine)
@@ -493,7 +480,7 @@ def write_batch(engine: Engine, records: Sequence[CallRecord]) -> int:
 
 
 def write_rows(engine: Engine, rows: Sequence[tuple[Any, ...]]) -> int:
-    """`write_batch` for calls already made into rows (`rows_from_columns`)."""
+    """`write_calls` for calls already made into rows (`rows_from_columns`)."""
     if not rows:
         return 0
     write, ts = _backend(engine)

@@ -24,9 +24,9 @@ from temporalio.worker import Worker
 import worker
 from api.app import create_app
 from api.deps import Services
-from cli.stack import api_server
 from config import Settings
-from detectors.naming import detector_workflow_id
+from domain import search_attributes as sa
+from domain.workflow_names import detector_workflow_id
 from stores import schema
 from stores.engine import create_schema, make_engine
 from tests import postgres
@@ -34,7 +34,6 @@ from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.server import ThreadedServer
 from tests.fakes.slack import FakeSlack
-from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
 
 BIN = Path(sys.executable).parent
@@ -234,7 +233,7 @@ async def incident_worker(client: Client, settings: Settings) -> AsyncIterator[E
 @contextlib.asynccontextmanager
 async def serving_api(settings: Settings, client: Client, engine: Engine) -> AsyncIterator[str]:
     """The real API server (uvicorn) on settings.api_url, until the block ends."""
-    server = api_server(settings, worker.build_api(settings, client, engine))
+    server = worker.api_server(settings, worker.build_api(settings, client, engine))
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)

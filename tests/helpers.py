@@ -24,10 +24,10 @@ from temporalio.service import RPCError
 from api.app import create_app
 from api.deps import Services
 from config import Settings
+from domain.incident import ActionRequest
 from stores import controls
 from stores.llm_calls import LLMCall
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest
 
 T = TypeVar("T")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from domain.incident import ActionRequest, IncidentInput, IncidentResult, IncidentState
     from workflows.incident import IncidentWorkflow
-    from workflows.incident_types import ActionRequest, IncidentInput, IncidentResult, IncidentState
 
 
 @workflow.defn(name="IncidentWorkflow", sandboxed=False)

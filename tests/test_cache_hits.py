@@ -25,9 +25,11 @@ from sqlmodel import select as orm_select
 
 from activities.diagnosis import DiagnosisActivities, DiagnosisQuery, SignalCheck
 from detectors.config import DetectorRules
+from detectors.reading import SignalJudge
+from domain.histogram import bucket
 from instrumentation.store_controls import StoreControls
 from instrumentation.store_sink import StoreSink
-from stores import controls, latency, writer
+from stores import controls, writer
 from stores.aggregates import window_aggregates
 from stores.llm_calls import (
     CACHE_SOURCE,
@@ -37,9 +39,9 @@ from stores.llm_calls import (
     UsageRollup,
     new_call_id,
     utc,
-    write_calls,
 )
 from stores.quality import QualityScore
+from stores.writer import write_calls
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 UNALIGNED = NOW + timedelta(seconds=25, microseconds=500_000)
@@ -122,11 +124,11 @@ def test_cache_hits_are_logged_with_their_control_but_not_rolled_up(store: Engin
         "cost_usd": pytest.approx(0.5),
         "latency_ms_sum": pytest.approx(10 * 1200.0 + 300.0),
     }
-    assert latency_buckets(store) == {latency.bucket(1200.0): 10, latency.bucket(300.0): 1}
+    assert latency_buckets(store) == {bucket(1200.0): 10, bucket(300.0): 1}
 
     found = window_aggregates(store, NOW, 300).scope("global")
     assert (found.calls, found.successes, found.server_errors) == (11, 3, 8)
-    assert found.latency_histogram == {latency.bucket(1200.0): 10, latency.bucket(300.0): 1}
+    assert found.latency_histogram == {bucket(1200.0): 10, bucket(300.0): 1}
 
 
 def test_the_rollups_of_a_batch_leave_its_cache_hits_out() -> None:
@@ -201,7 +203,7 @@ TRIGGERS = ("api_outage", "error_rate", "elevated_latency", "rate_limit_exhausti
 
 async def answers(store: Engine, end: datetime, window: int) -> dict[str, Any]:
     """Every diagnosis answer and signal reading for the window, timestamps made relative."""
-    activities = DiagnosisActivities(store, DetectorRules(), daily_budget_usd=500.0)
+    activities = DiagnosisActivities(store, SignalJudge(DetectorRules(), daily_budget_usd=500.0))
     found: dict[str, Any] = {}
     for scope in ("global", "model:o3", "feature:chat"):
         q = DiagnosisQuery(scope=scope, end=end, window_seconds=window, limit=100)
@@ -289,7 +291,7 @@ async def test_an_outage_served_from_the_cache_stays_an_outage(
             with pytest.raises(openai.InternalServerError):
                 ask(f"question {i} never answered before")
 
-    activities = DiagnosisActivities(engine, DetectorRules(), daily_budget_usd=500.0)
+    activities = DiagnosisActivities(engine, SignalJudge(DetectorRules(), daily_budget_usd=500.0))
 
     async def api_outage() -> tuple[float, int, bool]:
         assert recorder.flush()

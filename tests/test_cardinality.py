@@ -16,11 +16,12 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from detectors.config import DetectorRules
 from detectors.evaluation import Evaluation, evaluate
 from detectors.rules import RuleState
-from detectors.signals import Aggregate, FoldedInfo, WindowAggregates
+from domain.aggregates import Aggregate, FoldedInfo, WindowAggregates
+from domain.histogram import LAST_BUCKET
 from stores.aggregates import window_aggregates
-from stores.latency import LAST_BUCKET
-from stores.llm_calls import CallRecord, write_calls
+from stores.llm_calls import CallRecord
 from stores.quality import ScoreRecord, write_scores
+from stores.writer import write_calls
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 PAYLOAD_LIMIT = 2 * 1024 * 1024

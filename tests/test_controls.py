@@ -44,7 +44,8 @@ from instrumentation.store_controls import StoreControls, source_for
 from instrumentation.store_sink import StoreSink
 from stores import controls
 from stores.engine import create_schema, make_engine
-from stores.llm_calls import CallRecord, LLMCall, write_calls
+from stores.llm_calls import CallRecord, LLMCall
+from stores.writer import write_calls
 from tests.helpers import put_control, recorded
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

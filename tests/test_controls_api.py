@@ -21,13 +21,13 @@ from typer.testing import CliRunner, Result
 from api.controls import matches
 from cli.main import app as cli
 from config import Settings
+from domain.incident import ActionRequest, NotificationPlan
 from stores import controls, instances
 from stores.instances import LIVE_SECONDS, SETTLE_SECONDS, SdkInstance, share
 from tests.conftest import incident_worker
 from tests.helpers import api_client, close_incidents, put_control
 from tests.test_incident_workflow import Stack
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest, NotificationPlan
 
 INGEST = "ingest-key-1"
 OPERATOR = "operator-key-1"

@@ -18,10 +18,10 @@ from temporalio.testing import WorkflowEnvironment
 import worker
 from config import Settings
 from detectors.detector import DetectorStatus, DetectorWorkflow
-from detectors.naming import detector_workflow_id
+from domain import search_attributes as sa
+from domain.workflow_names import detector_workflow_id
 from tests.conftest import INGEST_KEY, OPERATOR_KEY
 from tests.helpers import eventually
-from workflows import search_attributes as sa
 
 RULES = """
 for_evaluations = 2
@@ -269,6 +269,6 @@ async def test_the_breach_count_survives_a_worker_restart(
 
 
 def worker_api(settings: Settings, client: Client, engine: Any) -> Any:
-    from cli.stack import api_server
+    from worker import api_server
 
     return api_server(settings, worker.build_api(settings, client, engine))

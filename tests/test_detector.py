@@ -8,11 +8,11 @@ from temporalio.client import Client, WorkflowHandle
 import worker
 from config import Settings
 from detectors.detector import DetectorWorkflow
-from detectors.naming import detector_workflow_id
+from domain.incident import ActionRequest
+from domain.workflow_names import detector_workflow_id
 from tests.conftest import INGEST_KEY, incident_ids
 from tests.helpers import eventually
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest
 
 
 async def post_calls(settings: Settings, count: int, status: str = "error") -> None:

@@ -35,9 +35,10 @@ from detectors.config import DetectorRules
 from detectors.detector import DetectorConfig, DetectorInput, DetectorStatus, DetectorWorkflow
 from detectors.evaluation import Evaluation, evaluate
 from detectors.rules import RuleState
-from detectors.signals import Aggregate, FoldedInfo, WindowAggregates
+from domain.aggregates import Aggregate, FoldedInfo, WindowAggregates
 from stores.aggregates import window_aggregates
-from stores.llm_calls import CallRecord, write_calls
+from stores.llm_calls import CallRecord
+from stores.writer import write_calls
 
 END = datetime(2026, 11, 26, 12, tzinfo=UTC)
 HISTORY = Path(__file__).parent / "histories" / "detector_per_cell_result.json"

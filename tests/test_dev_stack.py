@@ -16,11 +16,11 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from cli.devserver import answers
 from tests.conftest import SIGNING_SECRET, free_port, incident_ids
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack, button_click
 from tests.helpers import eventually
+from worker import answers
 from workflows.incident import IncidentWorkflow
 
 PAGERLOOP = str(Path(sys.executable).parent / "pagerloop")

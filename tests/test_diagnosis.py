@@ -29,11 +29,13 @@ from activities.diagnosis import (
     SignalReading,
 )
 from detectors.config import DetectorRules
+from detectors.reading import SignalJudge
 from detectors.rules import DEFAULT_RULES, Rule
-from detectors.signals import scope_name
-from stores import latency as latency_store
-from stores.llm_calls import CallRecord, utc, write_calls
+from domain.histogram import RELATIVE_ERROR, exact_percentile
+from domain.scopes import scope_name
+from stores.llm_calls import CallRecord, utc
 from stores.quality import ScoreRecord, write_scores
+from stores.writer import write_calls
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 UNALIGNED = NOW + timedelta(seconds=25, microseconds=500_000)
@@ -47,11 +49,11 @@ BANDS = (
     ("4k-16k", 4_000, 16_000),
     (">=16k", 16_000, math.inf),
 )
-TOLERANCE = latency_store.RELATIVE_ERROR * 1.0001
+TOLERANCE = RELATIVE_ERROR * 1.0001
 
 
 def diagnosis(store: Engine, rules: DetectorRules | None = None) -> DiagnosisActivities:
-    return DiagnosisActivities(store, rules or DetectorRules(), daily_budget_usd=500.0)
+    return DiagnosisActivities(store, SignalJudge(rules or DetectorRules(), daily_budget_usd=500.0))
 
 
 def query(
@@ -206,8 +208,8 @@ async def test_every_query_matches_the_rows_of_its_window_and_scope(
             mine = by_model[m.model]
             times = [r.latency_ms for r in mine]
             assert m.calls == len(mine)
-            assert close(m.p50_ms, latency_store.exact_percentile(times, 0.5))
-            assert close(m.p95_ms, latency_store.exact_percentile(times, 0.95))
+            assert close(m.p50_ms, exact_percentile(times, 0.5))
+            assert close(m.p95_ms, exact_percentile(times, 0.95))
             sized = [r for r in mine if r.input_tokens is not None]
             if sized:
                 average = sum(r.input_tokens or 0 for r in sized) / len(sized)
@@ -218,7 +220,7 @@ async def test_every_query_matches_the_rows_of_its_window_and_scope(
             for band, low, high in BANDS:
                 band_times = [r.latency_ms for r in sized if low <= (r.input_tokens or 0) < high]
                 if band_times:
-                    expected_bands[band] = latency_store.exact_percentile(band_times, 0.95)
+                    expected_bands[band] = exact_percentile(band_times, 0.95)
             assert m.p95_by_prompt_size.keys() == expected_bands.keys()
             for band, exact in expected_bands.items():
                 assert close(m.p95_by_prompt_size[band], exact), (m.model, band)
@@ -358,19 +360,19 @@ async def test_latency_by_model_and_prompt_size(store: Engine) -> None:
     gpt, o3 = found
     both = small + large
     assert gpt.calls == 60
-    assert close(gpt.p95_ms, latency_store.exact_percentile([r.latency_ms for r in both], 0.95))
+    assert close(gpt.p95_ms, exact_percentile([r.latency_ms for r in both], 0.95))
     assert gpt.avg_input_tokens == pytest.approx(sum(r.input_tokens or 0 for r in both) / len(both))
     assert list(gpt.p95_by_prompt_size) == ["<1k", ">=16k"]
     assert close(
         gpt.p95_by_prompt_size["<1k"],
-        latency_store.exact_percentile([r.latency_ms for r in small], 0.95),
+        exact_percentile([r.latency_ms for r in small], 0.95),
     )
     assert close(
         gpt.p95_by_prompt_size[">=16k"],
-        latency_store.exact_percentile([r.latency_ms for r in large], 0.95),
+        exact_percentile([r.latency_ms for r in large], 0.95),
     )
     assert (o3.calls, o3.avg_input_tokens, o3.p95_by_prompt_size) == (10, None, {})
-    assert close(o3.p50_ms, latency_store.exact_percentile([r.latency_ms for r in untokened], 0.5))
+    assert close(o3.p50_ms, exact_percentile([r.latency_ms for r in untokened], 0.5))
     assert await diagnosis(store).latency(query(window=600, end=NOW - timedelta(hours=1))) == []
 
 
@@ -603,8 +605,8 @@ async def test_check_signal_latency(
     reading = await check(store, "elevated_latency")
     assert (reading.breached, reading.recovered) == (breached, recovered)
     times = [300.0] * fast + [slow_ms] * slow
-    assert close(reading.values["latency_p95_ms"], latency_store.exact_percentile(times, 0.95))
-    assert close(reading.values["latency_p50_ms"], latency_store.exact_percentile(times, 0.5))
+    assert close(reading.values["latency_p95_ms"], exact_percentile(times, 0.95))
+    assert close(reading.values["latency_p50_ms"], exact_percentile(times, 0.5))
     assert "p95 latency" in reading.summary
     assert "p50 latency" in reading.summary
     if breached:

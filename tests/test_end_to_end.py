@@ -10,14 +10,14 @@ from temporalio.client import Client
 
 from config import Settings
 from detectors.detector import DetectorWorkflow
-from detectors.naming import detector_workflow_id
+from domain import search_attributes as sa
+from domain.incident import IncidentStatus
+from domain.workflow_names import detector_workflow_id
 from tests.conftest import INGEST_KEY, SIGNING_SECRET, incident_ids
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack, Message, button_click
 from tests.helpers import eventually
-from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import IncidentStatus
 
 
 async def incidents(client: Client, settings: Settings, where: str = "") -> list[str]:

@@ -15,14 +15,8 @@ from temporalio.testing import WorkflowEnvironment
 import worker
 from config.escalation import load_escalation
 from config.settings import Settings
-from tests.conftest import incident_worker
-from tests.fakes.jira import FakeJira
-from tests.fakes.pagerduty import FakePagerDuty
-from tests.fakes.slack import FakeSlack
-from tests.helpers import close_incidents, eventually
-from workflows.escalation import span
-from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
+from domain.escalation import span
+from domain.incident import (
     ActionRequest,
     Breach,
     IncidentInput,
@@ -33,6 +27,12 @@ from workflows.incident_types import (
     SnoozeRequest,
     Trigger,
 )
+from tests.conftest import incident_worker
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import close_incidents, eventually
+from workflows.incident import IncidentWorkflow
 
 DEFAULT_KEY = "R" * 32  # PAGERLOOP_PAGERDUTY_ROUTING_KEY in the settings fixture
 L2_KEY = "K" * 32

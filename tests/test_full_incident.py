@@ -25,6 +25,7 @@ from api.app import create_app
 from api.deps import Services
 from config import Settings
 from config.escalation import load_escalation
+from domain.incident import Breach, IncidentState, IncidentStatus, Severity, Trigger
 from tests.conftest import SIGNING_SECRET
 from tests.fakes import pagerduty
 from tests.fakes.jira import FakeJira
@@ -32,7 +33,6 @@ from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack, button_click
 from tests.helpers import eventually
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import Breach, IncidentState, IncidentStatus, Severity, Trigger
 
 REPO = Path(__file__).resolve().parent.parent
 PAGERLOOP = str(Path(sys.executable).parent / "pagerloop")

@@ -13,16 +13,8 @@ from temporalio.testing import WorkflowEnvironment
 
 import worker
 from config import Settings
-from tests.chaos import ledger
-from tests.conftest import incident_worker
-from tests.fakes.jira import FakeJira
-from tests.fakes.pagerduty import FakePagerDuty
-from tests.fakes.slack import FakeSlack
-from tests.helpers import eventually
-from tests.histories.record import all_runs
-from workflows.escalation import DEFAULT_POLICIES
-from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
+from domain.escalation import DEFAULT_POLICIES
+from domain.incident import (
     ActionRequest,
     IncidentInput,
     IncidentState,
@@ -31,6 +23,14 @@ from workflows.incident_types import (
     Severity,
     Trigger,
 )
+from tests.chaos import ledger
+from tests.conftest import incident_worker
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import eventually
+from tests.histories.record import all_runs
+from workflows.incident import IncidentWorkflow
 from workflows.lanes import compact
 
 NOTES = 1200

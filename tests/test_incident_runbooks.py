@@ -22,14 +22,7 @@ import runbooks
 from activities.incidents import IncidentActivities, OpenIncidentRequest
 from activities.slack import RESOLVE_KEEP_ACTION, SlackActivities
 from config.settings import Settings
-from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
-from stores import controls
-from tests.conftest import SIGNING_SECRET
-from tests.fakes.slack import FakeSlack, Message, button_click
-from tests.helpers import close_incidents, eventually
-from tests.test_runbooks import RATE_LIMITED, feature, quality
-from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
+from domain.incident import (
     ActionRequest,
     Breach,
     IncidentInput,
@@ -40,6 +33,13 @@ from workflows.incident_types import (
     Severity,
     Trigger,
 )
+from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
+from stores import controls
+from tests.conftest import SIGNING_SECRET
+from tests.fakes.slack import FakeSlack, Message, button_click
+from tests.helpers import close_incidents, eventually
+from tests.test_runbooks import RATE_LIMITED, feature, quality
+from workflows.incident import IncidentWorkflow
 
 import worker  # isort: skip
 

@@ -15,13 +15,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.incidents import IncidentActivities, OpenIncidentRequest, OpenIncidentResult
 from config.settings import Settings
-from tests.conftest import incident_worker
-from tests.fakes.pagerduty import FakePagerDuty
-from tests.fakes.slack import FakeSlack
-from tests.helpers import close_incidents, eventually
-from workflows import search_attributes as sa
-from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
+from domain import search_attributes as sa
+from domain.incident import (
     ActionRequest,
     Breach,
     IncidentInput,
@@ -33,6 +28,11 @@ from workflows.incident_types import (
     Severity,
     Trigger,
 )
+from tests.conftest import incident_worker
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import close_incidents, eventually
+from workflows.incident import IncidentWorkflow
 
 
 def breach(scope: str = "global") -> Breach:

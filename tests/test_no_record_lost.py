@@ -41,8 +41,9 @@ import worker
 from config import Settings
 from instrumentation.store_sink import StoreSink
 from stores.engine import PATIENT_LOCK_SECONDS, create_schema, make_engine
-from stores.llm_calls import CallRecord, write_calls
+from stores.llm_calls import CallRecord
 from stores.quality import ScoreRecord, write_scores
+from stores.writer import write_calls
 from tests import postgres
 from tests.chaos import ledger
 from tests.conftest import postgres_required

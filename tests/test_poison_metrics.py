@@ -26,20 +26,15 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities import jira, pagerduty, slack
+from activities.finite import MAX_TEXT, human_number, json_safe
 from activities.incidents import IncidentActivities, OpenIncidentRequest
 from activities.jira import JiraActivities, JiraPermanentError, JiraTicket
 from activities.pagerduty import PagerDutyActivities, PagerDutyPermanentError, PageRequest
+from activities.policies import VENDOR_CALL
 from activities.slack import SlackPermanentError
 from config.settings import Settings
-from tests.conftest import incident_worker
-from tests.fakes.jira import FakeJira
-from tests.fakes.pagerduty import FakePagerDuty
-from tests.fakes.slack import FakeSlack
-from tests.helpers import close_incidents, eventually
-from workflows.escalation import EscalationLevel, EscalationPolicy
-from workflows.finite import MAX_TEXT, human_number, json_safe
-from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
+from domain.escalation import EscalationLevel, EscalationPolicy
+from domain.incident import (
     ActionRequest,
     Breach,
     IncidentState,
@@ -49,7 +44,12 @@ from workflows.incident_types import (
     Severity,
     Trigger,
 )
-from workflows.policies import VENDOR_CALL
+from tests.conftest import incident_worker
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import close_incidents, eventually
+from workflows.incident import IncidentWorkflow
 
 INF, NAN = math.inf, math.nan
 POISON = {"cost_usd": INF, "budget_used_ratio": NAN, "headroom_usd": -INF, "calls": 1.0}

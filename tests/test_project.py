@@ -1,11 +1,15 @@
-"""The project's promises about itself: the README's commands and the compose file."""
+"""The project's promises about itself: the README's commands, the compose file, and the place
+of worker.py in the layers."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +190,34 @@ def test_the_image_copies_the_sdk_before_installing() -> None:
     last_sync = max(i for i, line in enumerate(lines) if line.startswith("RUN uv sync"))
     assert lines.index("COPY sdk/pyproject.toml sdk/") < first_sync
     assert lines.index("COPY sdk/ sdk/") < last_sync
+
+
+def imported(path: Path) -> set[str]:
+    """The top-level names of the modules a file imports (anywhere in it, lazily or not)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_worker_py_sits_under_the_cli_and_over_every_other_layer() -> None:
+    """import-linter (`uv run lint-imports`) takes packages, not the module worker.py, so its
+    place is checked here: the CLI runs it, nothing else of ours imports it, and it imports no
+    CLI module (`python worker.py --dev` runs the stack without the CLI)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    importers = []
+    for package in config["root_packages"]:
+        spec = importlib.util.find_spec(package)
+        assert spec is not None, package
+        for directory in spec.submodule_search_locations or []:
+            importers += [
+                str(path) for path in Path(directory).rglob("*.py") if "worker" in imported(path)
+            ]
+    assert sorted(importers) == sorted(
+        str(path) for path in (ROOT / "cli").rglob("*.py") if "worker" in imported(path)
+    )
+    assert "worker" in imported(ROOT / "cli" / "main.py")
+    assert "cli" not in imported(ROOT / "worker.py")

@@ -11,9 +11,11 @@ import pytest
 from detectors.config import DetectorRules, RulesFileError, load_rules
 from detectors.evaluation import Evaluation, evaluate
 from detectors.rules import DEFAULT_RULES, Event, Level, Rule, RuleState, step
-from detectors.signals import Aggregate, WindowAggregates, scope_name, values
-from stores import latency
-from workflows.incident_types import Severity, Trigger
+from detectors.signals import values
+from domain.aggregates import Aggregate, WindowAggregates
+from domain.histogram import RELATIVE_ERROR, bucket
+from domain.incident import Severity, Trigger
+from domain.scopes import scope_name
 
 RULES = {rule.name: rule for rule in DEFAULT_RULES}
 ERROR_RATE = RULES["error_rate"]
@@ -101,7 +103,7 @@ def window(cells: dict[str, dict[str, Aggregate]], cost_today: float = 0.0) -> W
 def histogram(latencies_ms: list[float]) -> dict[int, int]:
     found: dict[int, int] = {}
     for value in latencies_ms:
-        found[latency.bucket(value)] = found.get(latency.bucket(value), 0) + 1
+        found[bucket(value)] = found.get(bucket(value), 0) + 1
     return found
 
 
@@ -124,8 +126,8 @@ def test_signal_values() -> None:
     assert found["cost_rate_ratio"] == pytest.approx(6.0)  # $60/h against $10/h
     assert found["budget_consumed_ratio"] is None  # the budget is global
     assert found["quality_mean"] == pytest.approx(0.6)
-    assert found["latency_p50_ms"] == pytest.approx(1000, rel=latency.RELATIVE_ERROR)
-    assert found["latency_p95_ms"] == pytest.approx(9000, rel=latency.RELATIVE_ERROR)
+    assert found["latency_p50_ms"] == pytest.approx(1000, rel=RELATIVE_ERROR)
+    assert found["latency_p95_ms"] == pytest.approx(9000, rel=RELATIVE_ERROR)
 
 
 def test_quality_drift_is_in_baseline_deviations() -> None:

@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 import worker
 from cli.main import app as cli_app
 from config import Settings
-from detectors.naming import detector_workflow_id
+from domain.incident import ActionRequest, IncidentStatus
+from domain.workflow_names import detector_workflow_id
 from instrumentation.store_sink import StoreSink
 from stores.llm_calls import LLMCall
 from tests.conftest import incident_ids
 from tests.helpers import eventually
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import ActionRequest, IncidentStatus
 
 RPM = 120  # llmock's quota: 2 requests a second
 LATENCY = 0.5  # seconds per answer: 6 callers ask for 12 a second, 6 times the quota

@@ -405,7 +405,7 @@ def test_every_trigger_with_a_seed_runbook_finds_it() -> None:
 
 
 def test_a_runbook_relabels_the_escalation_levels() -> None:
-    from workflows.escalation import DEFAULT_POLICIES
+    from domain.escalation import DEFAULT_POLICIES
 
     policy = rate_limit_exhaustion.SPEC.policy(DEFAULT_POLICIES["SEV2"])
     assert policy.level(2).description == "Platform team: request an emergency quota increase"

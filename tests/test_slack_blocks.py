@@ -10,8 +10,8 @@ from activities.slack import (
     fallback_text,
     incident_blocks,
 )
+from domain.incident import IncidentState, IncidentStatus, Severity, Trigger
 from tests.fakes.slack import block_errors
-from workflows.incident_types import IncidentState, IncidentStatus, Severity, Trigger
 
 
 def state(**changes: object) -> IncidentState:

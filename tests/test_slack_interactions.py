@@ -16,12 +16,12 @@ from activities.incidents import IncidentActivities, OpenIncidentRequest
 from api.app import create_app
 from api.deps import Services
 from config import Settings
+from domain.incident import IncidentStatus, NotificationPlan
 from tests.conftest import SIGNING_SECRET
 from tests.fakes.slack import FakeSlack, Message, button_click
 from tests.helpers import api_client, eventually
 from tests.test_incident_workflow import breach
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import IncidentStatus, NotificationPlan
 
 
 @pytest.fixture

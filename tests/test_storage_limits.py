@@ -20,8 +20,9 @@ from sqlmodel import Session, SQLModel, select
 
 from stores import controls, schema, silences
 from stores.engine import create_schema, make_engine, ping
-from stores.llm_calls import CallRecord, LatencyRollup, LLMCall, UsageRollup, write_calls
+from stores.llm_calls import CallRecord, LatencyRollup, LLMCall, UsageRollup
 from stores.quality import QualityRollup, ScoreRecord, write_scores
+from stores.writer import write_calls
 
 NOW = datetime(2026, 12, 5, 12, 0, 30, tzinfo=UTC)
 MAX_TOKENS_PER_CALL = 1_000_000_000  # the ingest API's bound

@@ -11,18 +11,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, SQLModel, select
 
-from stores import latency, schema
+from domain.histogram import RELATIVE_ERROR, bucket, exact_percentile, percentile
+from stores import schema
 from stores.aggregates import window_aggregates
-from stores.llm_calls import (
-    CallRecord,
-    LatencyRollup,
-    LLMCall,
-    UsageRollup,
-    utc,
-    write_calls,
-)
+from stores.llm_calls import CallRecord, LatencyRollup, LLMCall, UsageRollup, utc
 from stores.quality import QualityScore, ScoreRecord, write_scores
 from stores.retention import purge
+from stores.writer import write_calls
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -126,7 +121,7 @@ def test_every_field_round_trips(store: Engine) -> None:
     stored = {name: getattr(row, name) for name in LLMCall.model_fields if name not in ("id",)}
     stored["metadata"] = stored.pop("metadata_")
     stored["ts"] = utc(stored["ts"])
-    assert stored.pop("latency_bucket") == latency.bucket(record.latency_ms)
+    assert stored.pop("latency_bucket") == bucket(record.latency_ms)
     expected = {name: getattr(record, name) for name in record.__slots__}
     assert stored == expected
 
@@ -221,10 +216,10 @@ def test_latency_histograms_merge_into_percentiles_within_the_stated_bound(store
     assert sum(histogram.values()) == len(values)
     assert len({utc(row.minute) for row in rows}) >= 4
     for q in (0.5, 0.95, 0.99):
-        exact = latency.exact_percentile(values, q)
-        estimate = latency.percentile(histogram, q)
+        exact = exact_percentile(values, q)
+        estimate = percentile(histogram, q)
         assert estimate is not None
-        assert abs(estimate - exact) / exact <= latency.RELATIVE_ERROR
+        assert abs(estimate - exact) / exact <= RELATIVE_ERROR
 
 
 def test_an_older_schema_is_upgraded_in_place(store: Engine) -> None:

@@ -29,15 +29,9 @@ from activities import jira, slack
 from activities.jira import JiraActivities, JiraComment, JiraResolution, JiraTicket
 from activities.slack import SlackActivities, SlackPostRequest, SlackReplyRequest
 from activities.vendor_http import attempt_key
+from domain.incident import IncidentState, IncidentStatus, Severity, SlackMessageRef, Trigger
 from tests.fakes.jira import FakeJira
 from tests.fakes.slack import FakeSlack, Message
-from workflows.incident_types import (
-    IncidentState,
-    IncidentStatus,
-    Severity,
-    SlackMessageRef,
-    Trigger,
-)
 
 CHANNEL = "#llm-oncall"
 L2_CHANNEL = "#llm-platform"

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -34,26 +34,16 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.jira import JiraActivities, JiraComment, JiraResolution, JiraTicket
     from activities.pagerduty import PagerDutyActivities, PageRequest, PageUpdate
+    from activities.policies import CONTROL_CHANGE, VENDOR_CALL, ActivityPolicy
     from activities.slack import (
         SlackActivities,
         SlackPostRequest,
         SlackReplyRequest,
         SlackUpdateRequest,
     )
-    from runbooks import runbook_for
-    from runbooks.base import RunbookInput, RunbookProgress, RunbookReport, Verification
-    from runbooks.steps import PROGRESS_SIGNAL
-    from workflows import search_attributes as sa
-    from workflows.escalation import (
-        DEFAULT_POLICIES,
-        Deadlines,
-        EscalationLevel,
-        EscalationPolicy,
-        enter_level,
-        snooze,
-        span,
-    )
-    from workflows.incident_types import (
+    from domain import search_attributes as sa
+    from domain.escalation import DEFAULT_POLICIES, EscalationLevel, span
+    from domain.incident import (
         ActionRequest,
         Breach,
         BreachReceipt,
@@ -63,17 +53,59 @@ with workflow.unsafe.imports_passed_through():
         IncidentState,
         IncidentStatus,
         LaneAction,
-        PagedTarget,
         Recovery,
+        Severity,
         SnoozeRequest,
         TimelineEntry,
-        severity_rank,
+    )
+    from runbooks import runbook_for
+    from runbooks.base import RunbookInput, RunbookProgress, RunbookReport
+    from runbooks.steps import PROGRESS_SIGNAL
+    from workflows.incident_machine import (
+        Acknowledge,
+        Acknowledged,
+        AddNote,
+        BreachReported,
+        CancelRunbook,
+        ChannelFailed,
+        ControlsExtended,
+        ControlsReverted,
+        DeadlinePassed,
+        Effect,
+        Escalate,
+        Event,
+        ExtendRunbookControls,
+        Notify,
+        Opened,
+        PageCalledOff,
+        Paged,
+        Policy,
+        QuietElapsed,
+        RecoveryReported,
+        Refresh,
+        Resolve,
+        Resolved,
+        RestartClock,
+        RevertRunbookControls,
+        RunbookFailed,
+        RunbookFinished,
+        RunbookProgressed,
+        RunbookStarted,
+        SeverityRaised,
+        Show,
+        SlackPosted,
+        Snooze,
+        Tell,
+        TicketOpened,
+        VerifiedAwaitingResolve,
+        decide,
+        next_deadline,
+        next_deadline_text,
+        refusal,
     )
     from workflows.lanes import Lane, compact
-    from workflows.policies import CONTROL_CHANGE, VENDOR_CALL, ActivityPolicy
     from workflows.postmortem import postmortem
 
-MAX_SNOOZE_MINUTES = 24 * 60
 TIMELINE_IN_ANSWERS = 10
 # Changes to the command sequence, each behind its patch so that runs begun before it replay
 # as they ran (README "Changing workflow code"):
@@ -87,11 +119,6 @@ KEEPALIVE_ACROSS_RUNS = "controls-keepalive-across-runs"
 # How often an open incident pushes back the expiry of its runbook's controls.
 CONTROLS_KEEPALIVE = timedelta(hours=1)
 ZERO = timedelta(0)
-# Timeline kinds told in the Slack thread and on the Jira ticket.
-TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
-        "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
-        "rolled_back", "controls_reverted", "controls_kept", "runbook_failed",
-        "proposed"}  # fmt: skip
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -119,7 +146,7 @@ class IncidentWorkflow:
         self._updates = 0
         self._changed = False
         self._published: tuple[object, ...] = ()
-        self._remind_for = ""
+        self._policy = self._policy_for(input)
         if input.carried is not None:
             self._state = input.carried.state
             for lane in self._lanes:
@@ -134,8 +161,18 @@ class IncidentWorkflow:
             opened_at=input.opened_at,
             runbook=self._runbook.name if self._runbook else None,
         )
-        self._record("opened", f"{input.severity} {input.trigger} on {input.scope}")
-        self._enter_level(1, workflow.now(), reason="")  # the clock starts when the incident does
+        # The clock starts when the incident does; `run` shows the state first.
+        self._apply(Opened(), publish=False)
+
+    def _policy_for(self, input: IncidentInput) -> Policy:
+        """Each severity's escalation policy as this incident applies it (the runbook's
+        escalation path describes its levels)."""
+        runbook, given = self._runbook, input.notify.policies
+        policies = {}
+        for severity in Severity:
+            policy = given.get(severity) or DEFAULT_POLICIES[severity]
+            policies[str(severity)] = runbook.policy(policy) if runbook else policy
+        return Policy(policies, tuple(input.notify.allowed_slack_users))
 
     @workflow.run
     async def run(self, input: IncidentInput) -> IncidentResult:
@@ -187,178 +224,78 @@ class IncidentWorkflow:
     @workflow.update
     def report_breach(self, breach: Breach) -> BreachReceipt:
         self._updates += 1
+        self._apply(BreachReported(breach))
         state = self._state
-        state.breach_count += 1
-        state.last_breach_at = breach.observed_at
-        state.metrics = dict(breach.metrics)
-        state.summary = breach.summary
-        if state.breach_count == 1:
-            self._record("breach", breach.summary, actor="detector", channel="detector")
-        elif state.recovered_at is not None:
-            self._record("breach", f"breaching again: {breach.summary}", "detector", "detector")
-        state.recovered_at = None
-        if severity_rank(breach.severity) > severity_rank(state.severity):
-            self._record(
-                "severity_raised",
-                f"{state.severity} -> {breach.severity}: {breach.summary}",
-                actor="detector",
-                channel="detector",
-            )
-            state.severity = breach.severity
-            self._slack.push("update")
-            # A worse severity may page where the milder one did not.
-            level = self._policy().level(state.level)
-            if level.page and not state.paged:
-                self._pagerduty.push("trigger", level=level.name)
-            self._changed = True
-        self._publish()
         return BreachReceipt(state.incident_id, state.status, state.breach_count)
 
     @report_breach.validator
     def _validate_breach(self, breach: Breach) -> None:
-        self._reject_if_resolved()
+        self._refuse(BreachReported(breach))
 
     @workflow.update
     def report_recovery(self, recovery: Recovery) -> IncidentState:
         self._updates += 1
-        state = self._state
-        if state.recovered_at is None:
-            state.recovered_at = recovery.observed_at
-            text = recovery.summary or f"{recovery.trigger} back to normal on {recovery.scope}"
-            self._record("recovered", text, actor="detector", channel="detector")
-            self._slack.push("update")
-            self._publish()
+        self._apply(RecoveryReported(recovery))
         return self._answer()
 
     @report_recovery.validator
     def _validate_recovery(self, recovery: Recovery) -> None:
-        self._reject_if_resolved()
+        self._refuse(RecoveryReported(recovery))
 
     @workflow.update
     def acknowledge(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
-        state = self._state
-        if state.status == IncidentStatus.DETECTED:
-            state.status = IncidentStatus.ACKNOWLEDGED
-        state.acknowledged_by = request.user
-        state.acknowledged_at = workflow.now()
-        state.ack_by = None
-        if self._remind_for == "acknowledged":
-            state.remind_at, self._remind_for = None, ""
-        self._record("acknowledged", request.note or "acknowledged", request.user, request.channel)
-        self._slack.push("update")
-        if request.channel != "pagerduty":  # never echo PagerDuty's own ack back to it
-            self._pagerduty.push("acknowledge")
-        self._changed = True
-        self._publish()
+        self._apply(Acknowledge(request))
         return self._answer()
 
     @acknowledge.validator
     def _validate_acknowledge(self, request: ActionRequest) -> None:
-        self._reject_if_resolved()
-        self._reject_if_not_allowed(request)
-        state = self._state
-        if state.acknowledged_by is not None and state.acknowledged_at is not None:
-            raise ValueError(
-                f"{state.incident_id} was already acknowledged by {state.acknowledged_by} "
-                f"at {state.acknowledged_at:%Y-%m-%d %H:%M:%S} UTC"
-            )
+        self._refuse(Acknowledge(request))
 
     @workflow.update
     def resolve(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
-        self._resolve(request)
+        self._apply(Resolve(request))
         return self._answer()
-
-    def _resolve(self, request: ActionRequest) -> None:
-        state = self._state
-        state.status = IncidentStatus.RESOLVED
-        state.resolved_by = request.user
-        state.resolved_at = workflow.now()
-        state.ack_by = state.resolve_by = state.remind_at = None
-        self._record("resolved", request.note or "resolved", request.user, request.channel)
-        self._slack.push("update")
-        if request.channel != "pagerduty":
-            self._pagerduty.push("resolve")
-        self._jira.push("resolve")
-        if self._child is not None:
-            self._child.cancel()  # its controls are reverted below once it has stopped
-        if request.keep_controls and state.controls:
-            self._record("controls_kept", ", ".join(state.controls), request.user, request.channel)
-        elif self._runbook is not None:
-            self._controls.push("revert", text=f"resolved by {request.user}")
-        self._changed = True
-        self._publish()
 
     @resolve.validator
     def _validate_resolve(self, request: ActionRequest) -> None:
-        self._reject_if_resolved()
-        self._reject_if_not_allowed(request)
+        self._refuse(Resolve(request))
 
     @workflow.update
     def escalate(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
-        reason = f"escalated by {request.user}" + (f": {request.note}" if request.note else "")
-        self._escalate(reason, actor=request.user, channel=request.channel)
+        self._apply(Escalate(request))
         return self._answer()
 
     @escalate.validator
     def _validate_escalate(self, request: ActionRequest) -> None:
-        self._reject_if_resolved()
-        self._reject_if_not_allowed(request)
+        self._refuse(Escalate(request))
 
     @workflow.update
     def snooze(self, request: SnoozeRequest) -> IncidentState:
         self._updates += 1
-        state = self._state
-        now = workflow.now()
-        pushed = snooze(self._deadlines(), now, request.minutes)
-        state.ack_by, state.resolve_by, state.remind_at = (
-            pushed.ack_by,
-            pushed.resolve_by,
-            pushed.remind_at,
-        )
-        text = f"snoozed {request.minutes} min: next deadline {self._next_text()}"
-        self._record("snoozed", text, request.user, request.channel)
-        self._slack.push("update")
-        self._changed = True
-        self._publish()
+        self._apply(Snooze(request))
         return self._answer()
 
     @snooze.validator
     def _validate_snooze(self, request: SnoozeRequest) -> None:
-        self._reject_if_resolved()
-        self._reject_if_not_allowed(ActionRequest(request.user, request.channel))
-        if not 1 <= request.minutes <= MAX_SNOOZE_MINUTES:
-            raise ValueError(f"snooze between 1 and {MAX_SNOOZE_MINUTES} minutes")
+        self._refuse(Snooze(request))
 
     @workflow.update
     def add_note(self, request: ActionRequest) -> IncidentState:
         self._updates += 1
-        self._record("note", request.note, request.user, request.channel)
-        self._publish()
+        self._apply(AddNote(request))
         return self._answer()
 
     @add_note.validator
     def _validate_note(self, request: ActionRequest) -> None:
-        self._reject_if_resolved()
-        self._reject_if_not_allowed(request)
-        if not request.note.strip():
-            raise ValueError("a note needs some text")
+        self._refuse(AddNote(request))
 
     @workflow.signal(name=PROGRESS_SIGNAL)
     def runbook_progress(self, progress: RunbookProgress) -> None:
         runbook = self._runbook.name if self._runbook else "runbook"
-        if progress.kind == "diagnosis":
-            self._state.diagnosis = progress.text
-        elif progress.kind == "mitigation":  # one "• control" per line
-            self._state.controls = [line.removeprefix("• ") for line in progress.text.splitlines()]
-            self._slack.push("update")
-        elif progress.kind == "rolled_back":
-            self._state.controls = []
-            self._slack.push("update")
-        self._record(progress.kind, progress.text, actor=f"runbook:{runbook}", channel="runbook")
-        self._publish()
+        self._apply(RunbookProgressed(progress.kind, progress.text, runbook))
 
     @workflow.query
     def state(self) -> IncidentState:
@@ -378,57 +315,51 @@ class IncidentWorkflow:
     def timeline(self) -> list[TimelineEntry]:
         return list(self._state.timeline)
 
-    # --- validation ------------------------------------------------------------------------
+    # --- decisions -------------------------------------------------------------------------
 
-    def _reject_if_resolved(self) -> None:
+    def _apply(self, event: Event, publish: bool = True) -> None:
+        """Decide, then carry out the effects in order, and show the state that results."""
+        self._state, effects = decide(self._state, event, self._policy, workflow.now())
+        for effect in effects:
+            self._perform(effect)
+        if publish:
+            self._publish()
+
+    def _refuse(self, event: Event) -> None:
+        reason = refusal(self._state, event, self._policy)
+        if reason is not None:
+            raise ValueError(reason)
+
+    def _perform(self, effect: Effect) -> None:
+        """What an effect means for each lane (the channels, the runbook's controls)."""
         state = self._state
-        if state.status == IncidentStatus.RESOLVED and state.resolved_at is not None:
-            raise ValueError(
-                f"{state.incident_id} is already resolved (by {state.resolved_by} "
-                f"at {state.resolved_at:%Y-%m-%d %H:%M:%S} UTC)"
-            )
-
-    def _reject_if_not_allowed(self, request: ActionRequest) -> None:
-        allowed = self._input.notify.allowed_slack_users
-        if request.channel == "slack" and allowed and request.user not in allowed:
-            raise ValueError(
-                f"<@{request.user}> is not allowed to act on incidents "
-                "(PAGERLOOP_SLACK_ALLOWED_USERS)"
-            )
-
-    # --- escalation ------------------------------------------------------------------------
-
-    def _policy(self) -> EscalationPolicy:
-        severity = str(self._state.severity)
-        policy = self._input.notify.policies.get(severity) or DEFAULT_POLICIES[severity]
-        return self._runbook.policy(policy) if self._runbook else policy
-
-    def _deadlines(self) -> Deadlines:
-        state = self._state
-        return Deadlines(state.opened_at, state.ack_by, state.resolve_by, state.remind_at)
-
-    def _next_text(self) -> str:
-        upcoming = self._deadlines().next()
-        if upcoming is None:
-            return "none"
-        at, what = upcoming
-        return f"{what} by {at:%H:%M} UTC"
-
-    def _enter_level(self, number: int, at: datetime, reason: str) -> None:
-        """Move to level `number` and tell its targets."""
-        state = self._state
-        level = self._policy().level(number)
-        state.level, state.level_name = number, level.name
-        deadlines = enter_level(level, at, acknowledged=state.acknowledged_by is not None)
-        state.ack_by, state.resolve_by, state.remind_at = (
-            deadlines.ack_by,
-            deadlines.resolve_by,
-            None,
-        )
-        self._remind_for = ""
-        if reason:
-            self._record("escalated", f"to {level.name} ({level.description}): {reason}")
-        self._notify(level, reason or "")
+        match effect:
+            case Notify(level, reason):
+                self._notify(level, reason)
+            case Refresh():
+                self._slack.push("update")
+            case Tell(entry):
+                said = f"by {entry.actor} via {entry.channel}: {entry.text}"
+                self._slack.push("reply", text=f"*{entry.kind.replace('_', ' ')}* {said}")
+                self._jira.push("comment", text=f"{entry.kind} {said}")
+            case Acknowledged(via) if via != "pagerduty":  # never echo PagerDuty's own ack back
+                self._pagerduty.push("acknowledge")
+            case Resolved(via):
+                if via != "pagerduty":
+                    self._pagerduty.push("resolve")
+                self._jira.push("resolve")
+            case SeverityRaised(level) if level.page and not state.paged:
+                self._pagerduty.push("trigger", level=level.name)
+            case Show(shown):
+                self._publish(shown)
+            case RestartClock():
+                self._changed = True
+            case CancelRunbook() if self._child is not None:
+                self._child.cancel()  # its controls are reverted once it has stopped
+            case RevertRunbookControls(reason):
+                self._controls.push("revert", text=reason)
+            case ExtendRunbookControls():
+                self._controls.push("extend")
 
     def _notify(self, level: EscalationLevel, reason: str) -> None:
         state = self._state
@@ -445,32 +376,9 @@ class IncidentWorkflow:
         if level.jira and state.jira_issue is None and not self._jira.underway("open"):
             self._jira.push("open", text=level.jira_project or self._input.notify.jira_project)
 
-    def _escalate(self, reason: str, actor: str = "pagerloop", channel: str = "workflow") -> None:
-        state = self._state
-        policy = self._policy()
-        now = workflow.now()
-        if state.level < policy.top:
-            self._enter_level(state.level + 1, now, reason)
-        else:
-            self._remind(reason, actor, channel)
-        self._changed = True
-        self._publish()
-
-    def _remind(self, reason: str, actor: str = "pagerloop", channel: str = "workflow") -> None:
-        """At the top level: tell its targets again, and again after the repeat interval."""
-        state = self._state
-        policy = self._policy()
-        now = workflow.now()
-        self._remind_for = "acknowledged" if state.acknowledged_by is None else "resolved"
-        state.ack_by = state.resolve_by = None
-        state.remind_at = now + timedelta(seconds=policy.repeat_interval_seconds)
-        self._record("reminder", f"still not {self._remind_for} at {state.level_name}: {reason}",
-                     actor, channel)  # fmt: skip
-        self._notify(policy.level(state.level), reason)
-
     async def _escalation_clock(self) -> None:
         while not self._finished():
-            upcoming = self._deadlines().next()
+            upcoming = next_deadline(self._state)
             self._changed = False
             if upcoming is None:
                 await workflow.wait_condition(lambda: self._changed or self._finished())
@@ -484,19 +392,7 @@ class IncidentWorkflow:
                     timeout_summary=f"{level}: {what} by {at:%H:%M:%S} UTC",
                 )
             except TimeoutError:
-                self._deadline_passed(what)
-
-    def _deadline_passed(self, what: str) -> None:
-        state = self._state
-        level = self._policy().level(state.level)
-        if what == "reminder":
-            self._remind("reminder interval elapsed")
-            self._publish()
-            return
-        timeout = (
-            level.ack_timeout_seconds if what == "acknowledged" else level.resolve_timeout_seconds
-        )
-        self._escalate(f"not {what} within {span(timeout)} at {state.level_name}")
+                self._apply(DeadlinePassed(what))
 
     def _finished(self) -> bool:
         return self._state.status == IncidentStatus.RESOLVED or self._time_for_a_fresh_run()
@@ -527,46 +423,37 @@ class IncidentWorkflow:
     async def _run_runbook(self) -> None:
         """Diagnose at once; mitigate at once when the runbook may act before an ack, else
         once acknowledged; then act on the verification: keep, or escalate."""
-        spec, state = self._runbook, self._state
+        spec = self._runbook
         if spec is None:
             return
-        if state.runbook_phase == "done":
-            if state.verified_at is not None and state.status != IncidentStatus.RESOLVED:
+        if self._state.runbook_phase == "done":
+            if self._state.verified_at is not None and not self._resolved():
                 await self._auto_resolve()  # carried over from the previous run
             return
-        if state.runbook_phase == "":
-            if state.status == IncidentStatus.RESOLVED:
+        if self._state.runbook_phase == "":
+            if self._resolved():
                 return
-            may = spec.mitigate_before_ack or state.acknowledged_by is not None
-            report = await self._runbook_child(may_mitigate=may)
-            if report is None:
+            may = spec.mitigate_before_ack or self._state.acknowledged_by is not None
+            if not await self._runbook_child(may_mitigate=may):
                 return
             if may:
-                await self._conclude(report)
+                await self._after_verification()
                 return
-            state.runbook_phase = "diagnosed"
-        await workflow.wait_condition(lambda: state.acknowledged_by is not None or self._finished())
+        await workflow.wait_condition(
+            lambda: self._state.acknowledged_by is not None or self._finished()
+        )
         # Never start a child once a fresh run is due: the lanes may already have stopped.
-        if (
-            state.acknowledged_by is None
-            or state.status == IncidentStatus.RESOLVED
-            or self._time_for_a_fresh_run()
-        ):
+        if self._state.acknowledged_by is None or self._resolved() or self._time_for_a_fresh_run():
             return  # resolved, or due for a fresh run that waits again
-        report = await self._runbook_child(may_mitigate=True)
-        if report is not None:
-            await self._conclude(report)
+        if await self._runbook_child(may_mitigate=True):
+            await self._after_verification()
 
-    async def _runbook_child(self, may_mitigate: bool) -> RunbookReport | None:
-        spec, state, plan = self._runbook, self._state, self._input.notify.runbook
+    async def _runbook_child(self, may_mitigate: bool) -> bool:
+        """Run the runbook as a child workflow; whether it reported (rather than failed)."""
+        spec, plan = self._runbook, self._input.notify.runbook
         assert spec is not None
-        state.runbook_runs += 1
-        state.runbook_phase = "running"
-        if may_mitigate:
-            state.status = IncidentStatus.MITIGATING
-            state.mitigation_started_at = workflow.now()
-            self._slack.push("update")
-            self._publish()
+        self._apply(RunbookStarted(may_mitigate))
+        state = self._state
         runbook_input = RunbookInput(
             incident_id=state.incident_id,
             trigger=str(state.trigger),
@@ -588,58 +475,43 @@ class IncidentWorkflow:
                 id=f"{state.incident_id}-runbook-{state.runbook_runs}",
                 static_summary=f"{spec.name} for {state.incident_id}",
             )
-            if state.status == IncidentStatus.RESOLVED:  # resolved while it was starting
+            if self._resolved():  # resolved while it was starting
                 self._child.cancel()
             report: RunbookReport = await self._child
         except (ChildWorkflowError, WorkflowAlreadyStartedError, asyncio.CancelledError) as err:
-            state.runbook_phase = "done"
-            self._step_back()
-            if state.status != IncidentStatus.RESOLVED:
-                cause = err.cause if isinstance(err, ChildWorkflowError) else None
-                self._record("runbook_failed", f"{spec.name}: {cause or err}")
-                # Whatever it had put in force before failing is taken out again.
-                self._controls.push("revert", text=f"{spec.name} failed")
-            return None
+            cause = err.cause if isinstance(err, ChildWorkflowError) else None
+            self._apply(RunbookFailed(spec.name, str(cause or err)))
+            return False
         finally:
             self._runbook_active = False
             self._child = None
-        state.controls = [ref.description for ref in report.actions]
-        state.controls_kept_at = workflow.now()
-        return report
+        self._apply(
+            RunbookFinished(
+                controls=tuple(ref.description for ref in report.actions),
+                verification=str(report.verification) if may_mitigate else None,
+                reading=report.reading.summary if report.reading else "",
+            )
+        )
+        return True
 
-    async def _conclude(self, report: RunbookReport) -> None:
-        state = self._state
-        state.runbook_phase = "done"
-        state.verification = str(report.verification)
-        if report.verification != Verification.RECOVERED and not report.actions:
-            self._step_back()  # nothing in force any more: no longer mitigating
-        if state.status == IncidentStatus.RESOLVED:
-            return
-        if report.verification == Verification.NOT_RECOVERED:
-            summary = report.reading.summary if report.reading else "signal still breached"
-            self._escalate(f"the runbook's mitigation did not help ({summary})")
-            return
-        if report.verification != Verification.RECOVERED:
-            self._slack.push("update")
-            self._publish()
-            return
-        state.verified_at = workflow.now()
-        self._slack.push("update")
-        self._publish()
-        await self._auto_resolve()
+    async def _after_verification(self) -> None:
+        """A verified mitigation waits to be resolved: by itself after a quiet period, or by
+        a person."""
+        if self._state.verified_at is not None and not self._resolved():
+            await self._auto_resolve()
 
     async def _keep_controls_alive(self) -> None:
         """Controls expire by themselves (so none outlives a lost incident), but not while
         their incident is open: every hour it pushes their expiry back."""
         if self._runbook is None:
             return
-        state = self._state
-        await workflow.wait_condition(lambda: bool(state.controls) or self._finished())
+        await workflow.wait_condition(lambda: bool(self._state.controls) or self._finished())
         across_runs = not self._finished() and workflow.patched(KEEPALIVE_ACROSS_RUNS)
         while not self._finished():
             wait = CONTROLS_KEEPALIVE
-            if across_runs and state.controls_kept_at is not None:
-                wait = max(state.controls_kept_at + CONTROLS_KEEPALIVE - workflow.now(), ZERO)
+            kept_at = self._state.controls_kept_at
+            if across_runs and kept_at is not None:
+                wait = max(kept_at + CONTROLS_KEEPALIVE - workflow.now(), ZERO)
             try:
                 await workflow.wait_condition(
                     self._finished,
@@ -647,52 +519,35 @@ class IncidentWorkflow:
                     timeout_summary="keep the runbook's controls in force",
                 )
             except TimeoutError:
-                if state.controls and not self._controls.underway("extend"):
-                    self._controls.push("extend")
-                    state.controls_kept_at = workflow.now()
-
-    def _step_back(self) -> None:
-        """Mitigation is over without a verified recovery: back to where the incident was."""
-        state = self._state
-        if state.status == IncidentStatus.MITIGATING:
-            acked = state.acknowledged_by is not None
-            state.status = IncidentStatus.ACKNOWLEDGED if acked else IncidentStatus.DETECTED
-            self._publish()
+                if self._state.controls and not self._controls.underway("extend"):
+                    self._apply(ControlsExtended())
 
     async def _auto_resolve(self) -> None:
         """Resolve once the signal has been quiet (no breach reported) for the policy's quiet
         period after a verified mitigation; without one, the resolve is left to a person."""
-        quiet_seconds = self._policy().auto_resolve_quiet_seconds
-        state = self._state
+        quiet_seconds = self._policy.of(self._state).auto_resolve_quiet_seconds
         if quiet_seconds is None:
-            if not any(entry.kind == "proposed" for entry in state.timeline):
-                self._record("proposed", "mitigation verified: resolve when satisfied")
+            self._apply(VerifiedAwaitingResolve())
             return
         quiet = timedelta(seconds=quiet_seconds)
         while True:
+            state = self._state
             seen = state.last_breach_at
             last = max(state.verified_at or state.opened_at, seen or state.opened_at)
             try:
                 await workflow.wait_condition(
-                    lambda seen=seen: state.last_breach_at != seen or self._finished(),  # type: ignore[misc]
+                    lambda seen=seen: self._state.last_breach_at != seen or self._finished(),  # type: ignore[misc]
                     timeout=max(last + quiet - workflow.now(), timedelta(0)),
                     timeout_summary=f"auto-resolve after {span(quiet_seconds)} quiet",
                 )
             except TimeoutError:
-                if state.status == IncidentStatus.RESOLVED:
-                    return
-                # The controls are what keeps the signal quiet: reverting them now would bring
-                # the breach straight back. They stay until they expire or someone reverts them.
-                note = (
-                    f"auto-resolved: mitigation verified, quiet for {span(quiet_seconds)}; "
-                    "controls kept until they expire (pagerloop controls revert ID)"
-                )
-                self._resolve(
-                    ActionRequest("pagerloop", channel="workflow", note=note, keep_controls=True)
-                )
+                self._apply(QuietElapsed(quiet_seconds))
                 return
             if self._finished():
                 return  # resolved by a person, or a fresh run carries on waiting
+
+    def _resolved(self) -> bool:
+        return self._state.status == IncidentStatus.RESOLVED
 
     # --- side effects ----------------------------------------------------------------------
 
@@ -709,8 +564,7 @@ class IncidentWorkflow:
                 elif not await self._unless_handing_over(perform(action)):
                     lane.put_back(action)
             except ActivityError as err:
-                reason = f"{lane.name} {action.kind} failed: {err.cause or err}"
-                self._record("notification_failed", reason, channel=lane.name)
+                self._apply(ChannelFailed(lane.name, action.kind, str(err.cause or err)))
             finally:
                 lane.in_flight = None
 
@@ -742,8 +596,7 @@ class IncidentWorkflow:
                 SlackPostRequest(channel=channel, state=self._without_timeline()),
                 summary=f"Slack: post incident to {channel}",
             )
-            state.slack_message = ref
-            self._record("notified", f"Slack message posted to {channel}", channel="slack")
+            self._apply(SlackPosted(ref, channel))
         elif action.kind == "update":
             if self._slack.queued("update") or state.slack_message is None:
                 return  # a later update renders the same state: one call is enough
@@ -817,7 +670,7 @@ class IncidentWorkflow:
             )
         except asyncio.CancelledError:  # handed over to a fresh run: it pages unless this did
             paging.cancel()
-            self._paged(await paging, level)
+            self._apply(Paged(await paging, level))
             return
         if not paging.done():
             # A try in flight usually lands in a moment; only a failing PagerDuty is given up on.
@@ -832,17 +685,11 @@ class IncidentWorkflow:
             try:
                 target = await paging
             except (ActivityError, asyncio.CancelledError):
-                self._record("not_paged", "resolved before PagerDuty accepted the page")
+                self._apply(PageCalledOff())
                 return
         else:
             target = await paging
-        self._paged(target, level)
-
-    def _paged(self, target: PagedTarget, level: str) -> None:
-        state = self._state
-        if all(known.dedup_key != target.dedup_key for known in state.paged):
-            state.paged.append(target)
-        self._record("paged", f"PagerDuty triggered at {level}", channel="pagerduty")
+        self._apply(Paged(target, level))
 
     async def _jira_action(self, action: LaneAction) -> None:
         state = self._state
@@ -860,8 +707,7 @@ class IncidentWorkflow:
                 ),
                 summary=f"Jira: open a ticket in {action.text}",
             )
-            state.jira_issue = key
-            self._record("ticket", f"Jira ticket {key}", channel="jira")
+            self._apply(TicketOpened(key))
         elif action.kind == "comment" and state.jira_issue is not None:
             await self._activity(
                 JiraActivities.comment,
@@ -895,10 +741,7 @@ class IncidentWorkflow:
             summary="revert the runbook's controls",
             policy=CONTROL_CHANGE,
         )
-        state.controls = []
-        if reverted.controls:
-            text = ", ".join(ref.description for ref in reverted.controls)
-            self._record("controls_reverted", text, channel="controls")
+        self._apply(ControlsReverted(tuple(ref.description for ref in reverted.controls)))
 
     async def _activity(
         self,
@@ -938,22 +781,10 @@ class IncidentWorkflow:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def _record(
-        self, kind: str, text: str, actor: str = "pagerloop", channel: str = "workflow"
-    ) -> None:
-        now: datetime = workflow.now()
-        self._state.timeline.append(
-            TimelineEntry(at=now, kind=kind, text=text, actor=actor, channel=channel)
-        )
-        if kind in TOLD:
-            line = f"*{kind.replace('_', ' ')}* by {actor} via {channel}: {text}"
-            self._slack.push("reply", text=line)
-            self._jira.push("comment", text=f"{kind} by {actor} via {channel}: {text}")
-
-    def _publish(self) -> None:
+    def _publish(self, state: IncidentState | None = None) -> None:
         """Mirror the state into search attributes (when they change: each upsert is a history
         event) and into the UI's current details."""
-        state = self._state
+        state = state or self._state
         published = (state.status, state.severity, state.trigger, state.scope, state.level)
         if published != self._published:
             self._published = published
@@ -966,13 +797,13 @@ class IncidentWorkflow:
                     sa.INCIDENT_LEVEL.value_set(state.level),
                 ]
             )
-        level = self._policy().level(state.level)
+        level = self._policy.level(state)
         lines = [
             f"**{state.severity} {state.trigger}** on `{state.scope}`: **{state.status}**",
             "",
             f"- level: {level.name} ({level.description})",
             f"- owner: {state.acknowledged_by or 'nobody yet'}",
-            f"- next deadline: {self._next_text()}",
+            f"- next deadline: {next_deadline_text(state)}",
             f"- opened: {state.opened_at:%Y-%m-%d %H:%M:%S} UTC",
         ]
         if state.resolved_by:

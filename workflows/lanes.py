@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from workflows.incident_types import LaneAction
+from domain.incident import LaneAction
 
 # Thread replies and ticket comments queued back to back are sent as one message of at most
 # this many characters: after an hour of outage, one catch-up message instead of hundreds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from workflows.incident_types import IncidentState
+from domain.incident import IncidentState
 
 
 def _duration(start: datetime, end: datetime | None) -> str:

@@ -172,9 +172,11 @@ class PendingCall:
 
 
 def _otel_trace_id(context: Any) -> str | None:
-    from pagerloop_sdk.telemetry import trace_id_of  # only set when OpenTelemetry is there
+    """The trace id of the current span of an OpenTelemetry context, if it has a valid one."""
+    from opentelemetry import trace  # only set when OpenTelemetry is there
 
-    return trace_id_of(context)
+    current = trace.get_current_span(context).get_span_context()
+    return format(current.trace_id, "032x") if current.is_valid else None
 
 
 def _int(value: str | None) -> int:

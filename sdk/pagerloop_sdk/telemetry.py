@@ -45,12 +45,6 @@ def _global(module: Any, name: str, from_environment: bool) -> object:
     return _UNKNOWN if provider is None and from_environment else provider
 
 
-def trace_id_of(context: Any) -> str | None:
-    """The trace id of the current span of an OpenTelemetry context, if it has a valid one."""
-    current = trace.get_current_span(context).get_span_context()
-    return format(current.trace_id, "032x") if current.is_valid else None
-
-
 class Telemetry:
     """Caches the tracer and instruments per provider; costs one isinstance when unconfigured.
 

@@ -7,8 +7,8 @@ process of its own that a test can SIGKILL and start again.
 The worker is built exactly as worker.py builds it (`worker.build_worker(settings, client,
 engine)`), but it starts no detector and no retention schedule: a chaos test opens and drives
 its incidents itself, and a detector reading the test's store would open incidents of its own.
-The Temporal server is started with the command `pagerloop dev` uses (cli.devserver), on a
-database file, so that a restart finds its workflows, timers and search attributes again.
+The Temporal server is started with the command `pagerloop dev` uses (`worker.EmbeddedTemporal`),
+on a database file, so that a restart finds its workflows, timers and search attributes again.
 
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     await worker.start(); await worker.ready()
@@ -40,7 +40,6 @@ from temporalio.client import Client
 from temporalio.worker._worker import load_default_build_id
 
 import worker
-from cli.devserver import EmbeddedTemporal
 from config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -294,7 +293,7 @@ class TemporalServer(_Process):
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        embedded = EmbeddedTemporal(
+        embedded = worker.EmbeddedTemporal(
             self.address, self.ui_port, self.namespace, self.db_file, self.log
         )
         return embedded.command()

@@ -30,7 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 
 import worker
 from config import Settings
-from detectors.naming import detector_workflow_id
+from domain.workflow_names import detector_workflow_id
 from tests import postgres
 from tests.chaos import ledger
 from tests.conftest import INGEST_KEY, incident_ids, postgres_required, serving_api

@@ -1,7 +1,7 @@
 """The Temporal dev server SIGKILLed mid-incident and started again on its database file, as
-`pagerloop dev` starts it (cli.devserver: `temporal server start-dev --db-filename ...` with
-pagerloop's search attributes). The worker, in a process of its own, and this test's client are
-left alone: both must find the server again by themselves.
+`pagerloop dev` starts it (`worker.EmbeddedTemporal`: `temporal server start-dev --db-filename
+...` with pagerloop's search attributes). The worker, in a process of its own, and this test's
+client are left alone: both must find the server again by themselves.
 
 The incident is an error-rate breach (SEV2, no runbook): L1 pages at once and has 8 s to
 acknowledge; L2 pages its own PagerDuty service and opens the Jira ticket. The server dies 2 s
@@ -29,6 +29,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 import worker
 from config.escalation import load_escalation
+from domain import search_attributes as sa
+from domain.incident import ActionRequest, Breach, IncidentState, IncidentStatus, Severity, Trigger
 from tests.chaos import ledger
 from tests.chaos.processes import TemporalServer, WorkerProcess
 from tests.chaos.test_worker_kill import (
@@ -44,16 +46,7 @@ from tests.chaos.test_worker_kill import (
 from tests.fakes.jira import FakeJira
 from tests.fakes.slack import FakeSlack
 from tests.helpers import eventually
-from workflows import search_attributes as sa
 from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
-    ActionRequest,
-    Breach,
-    IncidentState,
-    IncidentStatus,
-    Severity,
-    Trigger,
-)
 
 L1_ACK_SECONDS = 8
 POLICY = f"""

@@ -26,17 +26,11 @@ from temporalio.testing import WorkflowEnvironment
 
 import worker
 from activities.incidents import IncidentActivities, OpenIncidentRequest
+from activities.policies import VENDOR_CALL
 from config.escalation import load_escalation
 from config.settings import Settings
-from tests.chaos import ledger
-from tests.conftest import incident_worker
-from tests.fakes.jira import FakeJira
-from tests.fakes.pagerduty import FakePagerDuty
-from tests.fakes.slack import FakeSlack
-from tests.helpers import close_incidents
-from workflows.escalation import EscalationPolicy
-from workflows.incident import TOLD, IncidentWorkflow
-from workflows.incident_types import (
+from domain.escalation import EscalationPolicy
+from domain.incident import (
     ActionRequest,
     Breach,
     IncidentResult,
@@ -45,7 +39,14 @@ from workflows.incident_types import (
     TimelineEntry,
     Trigger,
 )
-from workflows.policies import VENDOR_CALL
+from tests.chaos import ledger
+from tests.conftest import incident_worker
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import close_incidents
+from workflows.incident import IncidentWorkflow
+from workflows.incident_machine import TOLD
 
 INCIDENTS = 3  # put through each outage side by side
 L2_KEY = "K" * 32

@@ -60,17 +60,7 @@ import worker
 from activities.incidents import IncidentActivities, OpenIncidentRequest
 from config import Settings
 from config.escalation import load_escalation
-from stores import controls
-from stores.llm_calls import CallRecord, write_calls
-from stores.quality import ScoreRecord, write_scores
-from tests.chaos import ledger
-from tests.chaos.processes import WorkerProcess
-from tests.fakes.jira import FakeJira
-from tests.fakes.pagerduty import FakePagerDuty
-from tests.fakes.slack import FakeSlack
-from tests.helpers import eventually
-from workflows.incident import TOLD, IncidentWorkflow
-from workflows.incident_types import (
+from domain.incident import (
     ActionRequest,
     Breach,
     IncidentResult,
@@ -81,6 +71,18 @@ from workflows.incident_types import (
     TimelineEntry,
     Trigger,
 )
+from stores import controls
+from stores.llm_calls import CallRecord
+from stores.quality import ScoreRecord, write_scores
+from stores.writer import write_calls
+from tests.chaos import ledger
+from tests.chaos.processes import WorkerProcess
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import eventually
+from workflows.incident import IncidentWorkflow
+from workflows.incident_machine import TOLD
 
 STEPS = (
     "opened",

@@ -39,18 +39,8 @@ import worker
 from activities.incidents import IncidentActivities, OpenIncidentRequest
 from config import Settings
 from detectors.detector import DetectorWorkflow
-from detectors.naming import detector_workflow_id
-from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
-from stores.engine import create_schema, make_engine
-from stores.llm_calls import CallRecord, write_calls
-from tests.fakes.jira import FakeJira
-from tests.fakes.pagerduty import FakePagerDuty
-from tests.fakes.slack import FakeSlack
-from tests.helpers import eventually
-from tests.test_runbooks import RATE_LIMITED, feature, quality
-from workflows import search_attributes as sa
-from workflows.incident import IncidentWorkflow
-from workflows.incident_types import (
+from domain import search_attributes as sa
+from domain.incident import (
     ActionRequest,
     Breach,
     IncidentInput,
@@ -59,6 +49,17 @@ from workflows.incident_types import (
     SnoozeRequest,
     Trigger,
 )
+from domain.workflow_names import detector_workflow_id
+from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
+from stores.engine import create_schema, make_engine
+from stores.llm_calls import CallRecord
+from stores.writer import write_calls
+from tests.fakes.jira import FakeJira
+from tests.fakes.pagerduty import FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.helpers import eventually
+from tests.test_runbooks import RATE_LIMITED, feature, quality
+from workflows.incident import IncidentWorkflow
 from workflows.retention import RetentionInput, RetentionWorkflow
 
 HERE = Path(__file__).parent
@@ -83,7 +84,9 @@ def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=HERE).stdout
 
-    changed = git("status", "--porcelain", "--", "workflows", "runbooks", "detectors").strip()
+    changed = git(
+        "status", "--porcelain", "--", "workflows", "runbooks", "detectors", "domain"
+    ).strip()
     return git("rev-parse", "--short=7", "HEAD").strip() + ("-dirty" if changed else "")
 
 

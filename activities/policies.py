@@ -1,4 +1,6 @@
-"""Named timeouts and retry policies for every activity call the workflows make."""
+"""Named timeouts and retry policies for every activity call the workflows make (the incident,
+the detector, the runbooks): beside the activities, which all three import, and the permanent
+errors VENDOR_CALL names."""
 
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ VENDOR_CALL = ActivityPolicy(
             "SlackPermanentError",
             "PagerDutyPermanentError",
             "JiraPermanentError",
+            "WebhookPermanentError",
+            "EmailPermanentError",
         ],
     ),
 )

@@ -1,4 +1,10 @@
-"""Data that crosses the incident workflow's boundary: inputs, updates, state, timeline."""
+"""The incident: severities and triggers, what it starts with, the events that reach it
+(breaches, recoveries, responders' actions), its state and timeline, its result.
+
+Data that crosses the incident workflow's boundary, shared by every layer that opens, tells,
+shows or renders an incident. Temporal carries these dataclasses as JSON without their module,
+so where they live is no part of any recorded history.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from workflows.escalation import DEFAULT_POLICIES, EscalationPolicy
+from domain.escalation import DEFAULT_POLICIES, EscalationPolicy
 
 
 class IncidentStatus(StrEnum):
@@ -174,6 +180,8 @@ class IncidentState:
     ack_by: datetime | None = None
     resolve_by: datetime | None = None
     remind_at: datetime | None = None
+    # What the top level is being reminded of ("acknowledged" / "resolved"), "" when nothing.
+    remind_for: str = ""
     summary: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     breach_count: int = 0

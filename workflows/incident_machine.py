@@ -1,0 +1,586 @@
+"""The incident as a pure state machine: `decide(state, event, policy, now) -> (state, effects)`.
+
+Every change to an incident goes through `decide`: a responder's update, a detector's report, a
+deadline passing, the runbook's progress, a channel's outcome. It returns the next state and the
+effects the workflow must carry out, in order (tell a level's targets, refresh what the channels
+show, restart the escalation clock, revert the runbook's controls...). It does no I/O and reads no
+clock, so every path is a plain unit test; `IncidentWorkflow` only receives events and performs
+effects. The input state is never modified.
+
+Effects are channel-neutral: what a `Notify` or a `Tell` means for Slack, PagerDuty or Jira is
+the channel's business (see `workflows/incident.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from domain.escalation import (
+    DEFAULT_POLICIES,
+    Deadlines,
+    EscalationLevel,
+    EscalationPolicy,
+    enter_level,
+    snooze,
+    span,
+)
+from domain.incident import (
+    ActionRequest,
+    Breach,
+    IncidentState,
+    IncidentStatus,
+    PagedTarget,
+    Recovery,
+    SlackMessageRef,
+    SnoozeRequest,
+    TimelineEntry,
+    severity_rank,
+)
+
+MAX_SNOOZE_MINUTES = 24 * 60
+# Timeline kinds told where people follow the incident (the Slack thread, the Jira ticket).
+TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
+        "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
+        "rolled_back", "controls_reverted", "controls_kept", "runbook_failed",
+        "proposed"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What an incident's decisions depend on beyond its state: the escalation policy of each
+    severity (with the runbook's own applied) and who may act from Slack."""
+
+    escalation: Mapping[str, EscalationPolicy] = field(default_factory=lambda: DEFAULT_POLICIES)
+    allowed_slack_users: tuple[str, ...] = ()
+
+    def of(self, state: IncidentState) -> EscalationPolicy:
+        severity = str(state.severity)
+        return self.escalation.get(severity) or DEFAULT_POLICIES[severity]
+
+    def level(self, state: IncidentState) -> EscalationLevel:
+        return self.of(state).level(state.level)
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Opened:
+    pass
+
+
+@dataclass(frozen=True)
+class BreachReported:
+    breach: Breach
+
+
+@dataclass(frozen=True)
+class RecoveryReported:
+    recovery: Recovery
+
+
+@dataclass(frozen=True)
+class Acknowledge:
+    request: ActionRequest
+
+
+@dataclass(frozen=True)
+class Resolve:
+    request: ActionRequest
+
+
+@dataclass(frozen=True)
+class Escalate:
+    request: ActionRequest
+
+
+@dataclass(frozen=True)
+class Snooze:
+    request: SnoozeRequest
+
+
+@dataclass(frozen=True)
+class AddNote:
+    request: ActionRequest
+
+
+@dataclass(frozen=True)
+class DeadlinePassed:
+    what: str  # "acknowledged" | "resolved" | "reminder"
+
+
+@dataclass(frozen=True)
+class RunbookProgressed:
+    kind: str  # diagnosis | mitigating | mitigation | verified | rolled_back | ...
+    text: str
+    runbook: str
+
+
+@dataclass(frozen=True)
+class RunbookStarted:
+    may_mitigate: bool
+
+
+@dataclass(frozen=True)
+class RunbookFailed:
+    runbook: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class RunbookFinished:
+    """A runbook child ended: the controls it left in force; `verification` is None for a
+    diagnosis-only run (it waits for an acknowledgement before mitigating)."""
+
+    controls: tuple[str, ...]
+    verification: str | None = None
+    reading: str = ""
+
+
+@dataclass(frozen=True)
+class QuietElapsed:
+    """A verified mitigation kept the signal quiet for the policy's quiet period."""
+
+    quiet_seconds: int
+
+
+@dataclass(frozen=True)
+class VerifiedAwaitingResolve:
+    """A verified mitigation and no auto-resolve: a person decides."""
+
+
+@dataclass(frozen=True)
+class ControlsExtended:
+    pass
+
+
+@dataclass(frozen=True)
+class ControlsReverted:
+    descriptions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Paged:
+    target: PagedTarget
+    level: str
+
+
+@dataclass(frozen=True)
+class PageCalledOff:
+    pass
+
+
+@dataclass(frozen=True)
+class SlackPosted:
+    message: SlackMessageRef
+    channel: str  # as configured (the message's own channel may be an id)
+
+
+@dataclass(frozen=True)
+class TicketOpened:
+    key: str
+
+
+@dataclass(frozen=True)
+class ChannelFailed:
+    channel: str
+    kind: str
+    reason: str
+
+
+Event = (
+    Opened | BreachReported | RecoveryReported | Acknowledge | Resolve | Escalate | Snooze
+    | AddNote | DeadlinePassed | RunbookProgressed | RunbookStarted | RunbookFailed
+    | RunbookFinished | QuietElapsed | VerifiedAwaitingResolve | ControlsExtended
+    | ControlsReverted | Paged | PageCalledOff | SlackPosted | TicketOpened | ChannelFailed
+)  # fmt: skip
+
+
+# --- effects ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Tell a level's targets about the incident (it opened, escalated to them, or they are
+    reminded); `reason` is why, empty when it just opened."""
+
+    level: EscalationLevel
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What the channels show of the incident's state is out of date."""
+
+
+@dataclass(frozen=True)
+class Tell:
+    """A timeline entry worth telling where people follow the incident."""
+
+    entry: TimelineEntry
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    via: str  # the channel it came from is not told again
+
+
+@dataclass(frozen=True)
+class Resolved:
+    via: str
+
+
+@dataclass(frozen=True)
+class SeverityRaised:
+    """A worse severity: its level may page where the milder one did not."""
+
+    level: EscalationLevel
+
+
+@dataclass(frozen=True)
+class Show:
+    """Show the state as it was at this point of the event (search attributes, the UI's
+    details): a status that steps back is its own change, seen apart from an escalation that
+    follows. The workflow also shows the state after every event."""
+
+    state: IncidentState
+
+
+@dataclass(frozen=True)
+class RestartClock:
+    """The escalation deadlines may have moved: wait for the new earliest one."""
+
+
+@dataclass(frozen=True)
+class CancelRunbook:
+    pass
+
+
+@dataclass(frozen=True)
+class RevertRunbookControls:
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExtendRunbookControls:
+    pass
+
+
+Effect = (
+    Notify | Refresh | Tell | Acknowledged | Resolved | SeverityRaised | Show | RestartClock
+    | CancelRunbook | RevertRunbookControls | ExtendRunbookControls
+)  # fmt: skip
+
+
+# --- refusals (the updates' validators) ------------------------------------------------------
+
+
+def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
+    """Why a responder's request cannot be taken, or None: a resolved incident takes nothing,
+    Slack users must be allowed, an incident is acknowledged once, a note needs text."""
+    if state.status == IncidentStatus.RESOLVED and state.resolved_at is not None:
+        return (
+            f"{state.incident_id} is already resolved (by {state.resolved_by} "
+            f"at {state.resolved_at:%Y-%m-%d %H:%M:%S} UTC)"
+        )
+    if isinstance(event, Snooze):
+        request = ActionRequest(event.request.user, event.request.channel)
+    elif isinstance(event, Acknowledge | Resolve | Escalate | AddNote):
+        request = event.request
+    else:
+        return None
+    allowed = policy.allowed_slack_users
+    if request.channel == "slack" and allowed and request.user not in allowed:
+        return (
+            f"<@{request.user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
+        )
+    if isinstance(event, Acknowledge) and state.acknowledged_by and state.acknowledged_at:
+        return (
+            f"{state.incident_id} was already acknowledged by {state.acknowledged_by} "
+            f"at {state.acknowledged_at:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    if isinstance(event, Snooze) and not 1 <= event.request.minutes <= MAX_SNOOZE_MINUTES:
+        return f"snooze between 1 and {MAX_SNOOZE_MINUTES} minutes"
+    if isinstance(event, AddNote) and not event.request.note.strip():
+        return "a note needs some text"
+    return None
+
+
+# --- decide ----------------------------------------------------------------------------------
+
+
+def decide(
+    state: IncidentState, event: Event, policy: Policy, now: datetime
+) -> tuple[IncidentState, list[Effect]]:
+    """The incident after `event`, and what must happen because of it, in order."""
+    step = _Step(_copy(state), policy, now)
+    step.apply(event)
+    return step.state, step.effects
+
+
+def next_deadline(state: IncidentState) -> tuple[datetime, str] | None:
+    """The earliest escalation deadline still pending, and what it is for."""
+    return _deadlines(state).next()
+
+
+def next_deadline_text(state: IncidentState) -> str:
+    upcoming = next_deadline(state)
+    if upcoming is None:
+        return "none"
+    at, what = upcoming
+    return f"{what} by {at:%H:%M} UTC"
+
+
+def _copy(state: IncidentState) -> IncidentState:
+    fresh = copy.copy(state)
+    fresh.timeline = list(state.timeline)
+    fresh.paged = list(state.paged)
+    fresh.controls = list(state.controls)
+    fresh.metrics = dict(state.metrics)
+    return fresh
+
+
+def _deadlines(state: IncidentState) -> Deadlines:
+    return Deadlines(state.opened_at, state.ack_by, state.resolve_by, state.remind_at)
+
+
+class _Step:
+    """One event's worth of changes to a private copy of the state."""
+
+    def __init__(self, state: IncidentState, policy: Policy, now: datetime) -> None:
+        self.state = state
+        self.policy = policy
+        self.now = now
+        self.effects: list[Effect] = []
+
+    def apply(self, event: Event) -> None:
+        s = self.state
+        match event:
+            case Opened():
+                self.record("opened", f"{s.severity} {s.trigger} on {s.scope}")
+                self.enter_level(1, reason="")
+            case BreachReported(breach):
+                self.breach(breach)
+            case RecoveryReported(recovery):
+                if s.recovered_at is None:
+                    s.recovered_at = recovery.observed_at
+                    text = (
+                        recovery.summary or f"{recovery.trigger} back to normal on {recovery.scope}"
+                    )
+                    self.record("recovered", text, actor="detector", channel="detector")
+                    self.effects.append(Refresh())
+            case Acknowledge(request):
+                self.acknowledge(request)
+            case Resolve(request):
+                self.resolve(request)
+            case Escalate(request):
+                reason = f"escalated by {request.user}" + (
+                    f": {request.note}" if request.note else ""
+                )
+                self.escalate(reason, request.user, request.channel)
+            case Snooze(request):
+                pushed = snooze(_deadlines(s), self.now, request.minutes)
+                s.ack_by, s.resolve_by = pushed.ack_by, pushed.resolve_by
+                s.remind_at = pushed.remind_at
+                text = f"snoozed {request.minutes} min: next deadline {next_deadline_text(s)}"
+                self.record("snoozed", text, request.user, request.channel)
+                self.effects += [Refresh(), RestartClock()]
+            case AddNote(request):
+                self.record("note", request.note, request.user, request.channel)
+            case DeadlinePassed(what):
+                self.deadline_passed(what)
+            case RunbookProgressed(kind, text, runbook):
+                self.progress(kind, text, runbook)
+            case RunbookStarted(may_mitigate):
+                s.runbook_runs += 1
+                s.runbook_phase = "running"
+                if may_mitigate:
+                    s.status = IncidentStatus.MITIGATING
+                    s.mitigation_started_at = self.now
+                    self.effects.append(Refresh())
+            case RunbookFailed(runbook, cause):
+                s.runbook_phase = "done"
+                self.step_back()
+                if s.status != IncidentStatus.RESOLVED:
+                    self.record("runbook_failed", f"{runbook}: {cause}")
+                    # Whatever it had put in force before failing is taken out again.
+                    self.effects.append(RevertRunbookControls(f"{runbook} failed"))
+            case RunbookFinished(controls, verification, reading):
+                s.controls = list(controls)
+                s.controls_kept_at = self.now
+                if verification is None:
+                    s.runbook_phase = "diagnosed"
+                else:
+                    self.conclude(verification, reading, bool(controls))
+            case QuietElapsed(quiet_seconds):
+                if s.status != IncidentStatus.RESOLVED:
+                    # The controls are what keeps the signal quiet: reverting them now would
+                    # bring the breach straight back. They stay until they expire or someone
+                    # reverts them.
+                    note = (
+                        f"auto-resolved: mitigation verified, quiet for {span(quiet_seconds)}; "
+                        "controls kept until they expire (pagerloop controls revert ID)"
+                    )
+                    self.resolve(ActionRequest("pagerloop", "workflow", note, keep_controls=True))
+            case VerifiedAwaitingResolve():
+                if not any(entry.kind == "proposed" for entry in s.timeline):
+                    self.record("proposed", "mitigation verified: resolve when satisfied")
+            case ControlsExtended():
+                s.controls_kept_at = self.now
+                self.effects.append(ExtendRunbookControls())
+            case ControlsReverted(descriptions):
+                s.controls = []
+                if descriptions:
+                    self.record("controls_reverted", ", ".join(descriptions), channel="controls")
+            case Paged(target, level):
+                if all(known.dedup_key != target.dedup_key for known in s.paged):
+                    s.paged.append(target)
+                self.record("paged", f"PagerDuty triggered at {level}", channel="pagerduty")
+            case PageCalledOff():
+                self.record("not_paged", "resolved before PagerDuty accepted the page")
+            case SlackPosted(message, channel):
+                s.slack_message = message
+                self.record("notified", f"Slack message posted to {channel}", channel="slack")
+            case TicketOpened(key):
+                s.jira_issue = key
+                self.record("ticket", f"Jira ticket {key}", channel="jira")
+            case ChannelFailed(channel, kind, reason):
+                failed = f"{channel} {kind} failed: {reason}"
+                self.record("notification_failed", failed, channel=channel)
+
+    # --- the pieces several events share -----------------------------------------------------
+
+    def record(
+        self, kind: str, text: str, actor: str = "pagerloop", channel: str = "workflow"
+    ) -> None:
+        entry = TimelineEntry(at=self.now, kind=kind, text=text, actor=actor, channel=channel)
+        self.state.timeline.append(entry)
+        if kind in TOLD:
+            self.effects.append(Tell(entry))
+
+    def breach(self, breach: Breach) -> None:
+        s = self.state
+        s.breach_count += 1
+        s.last_breach_at = breach.observed_at
+        s.metrics = dict(breach.metrics)
+        s.summary = breach.summary
+        if s.breach_count == 1:
+            self.record("breach", breach.summary, actor="detector", channel="detector")
+        elif s.recovered_at is not None:
+            self.record("breach", f"breaching again: {breach.summary}", "detector", "detector")
+        s.recovered_at = None
+        if severity_rank(breach.severity) > severity_rank(s.severity):
+            self.record(
+                "severity_raised",
+                f"{s.severity} -> {breach.severity}: {breach.summary}",
+                actor="detector",
+                channel="detector",
+            )
+            s.severity = breach.severity
+            self.effects += [Refresh(), SeverityRaised(self.policy.level(s)), RestartClock()]
+
+    def acknowledge(self, request: ActionRequest) -> None:
+        s = self.state
+        if s.status == IncidentStatus.DETECTED:
+            s.status = IncidentStatus.ACKNOWLEDGED
+        s.acknowledged_by = request.user
+        s.acknowledged_at = self.now
+        s.ack_by = None
+        if s.remind_for == "acknowledged":
+            s.remind_at, s.remind_for = None, ""
+        self.record("acknowledged", request.note or "acknowledged", request.user, request.channel)
+        self.effects += [Refresh(), Acknowledged(request.channel), RestartClock()]
+
+    def resolve(self, request: ActionRequest) -> None:
+        s = self.state
+        s.status = IncidentStatus.RESOLVED
+        s.resolved_by = request.user
+        s.resolved_at = self.now
+        s.ack_by = s.resolve_by = s.remind_at = None
+        self.record("resolved", request.note or "resolved", request.user, request.channel)
+        self.effects += [Refresh(), Resolved(request.channel), CancelRunbook()]
+        if request.keep_controls and s.controls:
+            self.record("controls_kept", ", ".join(s.controls), request.user, request.channel)
+        elif s.runbook is not None:
+            self.effects.append(RevertRunbookControls(f"resolved by {request.user}"))
+        self.effects.append(RestartClock())
+
+    def enter_level(self, number: int, reason: str) -> None:
+        s = self.state
+        level = self.policy.of(s).level(number)
+        s.level, s.level_name = number, level.name
+        deadlines = enter_level(level, self.now, acknowledged=s.acknowledged_by is not None)
+        s.ack_by, s.resolve_by, s.remind_at = deadlines.ack_by, deadlines.resolve_by, None
+        s.remind_for = ""
+        if reason:
+            self.record("escalated", f"to {level.name} ({level.description}): {reason}")
+        self.effects.append(Notify(level, reason))
+
+    def escalate(self, reason: str, actor: str = "pagerloop", channel: str = "workflow") -> None:
+        if self.state.level < self.policy.of(self.state).top:
+            self.enter_level(self.state.level + 1, reason)
+        else:
+            self.remind(reason, actor, channel)
+        self.effects.append(RestartClock())
+
+    def remind(self, reason: str, actor: str = "pagerloop", channel: str = "workflow") -> None:
+        """At the top level: tell its targets again, and again after the repeat interval."""
+        s = self.state
+        policy = self.policy.of(s)
+        s.remind_for = "acknowledged" if s.acknowledged_by is None else "resolved"
+        s.ack_by = s.resolve_by = None
+        s.remind_at = self.now + timedelta(seconds=policy.repeat_interval_seconds)
+        self.record(
+            "reminder", f"still not {s.remind_for} at {s.level_name}: {reason}", actor, channel
+        )
+        self.effects.append(Notify(policy.level(s.level), reason))
+
+    def deadline_passed(self, what: str) -> None:
+        s = self.state
+        if what == "reminder":
+            self.remind("reminder interval elapsed")
+            return
+        level = self.policy.level(s)
+        timeout = (
+            level.ack_timeout_seconds if what == "acknowledged" else level.resolve_timeout_seconds
+        )
+        self.escalate(f"not {what} within {span(timeout)} at {s.level_name}")
+
+    def progress(self, kind: str, text: str, runbook: str) -> None:
+        s = self.state
+        if kind == "diagnosis":
+            s.diagnosis = text
+        elif kind == "mitigation":  # one "• control" per line
+            s.controls = [line.removeprefix("• ") for line in text.splitlines()]
+            self.effects.append(Refresh())
+        elif kind == "rolled_back":
+            s.controls = []
+            self.effects.append(Refresh())
+        self.record(kind, text, actor=f"runbook:{runbook}", channel="runbook")
+
+    def conclude(self, verification: str, reading: str, controls_left: bool) -> None:
+        s = self.state
+        s.runbook_phase = "done"
+        s.verification = verification
+        if verification != "recovered" and not controls_left:
+            self.step_back()  # nothing in force any more: no longer mitigating
+        if s.status == IncidentStatus.RESOLVED:
+            return
+        if verification == "not_recovered":
+            summary = reading or "signal still breached"
+            self.escalate(f"the runbook's mitigation did not help ({summary})")
+            return
+        if verification == "recovered":
+            s.verified_at = self.now
+        self.effects.append(Refresh())
+
+    def step_back(self) -> None:
+        """Mitigation is over without a verified recovery: back to where the incident was."""
+        s = self.state
+        if s.status == IncidentStatus.MITIGATING:
+            acked = s.acknowledged_by is not None
+            s.status = IncidentStatus.ACKNOWLEDGED if acked else IncidentStatus.DETECTED
+            self.effects.append(Show(copy.copy(s)))
