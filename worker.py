@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI
 from jira import JIRA
 from pagerloop_sdk.pricing import PriceTable
+from pydantic import SecretStr
 from slack_sdk import WebClient
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
@@ -55,18 +56,21 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import runbooks
-from activities import jira, slack
+from activities import email, jira, slack, webhook
+from activities.channels import CHANNELS
 from activities.controls import ControlActivities
 from activities.diagnosis import DiagnosisActivities
+from activities.email import EmailActivities
 from activities.incidents import IncidentActivities
 from activities.jira import JiraActivities
 from activities.metrics import MetricsActivities
 from activities.pagerduty import PagerDutyActivities
 from activities.retention import RetentionActivities
 from activities.slack import SlackActivities
+from activities.webhook import WebhookActivities
 from api.app import create_app
 from api.deps import Services
-from config import Settings, load_settings
+from config import ConfigurationError, Settings, load_settings
 from config.escalation import Escalation, load_escalation
 from detectors.config import load_rules
 from detectors.detector import (
@@ -139,8 +143,12 @@ def notification_plan(settings: Settings, escalation: Escalation) -> Notificatio
         pagerduty=settings.pagerduty_enabled or bool(escalation.routing_keys),
         jira=settings.jira_enabled,
         jira_project=settings.jira_project,
+        email=settings.email_enabled,
+        email_to=list(settings.email_to),
+        webhook_receivers=list(webhook_targets(settings, escalation)),
         allowed_slack_users=list(settings.slack_allowed_users),
         status_url=f"{settings.api_url}/status",
+        temporal_ui_url=temporal_ui_workflows(settings),
         policies=dict(escalation.policies),
         runbook=RunbookPlan(
             enabled=settings.runbooks_enabled,
@@ -149,6 +157,32 @@ def notification_plan(settings: Settings, escalation: Escalation) -> Notificatio
             feature_priorities=dict(settings.feature_priorities),
         ),
     )
+
+
+def webhook_targets(settings: Settings, escalation: Escalation) -> dict[str, SecretStr]:
+    """Every webhook receiver by the name incidents carry (its URL stays in the worker): the
+    ones of PAGERLOOP_WEBHOOK_URLS first, then the policy file's per-level ones."""
+    return {**webhook.name_targets(settings.webhook_urls), **escalation.webhook_targets}
+
+
+def temporal_ui_workflows(settings: Settings) -> str:
+    """The Temporal UI's page of a workflow, less the workflow id ("" without a UI)."""
+    base = settings.temporal_ui_url or (
+        f"http://127.0.0.1:{settings.temporal_ui_port}" if settings.dev_mode else ""
+    )
+    return email.temporal_ui_link(base, settings.temporal_namespace, "")
+
+
+def check_channels(escalation: Escalation) -> None:
+    """Refuse a policy that names a channel nobody wrote (a typo would silently tell no one)."""
+    for severity, policy in escalation.policies.items():
+        for level in policy.levels:
+            unknown = [t.channel for t in level.channels if t.channel not in CHANNELS]
+            if unknown:
+                raise ConfigurationError(
+                    f"escalation policy {severity}/{level.name}: unknown channel(s) "
+                    f"{', '.join(unknown)} (known: {', '.join(CHANNELS)})"
+                )
 
 
 def make_jira_client(settings: Settings) -> JIRA | None:
@@ -162,6 +196,7 @@ def build_activities(
     settings: Settings, client: Client, engine: Engine
 ) -> list[Callable[..., Any]]:
     escalation = load_escalation(settings.escalation_policy_file)
+    check_channels(escalation)
     metrics = MetricsActivities(engine, settings.detector_max_scopes)
     plan = notification_plan(settings, escalation)
     incidents = IncidentActivities(client, settings.task_queue, plan, engine)
@@ -170,6 +205,10 @@ def build_activities(
         str(settings.pagerduty_events_url), settings.pagerduty_routing_key, escalation
     )
     jira_activities = JiraActivities(make_jira_client(settings), settings.jira_issue_type)
+    email_activities = EmailActivities(email.make_config(settings), engine)
+    webhook_activities = WebhookActivities(
+        webhook.make_client(), settings.webhook_secret, webhook_targets(settings, escalation)
+    )
     retention = RetentionActivities(engine)
     controls = ControlActivities(engine)
     diagnosis = DiagnosisActivities(
@@ -190,6 +229,8 @@ def build_activities(
         jira_activities.open_ticket,
         jira_activities.comment,
         jira_activities.resolve,
+        email_activities.send_incident_email,
+        webhook_activities.post_alert,
         controls.set,
         controls.revert,
         controls.extend,

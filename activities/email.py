@@ -41,9 +41,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.channel import Incident, level_named, reached_targets, told_before
 from activities.finite import human_number
 from activities.vendor_http import VendorErrors
-from domain.incident import IncidentState
+from domain.incident import IncidentState, LaneAction, NotificationPlan
+from domain.incident_machine import ChannelFailed, Delivered, Effect, Notify, Resolved
+from domain.lanes import Lane
 from stores import email_ledger
 
 if TYPE_CHECKING:
@@ -549,3 +552,56 @@ def temporal_ui_link(ui_base_url: str, namespace: str, workflow_id: str) -> str:
         return ""
     base = ui_base_url.rstrip("/")
     return f"{base}/namespaces/{quote(namespace, safe='')}/workflows/{quote(workflow_id, safe='')}"
+
+
+# --- the channel: what the incident's effects mean for email ----------------------------------
+
+
+class EmailChannel:
+    """A message when the incident opens or escalates to a level that emails, and one when it
+    resolves (to everyone emailed so far), in one thread per incident."""
+
+    name = "email"
+
+    def enabled(self, plan: NotificationPlan) -> bool:
+        return plan.email
+
+    def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
+        match effect:
+            case Notify(level, reason, kind) if kind != "reminded" and level.target(self.name):
+                lane.push(kind, text=reason, level=level.name)
+            case Resolved():
+                lane.push("resolved")
+
+    async def perform(self, action: LaneAction, incident: Incident) -> None:
+        plan, event = incident.plan, action.kind
+        if event == "resolved":
+            if not told_before(incident, self.name):
+                return  # nobody was emailed: nothing to close
+            reached = [a for t in reached_targets(incident, self.name) for a in t.to]
+            recipients = sorted(set(reached or plan.email_to))
+        else:
+            target = level_named(incident, action.level).target(self.name)
+            recipients = list(target.to if target and target.to else plan.email_to)
+        if not recipients or event not in EVENTS:
+            why = "no recipients (PAGERLOOP_EMAIL_TO or the level's email_to)"
+            incident.apply(ChannelFailed(self.name, event, why))
+            return
+        state = incident.state
+        sent = await incident.call(
+            EmailActivities.send_incident_email,
+            EmailRequest(
+                state=incident.shown(),
+                event=event,  # type: ignore[arg-type]  # one of EVENTS, checked above
+                recipients=recipients,
+                level=action.level,
+                reason=action.text,
+                status_url=plan.status_url,
+                temporal_ui_url=plan.temporal_ui_url + quote(state.incident_id, safe=""),
+            ),
+            summary=f"Email: {event} to {len(recipients)} recipient(s)",
+        )
+        incident.apply(Delivered(self.name, f"email ({event}) to {', '.join(sent.recipients)}"))
+
+
+EMAIL = EmailChannel()

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from jira import JIRA, JIRAError
 from requests.exceptions import RequestException
 from temporalio import activity
 
+from activities.channel import Incident
 from activities.vendor_http import VendorErrors, attempt_key, request_unencodable
+from domain.incident import IncidentState, LaneAction, NotificationPlan
+from domain.incident_machine import Effect, Notify, Resolved, Tell, TicketOpened
+from domain.lanes import Lane
 
 DONE_TRANSITIONS = (
     "done",
@@ -201,3 +206,112 @@ class JiraActivities:
             attempt_key(info),
             info.attempt > 1,
         )
+
+
+# --- the postmortem left on the ticket at resolve ------------------------------------------
+
+
+def _duration(start: datetime, end: datetime | None) -> str:
+    if end is None:
+        return "-"
+    seconds = int((end - start).total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
+
+
+def postmortem(state: IncidentState) -> str:
+    lines = [
+        f"h3. Postmortem: {state.severity} {state.trigger} on {state.scope}",
+        "",
+        f"* Incident: {state.incident_id}",
+        f"* Opened: {state.opened_at:%Y-%m-%d %H:%M:%S} UTC, highest level reached: L{state.level}",
+        f"* Time to acknowledge: {_duration(state.opened_at, state.acknowledged_at)}"
+        + (f" (by {state.acknowledged_by})" if state.acknowledged_by else ""),
+        f"* Time to mitigate: {_duration(state.opened_at, state.mitigation_started_at)}",
+        f"* Time to resolve: {_duration(state.opened_at, state.resolved_at)}"
+        + (f" (by {state.resolved_by})" if state.resolved_by else ""),
+        f"* Signal recovered: {state.recovered_at:%H:%M:%S} UTC"
+        if state.recovered_at
+        else "* Signal recovered: not reported",
+        "",
+        "h4. Last metrics",
+    ]
+    lines += [f"* {name}: {value:.4g}" for name, value in state.metrics.items()] or ["* none"]
+    if state.runbook:
+        lines += [
+            "",
+            f"h4. Runbook {state.runbook}",
+            f"* Verification: {state.verification or '-'}",
+        ]
+        lines += [f"* {line}" for line in state.diagnosis.splitlines() if line.strip()]
+    kinds = ("mitigation", "verified", "verification", "rolled_back", "controls_reverted",
+             "controls_kept")  # fmt: skip
+    actions = [e for e in state.timeline if e.kind in kinds]
+    lines += ["", "h4. Actions"]
+    lines += [f"* {e.at:%H:%M:%S} {e.text}" for e in actions] or ["* none recorded"]
+    lines += ["", "h4. Timeline"]
+    lines += [
+        f"* {e.at:%H:%M:%S} {e.kind} ({e.actor} via {e.channel}): {e.text}" for e in state.timeline
+    ]
+    return "\n".join(lines)
+
+
+# --- the channel: what the incident's effects mean for Jira ------------------------------------
+
+
+class JiraChannel:
+    """A ticket opened when a level with Jira is reached, the timeline as comments, the
+    postmortem and done at resolve."""
+
+    name = "jira"
+
+    def enabled(self, plan: NotificationPlan) -> bool:
+        return plan.jira
+
+    def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
+        match effect:
+            case Tell(entry):
+                lane.push("comment", text=f"{entry.kind} by {entry.actor} via {entry.channel}: "
+                          f"{entry.text}")  # fmt: skip
+            case Notify(level):
+                target = level.target(self.name)
+                opened = incident.state.jira_issue is not None or lane.underway("open")
+                if target is not None and not opened:
+                    project = target.to[0] if target.to else incident.plan.jira_project
+                    lane.push("open", text=project)
+            case Resolved():
+                lane.push("resolve")
+
+    async def perform(self, action: LaneAction, incident: Incident) -> None:
+        state = incident.state
+        if action.kind == "open":
+            key = await incident.call(
+                JiraActivities.open_ticket,
+                JiraTicket(
+                    incident_id=state.incident_id,
+                    project=action.text,
+                    summary=f"[{state.severity}] {state.trigger} on {state.scope}",
+                    description=(
+                        f"{state.summary}\n\nOpened by pagerloop at L{state.level}."
+                        + (f"\n\nRunbook diagnosis:\n{state.diagnosis}" if state.diagnosis else "")
+                    ),
+                ),
+                summary=f"Jira: open a ticket in {action.text}",
+            )
+            incident.apply(TicketOpened(key))
+        elif action.kind == "comment" and state.jira_issue is not None:
+            await incident.call(
+                JiraActivities.comment,
+                JiraComment(state.jira_issue, action.text),
+                summary=f"Jira: comment on {state.jira_issue}",
+            )
+        elif action.kind == "resolve" and state.jira_issue is not None:
+            await incident.call(
+                JiraActivities.resolve,
+                JiraResolution(state.jira_issue, postmortem(state)),
+                summary=f"Jira: postmortem and done on {state.jira_issue}",
+            )
+
+
+JIRA_CHANNEL = JiraChannel()

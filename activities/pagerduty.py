@@ -9,12 +9,15 @@ default key shares the incident id as dedup key, another service gets `<incident
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from pydantic import SecretStr
-from temporalio import activity
+from temporalio import activity, workflow
+from temporalio.exceptions import ActivityError
 
 from activities.vendor_http import VendorErrors, request_unencodable
 
@@ -23,9 +26,20 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import pdpyras
 
+from activities.channel import Incident
 from activities.finite import json_safe
 from config.escalation import Escalation
-from domain.incident import PagedTarget, Severity
+from domain.incident import LaneAction, NotificationPlan, PagedTarget, Severity
+from domain.incident_machine import (
+    Acknowledged,
+    Effect,
+    Notify,
+    PageCalledOff,
+    Paged,
+    Resolved,
+    SeverityRaised,
+)
+from domain.lanes import Lane
 
 # PagerDuty's payload.severity values for our severities.
 PD_SEVERITY = {
@@ -168,3 +182,96 @@ class PagerDutyActivities:
                     raise ERRORS.unencodable(action, exc) from exc
 
             await asyncio.to_thread(send)
+
+
+# --- the channel: what the incident's effects mean for PagerDuty -------------------------------
+
+
+class PagerDutyChannel:
+    """A page when a level that pages is reached (or a worse severity's level pages), and
+    PagerDuty told of acknowledgements and the resolve it did not send itself."""
+
+    name = "pagerduty"
+
+    def enabled(self, plan: NotificationPlan) -> bool:
+        return plan.pagerduty
+
+    def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
+        match effect:
+            case Notify(level) if level.target(self.name) is not None:
+                lane.push("trigger", level=level.name)
+            case SeverityRaised(level) if level.target(self.name) and not incident.state.paged:
+                lane.push("trigger", level=level.name)
+            case Acknowledged(via) if via != self.name:  # never echo PagerDuty's own ack back
+                lane.push("acknowledge")
+            case Resolved(via) if via != self.name:
+                lane.push("resolve")
+
+    async def perform(self, action: LaneAction, incident: Incident) -> None:
+        state = incident.state
+        if action.kind == "trigger":
+            await self._page(action.level, incident)
+        elif action.kind in ("acknowledge", "resolve") and state.paged:
+            method = (
+                PagerDutyActivities.acknowledge
+                if action.kind == "acknowledge"
+                else PagerDutyActivities.resolve
+            )
+            await incident.call(
+                method, PageUpdate(list(state.paged)), summary=f"PagerDuty: {action.kind}"
+            )
+
+    async def _page(self, level: str, incident: Incident) -> None:
+        """Trigger PagerDuty, unless the incident is resolved while PagerDuty still refuses the
+        page: then stop trying (the queued resolve still goes out, in case a try got through)."""
+        state, plan = incident.state, incident.plan
+        request = PageRequest(
+            incident_id=state.incident_id,
+            level=level,
+            severity=state.severity,
+            summary=f"[{state.severity}] {state.summary or state.trigger} ({level})",
+            source=f"pagerloop/{state.scope}",
+            custom_details={
+                "incident_id": state.incident_id,
+                "trigger": str(state.trigger),
+                "scope": state.scope,
+                "level": level,
+                **state.metrics,
+            },
+            links=[{"href": plan.status_url, "text": "pagerloop status"}]
+            if plan.status_url
+            else [],
+        )
+        paging = incident.start(
+            PagerDutyActivities.trigger,
+            request,
+            summary=f"PagerDuty: trigger {state.incident_id} at {level}",
+        )
+        lane = incident.lane(self.name)
+        try:
+            await workflow.wait_condition(lambda: paging.done() or lane.queued("resolve"))
+        except asyncio.CancelledError:  # handed over to a fresh run: it pages unless this did
+            paging.cancel()
+            incident.apply(Paged(await paging, level))
+            return
+        if not paging.done():
+            # A try in flight usually lands in a moment; only a failing PagerDuty is given up on.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(
+                    paging.done,
+                    timeout=timedelta(seconds=plan.page_grace_seconds),
+                    timeout_summary="page in flight",
+                )
+        if not paging.done():
+            paging.cancel()
+            try:
+                target = await paging
+            except (ActivityError, asyncio.CancelledError):
+                incident.apply(PageCalledOff())
+                return
+        else:
+            target = await paging
+        incident.apply(Paged(target, level))
+
+
+PAGERDUTY = PagerDutyChannel()

@@ -14,9 +14,18 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 from temporalio import activity
 
+from activities.channel import Incident
 from activities.finite import human_number
 from activities.vendor_http import VendorErrors, attempt_key
-from domain.incident import IncidentState, IncidentStatus, SlackMessageRef
+from domain.incident import (
+    IncidentState,
+    IncidentStatus,
+    LaneAction,
+    NotificationPlan,
+    SlackMessageRef,
+)
+from domain.incident_machine import Effect, Notify, Refresh, SlackPosted, Tell
+from domain.lanes import Lane
 
 ACK_ACTION = "incident_acknowledge"
 RESOLVE_ACTION = "incident_resolve"
@@ -496,3 +505,72 @@ class SlackActivities:
             fallback_text(state),
             incident_blocks(state),
         )
+
+
+# --- the channel: what the incident's effects mean for Slack -----------------------------------
+
+
+class SlackChannel:
+    """One message per incident in the incident's channel, kept up to date; the timeline told
+    in its thread; a heads-up in a level's own channel when it is reached."""
+
+    name = "slack"
+
+    def enabled(self, plan: NotificationPlan) -> bool:
+        return plan.slack_channel is not None
+
+    def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
+        state = incident.state
+        match effect:
+            case Notify(level, reason):
+                target = level.target(self.name)
+                if target is None:
+                    return
+                if state.slack_message is None and not lane.underway("post"):
+                    lane.push("post")
+                else:
+                    lane.push("update")
+                for other in target.to:
+                    if other != incident.plan.slack_channel:
+                        lane.push("notify", text=reason or state.summary, level=other)
+            case Refresh():
+                lane.push("update")
+            case Tell(entry):
+                said = f"by {entry.actor} via {entry.channel}: {entry.text}"
+                lane.push("reply", text=f"*{entry.kind.replace('_', ' ')}* {said}")
+
+    async def perform(self, action: LaneAction, incident: Incident) -> None:
+        channel = incident.plan.slack_channel
+        state = incident.state
+        if channel is None:
+            return
+        if action.kind == "post":
+            ref = await incident.call(
+                SlackActivities.post_incident,
+                SlackPostRequest(channel=channel, state=incident.shown()),
+                summary=f"Slack: post incident to {channel}",
+            )
+            incident.apply(SlackPosted(ref, channel))
+        elif action.kind == "update":
+            if incident.lane(self.name).queued("update") or state.slack_message is None:
+                return  # a later update renders the same state: one call is enough
+            await incident.call(
+                SlackActivities.update_incident,
+                SlackUpdateRequest(message=state.slack_message, state=incident.shown()),
+                summary=f"Slack: show {state.status} at {state.level_name}",
+            )
+        elif action.kind == "reply" and state.slack_message is not None:
+            await incident.call(
+                SlackActivities.reply,
+                SlackReplyRequest(message=state.slack_message, text=action.text),
+                summary="Slack: thread reply",
+            )
+        elif action.kind == "notify":
+            await incident.call(
+                SlackActivities.notify,
+                SlackPostRequest(channel=action.level, state=incident.shown(), note=action.text),
+                summary=f"Slack: tell {action.level}",
+            )
+
+
+SLACK = SlackChannel()

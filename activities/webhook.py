@@ -71,6 +71,7 @@ a secret none of the three headers is sent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -82,16 +83,19 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, get_args
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import SecretStr
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
+from activities.channel import Incident, level_named, reached_targets, told_before
 from activities.finite import human_number
 from activities.vendor_http import attempt_key
-from domain.incident import IncidentState, Severity
+from domain.incident import IncidentState, LaneAction, NotificationPlan, Severity
+from domain.incident_machine import ChannelFailed, Delivered, Effect, Notify, Resolved
+from domain.lanes import Lane
 
 _log = logging.getLogger(__name__)
 
@@ -469,3 +473,60 @@ async def _reason(response: httpx.Response) -> str:
         return ""
     text = b"".join(chunks)[:ERROR_BODY_MAX].decode("utf-8", "replace")
     return " ".join(text.split())
+
+
+# --- the channel: what the incident's effects mean for webhook receivers ----------------------
+
+
+class WebhookChannel:
+    """A firing alert to a level's receivers when the incident opens, escalates or reminds, and
+    the resolved alert to every receiver that was sent one. Each receiver is its own activity:
+    one that fails does not hold back the others' delivery (only this lane's next action)."""
+
+    name = "webhook"
+
+    def enabled(self, plan: NotificationPlan) -> bool:
+        return bool(plan.webhook_receivers)
+
+    def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
+        match effect:
+            case Notify(level, _, kind) if level.target(self.name) is not None:
+                lane.push(kind, level=level.name)
+            case Resolved():
+                lane.push("resolved")
+
+    async def perform(self, action: LaneAction, incident: Incident) -> None:
+        plan, state, event = incident.plan, incident.state, action.kind
+        if event == "resolved":
+            known = [*plan.webhook_receivers]
+            known += [r for t in reached_targets(incident, self.name) for r in t.to]
+            receivers = [r for r in dict.fromkeys(known) if told_before(incident, self.name, r)]
+        else:
+            target = level_named(incident, action.level).target(self.name)
+            receivers = list(target.to if target and target.to else plan.webhook_receivers)
+        if event not in EVENTS:
+            return
+        links = {
+            "status_url": plan.status_url,
+            "ui_url": plan.temporal_ui_url + quote(state.incident_id, safe=""),
+        }
+        level = action.level or state.level_name
+        posts = [
+            incident.call(
+                WebhookActivities.post_alert,
+                WebhookRequest.of(state, event, level, receiver, **links),  # type: ignore[arg-type]
+                summary=f"Webhook: {event} alert to {receiver}",
+            )
+            for receiver in receivers
+        ]
+        results = await asyncio.gather(*posts, return_exceptions=True)
+        for receiver, result in zip(receivers, results, strict=True):
+            if isinstance(result, ActivityError):
+                incident.apply(ChannelFailed(self.name, event, f"{receiver}: {result.cause}"))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                incident.apply(Delivered(self.name, f"{event} alert to {receiver}"))
+
+
+WEBHOOK = WebhookChannel()

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "pagerloop"
     temporal_ui_port: int = Field(default=8233, ge=1, le=65535)
+    # Where people open the Temporal UI (links in emails and webhook alerts); unset: the
+    # embedded dev server's UI in dev mode, no link otherwise.
+    temporal_ui_url: str = ""
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=1, le=65535)

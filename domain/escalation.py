@@ -15,16 +15,47 @@ from datetime import datetime, timedelta
 
 
 @dataclass(frozen=True)
+class ChannelTarget:
+    """A channel a level tells, and where. `to` is the channel's own kind of address (a Slack
+    channel, a Jira project, email addresses, webhook receiver names); empty: the channel's
+    default from the settings."""
+
+    channel: str
+    to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class EscalationLevel:
     name: str
     description: str = ""
     ack_timeout_seconds: int = 300
     resolve_timeout_seconds: int = 1800
-    slack: bool = True
-    slack_channel: str | None = None  # None: the incident's channel
-    page: bool = False  # trigger PagerDuty (the routing key stays with the worker)
-    jira: bool = False  # open the incident's Jira ticket when this level is reached
-    jira_project: str | None = None  # None: PAGERLOOP_JIRA_PROJECT
+    channels: tuple[ChannelTarget, ...] = ()
+    # Levels recorded before they listed channels (in the input of incidents still open) said
+    # who to tell with these; a level that has them and no channels is read as they said.
+    slack: bool | None = None
+    slack_channel: str | None = None
+    page: bool | None = None
+    jira: bool | None = None
+    jira_project: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.channels or (self.slack, self.page, self.jira) == (None, None, None):
+            return
+        told = (
+            ChannelTarget("slack", _some(self.slack_channel)) if self.slack else None,
+            ChannelTarget("pagerduty") if self.page else None,
+            ChannelTarget("jira", _some(self.jira_project)) if self.jira else None,
+        )
+        object.__setattr__(self, "channels", tuple(t for t in told if t is not None))
+
+    def target(self, channel: str) -> ChannelTarget | None:
+        """Where this level tells `channel`, or None when it does not use it."""
+        return next((t for t in self.channels if t.channel == channel), None)
+
+
+def _some(value: str | None) -> tuple[str, ...]:
+    return (value,) if value else ()
 
 
 @dataclass(frozen=True)
@@ -51,9 +82,7 @@ class EscalationPolicy:
         return replace(self, levels=levels)
 
 
-def _levels(
-    timeouts: list[tuple[int, int]], page: list[bool], jira: list[bool], slack: list[bool]
-) -> tuple[EscalationLevel, ...]:
+def _levels(timeouts: list[tuple[int, int]], channels: list[str]) -> tuple[EscalationLevel, ...]:
     who = ("On-call engineer", "Platform team", "Engineering leadership")
     return tuple(
         EscalationLevel(
@@ -61,29 +90,41 @@ def _levels(
             description=who[i],
             ack_timeout_seconds=ack * 60,
             resolve_timeout_seconds=resolve * 60,
-            slack=slack[i],
-            page=page[i],
-            jira=jira[i],
+            channels=tuple(ChannelTarget(name) for name in channels[i].split()),
         )
         for i, (ack, resolve) in enumerate(timeouts)
     )
 
 
+# Every level posts to the webhook receivers (none unless PAGERLOOP_WEBHOOK_URLS is set), as
+# Alertmanager re-sends a firing alert; email is the seed's SEV4 channel.
 DEFAULT_POLICIES: dict[str, EscalationPolicy] = {
     "SEV1": EscalationPolicy(
-        _levels([(5, 30), (10, 60), (15, 120)], [True] * 3, [False, True, True], [True] * 3),
+        _levels(
+            [(5, 30), (10, 60), (15, 120)],
+            [
+                "slack pagerduty webhook",
+                "slack pagerduty jira webhook",
+                "slack pagerduty jira webhook",
+            ],
+        ),
         repeat_interval_seconds=15 * 60,
     ),
     "SEV2": EscalationPolicy(
-        _levels([(10, 60), (15, 120), (30, 240)], [True] * 3, [False, True, True], [True] * 3),
+        _levels(
+            [(10, 60), (15, 120), (30, 240)],
+            [
+                "slack pagerduty webhook",
+                "slack pagerduty jira webhook",
+                "slack pagerduty jira webhook",
+            ],
+        ),
         repeat_interval_seconds=30 * 60,
     ),
     "SEV3": EscalationPolicy(
         _levels(
             [(30, 240), (30, 480), (60, 1440)],
-            [False, True, True],
-            [False, False, True],
-            [True] * 3,
+            ["slack webhook", "slack pagerduty webhook", "slack pagerduty jira webhook"],
         ),
         repeat_interval_seconds=60 * 60,
         auto_resolve_quiet_seconds=15 * 60,
@@ -91,9 +132,7 @@ DEFAULT_POLICIES: dict[str, EscalationPolicy] = {
     "SEV4": EscalationPolicy(
         _levels(
             [(1440, 4320), (1440, 10080), (1440, 20160)],
-            [False, False, True],
-            [True, True, True],
-            [False, True, True],
+            ["jira email webhook", "slack jira webhook", "slack pagerduty jira webhook"],
         ),
         repeat_interval_seconds=24 * 60 * 60,
         auto_resolve_quiet_seconds=15 * 60,

@@ -85,8 +85,14 @@ class NotificationPlan:
     pagerduty: bool = False
     jira: bool = False
     jira_project: str = "OPS"
+    email: bool = False
+    email_to: list[str] = field(default_factory=list)  # a level's own `email_to` comes first
+    # The webhook receivers' names (their URLs may hold tokens: they stay with the worker).
+    webhook_receivers: list[str] = field(default_factory=list)
     allowed_slack_users: list[str] = field(default_factory=list)
     status_url: str = ""
+    # The Temporal UI's page of a workflow, "{workflow_id}" standing for the incident's.
+    temporal_ui_url: str = ""
     policies: dict[str, EscalationPolicy] = field(default_factory=lambda: dict(DEFAULT_POLICIES))
     # After a resolve, how long a page still being retried may go on before it is called off.
     page_grace_seconds: int = 30

@@ -20,7 +20,7 @@ class ThanksUnpatched(IncidentWorkflow):
 
     @workflow.update
     def acknowledge(self, request: ActionRequest) -> IncidentState:
-        self._slack.push("reply", text=f"thanks <@{request.user}>")
+        self._view.lane("slack").push("reply", text=f"thanks <@{request.user}>")
         return super().acknowledge(request)
 
 
@@ -35,7 +35,7 @@ class ThanksPatched(IncidentWorkflow):
     @workflow.update
     def acknowledge(self, request: ActionRequest) -> IncidentState:
         if workflow.patched("thank-whoever-acknowledged"):
-            self._slack.push("reply", text=f"thanks <@{request.user}>")
+            self._view.lane("slack").push("reply", text=f"thanks <@{request.user}>")
         return super().acknowledge(request)
 
 

@@ -23,6 +23,7 @@ from domain.incident import (
     Severity,
     Trigger,
 )
+from domain.lanes import compact
 from tests.chaos import ledger
 from tests.conftest import incident_worker
 from tests.fakes.jira import FakeJira
@@ -31,7 +32,6 @@ from tests.fakes.slack import FakeSlack
 from tests.helpers import eventually
 from tests.histories.record import all_runs
 from workflows.incident import IncidentWorkflow
-from workflows.lanes import compact
 
 NOTES = 1200
 PER_RUN = 300

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import TypeAdapter
 
-from domain.escalation import DEFAULT_POLICIES
+from domain.escalation import DEFAULT_POLICIES, ChannelTarget, EscalationLevel
 from domain.incident import (
     ActionRequest,
     Breach,
@@ -25,7 +26,7 @@ from domain.incident import (
     SnoozeRequest,
     Trigger,
 )
-from workflows.incident_machine import (
+from domain.incident_machine import (
     Acknowledge,
     Acknowledged,
     AddNote,
@@ -105,25 +106,24 @@ def at(minutes: float) -> datetime:
 class Step:
     level: str
     ack_minutes: int  # how long the level has to acknowledge
-    slack: bool
-    page: bool
-    jira: bool
+    channels: str  # who is told, in the registry's names
 
 
-# The seed: SEV1/2 page at once, SEV3 starts in Slack and pages from L2, SEV4 starts as a ticket.
+# The seed: SEV1/2 page at once, SEV3 starts in Slack and pages from L2, SEV4 starts as a ticket
+# and an email; every level posts to the webhook receivers (Alertmanager's repeated firing).
 PATHS = {
     Severity.SEV1: (
-        [Step("L1", 5, True, True, False), Step("L2", 10, True, True, True),
-         Step("L3", 15, True, True, True)], 15),
+        [Step("L1", 5, "slack pagerduty webhook"), Step("L2", 10, "slack pagerduty jira webhook"),
+         Step("L3", 15, "slack pagerduty jira webhook")], 15),
     Severity.SEV2: (
-        [Step("L1", 10, True, True, False), Step("L2", 15, True, True, True),
-         Step("L3", 30, True, True, True)], 30),
+        [Step("L1", 10, "slack pagerduty webhook"), Step("L2", 15, "slack pagerduty jira webhook"),
+         Step("L3", 30, "slack pagerduty jira webhook")], 30),
     Severity.SEV3: (
-        [Step("L1", 30, True, False, False), Step("L2", 30, True, True, False),
-         Step("L3", 60, True, True, True)], 60),
+        [Step("L1", 30, "slack webhook"), Step("L2", 30, "slack pagerduty webhook"),
+         Step("L3", 60, "slack pagerduty jira webhook")], 60),
     Severity.SEV4: (
-        [Step("L1", 1440, False, False, True), Step("L2", 1440, True, False, True),
-         Step("L3", 1440, True, True, True)], 1440),
+        [Step("L1", 1440, "jira email webhook"), Step("L2", 1440, "slack jira webhook"),
+         Step("L3", 1440, "slack pagerduty jira webhook")], 1440),
 }  # fmt: skip
 
 
@@ -138,9 +138,8 @@ def test_an_unacknowledged_incident_climbs_its_severitys_levels_then_reminds_the
         notify = [e for e in effects if isinstance(e, Notify)]
         assert len(notify) == 1, f"{severity} {step.level}: {kinds(effects)}"
         level = notify[0].level
-        assert (level.name, level.slack, level.page, level.jira) == (
-            step.level, step.slack, step.page, step.jira,
-        ), f"{severity} {step.level}"  # fmt: skip
+        assert notify[0].kind == ("opened" if number == 1 else "escalated")
+        assert " ".join(t.channel for t in level.channels) == step.channels, severity
         assert (state.level, state.level_name) == (number, step.level)
         assert state.ack_by == now + timedelta(minutes=step.ack_minutes)
         deadline = next_deadline(state)
@@ -158,7 +157,8 @@ def test_an_unacknowledged_incident_climbs_its_severitys_levels_then_reminds_the
     assert state.remind_at == now + timedelta(minutes=repeat_minutes)
     assert state.ack_by is None
     assert state.resolve_by is None
-    assert [e.level.name for e in effects if isinstance(e, Notify)] == [steps[-1].level]
+    reminded = [(e.level.name, e.kind) for e in effects if isinstance(e, Notify)]
+    assert reminded == [(steps[-1].level, "reminded")]
     later = state.remind_at
     state, effects = decide(state, DeadlinePassed("reminder"), POLICY, later)
     assert told(effects) == ["reminder"]
@@ -182,6 +182,25 @@ def test_an_acknowledged_level_escalates_when_it_does_not_resolve_in_time(
     assert state.ack_by is None  # an acknowledged incident is not asked to acknowledge again
     assert "not resolved within" in state.timeline[-1].text
     assert any(isinstance(e, Notify) and e.level.name == "L2" for e in effects)
+
+
+def test_a_level_recorded_before_channels_existed_tells_whom_it_said() -> None:
+    """An open incident's input, recorded with the old per-vendor booleans, decodes (as
+    Temporal's pydantic converter does) into the channels they meant."""
+    recorded = {
+        "name": "L2", "description": "Platform team", "ack_timeout_seconds": 900,
+        "resolve_timeout_seconds": 7200, "slack": True, "slack_channel": "#llm-platform",
+        "page": True, "jira": False, "jira_project": None,
+    }  # fmt: skip
+    level = TypeAdapter(EscalationLevel).validate_python(recorded)
+    assert level.channels == (
+        ChannelTarget("slack", ("#llm-platform",)),
+        ChannelTarget("pagerduty"),
+    )
+    quiet = TypeAdapter(EscalationLevel).validate_python(
+        {**recorded, "slack": False, "page": False}
+    )
+    assert quiet.channels == ()
 
 
 def test_the_runbooks_escalation_path_names_who_each_level_is() -> None:
@@ -345,7 +364,8 @@ def test_a_worse_severity_pages_by_the_new_severitys_level() -> None:
     state, effects = decide(state, breach(Severity.SEV1), POLICY, at(1))
     raised = [e for e in effects if isinstance(e, SeverityRaised)]
     assert state.severity == Severity.SEV1
-    assert [(e.level.name, e.level.page) for e in raised] == [("L1", True)]
+    assert [e.level.name for e in raised] == ["L1"]
+    assert raised[0].level.target("pagerduty") is not None
 
 
 def test_acknowledging_stops_a_reminder_to_acknowledge_but_not_one_to_resolve() -> None:

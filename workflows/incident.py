@@ -1,18 +1,20 @@
 """IncidentWorkflow: one durable incident, from detection to resolution, escalating L1 -> L3.
 
-Updates change state and return at once (Slack wants an answer within 3 s); the side effects
-they imply go through one ordered lane per channel (Slack, PagerDuty, Jira), each drained by
-its own coroutine, so one vendor's outage never holds back another. The escalation clock is a
-durable timer on the earliest pending deadline of the current level.
+The shell around `domain.incident_machine.decide`: it turns updates, timers and the runbook
+child's results into events, lets `decide` change the state, and carries out the effects.
+Updates return at once (Slack wants an answer within 3 s); what they imply for each channel
+(`activities/channels.py`) and for the runbook's controls goes through one ordered lane each,
+drained by its own coroutine, so one vendor's outage never holds back another. The escalation
+clock is a durable timer on the earliest pending deadline of the current level.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -26,23 +28,16 @@ from temporalio.types import MethodAsyncSingleParam
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
+    from activities.channels import CHANNELS
     from activities.controls import (
         ControlActivities,
         ControlList,
         ExtendControls,
         RevertControls,
     )
-    from activities.jira import JiraActivities, JiraComment, JiraResolution, JiraTicket
-    from activities.pagerduty import PagerDutyActivities, PageRequest, PageUpdate
     from activities.policies import CONTROL_CHANGE, VENDOR_CALL, ActivityPolicy
-    from activities.slack import (
-        SlackActivities,
-        SlackPostRequest,
-        SlackReplyRequest,
-        SlackUpdateRequest,
-    )
     from domain import search_attributes as sa
-    from domain.escalation import DEFAULT_POLICIES, EscalationLevel, span
+    from domain.escalation import DEFAULT_POLICIES, span
     from domain.incident import (
         ActionRequest,
         Breach,
@@ -53,17 +48,14 @@ with workflow.unsafe.imports_passed_through():
         IncidentState,
         IncidentStatus,
         LaneAction,
+        NotificationPlan,
         Recovery,
         Severity,
         SnoozeRequest,
         TimelineEntry,
     )
-    from runbooks import runbook_for
-    from runbooks.base import RunbookInput, RunbookProgress, RunbookReport
-    from runbooks.steps import PROGRESS_SIGNAL
-    from workflows.incident_machine import (
+    from domain.incident_machine import (
         Acknowledge,
-        Acknowledged,
         AddNote,
         BreachReported,
         CancelRunbook,
@@ -75,36 +67,29 @@ with workflow.unsafe.imports_passed_through():
         Escalate,
         Event,
         ExtendRunbookControls,
-        Notify,
         Opened,
-        PageCalledOff,
-        Paged,
         Policy,
         QuietElapsed,
         RecoveryReported,
-        Refresh,
         Resolve,
-        Resolved,
         RestartClock,
         RevertRunbookControls,
         RunbookFailed,
         RunbookFinished,
         RunbookProgressed,
         RunbookStarted,
-        SeverityRaised,
         Show,
-        SlackPosted,
         Snooze,
-        Tell,
-        TicketOpened,
         VerifiedAwaitingResolve,
         decide,
         next_deadline,
         next_deadline_text,
         refusal,
     )
-    from workflows.lanes import Lane, compact
-    from workflows.postmortem import postmortem
+    from domain.lanes import Lane, compact
+    from runbooks import runbook_for
+    from runbooks.base import RunbookInput, RunbookProgress, RunbookReport
+    from runbooks.steps import PROGRESS_SIGNAL
 
 TIMELINE_IN_ANSWERS = 10
 # Changes to the command sequence, each behind its patch so that runs begun before it replay
@@ -130,9 +115,10 @@ class IncidentWorkflow:
     def __init__(self, input: IncidentInput) -> None:
         self._input = input
         plan = input.notify
-        self._slack = Lane("slack", plan.slack_channel is not None)
-        self._pagerduty = Lane("pagerduty", plan.pagerduty)
-        self._jira = Lane("jira", plan.jira)
+        self._channels = [
+            (channel, Lane(name, channel.enabled(plan))) for name, channel in CHANNELS.items()
+        ]
+        self._view = _ChannelView(self)
         # Incidents started before runbooks existed replay without one.
         with_runbooks = plan.runbook.enabled and workflow.patched("runbooks")
         self._hand_over = workflow.patched(HAND_OVER_LANES)
@@ -140,7 +126,7 @@ class IncidentWorkflow:
         self._grace: asyncio.Task[None] | None = None
         self._runbook = runbook_for(input.trigger) if with_runbooks else None
         self._controls = Lane("controls", self._runbook is not None)
-        self._lanes = (self._slack, self._pagerduty, self._jira, self._controls)
+        self._lanes = (*(lane for _, lane in self._channels), self._controls)
         self._runbook_active = False
         self._child: workflow.ChildWorkflowHandle[Any, RunbookReport] | None = None
         self._updates = 0
@@ -178,14 +164,10 @@ class IncidentWorkflow:
     async def run(self, input: IncidentInput) -> IncidentResult:
         self._publish()
         lanes = [
-            asyncio.create_task(self._drain(lane, perform))
-            for lane, perform in (
-                (self._slack, self._slack_action),
-                (self._pagerduty, self._pagerduty_action),
-                (self._jira, self._jira_action),
-                (self._controls, self._controls_action),
-            )
+            asyncio.create_task(self._drain(lane, partial(channel.perform, incident=self._view)))
+            for channel, lane in self._channels
         ]
+        lanes.append(asyncio.create_task(self._drain(self._controls, self._controls_action)))
         runbook = asyncio.create_task(self._run_runbook())
         keepalive = asyncio.create_task(self._keep_controls_alive())
         await self._escalation_clock()
@@ -307,10 +289,6 @@ class IncidentWorkflow:
         square of the updates (the `state` query has it all)."""
         return replace(self._state, timeline=self._state.timeline[-TIMELINE_IN_ANSWERS:])
 
-    def _without_timeline(self) -> IncidentState:
-        """The state a Slack message renders, which shows no timeline."""
-        return replace(self._state, timeline=[])
-
     @workflow.query
     def timeline(self) -> list[TimelineEntry]:
         return list(self._state.timeline)
@@ -331,25 +309,11 @@ class IncidentWorkflow:
             raise ValueError(reason)
 
     def _perform(self, effect: Effect) -> None:
-        """What an effect means for each lane (the channels, the runbook's controls)."""
-        state = self._state
+        """What an effect means for each channel's lane, then for the incident itself."""
+        for channel, lane in self._channels:
+            if lane.enabled:
+                channel.react(effect, self._view, lane)
         match effect:
-            case Notify(level, reason):
-                self._notify(level, reason)
-            case Refresh():
-                self._slack.push("update")
-            case Tell(entry):
-                said = f"by {entry.actor} via {entry.channel}: {entry.text}"
-                self._slack.push("reply", text=f"*{entry.kind.replace('_', ' ')}* {said}")
-                self._jira.push("comment", text=f"{entry.kind} {said}")
-            case Acknowledged(via) if via != "pagerduty":  # never echo PagerDuty's own ack back
-                self._pagerduty.push("acknowledge")
-            case Resolved(via):
-                if via != "pagerduty":
-                    self._pagerduty.push("resolve")
-                self._jira.push("resolve")
-            case SeverityRaised(level) if level.page and not state.paged:
-                self._pagerduty.push("trigger", level=level.name)
             case Show(shown):
                 self._publish(shown)
             case RestartClock():
@@ -360,21 +324,6 @@ class IncidentWorkflow:
                 self._controls.push("revert", text=reason)
             case ExtendRunbookControls():
                 self._controls.push("extend")
-
-    def _notify(self, level: EscalationLevel, reason: str) -> None:
-        state = self._state
-        if level.slack:
-            if state.slack_message is None and not self._slack.underway("post"):
-                self._slack.push("post")
-            else:
-                self._slack.push("update")
-            channel = level.slack_channel
-            if channel and channel != self._input.notify.slack_channel:
-                self._slack.push("notify", text=reason or state.summary, level=channel)
-        if level.page:
-            self._pagerduty.push("trigger", level=level.name)
-        if level.jira and state.jira_issue is None and not self._jira.underway("open"):
-            self._jira.push("open", text=level.jira_project or self._input.notify.jira_project)
 
     async def _escalation_clock(self) -> None:
         while not self._finished():
@@ -585,142 +534,6 @@ class IncidentWorkflow:
             raise
         return True
 
-    async def _slack_action(self, action: LaneAction) -> None:
-        channel = self._input.notify.slack_channel
-        state = self._state
-        if channel is None:
-            return
-        if action.kind == "post":
-            ref = await self._activity(
-                SlackActivities.post_incident,
-                SlackPostRequest(channel=channel, state=self._without_timeline()),
-                summary=f"Slack: post incident to {channel}",
-            )
-            self._apply(SlackPosted(ref, channel))
-        elif action.kind == "update":
-            if self._slack.queued("update") or state.slack_message is None:
-                return  # a later update renders the same state: one call is enough
-            await self._activity(
-                SlackActivities.update_incident,
-                SlackUpdateRequest(message=state.slack_message, state=self._without_timeline()),
-                summary=f"Slack: show {state.status} at {state.level_name}",
-            )
-        elif action.kind == "reply" and state.slack_message is not None:
-            await self._activity(
-                SlackActivities.reply,
-                SlackReplyRequest(message=state.slack_message, text=action.text),
-                summary="Slack: thread reply",
-            )
-        elif action.kind == "notify":
-            await self._activity(
-                SlackActivities.notify,
-                SlackPostRequest(
-                    channel=action.level, state=self._without_timeline(), note=action.text
-                ),
-                summary=f"Slack: tell {action.level}",
-            )
-
-    async def _pagerduty_action(self, action: LaneAction) -> None:
-        state = self._state
-        if action.kind == "trigger":
-            await self._page(action.level)
-        elif action.kind in ("acknowledge", "resolve") and state.paged:
-            method = (
-                PagerDutyActivities.acknowledge
-                if action.kind == "acknowledge"
-                else PagerDutyActivities.resolve
-            )
-            await self._activity(
-                method, PageUpdate(list(state.paged)), summary=f"PagerDuty: {action.kind}"
-            )
-
-    async def _page(self, level: str) -> None:
-        """Trigger PagerDuty, unless the incident is resolved while PagerDuty still refuses the
-        page: then stop trying (the queued resolve still goes out, in case a try got through)."""
-        state = self._state
-        request = PageRequest(
-            incident_id=state.incident_id,
-            level=level,
-            severity=state.severity,
-            summary=f"[{state.severity}] {state.summary or state.trigger} ({level})",
-            source=f"pagerloop/{state.scope}",
-            custom_details={
-                "incident_id": state.incident_id,
-                "trigger": str(state.trigger),
-                "scope": state.scope,
-                "level": level,
-                **state.metrics,
-            },
-            links=[{"href": self._input.notify.status_url, "text": "pagerloop status"}]
-            if self._input.notify.status_url
-            else [],
-        )
-        paging = workflow.start_activity_method(
-            PagerDutyActivities.trigger,
-            request,
-            start_to_close_timeout=VENDOR_CALL.start_to_close,
-            schedule_to_close_timeout=VENDOR_CALL.schedule_to_close,
-            retry_policy=VENDOR_CALL.retry,
-            cancellation_type=self._cancellation(),
-            summary=f"PagerDuty: trigger {state.incident_id} at {level}",
-        )
-        try:
-            await workflow.wait_condition(
-                lambda: paging.done() or self._pagerduty.queued("resolve")
-            )
-        except asyncio.CancelledError:  # handed over to a fresh run: it pages unless this did
-            paging.cancel()
-            self._apply(Paged(await paging, level))
-            return
-        if not paging.done():
-            # A try in flight usually lands in a moment; only a failing PagerDuty is given up on.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await workflow.wait_condition(
-                    paging.done,
-                    timeout=timedelta(seconds=self._input.notify.page_grace_seconds),
-                    timeout_summary="page in flight",
-                )
-        if not paging.done():
-            paging.cancel()
-            try:
-                target = await paging
-            except (ActivityError, asyncio.CancelledError):
-                self._apply(PageCalledOff())
-                return
-        else:
-            target = await paging
-        self._apply(Paged(target, level))
-
-    async def _jira_action(self, action: LaneAction) -> None:
-        state = self._state
-        if action.kind == "open":
-            key = await self._activity(
-                JiraActivities.open_ticket,
-                JiraTicket(
-                    incident_id=state.incident_id,
-                    project=action.text,
-                    summary=f"[{state.severity}] {state.trigger} on {state.scope}",
-                    description=(
-                        f"{state.summary}\n\nOpened by pagerloop at L{state.level}."
-                        + (f"\n\nRunbook diagnosis:\n{state.diagnosis}" if state.diagnosis else "")
-                    ),
-                ),
-                summary=f"Jira: open a ticket in {action.text}",
-            )
-            self._apply(TicketOpened(key))
-        elif action.kind == "comment" and state.jira_issue is not None:
-            await self._activity(
-                JiraActivities.comment,
-                JiraComment(state.jira_issue, action.text),
-                summary=f"Jira: comment on {state.jira_issue}",
-            )
-        elif action.kind == "resolve" and state.jira_issue is not None:
-            await self._activity(
-                JiraActivities.resolve,
-                JiraResolution(state.jira_issue, postmortem(self.state())),
-                summary=f"Jira: postmortem and done on {state.jira_issue}",
-            )
-
     async def _controls_action(self, action: LaneAction) -> None:
         state = self._state
         if action.kind == "extend":
@@ -822,3 +635,52 @@ class IncidentWorkflow:
             lines.append("")
             lines += [f"- {name}: {value:.4g}" for name, value in state.metrics.items()]
         workflow.set_current_details("\n".join(lines))
+
+
+class _ChannelView:
+    """What a channel sees of the incident it serves (`activities.channel.Incident`)."""
+
+    def __init__(self, workflow_: IncidentWorkflow) -> None:
+        self._workflow = workflow_
+
+    @property
+    def state(self) -> IncidentState:
+        return self._workflow._state
+
+    @property
+    def plan(self) -> NotificationPlan:
+        return self._workflow._input.notify
+
+    @property
+    def policy(self) -> Policy:
+        return self._workflow._policy
+
+    def lane(self, name: str) -> Lane:
+        return next(lane for lane in self._workflow._lanes if lane.name == name)
+
+    def apply(self, event: Event) -> None:
+        self._workflow._apply(event)
+
+    def shown(self) -> IncidentState:
+        return replace(self._workflow._state, timeline=[])
+
+    async def call(
+        self,
+        method: MethodAsyncSingleParam[Any, P, R],
+        arg: P,
+        *,
+        summary: str,
+        policy: ActivityPolicy = VENDOR_CALL,
+    ) -> R:
+        return await self._workflow._activity(method, arg, summary=summary, policy=policy)
+
+    def start(
+        self, method: MethodAsyncSingleParam[Any, P, R], arg: P, *, summary: str
+    ) -> workflow.ActivityHandle[R]:
+        return workflow.start_activity_method(
+            method,
+            arg,
+            **VENDOR_CALL.options(),
+            cancellation_type=self._workflow._cancellation(),
+            summary=summary,
+        )

@@ -39,6 +39,7 @@ from domain.incident import (
     TimelineEntry,
     Trigger,
 )
+from domain.incident_machine import TOLD
 from tests.chaos import ledger
 from tests.conftest import incident_worker
 from tests.fakes.jira import FakeJira
@@ -46,7 +47,6 @@ from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from tests.helpers import close_incidents
 from workflows.incident import IncidentWorkflow
-from workflows.incident_machine import TOLD
 
 INCIDENTS = 3  # put through each outage side by side
 L2_KEY = "K" * 32

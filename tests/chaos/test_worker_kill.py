@@ -71,6 +71,7 @@ from domain.incident import (
     TimelineEntry,
     Trigger,
 )
+from domain.incident_machine import TOLD
 from stores import controls
 from stores.llm_calls import CallRecord
 from stores.quality import ScoreRecord, write_scores
@@ -82,7 +83,6 @@ from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from tests.helpers import eventually
 from workflows.incident import IncidentWorkflow
-from workflows.incident_machine import TOLD
 
 STEPS = (
     "opened",

@@ -185,6 +185,14 @@ class TicketOpened:
 
 
 @dataclass(frozen=True)
+class Delivered:
+    """A channel told its targets (`text` says what and to whom, for the timeline)."""
+
+    channel: str
+    text: str
+
+
+@dataclass(frozen=True)
 class ChannelFailed:
     channel: str
     kind: str
@@ -195,7 +203,8 @@ Event = (
     Opened | BreachReported | RecoveryReported | Acknowledge | Resolve | Escalate | Snooze
     | AddNote | DeadlinePassed | RunbookProgressed | RunbookStarted | RunbookFailed
     | RunbookFinished | QuietElapsed | VerifiedAwaitingResolve | ControlsExtended
-    | ControlsReverted | Paged | PageCalledOff | SlackPosted | TicketOpened | ChannelFailed
+    | ControlsReverted | Paged | PageCalledOff | SlackPosted | TicketOpened | Delivered
+    | ChannelFailed
 )  # fmt: skip
 
 
@@ -204,11 +213,12 @@ Event = (
 
 @dataclass(frozen=True)
 class Notify:
-    """Tell a level's targets about the incident (it opened, escalated to them, or they are
-    reminded); `reason` is why, empty when it just opened."""
+    """Tell a level's targets about the incident: it `opened`, `escalated` to them, or they are
+    `reminded`; `reason` is why, empty when it just opened."""
 
     level: EscalationLevel
     reason: str
+    kind: str = "opened"
 
 
 @dataclass(frozen=True)
@@ -447,6 +457,8 @@ class _Step:
             case TicketOpened(key):
                 s.jira_issue = key
                 self.record("ticket", f"Jira ticket {key}", channel="jira")
+            case Delivered(channel, text):
+                self.record("notified", text, channel=channel)
             case ChannelFailed(channel, kind, reason):
                 failed = f"{channel} {kind} failed: {reason}"
                 self.record("notification_failed", failed, channel=channel)
@@ -517,7 +529,7 @@ class _Step:
         s.remind_for = ""
         if reason:
             self.record("escalated", f"to {level.name} ({level.description}): {reason}")
-        self.effects.append(Notify(level, reason))
+        self.effects.append(Notify(level, reason, "escalated" if reason else "opened"))
 
     def escalate(self, reason: str, actor: str = "pagerloop", channel: str = "workflow") -> None:
         if self.state.level < self.policy.of(self.state).top:
@@ -536,7 +548,7 @@ class _Step:
         self.record(
             "reminder", f"still not {s.remind_for} at {s.level_name}: {reason}", actor, channel
         )
-        self.effects.append(Notify(policy.level(s.level), reason))
+        self.effects.append(Notify(policy.level(s.level), reason, "reminded"))
 
     def deadline_passed(self, what: str) -> None:
         s = self.state

@@ -1,0 +1,16 @@
+"""The notification channels, by the name escalation levels use (`channels = ["slack", ...]`).
+Adding a channel is a module beside these (see README "Add a channel") and a line here; the
+incident workflow drains each channel's lane in this order."""
+
+from __future__ import annotations
+
+from activities.channel import Channel
+from activities.email import EMAIL
+from activities.jira import JIRA_CHANNEL
+from activities.pagerduty import PAGERDUTY
+from activities.slack import SLACK
+from activities.webhook import WEBHOOK
+
+CHANNELS: dict[str, Channel] = {
+    channel.name: channel for channel in (SLACK, PAGERDUTY, JIRA_CHANNEL, EMAIL, WEBHOOK)
+}
