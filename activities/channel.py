@@ -91,6 +91,8 @@ def reached_targets(incident: Incident, channel: str) -> list[ChannelTarget]:
 def told_before(incident: Incident, channel: str, to: str = "") -> bool:
     """Whether the timeline says this channel delivered (to `to`, when given)."""
     return any(
-        entry.kind == "notified" and entry.channel == channel and entry.text.endswith(f" {to}")
+        entry.kind == "notified"
+        and entry.channel == channel
+        and (not to or entry.text.endswith(f" {to}"))
         for entry in incident.state.timeline
     )
