@@ -145,7 +145,7 @@ def notification_plan(settings: Settings, escalation: Escalation) -> Notificatio
         jira_project=settings.jira_project,
         email=settings.email_enabled,
         email_to=list(settings.email_to),
-        webhook_receivers=list(webhook_targets(settings, escalation)),
+        webhook_receivers=list(webhook.name_targets(settings.webhook_urls)),
         allowed_slack_users=list(settings.slack_allowed_users),
         status_url=f"{settings.api_url}/status",
         temporal_ui_url=temporal_ui_workflows(settings),

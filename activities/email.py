@@ -578,12 +578,14 @@ class EmailChannel:
         if event == "resolved":
             if not told_before(incident, self.name):
                 return  # nobody was emailed: nothing to close
-            reached = [a for t in reached_targets(incident, self.name) for a in t.to]
-            recipients = sorted(set(reached or plan.email_to))
+            reached = reached_targets(incident, self.name)
+            recipients = sorted({a for t in reached for a in (t.to or plan.email_to)})
         else:
             target = level_named(incident, action.level).target(self.name)
             recipients = list(target.to if target and target.to else plan.email_to)
-        if not recipients or event not in EVENTS:
+        if event not in EVENTS:
+            return  # a reminder: email tells of openings, escalations and the resolve only
+        if not recipients:
             why = "no recipients (PAGERLOOP_EMAIL_TO or the level's email_to)"
             incident.apply(ChannelFailed(self.name, event, why))
             return
@@ -601,7 +603,8 @@ class EmailChannel:
             ),
             summary=f"Email: {event} to {len(recipients)} recipient(s)",
         )
-        incident.apply(Delivered(self.name, f"email ({event}) to {', '.join(sent.recipients)}"))
+        to = recipients if sent.already_sent else sent.recipients
+        incident.apply(Delivered(self.name, f"email ({event}) to {', '.join(to)}"))
 
 
 EMAIL = EmailChannel()

@@ -486,7 +486,13 @@ class WebhookChannel:
     name = "webhook"
 
     def enabled(self, plan: NotificationPlan) -> bool:
-        return bool(plan.webhook_receivers)
+        """Receivers for every level (PAGERLOOP_WEBHOOK_URLS) or a level's own."""
+        return bool(plan.webhook_receivers) or any(
+            target.to
+            for policy in plan.policies.values()
+            for level in policy.levels
+            if (target := level.target(self.name)) is not None
+        )
 
     def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
         match effect:

@@ -87,7 +87,8 @@ class NotificationPlan:
     jira_project: str = "OPS"
     email: bool = False
     email_to: list[str] = field(default_factory=list)  # a level's own `email_to` comes first
-    # The webhook receivers' names (their URLs may hold tokens: they stay with the worker).
+    # The names of PAGERLOOP_WEBHOOK_URLS' receivers, for levels without their own (the URLs
+    # may hold tokens: they stay with the worker).
     webhook_receivers: list[str] = field(default_factory=list)
     allowed_slack_users: list[str] = field(default_factory=list)
     status_url: str = ""

@@ -307,7 +307,8 @@ def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
         return (
             f"<@{request.user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
         )
-    if isinstance(event, Acknowledge) and state.acknowledged_by and state.acknowledged_at:
+    acked = state.acknowledged_by is not None and state.acknowledged_at is not None
+    if isinstance(event, Acknowledge) and acked:
         return (
             f"{state.incident_id} was already acknowledged by {state.acknowledged_by} "
             f"at {state.acknowledged_at:%Y-%m-%d %H:%M:%S} UTC"

@@ -135,6 +135,10 @@ class IncidentWorkflow:
         self._policy = self._policy_for(input)
         if input.carried is not None:
             self._state = input.carried.state
+            if self._runbook is not None and self._state.runbook is None:
+                # Opened before runbooks existed, continued on code that has them: this run's
+                # runbook, and so its controls' revert at resolve, are the incident's.
+                self._state = replace(self._state, runbook=self._runbook.name)
             for lane in self._lanes:
                 lane.pending.extend(input.carried.pending.get(lane.name, []))
             return
