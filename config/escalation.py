@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Self
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from config.settings import checked_webhook_urls
 from config.tomlfile import read_toml
 from domain.escalation import DEFAULT_POLICIES, ChannelTarget, EscalationLevel, EscalationPolicy
 from domain.incident import Severity
@@ -114,20 +114,7 @@ class LevelIn(BaseModel):
     @field_validator("webhook_urls")
     @classmethod
     def _webhook_urls(cls, urls: list[SecretStr] | None) -> list[SecretStr] | None:
-        seen: dict[str, int] = {}
-        for position, url in enumerate(urls or [], start=1):
-            # Named by position, never quoted: a URL may hold a token.
-            try:
-                parts = urlsplit(url.get_secret_value())
-                usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-            except ValueError:
-                usable = False
-            if not usable:
-                raise ValueError(f"URL {position} is not an http(s) URL with a host")
-            if url.get_secret_value() in seen:
-                raise ValueError(f"URL {position} repeats URL {seen[url.get_secret_value()]}")
-            seen[url.get_secret_value()] = position
-        return urls
+        return None if urls is None else checked_webhook_urls(urls)
 
     @model_validator(mode="after")
     def _options_of_listed_channels(self) -> Self:

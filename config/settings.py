@@ -31,6 +31,24 @@ PublicEndpoint = Literal["metrics", "status", "openapi", "docs"]
 DEFAULT_PUBLIC: tuple[PublicEndpoint, ...] = ("metrics", "status")
 
 
+def checked_webhook_urls(urls: list[SecretStr]) -> list[SecretStr]:
+    """http(s) URLs with a host, each once; refused by position, never quoted (a receiver's
+    URL may hold its token)."""
+    seen: dict[str, int] = {}
+    for position, url in enumerate(urls, start=1):
+        try:
+            parts = urlsplit(url.get_secret_value())
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            usable = False
+        if not usable:
+            raise ValueError(f"URL {position} is not an http(s) URL with a host")
+        if url.get_secret_value() in seen:
+            raise ValueError(f"URL {position} repeats URL {seen[url.get_secret_value()]}")
+        seen[url.get_secret_value()] = position
+    return urls
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PAGERLOOP_",
@@ -187,20 +205,7 @@ class Settings(BaseSettings):
     @field_validator("webhook_urls")
     @classmethod
     def _webhook_urls_http(cls, urls: list[SecretStr]) -> list[SecretStr]:
-        seen: dict[str, int] = {}
-        for position, url in enumerate(urls, start=1):
-            # Named by position, never quoted: a URL may hold a token.
-            try:
-                parts = urlsplit(url.get_secret_value())
-                usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-            except ValueError:
-                usable = False
-            if not usable:
-                raise ValueError(f"URL {position} is not an http(s) URL with a host")
-            if url.get_secret_value() in seen:
-                raise ValueError(f"URL {position} repeats URL {seen[url.get_secret_value()]}")
-            seen[url.get_secret_value()] = position
-        return urls
+        return checked_webhook_urls(urls)
 
     @field_validator("webhook_secret", mode="before")
     @classmethod
