@@ -43,7 +43,8 @@ class EscalationLevel:
         if self.channels or (self.slack, self.page, self.jira) == (None, None, None):
             return
         told = (
-            ChannelTarget("slack", _some(self.slack_channel)) if self.slack else None,
+            # Slack was on unless a level said otherwise.
+            ChannelTarget("slack", _some(self.slack_channel)) if self.slack is not False else None,
             ChannelTarget("pagerduty") if self.page else None,
             ChannelTarget("jira", _some(self.jira_project)) if self.jira else None,
         )

@@ -33,7 +33,7 @@ from activities.pagerduty import PagerDutyActivities, PagerDutyPermanentError, P
 from activities.policies import VENDOR_CALL
 from activities.slack import SlackPermanentError
 from config.settings import Settings
-from domain.escalation import EscalationLevel, EscalationPolicy
+from domain.escalation import ChannelTarget, EscalationLevel, EscalationPolicy
 from domain.incident import (
     ActionRequest,
     Breach,
@@ -311,6 +311,11 @@ def test_vendor_errors_stay_non_retryable() -> None:
 
 # --- whole incidents on the time-skipping server ---------------------------------------------
 
+
+def told(*channels: str) -> tuple[ChannelTarget, ...]:
+    return tuple(ChannelTarget(channel) for channel in channels)
+
+
 PLAN = NotificationPlan(
     slack_channel="#llm-oncall",
     pagerduty=True,
@@ -319,8 +324,8 @@ PLAN = NotificationPlan(
     policies={
         "SEV2": EscalationPolicy(
             (
-                EscalationLevel("L1", "On-call", page=True, jira=True, jira_project="OPS"),
-                EscalationLevel("L2", "Platform", page=True),
+                EscalationLevel("L1", "On-call", channels=told("slack", "pagerduty", "jira")),
+                EscalationLevel("L2", "Platform", channels=told("slack", "pagerduty")),
             )
         )
     },
