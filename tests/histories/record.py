@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from temporalio import activity
 from temporalio.api.enums.v1 import IndexedValueType
@@ -57,12 +58,15 @@ from stores.writer import write_calls
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
+from tests.fakes.webhook import FakeWebhookReceiver
 from tests.helpers import eventually
+from tests.test_email import Mailbox, serve
 from tests.test_runbooks import RATE_LIMITED, feature, quality
 from workflows.incident import IncidentWorkflow
 from workflows.retention import RetentionInput, RetentionWorkflow
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
 BIN = Path(sys.executable).parent
 
 # gpt-4.1 moved to a worse snapshot three hours ago.
@@ -76,13 +80,17 @@ MODEL_UPDATE = Snapshot(
 BACKOFF_HELPS = recovered_if(lambda controls: any(c.kind == "backoff" for c in controls))
 PIN_HELPS = recovered_if(lambda controls: any(c.kind == "pin" for c in controls))
 ONCALL = ActionRequest("U024BE7LH", "slack")
+EMAIL_FROM = "pagerloop@example.com"
+EMAIL_TO = "oncall@example.com"
+WEBHOOK_SECRET = "record-webhook-secret"
 
 
 def commit() -> str:
     """The commit the workflow code comes from, marked when that code has uncommitted changes."""
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=HERE).stdout
+        # From the repository's root: the paths below are relative to git's working directory.
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
 
     changed = git(
         "status", "--porcelain", "--", "workflows", "runbooks", "detectors", "domain"
@@ -347,6 +355,48 @@ async def handed_over(stage: Stage) -> None:
         await incident.update(IncidentWorkflow.resolve, ONCALL)
 
 
+async def emailed_and_alerted(stage: Stage) -> None:
+    """SEV4 with no runbook, by email (a real SMTP server in-process) and an Alertmanager
+    webhook: opened (email, firing alert at L1), escalated to L2 when its day to acknowledge
+    passes (a second firing alert), resolved by a person (email, resolved alert)."""
+    mailbox = Mailbox()
+    with (
+        contextlib.contextmanager(serve)(mailbox) as smtp_port,
+        FakeWebhookReceiver(secret=WEBHOOK_SECRET) as receiver,
+    ):
+        stage.settings = stage.settings.model_copy(
+            update={
+                "smtp_host": "127.0.0.1",
+                "smtp_port": smtp_port,
+                "smtp_starttls": False,  # the plain test server offers no STARTTLS
+                "email_from": EMAIL_FROM,
+                "email_to": [EMAIL_TO],
+                "webhook_urls": [SecretStr(receiver.alerts_url)],
+                "webhook_secret": SecretStr(WEBHOOK_SECRET),
+                "runbooks_enabled": False,
+            }
+        )
+
+        def emails() -> list[str | None]:
+            return [m.header("X-Pagerloop-Event") for m in list(mailbox.received)]
+
+        def alerts() -> list[tuple[str, str]]:
+            return [
+                (d.payload["status"], d.payload["commonLabels"].get("level", ""))
+                for d in receiver.deliveries()
+            ]
+
+        async with stage.incident(Trigger.COST_SPIKE, Severity.SEV4) as incident:
+            await eventually(lambda: emails() == ["opened"] and alerts() == [("firing", "L1")])
+            await incident.sleep(24 * 60 + 1)  # L1 has a day to acknowledge
+            await eventually(lambda: _level(incident, 2))
+            await eventually(lambda: alerts() == [("firing", "L1"), ("firing", "L2")])
+            await incident.update(IncidentWorkflow.resolve, ONCALL)
+        sent = (emails(), [status for status, _ in alerts()])
+        if sent != (["opened", "resolved"], ["firing", "firing", "resolved"]):
+            raise AssertionError(f"emails and alerts sent: {sent}")
+
+
 async def retention(stage: Stage) -> None:
     """One hourly purge."""
     workflow_id = f"retention-{uuid.uuid4().hex[:8]}"
@@ -407,6 +457,7 @@ ON_TIME_SKIPPING: dict[str, Callable[[Stage], Awaitable[None]]] = {
     "auto_resolved": auto_resolved,
     "continued_as_new": continued_as_new,
     "handed_over": handed_over,
+    "emailed_and_alerted": emailed_and_alerted,
     "retention": retention,
 }
 ON_DEV_SERVER = {"detector": detector}
