@@ -16,7 +16,7 @@ from temporalio import workflow
 from temporalio.types import MethodAsyncSingleParam
 
 from activities.policies import VENDOR_CALL, ActivityPolicy
-from domain.escalation import ChannelTarget, EscalationLevel
+from domain.escalation import ChannelTarget
 from domain.incident import IncidentState, LaneAction, NotificationPlan
 from domain.incident_machine import Effect, Event, Policy
 from domain.lanes import Lane
@@ -73,12 +73,6 @@ class Channel(Protocol):
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:
         """Carry out one queued action (its activities raise ActivityError on failure)."""
-
-
-def level_named(incident: Incident, name: str) -> EscalationLevel:
-    """A level of the incident's current policy by name (actions carry names, not levels)."""
-    policy = incident.policy.of(incident.state)
-    return next((level for level in policy.levels if level.name == name), policy.level(1))
 
 
 def reached_targets(incident: Incident, channel: str) -> list[ChannelTarget]:

@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.channel import Incident, level_named, reached_targets, told_before
+from activities.channel import Incident, reached_targets, told_before
 from activities.finite import human_number
 from activities.vendor_http import VendorErrors
 from domain.incident import IncidentState, LaneAction, NotificationPlan
@@ -569,7 +569,9 @@ class EmailChannel:
     def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
         match effect:
             case Notify(level, reason, kind) if kind != "reminded" and level.target(self.name):
-                lane.push(kind, text=reason, level=level.name)
+                target = level.target(self.name)
+                to = list(target.to) if target and target.to else incident.plan.email_to
+                lane.push(kind, text=reason, level=level.name, to=to)
             case Resolved():
                 lane.push("resolved")
 
@@ -581,8 +583,7 @@ class EmailChannel:
             reached = reached_targets(incident, self.name)
             recipients = sorted({a for t in reached for a in (t.to or plan.email_to)})
         else:
-            target = level_named(incident, action.level).target(self.name)
-            recipients = list(target.to if target and target.to else plan.email_to)
+            recipients = action.to
         if event not in EVENTS:
             return  # a reminder: email tells of openings, escalations and the resolve only
         if not recipients:

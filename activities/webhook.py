@@ -90,7 +90,7 @@ from pydantic import SecretStr
 from temporalio import activity
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from activities.channel import Incident, level_named, reached_targets, told_before
+from activities.channel import Incident, reached_targets, told_before
 from activities.finite import human_number
 from activities.vendor_http import attempt_key
 from domain.incident import IncidentState, LaneAction, NotificationPlan, Severity
@@ -496,8 +496,9 @@ class WebhookChannel:
 
     def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
         match effect:
-            case Notify(level, _, kind) if level.target(self.name) is not None:
-                lane.push(kind, level=level.name)
+            case Notify(level, _, kind) if (target := level.target(self.name)) is not None:
+                receivers = list(target.to) or incident.plan.webhook_receivers
+                lane.push(kind, level=level.name, to=receivers)
             case Resolved():
                 lane.push("resolved")
 
@@ -508,8 +509,7 @@ class WebhookChannel:
             known += [r for t in reached_targets(incident, self.name) for r in t.to]
             receivers = [r for r in dict.fromkeys(known) if told_before(incident, self.name, r)]
         else:
-            target = level_named(incident, action.level).target(self.name)
-            receivers = list(target.to if target and target.to else plan.webhook_receivers)
+            receivers = action.to
         if event not in EVENTS:
             return
         links = {

@@ -124,6 +124,9 @@ class LaneAction:
     kind: str
     text: str = ""
     level: str = ""
+    # Whom it is for, when the channel decides that as it queues the action (the level's
+    # addresses then, not those of whatever policy is in force when it is performed).
+    to: list[str] = field(default_factory=list)
 
 
 @dataclass

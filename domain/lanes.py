@@ -24,9 +24,9 @@ class Lane:
         self.pending: deque[LaneAction] = deque()
         self.in_flight: LaneAction | None = None
 
-    def push(self, kind: str, text: str = "", level: str = "") -> None:
+    def push(self, kind: str, text: str = "", level: str = "", to: list[str] | None = None) -> None:
         if self.enabled:
-            self.pending.append(LaneAction(kind, text, level))
+            self.pending.append(LaneAction(kind, text, level, list(to or [])))
 
     def queued(self, kind: str) -> bool:
         return any(action.kind == kind for action in self.pending)

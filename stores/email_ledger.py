@@ -8,7 +8,8 @@ nothing. The window left open: a crash after the server's 250 and before the row
 sends the message again under the same Message-ID, which receiving mail systems and clients
 treat as the same message (most show it once).
 
-Rows are tiny and few (about three per incident); they are kept as the incidents' history is.
+Rows are tiny and few (about three per incident); retention drops them with the call log (a
+send is retried for a day at most).
 """
 
 from __future__ import annotations

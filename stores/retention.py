@@ -1,4 +1,5 @@
-"""Retention: raw call rows and scores for `retention_days`, the rollup for longer.
+"""Retention: raw call rows and scores for `retention_days`, the rollup for longer; the sent
+emails' ledger as long as the calls (a retry needs its row for a day at most).
 
 Deletes in chunks so that a large purge never holds a long lock over the ingest path.
 """
@@ -12,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, select
 from sqlmodel import col
 
+from stores.email_ledger import SentEmail
 from stores.llm_calls import LLMCall, UsageRollup, utc
 from stores.quality import QualityScore
 
@@ -23,6 +25,7 @@ class Purged:
     calls: int = 0
     scores: int = 0
     rollup_rows: int = 0
+    emails: int = 0
 
 
 def _purge(engine: Engine, table: Any, key: Any, ts: Any, before: datetime) -> int:
@@ -43,6 +46,7 @@ def purge(engine: Engine, now: datetime, retention_days: int, rollup_days: int) 
         calls=_purge(engine, LLMCall, LLMCall.id, LLMCall.ts, calls_before),
         scores=_purge(engine, QualityScore, QualityScore.id, QualityScore.ts, calls_before),
         rollup_rows=_purge_rollup(engine, rollup_before),
+        emails=_purge(engine, SentEmail, SentEmail.message_id, SentEmail.sent_at, calls_before),
     )
 
 

@@ -221,3 +221,15 @@ def test_worker_py_sits_under_the_cli_and_over_every_other_layer() -> None:
     )
     assert "worker" in imported(ROOT / "cli" / "main.py")
     assert "cli" not in imported(ROOT / "worker.py")
+
+
+def test_the_names_other_layers_use_are_the_incident_workflows_own() -> None:
+    """activities/incidents.py starts and updates incidents by these names, without the class."""
+    from temporalio.workflow import _Definition
+
+    from domain import workflow_names
+    from workflows.incident import IncidentWorkflow
+
+    definition = _Definition.must_from_class(IncidentWorkflow)
+    assert definition.name == workflow_names.INCIDENT_WORKFLOW
+    assert {workflow_names.REPORT_BREACH, workflow_names.REPORT_RECOVERY} <= set(definition.updates)

@@ -14,6 +14,7 @@ from sqlmodel import Session, SQLModel, select
 from domain.histogram import RELATIVE_ERROR, bucket, exact_percentile, percentile
 from stores import schema
 from stores.aggregates import window_aggregates
+from stores.email_ledger import record_sent, was_sent
 from stores.llm_calls import CallRecord, LatencyRollup, LLMCall, UsageRollup, utc
 from stores.quality import QualityScore, ScoreRecord, write_scores
 from stores.retention import purge
@@ -188,8 +189,14 @@ def test_scores_and_retention(store: Engine) -> None:
             ScoreRecord(call_id=recent.call_id, ts=recent.ts, source="feedback", score=0.0),
         ],
     )
+    record_sent(store, "<old@pagerloop>", "incident-1", NOW - timedelta(days=40))
+    record_sent(store, "<new@pagerloop>", "incident-2", NOW - timedelta(hours=1))
     purged = purge(store, NOW, retention_days=30, rollup_days=400)
-    assert (purged.calls, purged.scores, purged.rollup_rows) == (1, 1, 0)
+    assert (purged.calls, purged.scores, purged.rollup_rows, purged.emails) == (1, 1, 0, 1)
+    assert (was_sent(store, "<old@pagerloop>"), was_sent(store, "<new@pagerloop>")) == (
+        False,
+        True,
+    )
     assert [row.call_id for row in rows(store)] == [recent.call_id]
     with Session(store) as session:
         assert [s.source for s in session.exec(select(QualityScore))] == ["feedback"]
