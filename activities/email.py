@@ -45,7 +45,7 @@ from activities.channel import Incident, reached_targets, told_before
 from activities.finite import human_number
 from activities.vendor_http import VendorErrors
 from domain.incident import IncidentState, LaneAction, NotificationPlan
-from domain.incident_machine import ChannelFailed, Delivered, Effect, Notify, Resolved
+from domain.incident_machine import ChannelFailed, Delivered, Effect, Merged, Notify, Resolved
 from domain.lanes import Lane
 from stores import email_ledger
 
@@ -572,7 +572,7 @@ class EmailChannel:
                 target = level.target(self.name)
                 to = list(target.to) if target and target.to else incident.plan.email_to
                 lane.push(kind, text=reason, level=level.name, to=to)
-            case Resolved():
+            case Resolved() | Merged():
                 lane.push("resolved")
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:

@@ -1,12 +1,18 @@
 """Opening incidents: one update-with-start per breach, one open incident per trigger + scope,
 none while a silence covers them; and telling open incidents that their signal recovered.
 
+One problem, one incident (detectors/correlation.py decides, this carries it out): a breach
+that joins the open incident of a wider problem is noted there; one that takes in the open
+incidents of narrower problems merges them into its own, which (opening now) takes over the
+first one's Slack message, PagerDuty alert and Jira ticket.
+
 The incident workflow is started and updated by name (domain.workflow_names): activities sit
 below the workflows that call them and never import one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +22,7 @@ from temporalio import activity
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import (
@@ -31,17 +38,22 @@ from domain import search_attributes as sa
 from domain.incident import (
     Breach,
     BreachReceipt,
+    Handover,
     IncidentInput,
     IncidentResult,
     IncidentState,
     IncidentStatus,
+    MergeRequest,
     NotificationPlan,
     Recovery,
 )
 from domain.workflow_names import (
+    ABSORB,
     INCIDENT_WORKFLOW,
+    MERGE_INTO,
     REPORT_BREACH,
     REPORT_RECOVERY,
+    REPORT_RELATED,
     detector_workflow_id,
 )
 from stores import silences
@@ -57,6 +69,10 @@ class OpenIncidentRequest:
     proposed_id: str
     # The open incident the detector has on record for this trigger + scope, if any.
     known_id: str | None = None
+    # The open incident of a wider problem this breach joins (noted there; nothing opens) ...
+    joins: str | None = None
+    # ... or the open incidents of narrower problems the breach's incident takes in.
+    absorbs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +81,8 @@ class OpenIncidentResult:
     opened: bool = False
     silenced_by: int | None = None
     silence_reason: str | None = None
+    joined: bool = False  # noted on the wider problem's incident (`joins`)
+    merged: list[str] = field(default_factory=list)  # the `absorbs` now merged into it
 
 
 @dataclass
@@ -120,24 +138,90 @@ class IncidentActivities:
 
     async def _open_or_update(self, request: OpenIncidentRequest) -> OpenIncidentResult:
         breach = request.breach
-        if request.known_id and await self._report(request.known_id, breach):
-            return OpenIncidentResult(request.known_id)
-        joined = await self._find_open(breach)
-        if joined and await self._report(joined, breach):
-            return OpenIncidentResult(joined)
+        if request.joins and await self._update(request.joins, REPORT_RELATED, breach):
+            # Its own incident, if it had one, is the wider one's too now.
+            own = [request.known_id] if request.known_id else []
+            merged = await self._absorb_into(request.joins, own)
+            return OpenIncidentResult(request.joins, joined=True, merged=merged)
+        # (a wider incident that is over leaves the breach a problem of its own)
+        known = request.known_id
+        if not (known and await self._report(known, breach)):
+            known = await self._find_open(breach)
+            if not (known and await self._report(known, breach)):
+                known = None
+        if known is not None:
+            merged = await self._absorb_into(known, request.absorbs)
+            return OpenIncidentResult(known, merged=merged)
         silence = await asyncio.to_thread(
             silences.matching, self._engine, breach.trigger, breach.scope, breach.observed_at
         )
         if silence is not None:
             return OpenIncidentResult(None, silenced_by=silence.id, silence_reason=silence.reason)
-        receipt = await self._report(request.proposed_id, breach)
+        handovers = []
+        for number, target in enumerate(request.absorbs):
+            merge = MergeRequest(request.proposed_id, breach.trigger, breach.scope, number == 0)
+            if (handover := await self._merge(target, merge)) is not None:
+                handovers.append(handover)
+        receipt = await self._report(request.proposed_id, breach, handovers)
         if receipt is None:  # that id belongs to an incident resolved in the meantime
             return OpenIncidentResult(None)
-        return OpenIncidentResult(request.proposed_id, opened=receipt.breach_count == 1)
+        opened = receipt.breach_count == 1
+        if not opened:  # already running (a retry): it was not started with them
+            for handover in handovers:
+                await self._update(request.proposed_id, ABSORB, handover)
+        merged = [handover.incident_id for handover in handovers]
+        return OpenIncidentResult(request.proposed_id, opened=opened, merged=merged)
 
-    async def _report(self, incident_id: str, breach: Breach) -> BreachReceipt | None:
-        """Update-with-start: the breach lands on the running incident or starts it. None when
-        that incident is over (closed, or running but resolved)."""
+    async def _absorb_into(self, incident_id: str, targets: list[str]) -> list[str]:
+        """Merge `targets` into the running incident `incident_id`, which keeps its own
+        message, alert and ticket (theirs are updated to say where the problem went)."""
+        merged: list[str] = []
+        if not targets:
+            return merged
+        into: IncidentState = await self._client.get_workflow_handle(incident_id).query(
+            "state", result_type=IncidentState
+        )
+        for target in targets:
+            request = MergeRequest(incident_id, into.trigger, into.scope)
+            handover = await self._merge(target, request)
+            if handover is not None:
+                await self._update(incident_id, ABSORB, handover)
+                merged.append(target)
+        return merged
+
+    async def _merge(self, target: str, request: MergeRequest) -> Handover | None:
+        """Merge `target` into `request.into`; what it hands over, or None when it is over
+        (resolved by someone, or merged elsewhere). A retry finds it merged: its final state
+        says what it handed over."""
+        handle = self._client.get_workflow_handle(target)
+        try:
+            handover: Handover = await handle.execute_update(
+                MERGE_INTO, request, result_type=Handover
+            )
+            return handover
+        except (WorkflowUpdateFailedError, RPCError) as exc:
+            state: IncidentState | None = None
+            with contextlib.suppress(WorkflowQueryFailedError, RPCError):
+                state = await handle.query("state", result_type=IncidentState)
+            if state is not None and state.merged_into == request.into:
+                return state.handover(request.hand_over)
+            log.info("incident %s not merged into %s: %s", target, request.into, exc)
+            return None
+
+    async def _update(self, incident_id: str, update: str, arg: object) -> bool:
+        """Whether the running incident took the update (not when it is over)."""
+        try:
+            await self._client.get_workflow_handle(incident_id).execute_update(update, arg)
+        except (WorkflowUpdateFailedError, RPCError) as exc:
+            log.info("incident %s did not take %s: %s", incident_id, update, exc)
+            return False
+        return True
+
+    async def _report(
+        self, incident_id: str, breach: Breach, absorbs: list[Handover] | None = None
+    ) -> BreachReceipt | None:
+        """Update-with-start: the breach lands on the running incident or starts it (taking in
+        `absorbs`). None when that incident is over (closed, or running but resolved)."""
         start: WithStartWorkflowOperation[Any, IncidentResult] = WithStartWorkflowOperation(
             INCIDENT_WORKFLOW,
             IncidentInput(
@@ -148,6 +232,7 @@ class IncidentActivities:
                 opened_at=breach.observed_at,
                 notify=self._plan,
                 detector_workflow_id=detector_workflow_id(self._task_queue),
+                absorbs=absorbs or [],
             ),
             id=incident_id,
             task_queue=self._task_queue,

@@ -15,7 +15,7 @@ from temporalio import activity
 from activities.channel import Incident
 from activities.vendor_http import VendorErrors, attempt_key, request_unencodable
 from domain.incident import IncidentState, LaneAction, NotificationPlan
-from domain.incident_machine import Effect, Notify, Resolved, Tell, TicketOpened
+from domain.incident_machine import Effect, Merged, Notify, Resolved, Tell, TicketOpened
 from domain.lanes import Lane
 
 DONE_TRANSITIONS = (
@@ -281,6 +281,8 @@ class JiraChannel:
                     project = target.to[0] if target.to else incident.plan.jira_project
                     lane.push("open", text=project)
             case Resolved():
+                lane.push("resolve")
+            case Merged(_, handed_over) if not handed_over:
                 lane.push("resolve")
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:

@@ -33,6 +33,7 @@ from domain.incident import LaneAction, NotificationPlan, PagedTarget, Severity
 from domain.incident_machine import (
     Acknowledged,
     Effect,
+    Merged,
     Notify,
     PageCalledOff,
     Paged,
@@ -94,6 +95,9 @@ class PageRequest:
     source: str
     custom_details: dict[str, Any] = field(default_factory=dict)
     links: list[dict[str, str]] = field(default_factory=list)
+    # Alerts taken over from merged incidents: one on the same PagerDuty service is triggered
+    # again (same dedup key) instead of opening a PagerDuty incident of its own.
+    adopted: list[PagedTarget] = field(default_factory=list)
 
 
 @dataclass
@@ -138,7 +142,12 @@ class PagerDutyActivities:
     @activity.defn(name="pagerduty.trigger")
     async def trigger(self, request: PageRequest) -> PagedTarget:
         target = self.target(request.incident_id, str(request.severity), request.level)
-        session = self._session(self._key(target.severity, target.level))
+        routing = self._key(target.severity, target.level)
+        for adopted in request.adopted:
+            if self._key(adopted.severity, adopted.level) == routing:
+                target = PagedTarget(adopted.dedup_key, target.severity, target.level)
+                break
+        session = self._session(routing)
 
         def send() -> None:
             try:
@@ -206,6 +215,8 @@ class PagerDutyChannel:
                 lane.push("acknowledge")
             case Resolved(via) if via != self.name:
                 lane.push("resolve")
+            case Merged(_, handed_over) if not handed_over:
+                lane.push("resolve")  # the incident it joined pages for the problem now
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:
         state = incident.state
@@ -241,6 +252,7 @@ class PagerDutyChannel:
             links=[{"href": plan.status_url, "text": "pagerloop status"}]
             if plan.status_url
             else [],
+            adopted=[t for t in state.paged if not t.dedup_key.startswith(state.incident_id)],
         )
         paging = incident.start(
             PagerDutyActivities.trigger,

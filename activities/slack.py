@@ -24,7 +24,7 @@ from domain.incident import (
     NotificationPlan,
     SlackMessageRef,
 )
-from domain.incident_machine import Effect, Notify, Refresh, SlackPosted, Tell
+from domain.incident_machine import Effect, Merged, Notify, Refresh, SlackPosted, Tell
 from domain.lanes import Lane
 
 ACK_ACTION = "incident_acknowledge"
@@ -146,6 +146,15 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
                 "text": {"type": "mrkdwn", "text": _truncate(_runbook_text(state), SECTION_MAX)},
             }
         )
+    merged = []
+    if state.merged_into:
+        merged.append(f":twisted_rightwards_arrows: Merged into `{state.merged_into}`: one problem")
+    merged += [f":link: Took in {name}" for name in state.absorbed]
+    if state.related:
+        merged.append("Also firing: " + ", ".join(k.replace("|", " on ") for k in state.related))
+    if merged:
+        text = _truncate("\n".join(merged), SECTION_MAX)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text}})
     context = [f"Incident `{state.incident_id}`"]
     if state.acknowledged_by:
         context.append(f"acknowledged by {_mention(state.acknowledged_by)}")
@@ -535,6 +544,8 @@ class SlackChannel:
                         lane.push("notify", text=reason or state.summary, level=other)
             case Refresh():
                 lane.push("update")
+            case Merged(_, handed_over) if not handed_over:
+                lane.push("update")  # says where the problem went on
             case Tell(entry):
                 said = f"by {entry.actor} via {entry.channel}: {entry.text}"
                 lane.push("reply", text=f"*{entry.kind.replace('_', ' ')}* {said}")

@@ -94,7 +94,7 @@ from activities.channel import Incident, reached_targets, told_before
 from activities.finite import human_number
 from activities.vendor_http import attempt_key
 from domain.incident import IncidentState, LaneAction, NotificationPlan, Severity
-from domain.incident_machine import ChannelFailed, Delivered, Effect, Notify, Resolved
+from domain.incident_machine import ChannelFailed, Delivered, Effect, Merged, Notify, Resolved
 from domain.lanes import Lane
 
 _log = logging.getLogger(__name__)
@@ -499,7 +499,7 @@ class WebhookChannel:
             case Notify(level, _, kind) if (target := level.target(self.name)) is not None:
                 receivers = list(target.to) or incident.plan.webhook_receivers
                 lane.push(kind, level=level.name, to=receivers)
-            case Resolved():
+            case Resolved() | Merged():
                 lane.push("resolved")
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:

@@ -64,11 +64,15 @@ def list_incidents(
             attrs.get(sa.INCIDENT_SEVERITY),
             attrs.get(sa.INCIDENT_TRIGGER),
             attrs.get(sa.INCIDENT_SCOPE),
-            attrs.get(sa.INCIDENT_STATUS),
+            _status(attrs.get(sa.INCIDENT_STATUS), attrs.get(sa.INCIDENT_MERGED_INTO)),
             f"L{attrs.get(sa.INCIDENT_LEVEL)}",
             f"{execution.start_time:%Y-%m-%d %H:%M:%S}",
         )
     out.print(table if executions else "no incidents")
+
+
+def _status(status: str | None, merged_into: str | None) -> str:
+    return f"merged into {merged_into}" if merged_into else str(status)
 
 
 @app.command()
@@ -96,6 +100,12 @@ def show(incident_id: str) -> None:
     for at, what in deadlines:
         if at is not None:
             out.print(f"  {what} by {at:%Y-%m-%d %H:%M:%S} UTC")
+    if state.merged_into:
+        out.print(f"  merged into {state.merged_into}: one problem")
+    for name in state.absorbed:
+        out.print(f"  took in {name}")
+    if state.related:
+        out.print("  also firing: " + ", ".join(k.replace("|", " on ") for k in state.related))
     if state.jira_issue:
         out.print(f"  ticket {state.jira_issue}")
     if state.runbook:

@@ -15,6 +15,13 @@ critical_severity = "SEV1"
 
 [rules.quality_drift]
 enabled = false
+
+default_relations = true                  # keep the built-in relations (README "One problem,
+[[relations]]                             # one incident"); each [[relations]] adds one
+source = "api_outage"
+targets = ["error_rate", "elevated_latency"]
+mutual = false                            # true: either way, the one open first takes in
+across_scopes = true                      # false: the same scope only
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from config.tomlfile import read_toml
+from detectors.correlation import DEFAULT_RELATIONS, Relation
 from detectors.rules import DEFAULT_RULES, Rule
-from domain.incident import Severity
+from domain.incident import Severity, Trigger
 
 ScopeKind = Literal["global", "model", "feature"]
 
@@ -51,6 +59,18 @@ class RuleOverride(BaseModel):
     enabled: bool | None = None
 
 
+class RelationEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: Trigger
+    targets: list[Trigger] = Field(min_length=1)
+    mutual: bool = False
+    across_scopes: bool = True
+
+    def relation(self) -> Relation:
+        return Relation(self.source, tuple(self.targets), self.mutual, self.across_scopes)
+
+
 class RulesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +79,8 @@ class RulesFile(BaseModel):
     recover_evaluations: int | None = Field(default=None, ge=1)
     tpm_quota: dict[str, int] = {}
     rules: dict[str, RuleOverride] = {}
+    default_relations: bool = True
+    relations: list[RelationEntry] = []
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,7 @@ class DetectorRules:
     rules: tuple[Rule, ...] = DEFAULT_RULES
     scopes: tuple[str, ...] = ("global", "model", "feature")
     tpm_quota: dict[str, int] = field(default_factory=dict)
+    relations: tuple[Relation, ...] = DEFAULT_RELATIONS
 
     def quota_for(self, scope: str) -> float | None:
         if scope == "global":
@@ -95,7 +118,14 @@ def apply(parsed: RulesFile) -> DetectorRules:
         if rule.warning is None and rule.critical is None:
             raise RulesFileError(f"rules.{rule.name}: needs a warning or a critical threshold")
         rules.append(rule)
-    return DetectorRules(tuple(rules), tuple(parsed.scopes), dict(parsed.tpm_quota))
+    relations = DEFAULT_RELATIONS if parsed.default_relations else ()
+    relations += tuple(entry.relation() for entry in parsed.relations)
+    for relation in relations:
+        if relation.source in relation.targets:
+            raise RulesFileError(f"relations: {relation.source} cannot take in itself")
+    return DetectorRules(
+        tuple(rules), tuple(parsed.scopes), dict(parsed.tpm_quota), tuple(relations)
+    )
 
 
 def load_rules(path: Path | None) -> DetectorRules:

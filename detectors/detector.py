@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -28,6 +28,15 @@ with workflow.unsafe.imports_passed_through():
     from activities.metrics import MetricsActivities, WindowQuery
     from activities.policies import OPEN_INCIDENT, STORE_QUERY
     from detectors.config import DetectorRules
+    from detectors.correlation import (
+        LEGACY_RELATIONS,
+        Key,
+        Relation,
+        Routing,
+        key_of,
+        route,
+        text_of,
+    )
     from detectors.evaluation import Evaluation, Finding, evaluate, trigger_key
     from detectors.rules import RuleState
     from domain.aggregates import FoldedInfo, WindowAggregates
@@ -39,6 +48,9 @@ PER_SCOPE_PATCH = "detector-per-scope-aggregates"
 # rule's `for_evaluations` asks for costs seconds, not an interval, before the page (P4).
 CONFIRM_AFTER = timedelta(seconds=2)
 CONFIRM_SOON_PATCH = "confirm-a-new-breach-soon"
+# One problem, one incident: the rules' relations (not the legacy api_outage-over-error_rate
+# alone) hide targets firing with their source, and apply to open incidents too.
+CORRELATE_PATCH = "correlate-open-incidents"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
 # A firing trigger refreshes its open incident's metrics at most this often (like
@@ -65,6 +77,9 @@ class TriggerState:
     reported_at: datetime | None = None
     severity: str | None = None
     silenced_by: int | None = None
+    # `incident_id` is a wider problem's incident this trigger + scope joined (or was merged
+    # into), not its own.
+    attached: bool = False
 
 
 @dataclass
@@ -207,13 +222,17 @@ class DetectorWorkflow:
             retry_policy=STORE_QUERY.retry,
             summary=f"signals over the last {config.window_seconds}s",
         )
-        evaluation = evaluate(config.rules, aggregates, self._rule_states, config.daily_budget_usd)
+        correlate = workflow.patched(CORRELATE_PATCH)
+        relations = config.rules.relations if correlate else LEGACY_RELATIONS
+        evaluation = evaluate(
+            config.rules, aggregates, self._rule_states, config.daily_budget_usd, relations
+        )
         self._rule_states = evaluation.rule_states
         self._evaluations += 1
         self._last_evaluated_at = now
         self._last = evaluation
         self._folded = dict(aggregates.folded)
-        await self._report_breaches(evaluation.firing, now)
+        await self._report_breaches(evaluation.firing, now, relations if correlate else None)
         await self._report_recoveries(evaluation, now)
 
     def _firing_scopes(self) -> list[str]:
@@ -226,15 +245,41 @@ class DetectorWorkflow:
             kept.extend(named[:KEEP_PER_DIMENSION])
         return kept
 
-    async def _report_breaches(self, findings: list[Finding], now: datetime) -> None:
+    def _open_keys(self) -> set[Key]:
+        """Triggers + scopes with an open incident of their own."""
+        return {
+            key_of(key)
+            for key, state in self._triggers.items()
+            if state.incident_id and not state.attached
+        }
+
+    async def _report_breaches(
+        self, findings: list[Finding], now: datetime, relations: tuple[Relation, ...] | None
+    ) -> None:
+        """`relations`: None for a run begun before open incidents were correlated."""
+        firing = [(f.trigger, f.scope) for f in findings]
+        routing = Routing() if relations is None else route(relations, firing, self._open_keys())
         requests: list[OpenIncidentRequest] = []
         for finding in findings:
-            state = self._triggers.get(trigger_key(finding.trigger, finding.scope), TriggerState())
+            key = (finding.trigger, finding.scope)
+            if key in routing.held:
+                continue  # its wider problem opens now: it joins at the next evaluation
+            state = self._triggers.get(text_of(key), TriggerState())
             raised = state.severity is not None and severity_rank(finding.severity) > severity_rank(
                 state.severity
             )
             due = state.reported_at is None or now - state.reported_at >= REPORT_INTERVAL
-            if state.incident_id is None or raised or due:
+            wider = routing.joins.get(key)
+            joins = self._triggers[text_of(wider)].incident_id if wider else None
+            absorbs = [
+                incident_id
+                for target in routing.absorbs.get(key, ())
+                if (incident_id := self._triggers[text_of(target)].incident_id)
+            ]
+            own = None if state.attached else state.incident_id
+            if joins is None and state.attached:
+                state = TriggerState()  # its wider problem is over: a problem of its own
+            if state.incident_id != (joins or own) or raised or due or absorbs:
                 breach = Breach(
                     trigger=finding.trigger,
                     scope=finding.scope,
@@ -244,7 +289,7 @@ class DetectorWorkflow:
                     metrics=finding.metrics,
                 )
                 proposed = proposed_incident_id(finding, now)
-                requests.append(OpenIncidentRequest(breach, proposed, state.incident_id))
+                requests.append(OpenIncidentRequest(breach, proposed, own, joins, absorbs))
         if not requests:
             return
         results: list[OpenIncidentResult] = await workflow.execute_activity_method(
@@ -256,22 +301,29 @@ class DetectorWorkflow:
             summary=", ".join(f"{r.breach.trigger} on {r.breach.scope}" for r in requests),
         )
         for request, result in zip(requests, results, strict=True):
-            key = trigger_key(request.breach.trigger, request.breach.scope)
+            reported = trigger_key(request.breach.trigger, request.breach.scope)
             incident_id = result.incident_id
             if incident_id in self._closed:
                 incident_id = None
-            self._triggers[key] = TriggerState(
+            self._triggers[reported] = TriggerState(
                 incident_id=incident_id,
                 reported_at=now if incident_id else None,
                 severity=str(request.breach.severity) if incident_id else None,
                 silenced_by=result.silenced_by,
+                attached=result.joined and incident_id is not None,
             )
+            if incident_id is None:
+                continue
+            for other, state in list(self._triggers.items()):
+                if state.incident_id in result.merged:  # now part of this incident
+                    self._triggers[other] = replace(state, incident_id=incident_id, attached=True)
 
     async def _report_recoveries(self, evaluation: Evaluation, now: datetime) -> None:
         reports = []
         for trigger, scope in evaluation.recovered:
             state = self._triggers.get(trigger_key(trigger, scope))
-            if state is not None and state.incident_id is not None:
+            # A wider problem's incident recovers with its own trigger, not with this one.
+            if state is not None and state.incident_id is not None and not state.attached:
                 summary = f"{trigger} on {scope} back within thresholds"
                 reports.append(
                     RecoveryReport(state.incident_id, Recovery(trigger, scope, now, summary))
@@ -301,6 +353,8 @@ class DetectorWorkflow:
                 where = state.incident_id if state and state.incident_id else "no incident"
                 if state and state.silenced_by:
                     where = f"silenced by #{state.silenced_by}"
+                elif state and state.attached:
+                    where = f"part of {where}"
                 lines.append(
                     f"- firing `{finding.trigger}` on `{finding.scope}` ({finding.severity}): "
                     f"{finding.summary} → {where}"

@@ -2,7 +2,8 @@
 severity, which recovered, and which are inhibited.
 
 Inhibitions keep one problem to one incident:
-- on one scope, an api_outage hides error_rate (the outage's 5xx are errors too);
+- a trigger's relations (detectors/correlation.py) hide its targets firing with it, e.g. an
+  api_outage hides the error_rate of its scope and of the scopes it covers;
 - when a trigger fires on global and on some models (or features), global minus those scopes
   decides: healthy traffic left means the problem is theirs (global is hidden); no traffic left,
   or the rest breaching too, means it is everyone's (the narrower ones are hidden).
@@ -13,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from detectors.config import DetectorRules
-from detectors.rules import INHIBITS, Event, Rule, RuleState, step
+from detectors.correlation import Relation, hidden
+from detectors.rules import Event, Rule, RuleState, step
 from detectors.signals import values
 from domain.aggregates import Aggregate, WindowAggregates
 from domain.incident import Severity, Trigger, severity_rank
@@ -87,7 +89,10 @@ def evaluate(
     aggregates: WindowAggregates,
     states: dict[str, RuleState],
     daily_budget_usd: float,
+    relations: tuple[Relation, ...] | None = None,
 ) -> Evaluation:
+    """`relations`: the rules' own unless given (a run begun before them replays with the
+    legacy ones)."""
     scopes = aggregates.scopes(config.scopes)
     scope_values = {
         name: values(
@@ -132,7 +137,9 @@ def evaluate(
         tkey: _finding(tkey, rules, scope_values[tkey.partition("|")[2]], new_states)
         for tkey, rules in firing_rules.items()
     }
-    inhibited = _inhibited(findings, config, aggregates, daily_budget_usd)
+    if relations is None:
+        relations = config.relations
+    inhibited = _inhibited(findings, config, aggregates, daily_budget_usd, relations)
     return Evaluation(
         rule_states=new_states,
         verdicts=verdicts,
@@ -176,12 +183,10 @@ def _inhibited(
     config: DetectorRules,
     aggregates: WindowAggregates,
     daily_budget_usd: float,
+    relations: tuple[Relation, ...],
 ) -> set[str]:
-    inhibited: set[str] = set()
-    for finding in findings.values():
-        for hidden in INHIBITS.get(finding.trigger, ()):
-            if trigger_key(hidden, finding.scope) in findings:
-                inhibited.add(trigger_key(hidden, finding.scope))
+    firing = [(f.trigger, f.scope) for f in findings.values()]
+    inhibited = {trigger_key(*key) for key in hidden(relations, firing)}
     for key, finding in findings.items():
         if finding.scope != GLOBAL:
             continue

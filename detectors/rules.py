@@ -137,6 +137,3 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         sample_signal="quality_scores", hysteresis=0.5,
     ),
 )  # fmt: skip
-
-# A firing rule of the key hides the same scope's value rule: an outage's 5xx are errors too.
-INHIBITS: dict[Trigger, tuple[Trigger, ...]] = {T.API_OUTAGE: (T.ERROR_RATE,)}

@@ -115,6 +115,10 @@ class IncidentInput:
     # Updates handled per run before continuing as new (keeps week-long incidents' history
     # short; Temporal may also suggest it earlier).
     updates_per_run: int = 1000
+    # Open incidents of the same problem merged into this one as it opens (detectors/
+    # correlation.py): it takes over the Slack message, PagerDuty alert and Jira ticket of the
+    # one handed over, so nobody is paged twice for one problem.
+    absorbs: list[Handover] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +182,35 @@ class SlackMessageRef:
 
 
 @dataclass
+class MergeRequest:
+    """Merge this incident into `into`, the incident of the wider problem (its trigger and
+    scope say which); `hand_over`: `into` is opening now and takes over this one's Slack
+    message, PagerDuty alert and Jira ticket."""
+
+    into: str
+    trigger: Trigger
+    scope: str
+    hand_over: bool = False
+
+
+@dataclass
+class Handover:
+    """What a merged incident hands the incident that takes it in."""
+
+    incident_id: str
+    trigger: Trigger
+    scope: str
+    severity: Severity
+    opened_at: datetime
+    summary: str = ""
+    acknowledged_by: str | None = None
+    # Set when handed over (MergeRequest.hand_over): where people were told of it.
+    slack_message: SlackMessageRef | None = None
+    paged: list[PagedTarget] = field(default_factory=list)
+    jira_issue: str | None = None
+
+
+@dataclass
 class IncidentState:
     incident_id: str
     trigger: Trigger
@@ -215,6 +248,26 @@ class IncidentState:
     paged: list[PagedTarget] = field(default_factory=list)
     jira_issue: str | None = None
     timeline: list[TimelineEntry] = field(default_factory=list)
+    # One problem, one incident: the incident this one was merged into, the incidents merged
+    # into this one ("<id> (<trigger> on <scope>)"), and the triggers that fired on a scope
+    # this one covers while it was open ("<trigger>|<scope>").
+    merged_into: str | None = None
+    absorbed: list[str] = field(default_factory=list)
+    related: list[str] = field(default_factory=list)
+
+    def handover(self, hand_over: bool) -> Handover:
+        return Handover(
+            incident_id=self.incident_id,
+            trigger=self.trigger,
+            scope=self.scope,
+            severity=self.severity,
+            opened_at=self.opened_at,
+            summary=self.summary,
+            acknowledged_by=self.acknowledged_by,
+            slack_message=self.slack_message if hand_over else None,
+            paged=list(self.paged) if hand_over else [],
+            jira_issue=self.jira_issue if hand_over else None,
+        )
 
 
 @dataclass

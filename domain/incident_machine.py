@@ -30,10 +30,13 @@ from domain.escalation import (
 from domain.incident import (
     ActionRequest,
     Breach,
+    Handover,
     IncidentState,
     IncidentStatus,
+    MergeRequest,
     PagedTarget,
     Recovery,
+    Severity,
     SlackMessageRef,
     SnoozeRequest,
     TimelineEntry,
@@ -45,7 +48,7 @@ MAX_SNOOZE_MINUTES = 24 * 60
 TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
         "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
         "rolled_back", "controls_reverted", "controls_kept", "runbook_failed",
-        "proposed"}  # fmt: skip
+        "proposed", "merged", "absorbed", "related"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -199,12 +202,33 @@ class ChannelFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class MergedInto:
+    """The wider problem's incident takes this one in (detectors/correlation.py)."""
+
+    request: MergeRequest
+
+
+@dataclass(frozen=True)
+class Absorbed:
+    """An incident of the same problem was merged into this one."""
+
+    handover: Handover
+
+
+@dataclass(frozen=True)
+class RelatedBreach:
+    """A trigger this incident covers fires while it is open: noted here, nothing new opens."""
+
+    breach: Breach
+
+
 Event = (
     Opened | BreachReported | RecoveryReported | Acknowledge | Resolve | Escalate | Snooze
     | AddNote | DeadlinePassed | RunbookProgressed | RunbookStarted | RunbookFailed
     | RunbookFinished | QuietElapsed | VerifiedAwaitingResolve | ControlsExtended
     | ControlsReverted | Paged | PageCalledOff | SlackPosted | TicketOpened | Delivered
-    | ChannelFailed
+    | ChannelFailed | MergedInto | Absorbed | RelatedBreach
 )  # fmt: skip
 
 
@@ -279,9 +303,18 @@ class ExtendRunbookControls:
     pass
 
 
+@dataclass(frozen=True)
+class Merged:
+    """Merged into `into`: over, like a resolve, but what was `handed_over` (the Slack message,
+    PagerDuty alert and Jira ticket) is the other incident's now."""
+
+    into: str
+    handed_over: bool
+
+
 Effect = (
     Notify | Refresh | Tell | Acknowledged | Resolved | SeverityRaised | Show | RestartClock
-    | CancelRunbook | RevertRunbookControls | ExtendRunbookControls
+    | CancelRunbook | RevertRunbookControls | ExtendRunbookControls | Merged
 )  # fmt: skip
 
 
@@ -290,7 +323,12 @@ Effect = (
 
 def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
     """Why a responder's request cannot be taken, or None: a resolved incident takes nothing,
-    Slack users must be allowed, an incident is acknowledged once, a note needs text."""
+    Slack users must be allowed, an incident is acknowledged once, a note needs text; a merge
+    asked again (a retry) is taken, into another incident refused."""
+    if isinstance(event, MergedInto) and state.merged_into is not None:
+        if state.merged_into == event.request.into:
+            return None
+        return f"{state.incident_id} was already merged into {state.merged_into}"
     if state.status == IncidentStatus.RESOLVED and state.resolved_at is not None:
         return (
             f"{state.incident_id} is already resolved (by {state.resolved_by} "
@@ -345,12 +383,24 @@ def next_deadline_text(state: IncidentState) -> str:
     return f"{what} by {at:%H:%M} UTC"
 
 
+def adopt(state: IncidentState, handover: Handover) -> None:
+    """Take over where people were told of a merged incident, where this one has nothing of
+    its own yet (so that opening it updates that message, pages that alert, comments on that
+    ticket, instead of telling everyone anew)."""
+    state.slack_message = state.slack_message or handover.slack_message
+    state.jira_issue = state.jira_issue or handover.jira_issue
+    known = {target.dedup_key for target in state.paged}
+    state.paged += [target for target in handover.paged if target.dedup_key not in known]
+
+
 def _copy(state: IncidentState) -> IncidentState:
     fresh = copy.copy(state)
     fresh.timeline = list(state.timeline)
     fresh.paged = list(state.paged)
     fresh.controls = list(state.controls)
     fresh.metrics = dict(state.metrics)
+    fresh.absorbed = list(state.absorbed)
+    fresh.related = list(state.related)
     return fresh
 
 
@@ -463,15 +513,26 @@ class _Step:
             case ChannelFailed(channel, kind, reason):
                 failed = f"{channel} {kind} failed: {reason}"
                 self.record("notification_failed", failed, channel=channel)
+            case MergedInto(request) if s.merged_into is None:
+                self.merge(request)
+            case Absorbed(handover):
+                self.absorb(handover)
+            case RelatedBreach(breach):
+                self.related(breach)
 
     # --- the pieces several events share -----------------------------------------------------
 
     def record(
-        self, kind: str, text: str, actor: str = "pagerloop", channel: str = "workflow"
+        self,
+        kind: str,
+        text: str,
+        actor: str = "pagerloop",
+        channel: str = "workflow",
+        tell: bool = True,
     ) -> None:
         entry = TimelineEntry(at=self.now, kind=kind, text=text, actor=actor, channel=channel)
         self.state.timeline.append(entry)
-        if kind in TOLD:
+        if tell and kind in TOLD:
             self.effects.append(Tell(entry))
 
     def breach(self, breach: Breach) -> None:
@@ -485,15 +546,58 @@ class _Step:
         elif s.recovered_at is not None:
             self.record("breach", f"breaching again: {breach.summary}", "detector", "detector")
         s.recovered_at = None
-        if severity_rank(breach.severity) > severity_rank(s.severity):
+        self.raise_severity(breach.severity, breach.summary)
+
+    def raise_severity(self, severity: Severity, why: str) -> None:
+        s = self.state
+        if severity_rank(severity) > severity_rank(s.severity):
             self.record(
-                "severity_raised",
-                f"{s.severity} -> {breach.severity}: {breach.summary}",
-                actor="detector",
-                channel="detector",
+                "severity_raised", f"{s.severity} -> {severity}: {why}", "detector", "detector"
             )
-            s.severity = breach.severity
+            s.severity = severity
             self.effects += [Refresh(), SeverityRaised(self.policy.level(s)), RestartClock()]
+
+    def merge(self, request: MergeRequest) -> None:
+        """Over, like a resolve; the other incident goes on with the problem (and, handed over,
+        with this one's message, alert and ticket: nothing is told of it here)."""
+        s = self.state
+        s.merged_into = request.into
+        s.status = IncidentStatus.RESOLVED
+        s.resolved_by, s.resolved_at = "pagerloop", self.now
+        s.ack_by = s.resolve_by = s.remind_at = None
+        text = (
+            f"merged into {request.into}: {request.trigger} on {request.scope} is the same problem"
+        )
+        self.record("merged", text, tell=not request.hand_over)
+        self.effects += [Merged(request.into, request.hand_over), CancelRunbook()]
+        if s.runbook is not None:
+            self.effects.append(RevertRunbookControls(f"merged into {request.into}"))
+        self.effects.append(RestartClock())
+
+    def absorb(self, handover: Handover) -> None:
+        s = self.state
+        name = f"{handover.incident_id} ({handover.trigger} on {handover.scope})"
+        if name in s.absorbed:
+            return  # told twice (a retry)
+        s.absorbed.append(name)
+        adopt(s, handover)
+        since = f"{handover.severity} since {handover.opened_at:%H:%M:%S} UTC"
+        self.record("absorbed", f"took in {name}, {since}: {handover.summary}".rstrip(": "))
+        self.raise_severity(handover.severity, f"as {handover.incident_id}")
+        if handover.acknowledged_by and s.acknowledged_by is None:
+            note = f"acknowledged {handover.incident_id} before it was merged here"
+            self.acknowledge(ActionRequest(handover.acknowledged_by, "workflow", note))
+        self.effects.append(Refresh())
+
+    def related(self, breach: Breach) -> None:
+        s = self.state
+        s.last_breach_at = breach.observed_at  # keeps an auto-resolve waiting
+        key = f"{breach.trigger}|{breach.scope}"
+        if key not in s.related:
+            s.related.append(key)
+            text = f"{breach.trigger} on {breach.scope} fires too ({breach.severity}): "
+            self.record("related", text + breach.summary, actor="detector", channel="detector")
+        self.raise_severity(breach.severity, f"{breach.trigger} on {breach.scope}")
 
     def acknowledge(self, request: ActionRequest) -> None:
         s = self.state

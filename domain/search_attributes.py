@@ -9,6 +9,9 @@ INCIDENT_SEVERITY = SearchAttributeKey.for_keyword("IncidentSeverity")
 INCIDENT_TRIGGER = SearchAttributeKey.for_keyword("IncidentTrigger")
 INCIDENT_SCOPE = SearchAttributeKey.for_keyword("IncidentScope")
 INCIDENT_LEVEL = SearchAttributeKey.for_int("IncidentLevel")
+# Set on an incident merged into another (the other's id): `IncidentMergedInto IS NOT NULL`
+# finds every incident a merge closed.
+INCIDENT_MERGED_INTO = SearchAttributeKey.for_keyword("IncidentMergedInto")
 
 ALL: tuple[SearchAttributeKey[str] | SearchAttributeKey[int], ...] = (
     INCIDENT_STATUS,
@@ -16,6 +19,7 @@ ALL: tuple[SearchAttributeKey[str] | SearchAttributeKey[int], ...] = (
     INCIDENT_TRIGGER,
     INCIDENT_SCOPE,
     INCIDENT_LEVEL,
+    INCIDENT_MERGED_INTO,
 )
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 INCIDENT_WORKFLOW = "IncidentWorkflow"
 REPORT_BREACH = "report_breach"
 REPORT_RECOVERY = "report_recovery"
+# One problem, one incident: merge an incident into another, tell that one, note a related
+# trigger firing on an incident that covers it.
+MERGE_INTO = "merge_into"
+ABSORB = "absorb"
+REPORT_RELATED = "report_related"
 
 
 def detector_workflow_id(task_queue: str) -> str:

@@ -17,8 +17,10 @@ from domain.escalation import DEFAULT_POLICIES, ChannelTarget, EscalationLevel
 from domain.incident import (
     ActionRequest,
     Breach,
+    Handover,
     IncidentState,
     IncidentStatus,
+    MergeRequest,
     PagedTarget,
     Recovery,
     Severity,
@@ -27,6 +29,7 @@ from domain.incident import (
     Trigger,
 )
 from domain.incident_machine import (
+    Absorbed,
     Acknowledge,
     Acknowledged,
     AddNote,
@@ -39,6 +42,8 @@ from domain.incident_machine import (
     Effect,
     Escalate,
     Event,
+    Merged,
+    MergedInto,
     Notify,
     Opened,
     PageCalledOff,
@@ -46,6 +51,7 @@ from domain.incident_machine import (
     Policy,
     QuietElapsed,
     RecoveryReported,
+    RelatedBreach,
     Resolve,
     Resolved,
     RestartClock,
@@ -340,6 +346,50 @@ CASES = [
          ["ticket"]),
     Case("channel failed", SEV2, ChannelFailed("slack", "post", "channel_not_found"),
          IncidentStatus.DETECTED, [], [], ["notification_failed"]),
+    Case("merged into an incident opening now: it has our message, nothing to tell", SEV2,
+         MergedInto(MergeRequest("incident-outage", Trigger.API_OUTAGE, "global", True)),
+         IncidentStatus.RESOLVED, [], ["Merged", "CancelRunbook", "RestartClock"], ["merged"]),
+    Case("merged into one already open: our thread and ticket say where it went", SEV2,
+         MergedInto(MergeRequest("incident-outage", Trigger.API_OUTAGE, "global")),
+         IncidentStatus.RESOLVED, ["merged"], ["Tell", "Merged", "CancelRunbook", "RestartClock"]),
+    Case("merged with a runbook reverts its controls", with_controls(RUNBOOK),
+         MergedInto(MergeRequest("incident-outage", Trigger.API_OUTAGE, "global", True)),
+         IncidentStatus.RESOLVED, [],
+         ["Merged", "CancelRunbook", "RevertRunbookControls", "RestartClock"], ["merged"]),
+    Case("a merge asked again changes nothing",
+         decide(SEV2, MergedInto(MergeRequest("x", Trigger.API_OUTAGE, "global")), POLICY,
+                at(1))[0],
+         MergedInto(MergeRequest("x", Trigger.API_OUTAGE, "global")), IncidentStatus.RESOLVED,
+         [], []),
+    Case("absorbs a milder incident", SEV2, Absorbed(Handover(
+             "incident-latency", Trigger.ELEVATED_LATENCY, "global", Severity.SEV3, at(-2))),
+         IncidentStatus.DETECTED, ["absorbed"], ["Tell", "Refresh"]),
+    Case("absorbs a worse one: its severity", SEV2, Absorbed(Handover(
+             "incident-x", Trigger.ELEVATED_LATENCY, "global", Severity.SEV1, at(-2))),
+         IncidentStatus.DETECTED, ["absorbed", "severity_raised"],
+         ["Tell", "Tell", "Refresh", "SeverityRaised", "RestartClock", "Refresh"]),
+    Case("absorbs one acknowledged: so is this", SEV2, Absorbed(Handover(
+             "incident-x", Trigger.ELEVATED_LATENCY, "global", Severity.SEV3, at(-2),
+             acknowledged_by="bob")),
+         IncidentStatus.ACKNOWLEDGED, ["absorbed", "acknowledged"],
+         ["Tell", "Tell", "Refresh", "Acknowledged", "RestartClock", "Refresh"]),
+    Case("absorbed twice (a retry) is once",
+         decide(SEV2, Absorbed(Handover("incident-x", Trigger.ELEVATED_LATENCY, "global",
+                                        Severity.SEV3, at(-2))), POLICY, at(1))[0],
+         Absorbed(Handover("incident-x", Trigger.ELEVATED_LATENCY, "global", Severity.SEV3,
+                           at(-2))), IncidentStatus.DETECTED, [], []),
+    Case("a related trigger fires", SEV2,
+         RelatedBreach(Breach(Trigger.ELEVATED_LATENCY, "model:o3", Severity.SEV3, at(5), "slow")),
+         IncidentStatus.DETECTED, ["related"], ["Tell"]),
+    Case("it fires again: not news",
+         decide(SEV2, RelatedBreach(Breach(Trigger.ELEVATED_LATENCY, "model:o3", Severity.SEV3,
+                                           at(1), "slow")), POLICY, at(1))[0],
+         RelatedBreach(Breach(Trigger.ELEVATED_LATENCY, "model:o3", Severity.SEV3, at(5), "slow")),
+         IncidentStatus.DETECTED, [], []),
+    Case("a related trigger fires worse: the severity is raised", SEV2,
+         RelatedBreach(Breach(Trigger.ELEVATED_LATENCY, "model:o3", Severity.SEV1, at(5), "slow")),
+         IncidentStatus.DETECTED, ["related", "severity_raised"],
+         ["Tell", "Tell", "Refresh", "SeverityRaised", "RestartClock"]),
 ]  # fmt: skip
 
 
@@ -469,6 +519,8 @@ def test_every_event_stamps_its_entries_with_the_time_given() -> None:
 # --- refusals -----------------------------------------------------------------------------------
 
 RESOLVED = decide(opened(), Resolve(ALICE), POLICY, at(3))[0]
+MERGED = decide(opened(), MergedInto(MergeRequest("x", Trigger.API_OUTAGE, "global")), POLICY,
+                at(3))[0]  # fmt: skip
 ACKED = acked(opened())
 ONLY_ALICE = Policy(allowed_slack_users=("alice",))
 
@@ -485,6 +537,25 @@ ONLY_ALICE = Policy(allowed_slack_users=("alice",))
         (opened(), Snooze(SnoozeRequest("alice", 0)), POLICY, "between 1 and 1440"),
         (opened(), Snooze(SnoozeRequest("alice", 1441)), POLICY, "between 1 and 1440"),
         (opened(), AddNote(ActionRequest("alice", "api", "  ")), POLICY, "needs some text"),
+        (
+            RESOLVED,
+            MergedInto(MergeRequest("x", Trigger.API_OUTAGE, "global")),
+            POLICY,
+            "already resolved",
+        ),
+        (
+            MERGED,
+            MergedInto(MergeRequest("y", Trigger.API_OUTAGE, "global")),
+            POLICY,
+            "already merged into x",
+        ),
+        (
+            MERGED,
+            Absorbed(Handover("z", Trigger.ERROR_RATE, "global", Severity.SEV2, T0)),
+            POLICY,
+            "already resolved",
+        ),
+        (MERGED, RelatedBreach(breach()), POLICY, "already resolved"),
     ],
 )
 def test_refusals(state: IncidentState, event: Event, policy: Policy, expected: str) -> None:
@@ -504,3 +575,51 @@ def test_refusals(state: IncidentState, event: Event, policy: Policy, expected: 
 )
 def test_what_is_taken(event: Event, policy: Policy) -> None:
     assert refusal(opened(), event, policy) is None
+
+
+def test_a_merge_asked_again_is_taken_and_the_merge_says_where_it_went() -> None:
+    again = MergedInto(MergeRequest("x", Trigger.API_OUTAGE, "global"))
+    assert refusal(MERGED, again, POLICY) is None
+    assert MERGED.merged_into == "x"
+    assert MERGED.resolved_by == "pagerloop"
+    assert (MERGED.ack_by, MERGED.resolve_by, MERGED.remind_at) == (None, None, None)
+    assert MERGED.timeline[-1].text.startswith("merged into x: api_outage on global")
+    _, effects = decide(opened(), again, POLICY, at(3))
+    assert Merged("x", handed_over=False) in effects
+
+
+def test_what_a_merged_incident_hands_over_and_what_the_other_takes() -> None:
+    told = decide(opened(), SlackPosted(SlackMessageRef("C1", "1.2"), "#oncall"), POLICY, at(1))[0]
+    told = decide(told, Paged(PagedTarget("incident-error_rate-global-1", "SEV2", "L1"), "L1"),
+                  POLICY, at(1))[0]  # fmt: skip
+    told = decide(told, TicketOpened("OPS-7"), POLICY, at(1))[0]
+    kept = told.handover(hand_over=False)
+    assert (kept.slack_message, kept.paged, kept.jira_issue) == (None, [], None)
+    handed = told.handover(hand_over=True)
+    assert handed.slack_message == SlackMessageRef("C1", "1.2")
+    assert handed.jira_issue == "OPS-7"
+
+    outage = fresh(Severity.SEV1)
+    outage.incident_id = "incident-api_outage-global-2"
+    outage = decide(outage, Opened(), POLICY, at(2))[0]
+    state, _ = decide(outage, Absorbed(handed), POLICY, at(2))
+    assert state.slack_message == SlackMessageRef("C1", "1.2")
+    assert state.jira_issue == "OPS-7"
+    assert [t.dedup_key for t in state.paged] == ["incident-error_rate-global-1"]
+    assert state.absorbed == ["incident-error_rate-global-1 (error_rate on global)"]
+    assert state.severity == Severity.SEV1  # the milder one does not lower it
+    # Its own, when it has them, stay its own.
+    mine = decide(outage, SlackPosted(SlackMessageRef("C1", "9.9"), "#oncall"), POLICY, at(2))[0]
+    assert decide(mine, Absorbed(handed), POLICY, at(3))[0].slack_message.ts == "9.9"  # type: ignore[union-attr]
+
+
+def test_a_related_breach_keeps_an_auto_resolve_waiting() -> None:
+    state, _ = decide(
+        opened(),
+        RelatedBreach(Breach(Trigger.ELEVATED_LATENCY, "global", Severity.SEV3, at(7), "slow")),
+        POLICY,
+        at(7),
+    )
+    assert state.last_breach_at == at(7)
+    assert state.breach_count == 0  # its own trigger's count is its own
+    assert state.related == ["elevated_latency|global"]

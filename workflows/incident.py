@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from temporalio import workflow
+from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import (
     ActivityError,
     CancelledError,
@@ -43,11 +44,13 @@ with workflow.unsafe.imports_passed_through():
         Breach,
         BreachReceipt,
         CarriedState,
+        Handover,
         IncidentInput,
         IncidentResult,
         IncidentState,
         IncidentStatus,
         LaneAction,
+        MergeRequest,
         NotificationPlan,
         Recovery,
         Severity,
@@ -55,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         TimelineEntry,
     )
     from domain.incident_machine import (
+        Absorbed,
         Acknowledge,
         AddNote,
         BreachReported,
@@ -67,10 +71,12 @@ with workflow.unsafe.imports_passed_through():
         Escalate,
         Event,
         ExtendRunbookControls,
+        MergedInto,
         Opened,
         Policy,
         QuietElapsed,
         RecoveryReported,
+        RelatedBreach,
         Resolve,
         RestartClock,
         RevertRunbookControls,
@@ -81,6 +87,7 @@ with workflow.unsafe.imports_passed_through():
         Show,
         Snooze,
         VerifiedAwaitingResolve,
+        adopt,
         decide,
         next_deadline,
         next_deadline_text,
@@ -151,8 +158,12 @@ class IncidentWorkflow:
             opened_at=input.opened_at,
             runbook=self._runbook.name if self._runbook else None,
         )
+        for handover in input.absorbs:
+            adopt(self._state, handover)  # opening then updates their message, pages their alert
         # The clock starts when the incident does; `run` shows the state first.
         self._apply(Opened(), publish=False)
+        for handover in input.absorbs:
+            self._apply(Absorbed(handover), publish=False)
 
     def _policy_for(self, input: IncidentInput) -> Policy:
         """Each severity's escalation policy as this incident applies it (the runbook's
@@ -277,6 +288,37 @@ class IncidentWorkflow:
     @add_note.validator
     def _validate_note(self, request: ActionRequest) -> None:
         self._refuse(AddNote(request))
+
+    @workflow.update
+    def merge_into(self, request: MergeRequest) -> Handover:
+        self._updates += 1
+        self._apply(MergedInto(request))
+        return self._state.handover(request.hand_over)
+
+    @merge_into.validator
+    def _validate_merge(self, request: MergeRequest) -> None:
+        self._refuse(MergedInto(request))
+
+    @workflow.update
+    def absorb(self, handover: Handover) -> IncidentState:
+        self._updates += 1
+        self._apply(Absorbed(handover))
+        return self._answer()
+
+    @absorb.validator
+    def _validate_absorb(self, handover: Handover) -> None:
+        self._refuse(Absorbed(handover))
+
+    @workflow.update
+    def report_related(self, breach: Breach) -> BreachReceipt:
+        self._updates += 1
+        self._apply(RelatedBreach(breach))
+        state = self._state
+        return BreachReceipt(state.incident_id, state.status, state.breach_count)
+
+    @report_related.validator
+    def _validate_related(self, breach: Breach) -> None:
+        self._refuse(RelatedBreach(breach))
 
     @workflow.signal(name=PROGRESS_SIGNAL)
     def runbook_progress(self, progress: RunbookProgress) -> None:
@@ -602,18 +644,27 @@ class IncidentWorkflow:
         """Mirror the state into search attributes (when they change: each upsert is a history
         event) and into the UI's current details."""
         state = state or self._state
-        published = (state.status, state.severity, state.trigger, state.scope, state.level)
+        published: tuple[object, ...] = (
+            state.status,
+            state.severity,
+            state.trigger,
+            state.scope,
+            state.level,
+        )
+        if state.merged_into:
+            published += (state.merged_into,)
         if published != self._published:
             self._published = published
-            workflow.upsert_search_attributes(
-                [
-                    sa.INCIDENT_STATUS.value_set(str(state.status)),
-                    sa.INCIDENT_SEVERITY.value_set(str(state.severity)),
-                    sa.INCIDENT_TRIGGER.value_set(str(state.trigger)),
-                    sa.INCIDENT_SCOPE.value_set(state.scope),
-                    sa.INCIDENT_LEVEL.value_set(state.level),
-                ]
-            )
+            updates: list[SearchAttributeUpdate[Any]] = [
+                sa.INCIDENT_STATUS.value_set(str(state.status)),
+                sa.INCIDENT_SEVERITY.value_set(str(state.severity)),
+                sa.INCIDENT_TRIGGER.value_set(str(state.trigger)),
+                sa.INCIDENT_SCOPE.value_set(state.scope),
+                sa.INCIDENT_LEVEL.value_set(state.level),
+            ]
+            if state.merged_into:
+                updates.append(sa.INCIDENT_MERGED_INTO.value_set(state.merged_into))
+            workflow.upsert_search_attributes(updates)
         level = self._policy.level(state)
         lines = [
             f"**{state.severity} {state.trigger}** on `{state.scope}`: **{state.status}**",
@@ -623,8 +674,15 @@ class IncidentWorkflow:
             f"- next deadline: {next_deadline_text(state)}",
             f"- opened: {state.opened_at:%Y-%m-%d %H:%M:%S} UTC",
         ]
-        if state.resolved_by:
+        if state.merged_into:
+            lines.append(f"- merged into {state.merged_into}: one problem")
+        elif state.resolved_by:
             lines.append(f"- resolved by {state.resolved_by}")
+        lines += [f"- took in {name}" for name in state.absorbed]
+        if state.related:
+            lines.append(
+                "- also firing: " + ", ".join(k.replace("|", " on ") for k in state.related)
+            )
         if state.recovered_at:
             lines.append(f"- signal recovered at {state.recovered_at:%H:%M:%S} UTC")
         if state.jira_issue:
