@@ -190,9 +190,13 @@ class Stage:
         saved = []
         for workflow_id in self.started:
             runs = await all_runs(self.client, workflow_id)
+            # Several workflows: each named by its kind (detector, or the incident's trigger).
+            kind = "" if len(self.started) == 1 else f".{workflow_id.split('-')[0]}"
+            if kind == ".incident":
+                kind = f".{workflow_id.split('-')[1]}"
             for number, handle in enumerate(runs, start=1):
                 history = await handle.fetch_history()
-                label = "" if len(runs) == 1 else f".run{number}"
+                label = kind + ("" if len(runs) == 1 else f".run{number}")
                 saved.append(write(into, f"{scenario}{label}", history.to_json()))
                 for child in children(history.to_json_dict()):
                     child_history = await self.client.get_workflow_handle(child).fetch_history()
@@ -445,6 +449,44 @@ async def detector(stage: Stage) -> None:
         stage.started.append(handle.id)
 
 
+async def correlated(stage: Stage) -> None:
+    """On the dev server, in real time: failed calls open an error_rate incident; then an
+    outage's 5xx open api_outage, which takes the error_rate incident in (its Slack message,
+    its page); the outage resolved by a person."""
+    settings = stage.settings.model_copy(update={"runbooks_enabled": False})
+    async with worker.build_worker(settings, stage.client, stage.engine):
+        await worker.ensure_detector(stage.client, settings)
+
+        async def incident(trigger: Trigger) -> str:
+            query = (
+                f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{settings.task_queue}' "
+                f"AND IncidentTrigger = '{trigger}'"
+            )
+            return next(iter([w.id async for w in stage.client.list_workflows(query)]), "")
+
+        def calls(status: str, http_status: int, n: int) -> None:
+            now = datetime.now(UTC)
+            write_calls(stage.engine, [
+                CallRecord(ts=now, model="gpt-4.1", status=status, latency_ms=800,
+                           error_type="api", http_status=http_status)
+                for _ in range(n)
+            ])  # fmt: skip
+
+        calls("error", 400, 60)
+        errors = await eventually(lambda: incident(Trigger.ERROR_RATE), timeout=30)
+        calls("server_error", 503, 200)
+        outage = await eventually(lambda: incident(Trigger.API_OUTAGE), timeout=30)
+        merged = await stage.client.get_workflow_handle_for(IncidentWorkflow.run, errors).result()
+        if merged.timeline[-1].kind != "merged":
+            raise AssertionError(f"{errors} not merged: {merged.timeline[-1]}")
+        handle = stage.client.get_workflow_handle_for(IncidentWorkflow.run, outage)
+        await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("pytest", "cli"))
+        await handle.result()
+        detector = stage.client.get_workflow_handle(detector_workflow_id(settings.task_queue))
+        await detector.terminate("recorded")
+        stage.started += [detector.id, errors, outage]
+
+
 async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
     return await count() >= n
 
@@ -460,7 +502,7 @@ ON_TIME_SKIPPING: dict[str, Callable[[Stage], Awaitable[None]]] = {
     "emailed_and_alerted": emailed_and_alerted,
     "retention": retention,
 }
-ON_DEV_SERVER = {"detector": detector}
+ON_DEV_SERVER = {"detector": detector, "correlated": correlated}
 
 
 # --- the ground they run on --------------------------------------------------------------------
