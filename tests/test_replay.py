@@ -49,6 +49,8 @@ def test_the_histories_hold_what_they_are_named_for() -> None:
     assert '"controls.extend"' in kept_alive  # the keep-alive hour passed with controls in force
     continued = next(HISTORIES.glob("continued_as_new.run1@*.json")).read_text()
     assert "EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW" in continued
+    merged = next(HISTORIES.glob("correlated.error_rate@*.json")).read_text()
+    assert '"merge_into"' in merged  # taken in by the api_outage incident
 
 
 # --- what the replay catches ----------------------------------------------------------------
