@@ -162,14 +162,3 @@ def route(
         if top != key and top in absorbs:
             absorbs[top].append(key)
     return Routing(joins, {k: tuple(v) for k, v in absorbs.items()}, tuple(held))
-
-
-def describe(relations: Iterable[Relation]) -> list[str]:
-    """The relations as README / status lines."""
-    lines = []
-    for relation in relations:
-        joined = ", ".join(str(target) for target in relation.targets)
-        how = " (either way: the one open first)" if relation.mutual else ""
-        where = "" if relation.across_scopes else " (same scope only)"
-        lines.append(f"{relation.source} takes in {joined}{how}{where}")
-    return lines

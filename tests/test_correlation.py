@@ -3,6 +3,7 @@ the rules file's section."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,15 @@ def test_a_bad_relation_is_refused_with_its_field(tmp_path: Path, text: str, nam
     path.write_text(text)
     with pytest.raises(RulesFileError, match=named.replace(".", r"\.")):
         load_rules(path)
+
+
+def test_the_readme_table_lists_the_built_in_relations() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### One problem, one incident", 1)[1].split("\nWhat they do", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert "| any trigger on `global` | the same trigger on a model or feature |" in section
+    for relation, row in zip(DEFAULT_RELATIONS, rows, strict=True):
+        source, targets = row.split("|")[1:3]
+        assert f"`{relation.source}`" in source
+        assert {f"`{t}`" for t in relation.targets} == set(re.findall(r"`\w+`", targets))
+        assert ("either way" in row) is relation.mutual
