@@ -288,6 +288,8 @@ class JiraChannel:
     async def perform(self, action: LaneAction, incident: Incident) -> None:
         state = incident.state
         if action.kind == "open":
+            if state.merged_into:
+                return
             key = await incident.call(
                 JiraActivities.open_ticket,
                 JiraTicket(

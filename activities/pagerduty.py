@@ -215,12 +215,16 @@ class PagerDutyChannel:
                 lane.push("acknowledge")
             case Resolved(via) if via != self.name:
                 lane.push("resolve")
-            case Merged(_, handed_over) if not handed_over:
-                lane.push("resolve")  # the incident it joined pages for the problem now
+            case Merged():
+                # The incident it joined pages for the problem now: what was not handed over
+                # (a page that landed after the merge) is resolved, a page in flight called off.
+                lane.push("resolve")
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:
         state = incident.state
         if action.kind == "trigger":
+            if state.merged_into:
+                return
             await self._page(action.level, incident)
         elif action.kind in ("acknowledge", "resolve") and state.paged:
             method = (

@@ -556,6 +556,8 @@ class SlackChannel:
         if channel is None:
             return
         if action.kind == "post":
+            if state.merged_into:
+                return  # never told of it: the incident it joined tells of the problem
             ref = await incident.call(
                 SlackActivities.post_incident,
                 SlackPostRequest(channel=channel, state=incident.shown()),

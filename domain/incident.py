@@ -254,8 +254,13 @@ class IncidentState:
     merged_into: str | None = None
     absorbed: list[str] = field(default_factory=list)
     related: list[str] = field(default_factory=list)
+    # Merged with `hand_over`: what the other incident took (its own fields are cleared, so
+    # nothing here touches that message, alert or ticket again).
+    handed_over: Handover | None = None
 
     def handover(self, hand_over: bool) -> Handover:
+        if self.handed_over is not None:  # asked again (a retry): what it handed over then
+            return self.handed_over
         return Handover(
             incident_id=self.incident_id,
             trigger=self.trigger,

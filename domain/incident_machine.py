@@ -562,6 +562,9 @@ class _Step:
         with this one's message, alert and ticket: nothing is told of it here)."""
         s = self.state
         s.merged_into = request.into
+        if request.hand_over:
+            s.handed_over = s.handover(hand_over=True)
+            s.slack_message, s.paged, s.jira_issue = None, [], None
         s.status = IncidentStatus.RESOLVED
         s.resolved_by, s.resolved_at = "pagerloop", self.now
         s.ack_by = s.resolve_by = s.remind_at = None

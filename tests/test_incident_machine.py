@@ -598,6 +598,14 @@ def test_what_a_merged_incident_hands_over_and_what_the_other_takes() -> None:
     handed = told.handover(hand_over=True)
     assert handed.slack_message == SlackMessageRef("C1", "1.2")
     assert handed.jira_issue == "OPS-7"
+    # Once handed over, they are the other incident's: nothing here touches them again, and a
+    # merge asked again (a retry) gets what was handed over then.
+    merge = MergedInto(MergeRequest("incident-api_outage-global-2", Trigger.API_OUTAGE, "global",
+                                    hand_over=True))  # fmt: skip
+    gone, _ = decide(told, merge, POLICY, at(2))
+    assert (gone.slack_message, gone.paged, gone.jira_issue) == (None, [], None)
+    assert gone.handover(hand_over=True) == handed
+    assert gone.handover(hand_over=False) == handed
 
     outage = fresh(Severity.SEV1)
     outage.incident_id = "incident-api_outage-global-2"
