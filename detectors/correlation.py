@@ -7,7 +7,9 @@ covers (global covers every model and feature). A trigger on global also takes i
 trigger on narrower scopes. A `mutual` relation is one problem either way: whichever of the two
 is open first takes the other in (the declared source when both are new).
 
-- In one evaluation, a target whose source fires too is hidden (`hidden`).
+- In one evaluation, a target whose source fires too is hidden (`hidden`); so is one whose
+  source is pending (breaching, not yet confirmed: seconds, see CONFIRM_AFTER), so that a
+  wider problem about to fire is not preceded by a page for a narrower one.
 - Across evaluations (`route`): a target firing while its source's incident is open joins that
   incident (nothing new opens); a source firing while a target's incident is open takes that
   incident in (the target is merged into the source).
@@ -98,15 +100,18 @@ def takes_in(
     )
 
 
-def hidden(relations: Iterable[Relation], firing: Collection[Key]) -> set[Key]:
-    """The firing targets whose source fires in the same evaluation (different triggers only:
-    one trigger's scopes are the evaluation's own business, see detectors/evaluation.py)."""
+def hidden(
+    relations: Iterable[Relation], firing: Collection[Key], pending: Collection[Key] = ()
+) -> set[Key]:
+    """The firing targets whose source fires in the same evaluation (one trigger's scopes
+    firing together are the evaluation's own business, see detectors/evaluation.py) or is
+    pending."""
     relations = tuple(relations)
     return {
         target
         for target in firing
-        for source in firing
-        if source[0] != target[0] and takes_in(relations, source, target)
+        for source in (*firing, *pending)
+        if (source[0] != target[0] or source in pending) and takes_in(relations, source, target)
     }
 
 

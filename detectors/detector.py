@@ -225,7 +225,12 @@ class DetectorWorkflow:
         correlate = workflow.patched(CORRELATE_PATCH)
         relations = config.rules.relations if correlate else LEGACY_RELATIONS
         evaluation = evaluate(
-            config.rules, aggregates, self._rule_states, config.daily_budget_usd, relations
+            config.rules,
+            aggregates,
+            self._rule_states,
+            config.daily_budget_usd,
+            relations,
+            hold_for_pending=correlate,
         )
         self._rule_states = evaluation.rule_states
         self._evaluations += 1

@@ -90,9 +90,10 @@ def evaluate(
     states: dict[str, RuleState],
     daily_budget_usd: float,
     relations: tuple[Relation, ...] | None = None,
+    hold_for_pending: bool = True,
 ) -> Evaluation:
     """`relations`: the rules' own unless given (a run begun before them replays with the
-    legacy ones)."""
+    legacy ones, and without `hold_for_pending`: a target waits for a pending source)."""
     scopes = aggregates.scopes(config.scopes)
     scope_values = {
         name: values(
@@ -113,6 +114,7 @@ def evaluate(
     new_states: dict[str, RuleState] = {}
     verdicts: dict[str, str] = {}
     firing_rules: dict[str, list[tuple[Rule, float | None]]] = {}
+    pending: set[tuple[Trigger, str]] = set()
     recovered_rules: set[str] = set()
     for rule in config.rules:
         if not rule.enabled:
@@ -130,6 +132,8 @@ def evaluate(
             tkey = trigger_key(rule.trigger, scope)
             if state.firing:
                 firing_rules.setdefault(tkey, []).append((rule, value))
+            elif event == Event.PENDING and hold_for_pending:
+                pending.add((rule.trigger, scope))
             elif event == Event.RECOVERED:
                 recovered_rules.add(tkey)
 
@@ -139,7 +143,8 @@ def evaluate(
     }
     if relations is None:
         relations = config.relations
-    inhibited = _inhibited(findings, config, aggregates, daily_budget_usd, relations)
+    pending -= {(f.trigger, f.scope) for f in findings.values()}
+    inhibited = _inhibited(findings, config, aggregates, daily_budget_usd, relations, pending)
     return Evaluation(
         rule_states=new_states,
         verdicts=verdicts,
@@ -184,9 +189,10 @@ def _inhibited(
     aggregates: WindowAggregates,
     daily_budget_usd: float,
     relations: tuple[Relation, ...],
+    pending: set[tuple[Trigger, str]],
 ) -> set[str]:
     firing = [(f.trigger, f.scope) for f in findings.values()]
-    inhibited = {trigger_key(*key) for key in hidden(relations, firing)}
+    inhibited = {trigger_key(*key) for key in hidden(relations, firing, pending)}
     for key, finding in findings.items():
         if finding.scope != GLOBAL:
             continue

@@ -104,6 +104,24 @@ def test_targets_firing_with_their_source_are_hidden(firing: list[Key], expected
     assert hidden(DEFAULT_RELATIONS, firing) == expected
 
 
+@pytest.mark.parametrize(
+    ("firing", "pending", "expected"),
+    [
+        ([ERRORS], [OUTAGE], {ERRORS}),  # the outage is about to fire: no page for its errors
+        ([ERRORS_MINI, OUTAGE_MINI], [OUTAGE], {ERRORS_MINI, OUTAGE_MINI}),
+        ([(T.API_OUTAGE, "feature:search")], [OUTAGE], {(T.API_OUTAGE, "feature:search")}),
+        ([ERRORS], [OUTAGE_MINI], set()),  # a model does not cover global
+        ([OUTAGE], [ERRORS], set()),  # a pending target holds nothing back
+        ([QUOTA], [LIMITS], {QUOTA}),  # the declared source of a mutual pair
+        ([LIMITS], [QUOTA], set()),
+    ],
+)
+def test_a_target_waits_while_its_source_is_pending(
+    firing: list[Key], pending: list[Key], expected: set[Key]
+) -> None:
+    assert hidden(DEFAULT_RELATIONS, firing, pending) == expected
+
+
 def test_the_legacy_relations_hide_error_rate_on_the_outage_scope_only() -> None:
     assert hidden(LEGACY_RELATIONS, [OUTAGE, ERRORS, SLOW]) == {ERRORS}
     assert hidden(LEGACY_RELATIONS, [OUTAGE, ERRORS_MINI]) == set()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from detectors.config import DetectorRules, RulesFileError, load_rules
+from detectors.correlation import LEGACY_RELATIONS
 from detectors.evaluation import Evaluation, evaluate
 from detectors.rules import DEFAULT_RULES, Event, Level, Rule, RuleState, step
 from detectors.signals import values
@@ -303,3 +304,24 @@ def test_scopes_that_go_quiet_leave_no_state_behind() -> None:
             "global", "model:gpt-4.1", f"feature:feature-{n}", f"feature:feature-{n - 1}"
         }  # fmt: skip
     assert not any(key.endswith("feature-0") for key in states)
+
+
+def test_errors_wait_while_the_outage_they_are_part_of_is_pending() -> None:
+    """Errors confirmed an evaluation before the outage's 5xx share crossed its line: the
+    error rate is held while the outage rule is pending, then hidden once it fires."""
+    errors = {"gpt-4.1": {"": aggregate(calls=100, errors=40)}}
+    outage = {"gpt-4.1": {"": aggregate(calls=100, server_errors=80)}}
+    rules = DetectorRules()
+    first = evaluate(rules, window(errors), {}, daily_budget_usd=500)
+    second = evaluate(rules, window(outage), first.rule_states, daily_budget_usd=500)
+    assert second.verdicts["api_outage|global"] == "pending"
+    assert second.rule_states["error_rate|global"].firing
+    assert "error_rate|global" in second.inhibited
+    assert second.firing == []
+    third = evaluate(rules, window(outage), second.rule_states, daily_budget_usd=500)
+    assert [(f.trigger, f.scope) for f in third.firing] == [(Trigger.API_OUTAGE, "global")]
+    # A run begun before relations (legacy, no hold) pages the errors at once.
+    legacy = evaluate(
+        rules, window(outage), first.rule_states, 500, LEGACY_RELATIONS, hold_for_pending=False
+    )
+    assert [(f.trigger, f.scope) for f in legacy.firing] == [(Trigger.ERROR_RATE, "global")]
