@@ -96,6 +96,12 @@ class RecoveryResults:
     told: list[str] = field(default_factory=list)
 
 
+def _unless_over(exc: Exception) -> None:
+    """Raise `exc` unless it says the incident is over: refused (resolved) or closed."""
+    if isinstance(exc, RPCError) and exc.status != RPCStatusCode.NOT_FOUND:
+        raise exc
+
+
 def open_incidents_query(task_queue: str) -> str:
     """Visibility query for this deployment's running incidents."""
     return (
@@ -140,8 +146,14 @@ class IncidentActivities:
         breach = request.breach
         if request.joins and await self._update(request.joins, REPORT_RELATED, breach):
             # Its own incident, if it had one, is the wider one's too now.
-            own = [request.known_id] if request.known_id else []
-            merged = await self._absorb_into(request.joins, own)
+            merged = []
+            if request.known_id:
+                wider: IncidentState = await self._client.get_workflow_handle(request.joins).query(
+                    "state", result_type=IncidentState
+                )
+                merged = await self._absorb_into(
+                    MergeRequest(request.joins, wider.trigger, wider.scope), [request.known_id]
+                )
             return OpenIncidentResult(request.joins, joined=True, merged=merged)
         # (a wider incident that is over leaves the breach a problem of its own)
         known = request.known_id
@@ -150,17 +162,18 @@ class IncidentActivities:
             if not (known and await self._report(known, breach)):
                 known = None
         if known is not None:
-            merged = await self._absorb_into(known, request.absorbs)
-            return OpenIncidentResult(known, merged=merged)
+            into = MergeRequest(known, breach.trigger, breach.scope)
+            return OpenIncidentResult(known, merged=await self._absorb_into(into, request.absorbs))
         silence = await asyncio.to_thread(
             silences.matching, self._engine, breach.trigger, breach.scope, breach.observed_at
         )
         if silence is not None:
             return OpenIncidentResult(None, silenced_by=silence.id, silence_reason=silence.reason)
-        handovers = []
-        for number, target in enumerate(request.absorbs):
-            merge = MergeRequest(request.proposed_id, breach.trigger, breach.scope, number == 0)
-            if (handover := await self._merge(target, merge)) is not None:
+        handovers: list[Handover] = []
+        for target in request.absorbs:
+            # The first one merged hands over where people were told of it.
+            into = MergeRequest(request.proposed_id, breach.trigger, breach.scope, not handovers)
+            if (handover := await self._merge(target, into)) is not None:
                 handovers.append(handover)
         receipt = await self._report(request.proposed_id, breach, handovers)
         if receipt is None:  # that id belongs to an incident resolved in the meantime
@@ -172,20 +185,13 @@ class IncidentActivities:
         merged = [handover.incident_id for handover in handovers]
         return OpenIncidentResult(request.proposed_id, opened=opened, merged=merged)
 
-    async def _absorb_into(self, incident_id: str, targets: list[str]) -> list[str]:
-        """Merge `targets` into the running incident `incident_id`, which keeps its own
-        message, alert and ticket (theirs are updated to say where the problem went)."""
+    async def _absorb_into(self, into: MergeRequest, targets: list[str]) -> list[str]:
+        """Merge `targets` into the running incident `into.into`, which keeps its own message,
+        alert and ticket (theirs are updated to say where the problem went)."""
         merged: list[str] = []
-        if not targets:
-            return merged
-        into: IncidentState = await self._client.get_workflow_handle(incident_id).query(
-            "state", result_type=IncidentState
-        )
         for target in targets:
-            request = MergeRequest(incident_id, into.trigger, into.scope)
-            handover = await self._merge(target, request)
-            if handover is not None:
-                await self._update(incident_id, ABSORB, handover)
+            handover = await self._merge(target, into)
+            if handover is not None and await self._update(into.into, ABSORB, handover):
                 merged.append(target)
         return merged
 
@@ -200,8 +206,9 @@ class IncidentActivities:
             )
             return handover
         except (WorkflowUpdateFailedError, RPCError) as exc:
+            _unless_over(exc)
             state: IncidentState | None = None
-            with contextlib.suppress(WorkflowQueryFailedError, RPCError):
+            with contextlib.suppress(WorkflowQueryFailedError):
                 state = await handle.query("state", result_type=IncidentState)
             if state is not None and state.merged_into == request.into:
                 return state.handover(request.hand_over)
@@ -209,10 +216,12 @@ class IncidentActivities:
             return None
 
     async def _update(self, incident_id: str, update: str, arg: object) -> bool:
-        """Whether the running incident took the update (not when it is over)."""
+        """Whether the running incident took the update (not when it is over; any other
+        failure raises, so that the activity is retried)."""
         try:
             await self._client.get_workflow_handle(incident_id).execute_update(update, arg)
         except (WorkflowUpdateFailedError, RPCError) as exc:
+            _unless_over(exc)
             log.info("incident %s did not take %s: %s", incident_id, update, exc)
             return False
         return True

@@ -282,8 +282,8 @@ class JiraChannel:
                     lane.push("open", text=project)
             case Resolved():
                 lane.push("resolve")
-            case Merged(_, handed_over) if not handed_over:
-                lane.push("resolve")
+            case Merged():
+                lane.push("resolve")  # its own ticket, or one opened after the merge
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:
         state = incident.state

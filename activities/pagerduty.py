@@ -29,7 +29,7 @@ with warnings.catch_warnings():
 from activities.channel import Incident
 from activities.finite import json_safe
 from config.escalation import Escalation
-from domain.incident import LaneAction, NotificationPlan, PagedTarget, Severity
+from domain.incident import IncidentState, LaneAction, NotificationPlan, PagedTarget, Severity
 from domain.incident_machine import (
     Acknowledged,
     Effect,
@@ -226,15 +226,13 @@ class PagerDutyChannel:
             if state.merged_into:
                 return
             await self._page(action.level, incident)
-        elif action.kind in ("acknowledge", "resolve") and state.paged:
+        elif action.kind in ("acknowledge", "resolve") and (targets := _own(state)):
             method = (
                 PagerDutyActivities.acknowledge
                 if action.kind == "acknowledge"
                 else PagerDutyActivities.resolve
             )
-            await incident.call(
-                method, PageUpdate(list(state.paged)), summary=f"PagerDuty: {action.kind}"
-            )
+            await incident.call(method, PageUpdate(targets), summary=f"PagerDuty: {action.kind}")
 
     async def _page(self, level: str, incident: Incident) -> None:
         """Trigger PagerDuty, unless the incident is resolved while PagerDuty still refuses the
@@ -256,7 +254,7 @@ class PagerDutyChannel:
             links=[{"href": plan.status_url, "text": "pagerloop status"}]
             if plan.status_url
             else [],
-            adopted=[t for t in state.paged if not t.dedup_key.startswith(state.incident_id)],
+            adopted=[t for t in state.paged if not _is_own(t.dedup_key, state.incident_id)],
         )
         paging = incident.start(
             PagerDutyActivities.trigger,
@@ -288,6 +286,17 @@ class PagerDutyChannel:
         else:
             target = await paging
         incident.apply(Paged(target, level))
+
+
+def _is_own(dedup_key: str, incident_id: str) -> bool:
+    return dedup_key == incident_id or dedup_key.startswith(f"{incident_id}/")
+
+
+def _own(state: IncidentState) -> list[PagedTarget]:
+    """The alerts this incident answers for: not those it handed over to the incident it was
+    merged into (a page landing late on the same dedup key is that incident's alert)."""
+    handed = {t.dedup_key for t in state.handed_over.paged} if state.handed_over else set()
+    return [t for t in state.paged if t.dedup_key not in handed]
 
 
 PAGERDUTY = PagerDutyChannel()

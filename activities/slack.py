@@ -146,14 +146,8 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
                 "text": {"type": "mrkdwn", "text": _truncate(_runbook_text(state), SECTION_MAX)},
             }
         )
-    merged = []
-    if state.merged_into:
-        merged.append(f":twisted_rightwards_arrows: Merged into `{state.merged_into}`: one problem")
-    merged += [f":link: Took in {name}" for name in state.absorbed]
-    if state.related:
-        merged.append("Also firing: " + ", ".join(k.replace("|", " on ") for k in state.related))
-    if merged:
-        text = _truncate("\n".join(merged), SECTION_MAX)
+    if merged := state.correlation_lines():
+        text = _truncate("\n".join(f":link: {line}" for line in merged), SECTION_MAX)
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text}})
     context = [f"Incident `{state.incident_id}`"]
     if state.acknowledged_by:
@@ -544,8 +538,10 @@ class SlackChannel:
                         lane.push("notify", text=reason or state.summary, level=other)
             case Refresh():
                 lane.push("update")
-            case Merged(_, handed_over) if not handed_over:
-                lane.push("update")  # says where the problem went on
+            case Merged():
+                # Says where the problem went on: on its own message, or (handed over) on one
+                # that landed after the merge.
+                lane.push("update")
             case Tell(entry):
                 said = f"by {entry.actor} via {entry.channel}: {entry.text}"
                 lane.push("reply", text=f"*{entry.kind.replace('_', ' ')}* {said}")
@@ -578,7 +574,7 @@ class SlackChannel:
                 SlackReplyRequest(message=state.slack_message, text=action.text),
                 summary="Slack: thread reply",
             )
-        elif action.kind == "notify":
+        elif action.kind == "notify" and not state.merged_into:
             await incident.call(
                 SlackActivities.notify,
                 SlackPostRequest(channel=action.level, state=incident.shown(), note=action.text),

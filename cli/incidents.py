@@ -100,12 +100,8 @@ def show(incident_id: str) -> None:
     for at, what in deadlines:
         if at is not None:
             out.print(f"  {what} by {at:%Y-%m-%d %H:%M:%S} UTC")
-    if state.merged_into:
-        out.print(f"  merged into {state.merged_into}: one problem")
-    for name in state.absorbed:
-        out.print(f"  took in {name}")
-    if state.related:
-        out.print("  also firing: " + ", ".join(k.replace("|", " on ") for k in state.related))
+    for line in state.correlation_lines():
+        out.print(f"  {line}")
     if state.jira_issue:
         out.print(f"  ticket {state.jira_issue}")
     if state.runbook:

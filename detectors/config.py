@@ -16,10 +16,11 @@ critical_severity = "SEV1"
 [rules.quality_drift]
 enabled = false
 
-default_relations = true                  # keep the built-in relations (README "One problem,
-[[relations]]                             # one incident"); each [[relations]] adds one
+# Each [[relations]] adds to the built-in ones (README "One problem, one incident");
+# `default_relations = false`, at the top beside `scopes`, drops those.
+[[relations]]
 source = "api_outage"
-targets = ["error_rate", "elevated_latency"]
+targets = ["quality_degradation"]
 mutual = false                            # true: either way, the one open first takes in
 across_scopes = true                      # false: the same scope only
 """
@@ -120,12 +121,34 @@ def apply(parsed: RulesFile) -> DetectorRules:
         rules.append(rule)
     relations = DEFAULT_RELATIONS if parsed.default_relations else ()
     relations += tuple(entry.relation() for entry in parsed.relations)
-    for relation in relations:
-        if relation.source in relation.targets:
-            raise RulesFileError(f"relations: {relation.source} cannot take in itself")
+    _check_relations(relations)
     return DetectorRules(
         tuple(rules), tuple(parsed.scopes), dict(parsed.tpm_quota), tuple(relations)
     )
+
+
+def _check_relations(relations: tuple[Relation, ...]) -> None:
+    """No trigger takes in itself, through any chain of relations: a cycle would hide every
+    trigger on it (a mutual relation is one pair, declared once)."""
+    edges: dict[str, set[str]] = {}
+    for relation in relations:
+        if relation.source in relation.targets:
+            raise RulesFileError(f"relations: {relation.source} cannot take in itself")
+        edges.setdefault(relation.source, set()).update(relation.targets)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for step in edges.get(start, ()):
+            if step == goal or (step not in seen and reaches(step, goal, seen | {step})):
+                return True
+        return False
+
+    for source, targets in edges.items():
+        for target in targets:
+            if reaches(target, source, {target}):
+                raise RulesFileError(
+                    f"relations: {source} and {target} take each other in (a cycle); "
+                    "declare one mutual relation instead"
+                )
 
 
 def load_rules(path: Path | None) -> DetectorRules:

@@ -60,8 +60,18 @@ def key_of(text: str) -> Key:
     return Trigger(trigger), scope
 
 
-def text_of(key: Key) -> str:
-    return f"{key[0]}|{key[1]}"
+def _by_scope(keys: Iterable[Key]) -> dict[str, list[Key]]:
+    found: dict[str, list[Key]] = {}
+    for key in keys:
+        found.setdefault(key[1], []).append(key)
+    return found
+
+
+def _coverers(index: dict[str, list[Key]], target: Key) -> list[Key]:
+    """The keys that could cover `target`: on its scope or on global (not one per pair of
+    keys: a wide outage has hundreds of scopes, and this runs in the detector workflow)."""
+    near = index.get(target[1], [])
+    return near if target[1] == GLOBAL else near + index.get(GLOBAL, [])
 
 
 def covers(relations: Iterable[Relation], source: Key, target: Key) -> bool:
@@ -101,16 +111,21 @@ def takes_in(
 
 
 def hidden(
-    relations: Iterable[Relation], firing: Collection[Key], pending: Collection[Key] = ()
+    relations: Iterable[Relation],
+    firing: Collection[Key],
+    pending: Collection[Key] = (),
+    sources: Collection[Key] | None = None,
 ) -> set[Key]:
     """The firing targets whose source fires in the same evaluation (one trigger's scopes
     firing together are the evaluation's own business, see detectors/evaluation.py) or is
-    pending."""
+    pending. `sources`: the firing keys that may hide others (all of them unless given)."""
     relations = tuple(relations)
+    pending = set(pending)
+    index = _by_scope([*(firing if sources is None else sources), *pending])
     return {
         target
         for target in firing
-        for source in (*firing, *pending)
+        for source in _coverers(index, target)
         if (source[0] != target[0] or source in pending) and takes_in(relations, source, target)
     }
 
@@ -136,10 +151,10 @@ def route(
     take in the open incidents it covers. `open_keys`: keys with an incident of their own."""
     relations = tuple(relations)
     firing = sorted(set(firing))
-    present = sorted(set(firing) | set(open_keys))
+    index = _by_scope(sorted(set(firing) | set(open_keys)))
 
     def absorber(key: Key) -> Key | None:
-        candidates = [c for c in present if takes_in(relations, c, key, open_keys)]
+        candidates = [c for c in _coverers(index, key) if takes_in(relations, c, key, open_keys)]
         # The one open first wins over one opening now; then the widest (global).
         candidates.sort(key=lambda c: (c not in open_keys, c[1] != GLOBAL, c))
         return candidates[0] if candidates else None

@@ -35,7 +35,6 @@ with workflow.unsafe.imports_passed_through():
         Routing,
         key_of,
         route,
-        text_of,
     )
     from detectors.evaluation import Evaluation, Finding, evaluate, trigger_key
     from detectors.rules import RuleState
@@ -269,21 +268,21 @@ class DetectorWorkflow:
             key = (finding.trigger, finding.scope)
             if key in routing.held:
                 continue  # its wider problem opens now: it joins at the next evaluation
-            state = self._triggers.get(text_of(key), TriggerState())
+            state = self._triggers.get(trigger_key(*key), TriggerState())
+            wider = routing.joins.get(key)
+            joins = self._triggers[trigger_key(*wider)].incident_id if wider else None
+            if joins is None and state.attached:
+                state = TriggerState()  # its wider problem is over: a problem of its own
             raised = state.severity is not None and severity_rank(finding.severity) > severity_rank(
                 state.severity
             )
             due = state.reported_at is None or now - state.reported_at >= REPORT_INTERVAL
-            wider = routing.joins.get(key)
-            joins = self._triggers[text_of(wider)].incident_id if wider else None
             absorbs = [
                 incident_id
                 for target in routing.absorbs.get(key, ())
-                if (incident_id := self._triggers[text_of(target)].incident_id)
+                if (incident_id := self._triggers[trigger_key(*target)].incident_id)
             ]
             own = None if state.attached else state.incident_id
-            if joins is None and state.attached:
-                state = TriggerState()  # its wider problem is over: a problem of its own
             if state.incident_id != (joins or own) or raised or due or absorbs:
                 breach = Breach(
                     trigger=finding.trigger,

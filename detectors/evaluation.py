@@ -92,8 +92,9 @@ def evaluate(
     relations: tuple[Relation, ...] | None = None,
     hold_for_pending: bool = True,
 ) -> Evaluation:
-    """`relations`: the rules' own unless given (a run begun before them replays with the
-    legacy ones, and without `hold_for_pending`: a target waits for a pending source)."""
+    """`relations`: the rules' own unless given. `hold_for_pending`: a target waits while its
+    source is pending, and a source hidden as another scope's problem hides nothing (a run
+    begun before relations replays with the legacy ones and without this)."""
     scopes = aggregates.scopes(config.scopes)
     scope_values = {
         name: values(
@@ -144,7 +145,9 @@ def evaluate(
     if relations is None:
         relations = config.relations
     pending -= {(f.trigger, f.scope) for f in findings.values()}
-    inhibited = _inhibited(findings, config, aggregates, daily_budget_usd, relations, pending)
+    inhibited = _inhibited(
+        findings, config, aggregates, daily_budget_usd, relations, pending, hold_for_pending
+    )
     return Evaluation(
         rule_states=new_states,
         verdicts=verdicts,
@@ -190,9 +193,9 @@ def _inhibited(
     daily_budget_usd: float,
     relations: tuple[Relation, ...],
     pending: set[tuple[Trigger, str]],
+    pending_holds: bool,
 ) -> set[str]:
-    firing = [(f.trigger, f.scope) for f in findings.values()]
-    inhibited = {trigger_key(*key) for key in hidden(relations, firing, pending)}
+    inhibited: set[str] = set()
     for key, finding in findings.items():
         if finding.scope != GLOBAL:
             continue
@@ -209,6 +212,11 @@ def _inhibited(
                 inhibited.add(key)  # theirs alone
             else:
                 inhibited.update(trigger_key(finding.trigger, scope) for scope in narrower)
+    firing = [(f.trigger, f.scope) for f in findings.values()]
+    # A source hidden as another scope's problem hides nothing (a run begun before relations
+    # replays as it ran: every firing source hid its targets).
+    sources = [k for k in firing if trigger_key(*k) not in inhibited] if pending_holds else firing
+    inhibited |= {trigger_key(*key) for key in hidden(relations, firing, pending, sources)}
     return inhibited
 
 

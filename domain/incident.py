@@ -258,6 +258,15 @@ class IncidentState:
     # nothing here touches that message, alert or ticket again).
     handed_over: Handover | None = None
 
+    def correlation_lines(self) -> list[str]:
+        """What merges made of this incident, a line each (UI details, CLI, Slack)."""
+        lines = [f"merged into {self.merged_into}: one problem"] if self.merged_into else []
+        lines += [f"took in {name}" for name in self.absorbed]
+        if self.related:
+            firing = ", ".join(key.replace("|", " on ") for key in self.related)
+            lines.append(f"also firing: {firing}")
+        return lines
+
     def handover(self, hand_over: bool) -> Handover:
         if self.handed_over is not None:  # asked again (a retry): what it handed over then
             return self.handed_over

@@ -329,6 +329,8 @@ def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
         if state.merged_into == event.request.into:
             return None
         return f"{state.incident_id} was already merged into {state.merged_into}"
+    if state.merged_into is not None:
+        return f"{state.incident_id} was merged into {state.merged_into}: act on that one"
     if state.status == IncidentStatus.RESOLVED and state.resolved_at is not None:
         return (
             f"{state.incident_id} is already resolved (by {state.resolved_by} "

@@ -122,6 +122,15 @@ def test_a_target_waits_while_its_source_is_pending(
     assert hidden(DEFAULT_RELATIONS, firing, pending) == expected
 
 
+def test_a_source_hidden_as_another_scopes_problem_hides_nothing() -> None:
+    """The outage on global is gpt-4.1-mini's alone (the evaluation hid it): the error rate of
+    o3 is a problem of its own."""
+    errors_o3: Key = (T.ERROR_RATE, "model:o3")
+    firing = [OUTAGE, OUTAGE_MINI, errors_o3]
+    assert hidden(DEFAULT_RELATIONS, firing) == {errors_o3}
+    assert hidden(DEFAULT_RELATIONS, firing, sources=[OUTAGE_MINI, errors_o3]) == set()
+
+
 def test_the_legacy_relations_hide_error_rate_on_the_outage_scope_only() -> None:
     assert hidden(LEGACY_RELATIONS, [OUTAGE, ERRORS, SLOW]) == {ERRORS}
     assert hidden(LEGACY_RELATIONS, [OUTAGE, ERRORS_MINI]) == set()
@@ -245,6 +254,24 @@ def test_the_rules_file_adds_relations_or_replaces_the_defaults(tmp_path: Path) 
     only = load_rules(path).relations
     assert only == (Relation(T.COST_SPIKE, (T.BUDGET_EXHAUSTION,), mutual=True),)
     assert not covers(only, OUTAGE, ERRORS)
+
+
+@pytest.mark.parametrize(
+    "relations",
+    [
+        '[[relations]]\nsource = "error_rate"\ntargets = ["api_outage"]\n',  # the default's back
+        '[[relations]]\nsource = "cost_spike"\ntargets = ["quality_degradation"]\n'
+        '[[relations]]\nsource = "quality_degradation"\ntargets = ["budget_exhaustion"]\n',
+    ],
+    ids=["two", "three"],
+)
+def test_relations_that_come_back_to_their_start_are_refused(
+    tmp_path: Path, relations: str
+) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(relations)
+    with pytest.raises(RulesFileError, match="a cycle"):
+        load_rules(path)
 
 
 @pytest.mark.parametrize(

@@ -553,9 +553,9 @@ ONLY_ALICE = Policy(allowed_slack_users=("alice",))
             MERGED,
             Absorbed(Handover("z", Trigger.ERROR_RATE, "global", Severity.SEV2, T0)),
             POLICY,
-            "already resolved",
+            "was merged into x: act on that one",
         ),
-        (MERGED, RelatedBreach(breach()), POLICY, "already resolved"),
+        (MERGED, RelatedBreach(breach()), POLICY, "was merged into x: act on that one"),
     ],
 )
 def test_refusals(state: IncidentState, event: Event, policy: Policy, expected: str) -> None:

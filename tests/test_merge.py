@@ -200,7 +200,7 @@ async def test_an_open_wider_problem_keeps_its_own_and_the_merged_one_says_where
     # The merged one's alert is resolved, its message says where the problem went.
     await eventually(lambda: dedup_keys(fake_pagerduty, "resolve") == {theirs.paged[0].dedup_key})
     assert theirs.slack_message is not None
-    await eventually(lambda: _shows(fake_slack, f"Merged into `{outage}`", theirs.slack_message.ts))
+    await eventually(lambda: _shows(fake_slack, f"merged into {outage}", theirs.slack_message.ts))
     assert any("merged into" in text for text in _thread(fake_slack, theirs.slack_message.ts))
     assert mine.slack_message is not None
     assert any("took in" in text for text in _thread(fake_slack, mine.slack_message.ts))

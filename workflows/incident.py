@@ -203,7 +203,7 @@ class IncidentWorkflow:
                     for lane in self._lanes
                 },
             )
-            workflow.continue_as_new(replace(input, carried=carried))
+            workflow.continue_as_new(replace(input, carried=carried, absorbs=[]))
         await self._tell_detector()
         state = self._state
         return IncidentResult(
@@ -674,15 +674,9 @@ class IncidentWorkflow:
             f"- next deadline: {next_deadline_text(state)}",
             f"- opened: {state.opened_at:%Y-%m-%d %H:%M:%S} UTC",
         ]
-        if state.merged_into:
-            lines.append(f"- merged into {state.merged_into}: one problem")
-        elif state.resolved_by:
+        if state.resolved_by and not state.merged_into:
             lines.append(f"- resolved by {state.resolved_by}")
-        lines += [f"- took in {name}" for name in state.absorbed]
-        if state.related:
-            lines.append(
-                "- also firing: " + ", ".join(k.replace("|", " on ") for k in state.related)
-            )
+        lines += [f"- {line}" for line in state.correlation_lines()]
         if state.recovered_at:
             lines.append(f"- signal recovered at {state.recovered_at:%H:%M:%S} UTC")
         if state.jira_issue:
