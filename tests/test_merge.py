@@ -7,6 +7,7 @@ is open joins it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
@@ -61,7 +63,8 @@ async def _close_all(client: Client, task_queue: str) -> None:
     query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{task_queue}'"
     async for execution in client.list_workflows(query):
         if execution.status == WorkflowExecutionStatus.RUNNING:
-            await client.get_workflow_handle(execution.id).terminate("test over")
+            with contextlib.suppress(RPCError):  # it may have ended since it was listed
+                await client.get_workflow_handle(execution.id).terminate("test over")
 
 
 def breach(trigger: Trigger, severity: Severity) -> Breach:
