@@ -36,6 +36,11 @@ from tests.fakes.server import ThreadedServer
 from tests.fakes.slack import FakeSlack
 from workflows.incident import IncidentWorkflow
 
+# pytest-xdist's workers run with COLUMNS=80, which a rich Console created at import fixes as its
+# width for good: the CLI tests choose their own width per invocation.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 BIN = Path(sys.executable).parent
 
 
