@@ -79,6 +79,7 @@ from detectors.detector import (
     DetectorWorkflow,
 )
 from detectors.reading import SignalJudge
+from detectors.series import IncidentCharts
 from domain import search_attributes as sa
 from domain.incident import NotificationPlan, RunbookPlan
 from domain.workflow_names import detector_workflow_id
@@ -192,6 +193,17 @@ def make_jira_client(settings: Settings) -> JIRA | None:
     return jira.make_client(str(settings.jira_url), settings.jira_email, token)
 
 
+def incident_charts(settings: Settings, engine: Engine) -> IncidentCharts:
+    """The chart of an incident's signal over the last hour, as the detector computes it: its
+    SVG on the status page, its PNG in the incident's Slack thread."""
+    return IncidentCharts(
+        engine,
+        load_rules(settings.rules_file),
+        settings.daily_budget_usd,
+        settings.detector_window_seconds,
+    )
+
+
 def build_activities(
     settings: Settings, client: Client, engine: Engine
 ) -> list[Callable[..., Any]]:
@@ -200,7 +212,9 @@ def build_activities(
     metrics = MetricsActivities(engine, settings.detector_max_scopes)
     plan = notification_plan(settings, escalation)
     incidents = IncidentActivities(client, settings.task_queue, plan, engine)
-    slack_activities = SlackActivities(make_slack_client(settings))
+    slack_activities = SlackActivities(
+        make_slack_client(settings), chart=incident_charts(settings, engine).png
+    )
     pd_activities = PagerDutyActivities(
         str(settings.pagerduty_events_url), settings.pagerduty_routing_key, escalation
     )

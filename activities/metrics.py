@@ -24,6 +24,11 @@ class WindowQuery:
     # Per-scope sums (small at any cardinality); False, the default of detector code from
     # before, asks for per-(model, feature) cells, the only shape that code can evaluate.
     per_scope: bool = False
+    # Narrower windows (seconds) read in the same scan, for rules with windows of their own:
+    # the result's `windows` (empty, the default of detector code from before: one window).
+    windows: list[int] = field(default_factory=list)
+    # The windows whose latency histograms are summed (most of the result's bytes); None: all.
+    latency_windows: list[int] | None = None
 
 
 class MetricsActivities:
@@ -41,4 +46,6 @@ class MetricsActivities:
             max_scopes=self._max_scopes,
             keep=query.keep,
             per_scope=query.per_scope,
+            windows=query.windows,
+            latency_windows=query.latency_windows,
         )

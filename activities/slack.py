@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -43,6 +44,14 @@ NOTIFY_EVENT = "pagerloop_notify"
 # scheduled (Temporal's clock and Slack's may disagree), not through the whole conversation.
 LOOKBACK_SKEW = timedelta(minutes=5)
 LOOKUP_PAGE = 200
+# The chart of the incident's signal goes to its thread right after the first post; making and
+# uploading it may take this long, well inside the post's start-to-close timeout (30 s), and a
+# chart that fails or is late is logged and left out: it never fails the incident's message.
+CHART_DEADLINE_SECONDS = 10.0
+
+# (trigger, scope, now) -> the PNG of the trigger's signal over the last hour, or None when
+# there is nothing to show. The worker builds it (detectors.series); activities cannot.
+ChartSource = Callable[[str, str, datetime], bytes | None]
 
 _log = logging.getLogger(__name__)
 
@@ -408,6 +417,66 @@ def post_ephemeral(client: WebClient, channel: str, user: str, text: str) -> Non
         raise ERRORS.unencodable("chat.postEphemeral", exc) from exc
 
 
+def chart_filename(incident_id: str) -> str:
+    """The chart's file name: how a retry recognises the chart an earlier attempt uploaded."""
+    return f"pagerloop-{incident_id}-last-hour.png"
+
+
+def find_thread_file(client: WebClient, ref: SlackMessageRef, filename: str) -> bool:
+    """Whether the message's thread holds a file share of `filename`."""
+    cursor: str | None = None
+    try:
+        while True:
+            page = client.conversations_replies(
+                channel=ref.channel, ts=ref.ts, limit=LOOKUP_PAGE, cursor=cursor
+            )
+            messages: list[dict[str, Any]] = page.get("messages", [])
+            for message in messages:
+                if any(f.get("name") == filename for f in message.get("files") or []):
+                    return True
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return False
+    except SlackClientError as exc:
+        raise _translate(exc, "conversations.replies") from exc
+
+
+def attach_chart(
+    client: WebClient,
+    ref: SlackMessageRef,
+    state: IncidentState,
+    chart: ChartSource,
+    *,
+    look_first: bool,
+    now: datetime,
+) -> bool:
+    """Upload the chart of the incident's signal to its thread (slack-sdk's files_upload_v2:
+    files.getUploadURLExternal, the upload, files.completeUploadExternal). `look_first`: an
+    earlier attempt of the post may have uploaded it already; then nothing is uploaded.
+    Whether a chart was uploaded."""
+    filename = chart_filename(state.incident_id)
+    if look_first and find_thread_file(client, ref, filename):
+        return False
+    png = chart(str(state.trigger), state.scope, now)
+    if png is None:
+        return False
+    try:
+        client.files_upload_v2(
+            channel=ref.channel,
+            thread_ts=ref.ts,
+            file=png,
+            filename=filename,
+            title=f"{state.trigger} on {state.scope}: the last hour",
+            alt_txt=(
+                f"The {state.trigger} signal on {state.scope} minute by minute over the last "
+                "hour, against its warning and critical thresholds"
+            ),
+        )
+    except SlackClientError as exc:
+        raise _translate(exc, "files.upload") from exc
+    return True
+
+
 @dataclass
 class SlackPostRequest:
     channel: str
@@ -431,8 +500,9 @@ class SlackActivities:
     """Registered even when Slack is off, so an incident opened while it was on fails its
     Slack steps cleanly (on its timeline) instead of waiting for a worker that has them."""
 
-    def __init__(self, client: WebClient | None) -> None:
+    def __init__(self, client: WebClient | None, chart: ChartSource | None = None) -> None:
         self._client = client
+        self._chart = chart
 
     def _require_client(self) -> WebClient:
         if self._client is None:
@@ -445,19 +515,50 @@ class SlackActivities:
         attempt may have posted before it was cut off."""
         state = request.state
         client = self._require_client()
+        found: SlackMessageRef | None = None
         if activity.info().attempt > 1:
             found = await asyncio.to_thread(
                 find_incident_message, client, request.channel, state.incident_id
             )
-            if found is not None:
-                return found
-        return await asyncio.to_thread(
-            partial(post_message, incident_id=state.incident_id),
-            client,
-            request.channel,
-            fallback_text(state),
-            incident_blocks(state),
-        )
+        if found is not None:
+            ref = found
+        else:
+            ref = await asyncio.to_thread(
+                partial(post_message, incident_id=state.incident_id),
+                client,
+                request.channel,
+                fallback_text(state),
+                incident_blocks(state),
+            )
+        # Found: an earlier attempt posted it, and may have uploaded the chart too.
+        await self._attach_chart(client, ref, state, look_first=found is not None)
+        return ref
+
+    async def _attach_chart(
+        self, client: WebClient, ref: SlackMessageRef, state: IncidentState, *, look_first: bool
+    ) -> None:
+        """The chart in the thread, once; any failure is logged and the message stands."""
+        if self._chart is None:
+            return
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(
+                    partial(attach_chart, look_first=look_first, now=datetime.now(UTC)),
+                    client,
+                    ref,
+                    state,
+                    self._chart,
+                ),
+                CHART_DEADLINE_SECONDS,
+            )
+        except TimeoutError:
+            _log.warning(
+                "no chart for %s: not made and uploaded within %ss",
+                state.incident_id,
+                CHART_DEADLINE_SECONDS,
+            )
+        except Exception as exc:  # a chart is a nicety: never the reason a post fails
+            _log.warning("no chart for %s: %s", state.incident_id, exc, exc_info=True)
 
     @activity.defn(name="slack.reply")
     async def reply(self, request: SlackReplyRequest) -> None:

@@ -11,7 +11,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import (
+    calls,
     controls,
+    costs,
     errors,
     feedback,
     health,
@@ -101,7 +103,20 @@ def create_app(svc: Services) -> FastAPI:
         },
     )
     errors.install(app)
-    for module in (ingest, otlp, feedback, silences, controls, slack, pagerduty, status, health):
+    routers = (
+        ingest,
+        otlp,
+        feedback,
+        silences,
+        controls,
+        calls,
+        costs,
+        slack,
+        pagerduty,
+        status,
+        health,
+    )
+    for module in routers:
         app.include_router(module.router)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[readable_by("openapi")])

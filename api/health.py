@@ -1,4 +1,5 @@
-"""GET /healthz (liveness and dependencies) and GET /metrics (Prometheus)."""
+"""GET /healthz (liveness and dependencies) and GET /metrics (Prometheus): the service's own
+metrics and the golden signals (api/signals_export.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import asyncio
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.auth import readable_by
 from api.deps import Services, services
 from api.errors import RETRY_AFTER_SECONDS
+from api.signals_export import exporter_of
 from api.telemetry import REGISTRY
 from stores.engine import ping
 
@@ -48,5 +50,11 @@ async def healthz(svc: Annotated[Services, Depends(services)]) -> JSONResponse:
 
 
 @router.get("/metrics", dependencies=[readable_by("metrics")])
-def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    exporter = exporter_of(request.app)
+    await exporter.refresh()  # bounded: past its wait, the last snapshot is served
+
+    def render() -> bytes:
+        return generate_latest(REGISTRY) + generate_latest(exporter.registry)
+
+    return Response(await asyncio.to_thread(render), media_type=CONTENT_TYPE_LATEST)

@@ -1,10 +1,21 @@
-"""GET /status: the overall state and the open incidents, as JSON or as a page."""
+"""GET /status: the overall state and the open incidents, as JSON or as a page.
+
+The page (Accept: text/html) shows, per open incident, its trigger's signal over the last hour
+against the rule's thresholds (an inline SVG drawn on the server: no script, nothing fetched
+from elsewhere), the runbook that answers it and the controls in force on its scope. Those come
+from the stores within what is left of the page's deadline: an incident whose chart fails or is
+late says so, and the page carries on.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import html
-from datetime import datetime
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -16,10 +27,23 @@ from activities.incidents import open_incidents_query
 from api.auth import readable_by
 from api.deps import Services, services
 from api.errors import RETRY_AFTER_SECONDS
+from detectors.config import load_rules
+from detectors.series import IncidentCharts
 from domain import search_attributes as sa
+from domain.scopes import GLOBAL, kind_of, scope_name
+from runbooks import runbook_for
+from runbooks.base import RunbookSpec
+from stores import controls as control_store
+from stores.controls import Control
 
 router = APIRouter()
 STATUS_DEADLINE_SECONDS = 3
+# The page charts this many open incidents at most (the busiest day must not make it slow).
+CHARTED_INCIDENTS_MAX = 20
+# Charts and controls get what the listing left of the deadline, but at least this much.
+DETAILS_MIN_SECONDS = 0.5
+
+_log = logging.getLogger(__name__)
 
 
 class OpenIncident(BaseModel):
@@ -66,6 +90,7 @@ async def open_incidents(svc: Services) -> list[OpenIncident]:
 @router.get("/status", response_model=StatusPage, dependencies=[readable_by("status")])
 async def status_page(request: Request, svc: Annotated[Services, Depends(services)]) -> Response:
     code = 200
+    started = time.monotonic()
     try:
         async with asyncio.timeout(STATUS_DEADLINE_SECONDS):
             incidents = await open_incidents(svc)
@@ -75,33 +100,198 @@ async def status_page(request: Request, svc: Annotated[Services, Depends(service
         page, code = StatusPage(overall="unknown", open_incidents=[]), 503
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code == 503 else {}
     if "text/html" in request.headers.get("accept", ""):
-        return HTMLResponse(_render(page), status_code=code, headers=headers)
+        left = max(STATUS_DEADLINE_SECONDS - (time.monotonic() - started), DETAILS_MIN_SECONDS)
+        details = await incident_details(svc, page.open_incidents, left)
+        return HTMLResponse(_render(page, details), status_code=code, headers=headers)
     return JSONResponse(page.model_dump(mode="json"), status_code=code, headers=headers)
 
 
-def _render(page: StatusPage) -> str:
+@dataclass
+class Details:
+    """What the page shows of one incident besides its row."""
+
+    chart: str | None = None  # the SVG
+    no_chart: str = ""  # why there is none
+    runbook: RunbookSpec | None = None
+    controls: list[Control] = field(default_factory=list)
+    controls_unknown: bool = False
+
+
+def applies_to(control: Control, scope: str, incident_id: str) -> bool:
+    """A control set for the incident, or one that changes calls in the incident's scope (one
+    for any model changes some of every model's calls)."""
+    if control.incident_id == incident_id or scope == GLOBAL:
+        return True
+    kind = kind_of(scope)
+    if kind == "model":
+        return control.model is None or scope_name("model", control.model) == scope
+    if kind == "feature":
+        return control.feature is None or scope_name("feature", control.feature) == scope
+    return False
+
+
+async def incident_details(
+    svc: Services, incidents: list[OpenIncident], seconds: float
+) -> dict[str, Details]:
+    """Each incident's chart, runbook and controls, within `seconds`; whatever fails or is
+    late is said on the page instead."""
+    now = datetime.now(UTC)
+    details = {i.id: Details(runbook=runbook_for(i.trigger or "")) for i in incidents}
+    if not incidents:
+        return details
+    try:
+        charts: IncidentCharts | None = IncidentCharts(
+            svc.engine,
+            load_rules(svc.settings.rules_file),
+            svc.settings.daily_budget_usd,
+            svc.settings.detector_window_seconds,
+        )
+    except Exception as exc:  # a rules file that stopped parsing: the page still answers
+        _log.warning("status page without charts: %s", exc)
+        charts = None
+    by_id = {incident.id: incident for incident in incidents}
+    tasks: dict[str, asyncio.Task[str | None]] = {}
+    for index, incident in enumerate(incidents):
+        if charts is None:
+            details[incident.id].no_chart = "the detector's rules could not be read"
+        elif index >= CHARTED_INCIDENTS_MAX:
+            details[incident.id].no_chart = f"only the first {CHARTED_INCIDENTS_MAX} are charted"
+        elif not incident.trigger or not incident.scope:
+            details[incident.id].no_chart = "its trigger and scope are not known yet"
+        else:
+            tasks[incident.id] = asyncio.create_task(
+                asyncio.to_thread(charts.svg, incident.trigger, incident.scope, now)
+            )
+    in_force = asyncio.create_task(asyncio.to_thread(control_store.active, svc.engine, now))
+    await asyncio.wait([*tasks.values(), in_force], timeout=seconds)
+    for incident_id, task in tasks.items():
+        found = details[incident_id]
+        if not task.done():
+            task.cancel()
+            found.no_chart = f"not drawn within the page's {STATUS_DEADLINE_SECONDS} s"
+        elif task.exception() is not None:
+            _log.warning("no chart for %s: %s", incident_id, task.exception())
+            found.no_chart = "it could not be drawn (see the API's log)"
+        elif (svg := task.result()) is None:
+            assert charts is not None
+            incident = by_id[incident_id]
+            found.no_chart = charts.why_none(incident.trigger or "", incident.scope or "")
+        else:
+            found.chart = svg
+    if in_force.done() and in_force.exception() is None:
+        active = in_force.result()
+        for incident in incidents:
+            details[incident.id].controls = [
+                c for c in active if applies_to(c, incident.scope or GLOBAL, incident.id)
+            ]
+    else:
+        if not in_force.done():
+            in_force.cancel()
+        else:
+            _log.warning("status page without controls: %s", in_force.exception())
+        for found in details.values():
+            found.controls_unknown = True
+    return details
+
+
+_STYLE = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em;color:#111827}"
+    "td,th{padding:.3em .8em;text-align:left}"
+    "th{color:#6b7280;font-weight:600}"
+    ".incident{border:1px solid #e5e7eb;border-radius:8px;padding:1em 1.5em;margin:1.5em 0;"
+    "max-width:1100px}"
+    ".incident h2{margin:.2em 0;font-size:1.2em}"
+    ".meta,.note{color:#6b7280}"
+    ".sev-SEV1,.sev-SEV2{color:#c8102e}.sev-SEV3{color:#d97706}"
+    ".columns{display:flex;gap:3em;flex-wrap:wrap}.columns>div{flex:1;min-width:280px}"
+    ".chart svg{width:100%;max-width:1000px;height:auto}"
+    "code{background:#f3f4f6;padding:0 .3em;border-radius:3px}"
+)
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _runbook_html(spec: RunbookSpec | None) -> str:
+    if spec is None:
+        return "<p class='note'>No runbook answers this trigger: the responders decide.</p>"
+    module = inspect.getmodule(spec.workflow)
+    about = (module.__doc__ or "").strip().split("\n\n")[0] if module else ""
+    when = "at once" if spec.mitigate_before_ack else "once someone acknowledges"
+    path = "".join(
+        f"<li>L{level}: {_e(step)}</li>" for level, step in enumerate(spec.escalation_path, 1)
+    )
+    return (
+        f"<p><code>{_e(spec.name)}</code>: {_e(' '.join(about.split()))}</p>"
+        f"<p>Mitigates {when}; expected resolution within "
+        f"{spec.expected_resolution_minutes} min.</p>"
+        + (f"<p>Escalation path:</p><ul>{path}</ul>" if path else "")
+    )
+
+
+def _controls_html(found: Details, incident_id: str) -> str:
+    if found.controls_unknown:
+        return "<p class='note'>The controls could not be read in time.</p>"
+    if not found.controls:
+        return "<p class='note'>None.</p>"
+    items = []
+    for control in found.controls:
+        if control.incident_id == incident_id:
+            who = f"{control.set_by} for this incident" if control.manual else "its runbook"
+        elif control.manual:
+            who = f"{control.set_by}, by hand"
+        else:
+            who = f"the runbook of {control.incident_id}"
+        expires = control.expires_at.strftime("%Y-%m-%d %H:%M UTC")
+        items.append(
+            f"<li>{_e(control.description)} <span class='note'>· set by {_e(who)} · "
+            f"until {_e(expires)}</span></li>"
+        )
+    return f"<ul>{''.join(items)}</ul>"
+
+
+def _when(incident: OpenIncident) -> str:
+    at = incident.opened_at
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if at else "?"
+
+
+def _incident_html(incident: OpenIncident, found: Details) -> str:
+    chart = (
+        f"<div class='chart'>{found.chart}</div>"
+        if found.chart is not None
+        else f"<p class='note'>No chart: {_e(found.no_chart)}.</p>"
+    )
+    opened = _when(incident)
+    return (
+        f"<section class='incident' id='{_e(incident.id)}'>"
+        f"<h2><span class='sev-{_e(incident.severity)}'>{_e(incident.severity)}</span> · "
+        f"{_e(incident.trigger)} · {_e(incident.scope)}</h2>"
+        f"<p class='meta'>{_e(incident.status)} at L{_e(incident.level)} · opened {_e(opened)}"
+        f" · <code>{_e(incident.id)}</code></p>"
+        f"{chart}<div class='columns'>"
+        f"<div><h3>Runbook</h3>{_runbook_html(found.runbook)}</div>"
+        f"<div><h3>Controls in force</h3>{_controls_html(found, incident.id)}</div>"
+        "</div></section>"
+    )
+
+
+def _render(page: StatusPage, details: dict[str, Details] | None = None) -> str:
+    details = details or {}
     rows = "".join(
         "<tr>"
         + "".join(
             f"<td>{html.escape(str(value))}</td>"
-            for value in (
-                i.severity,
-                i.trigger,
-                i.scope,
-                i.status,
-                f"L{i.level}",
-                i.opened_at,
-                i.id,
-            )
+            for value in (i.severity, i.trigger, i.scope, i.status, f"L{i.level}", _when(i))
         )
-        + "</tr>"
+        + f"<td><a href='#{_e(i.id)}'>{_e(i.id)}</a></td></tr>"
         for i in page.open_incidents
     )
+    sections = "".join(_incident_html(i, details.get(i.id, Details())) for i in page.open_incidents)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>pagerloop status</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.3em .8em;text-align:left}"
-        "</style></head><body>"
+        f"<style>{_STYLE}</style></head><body>"
         f"<h1>pagerloop: {html.escape(page.overall)}</h1>"
         "<table><tr><th>severity</th><th>trigger</th><th>scope</th><th>status</th><th>level</th>"
-        f"<th>opened</th><th>incident</th></tr>{rows}</table></body></html>"
+        f"<th>opened</th><th>incident</th></tr>{rows}</table>{sections}</body></html>"
     )

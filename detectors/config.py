@@ -12,6 +12,10 @@ warning = 0.03
 critical = 0.08
 min_samples = 50
 critical_severity = "SEV1"
+window_seconds = 300                      # 60..3600; 0: the detector's window
+
+[rules.budget_runway]                     # hours until the daily budget runs out
+warning = 12
 
 [rules.quality_drift]
 enabled = false
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from config.tomlfile import read_toml
 from detectors.correlation import DEFAULT_RELATIONS, Relation
@@ -43,6 +47,14 @@ ScopeKind = Literal["global", "model", "feature"]
 
 class RulesFileError(ValueError):
     pass
+
+
+# A rule's window: whole minutes are what the rollups count, an hour at most (the rows one
+# evaluation reads). At most MAX_RULE_WINDOWS distinct ones (besides the detector's): each is
+# one more set of sums in the detector's activity result, which must stay below 2 MB.
+MIN_WINDOW_SECONDS = 60
+MAX_WINDOW_SECONDS = 3600
+MAX_RULE_WINDOWS = 4
 
 
 class RuleOverride(BaseModel):
@@ -58,6 +70,16 @@ class RuleOverride(BaseModel):
     hysteresis: float | None = Field(default=None, ge=0, lt=1)
     scopes: list[ScopeKind] | None = None
     enabled: bool | None = None
+    window_seconds: int | None = Field(default=None, ge=0, le=MAX_WINDOW_SECONDS)
+
+    @field_validator("window_seconds")
+    @classmethod
+    def _whole_minutes_or_the_detectors(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < MIN_WINDOW_SECONDS:
+            raise ValueError(
+                f"0 (the detector's window) or {MIN_WINDOW_SECONDS} to {MAX_WINDOW_SECONDS}"
+            )
+        return value
 
 
 class RelationEntry(BaseModel):
@@ -115,10 +137,18 @@ def apply(parsed: RulesFile) -> DetectorRules:
             changes |= override.model_dump(exclude_unset=True)
         if "scopes" in changes:
             changes["scopes"] = tuple(changes["scopes"])
+        if changes.get("window_seconds") == 0:
+            changes["window_seconds"] = None  # the detector's
         rule = replace(rule, **changes)
         if rule.warning is None and rule.critical is None:
             raise RulesFileError(f"rules.{rule.name}: needs a warning or a critical threshold")
         rules.append(rule)
+    windows = sorted({r.window_seconds for r in rules if r.enabled and r.window_seconds})
+    if len(windows) > MAX_RULE_WINDOWS:
+        raise RulesFileError(
+            f"rules: at most {MAX_RULE_WINDOWS} distinct window_seconds besides the detector's, "
+            f"not {len(windows)} ({', '.join(map(str, windows))})"
+        )
     relations = DEFAULT_RELATIONS if parsed.default_relations else ()
     relations += tuple(entry.relation() for entry in parsed.relations)
     _check_relations(relations)

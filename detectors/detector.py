@@ -36,7 +36,15 @@ with workflow.unsafe.imports_passed_through():
         key_of,
         route,
     )
-    from detectors.evaluation import Evaluation, Finding, evaluate, trigger_key
+    from detectors.evaluation import (
+        Evaluation,
+        Finding,
+        evaluate,
+        latency_windows,
+        span,
+        trigger_key,
+        windows_read,
+    )
     from detectors.rules import RuleState
     from domain.aggregates import FoldedInfo, WindowAggregates
     from domain.incident import Breach, Recovery, severity_rank
@@ -50,6 +58,9 @@ CONFIRM_SOON_PATCH = "confirm-a-new-breach-soon"
 # One problem, one incident: the rules' relations (not the legacy api_outage-over-error_rate
 # alone) hide targets firing with their source, and apply to open incidents too.
 CORRELATE_PATCH = "correlate-open-incidents"
+# Each rule reads its own window (2, 5, 10 minutes), all read by one activity call; a run begun
+# before reads the detector's window for every rule.
+PER_RULE_WINDOWS_PATCH = "per-rule-windows"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
 # A firing trigger refreshes its open incident's metrics at most this often (like
@@ -102,6 +113,8 @@ class DetectorStatus:
     inhibited: list[str]
     # By dimension: the names beyond the top ones, summed into `<dimension>:(other)`.
     folded: dict[str, FoldedInfo] = field(default_factory=dict)
+    # The windows the last evaluation read (seconds, narrowest first): the rules' own.
+    windows: list[int] = field(default_factory=list)
 
 
 def folded_line(kind: str, info: FoldedInfo) -> str:
@@ -127,6 +140,7 @@ class DetectorWorkflow:
         self._last_evaluated_at: datetime | None = None
         self._last: Evaluation | None = None
         self._folded: dict[str, FoldedInfo] = {}
+        self._windows: list[int] = [input.config.window_seconds]  # read by the last evaluation
         self._closed: set[str] = set()
         self._wake = False
 
@@ -200,6 +214,7 @@ class DetectorWorkflow:
             firing=[trigger_key(f.trigger, f.scope) for f in last.firing] if last else [],
             inhibited=list(last.inhibited) if last else [],
             folded=dict(self._folded),
+            windows=list(self._windows),
         )
 
     # --- one evaluation --------------------------------------------------------------------
@@ -207,19 +222,27 @@ class DetectorWorkflow:
     async def _evaluate(self) -> None:
         now = workflow.now()
         config = self._config
+        # A run begun before the folding replays on the per-cell shape it recorded.
+        per_scope = workflow.patched(PER_SCOPE_PATCH)
+        per_rule = per_scope and workflow.patched(PER_RULE_WINDOWS_PATCH)
+        windows = [config.window_seconds]
+        query = WindowQuery(
+            end=now, window_seconds=config.window_seconds, keep=self._firing_scopes(),
+            per_scope=per_scope,
+        )  # fmt: skip
+        if per_rule:
+            # One scan of the widest window answers every rule's: the narrower ones are bands.
+            windows = windows_read(config.rules, config.window_seconds)
+            query.window_seconds = windows[-1]
+            query.windows = windows[:-1]
+            query.latency_windows = latency_windows(config.rules, config.window_seconds)
         aggregates: WindowAggregates = await workflow.execute_activity_method(
             MetricsActivities.window_aggregates,
-            WindowQuery(
-                end=now,
-                window_seconds=config.window_seconds,
-                keep=self._firing_scopes(),
-                # A run begun before the folding replays on the per-cell shape it recorded.
-                per_scope=workflow.patched(PER_SCOPE_PATCH),
-            ),
+            query,
             start_to_close_timeout=STORE_QUERY.start_to_close,
             schedule_to_close_timeout=STORE_QUERY.schedule_to_close,
             retry_policy=STORE_QUERY.retry,
-            summary=f"signals over the last {config.window_seconds}s",
+            summary=f"signals over the last {', '.join(f'{s}s' for s in windows)}",
         )
         correlate = workflow.patched(CORRELATE_PATCH)
         relations = config.rules.relations if correlate else LEGACY_RELATIONS
@@ -230,12 +253,14 @@ class DetectorWorkflow:
             config.daily_budget_usd,
             relations,
             hold_for_pending=correlate,
+            window_seconds=config.window_seconds if per_rule else None,
         )
         self._rule_states = evaluation.rule_states
         self._evaluations += 1
         self._last_evaluated_at = now
         self._last = evaluation
         self._folded = dict(aggregates.folded)
+        self._windows = windows
         await self._report_breaches(evaluation.firing, now, relations if correlate else None)
         await self._report_recoveries(evaluation, now)
 
@@ -345,8 +370,9 @@ class DetectorWorkflow:
 
     def _describe(self) -> None:
         config = self._config
+        windows = ", ".join(span(seconds) for seconds in self._windows)
         lines = [
-            f"**detector** every {config.interval_seconds}s over {config.window_seconds}s"
+            f"**detector** every {config.interval_seconds}s over {windows}"
             f"{' (paused)' if self._paused else ''}, {self._evaluations} evaluations this run",
             "",
         ]

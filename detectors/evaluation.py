@@ -1,6 +1,9 @@
 """One evaluation of every rule on every scope (pure): which triggers fire where, at which
 severity, which recovered, and which are inhibited.
 
+Each rule reads its own window (`Rule.window_seconds`, else the detector's), all of them
+ending now and read together (`WindowAggregates.over`).
+
 Inhibitions keep one problem to one incident:
 - a trigger's relations (detectors/correlation.py) hide its targets firing with it, e.g. an
   api_outage hides the error_rate of its scope and of the scopes it covers;
@@ -12,11 +15,13 @@ Inhibitions keep one problem to one incident:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from detectors.config import DetectorRules
 from detectors.correlation import Relation, hidden
 from detectors.rules import Event, Rule, RuleState, step
-from detectors.signals import values
+from detectors.signals import HISTOGRAM_SIGNALS, Earlier, values
+from domain import runway
 from domain.aggregates import Aggregate, WindowAggregates
 from domain.incident import Severity, Trigger, severity_rank
 from domain.scopes import GLOBAL, kind_of
@@ -62,26 +67,196 @@ _LABELS = {
     "budget_consumed_ratio": ("daily budget used", "%"),
     "quality_mean": ("quality", ""),
     "quality_drift_z": ("quality drift", "sd"),
+    "budget_runway_hours": ("daily budget runs out", "h"),
+    "tpm_runway_minutes": ("tokens/min reach the quota", "min"),
+}
+# Today's spend: the same whatever the window (the window only counts the rule's samples).
+_WINDOWLESS = frozenset({"budget_consumed_ratio"})
+# What a runway is projected from: shown beside it in the metrics, its window in the summary.
+_RUNWAY_BASIS = {
+    "budget_runway_hours": (
+        ("budget_consumed_ratio", "cost_usd_per_hour"),
+        "at the burn of the last",
+    ),
+    "tpm_runway_minutes": (("tpm_quota_ratio", "tokens_per_minute"), "at the trend of the last"),
+}
+_RUN_OUT = {
+    "budget_runway_hours": "daily budget used up",
+    "tpm_runway_minutes": "tokens/min at the quota",
 }
 
 
-def describe(rule: Rule, value: float, level: str) -> str:
-    label, unit = _LABELS.get(rule.signal, (rule.signal, ""))
+def span(seconds: float) -> str:
+    """A window for people: "2 min", "90 s", "1 h"."""
+    whole = round(seconds)
+    if whole and whole % 3600 == 0:
+        return f"{whole // 3600} h"
+    return f"{whole // 60} min" if whole % 60 == 0 else f"{whole} s"
+
+
+def label(rule: Rule) -> str:
+    return _LABELS.get(rule.signal, (rule.signal, ""))[0]
+
+
+def show(rule: Rule, number: float | None) -> str:
+    """A value or threshold of the rule's signal, in its unit."""
+    unit = _LABELS.get(rule.signal, (rule.signal, ""))[1]
+    if number is None:
+        return "?"
+    if unit == "%":
+        return f"{number:.1%}"
+    if unit == "ms":
+        return f"{number / 1000:.1f}s"
+    if unit == "x":
+        return f"{number:.2f}x"
+    if unit == "h":
+        return runway.describe(number * 3600)
+    if unit == "min":
+        return runway.describe(number * 60)
+    return f"{number:.2f}"
+
+
+def reading(rule: Rule, value: float, at: datetime | None = None) -> str:
+    """The rule's signal and its value: "error rate 7.0%"; a runway dated from `at` (the
+    window's end): "daily budget runs out in 40 min (at 14:32 UTC)"."""
+    if rule.signal not in _RUNWAY_BASIS:
+        return f"{label(rule)} {show(rule, value)}"
+    seconds = value * (3600 if rule.signal == "budget_runway_hours" else 60)
+    if seconds <= 0:
+        return _RUN_OUT[rule.signal]
+    if seconds >= runway.HORIZON_SECONDS:
+        return f"{label(rule)}: not in sight"
+    text = f"{label(rule)} in {show(rule, value)}"
+    if at is None:
+        return text
+    when = at + timedelta(seconds=seconds)
+    reset = rule.signal == "budget_runway_hours" and when > runway.next_reset(at)
+    return f"{text} (at {when:%H:%M} UTC{', after the midnight reset' if reset else ''})"
+
+
+def describe(
+    rule: Rule,
+    value: float,
+    level: str,
+    *,
+    window: float | None = None,
+    at: datetime | None = None,
+) -> str:
+    """The value against the line it crossed, and the window it was read over (`window`
+    seconds; None: not said): "error rate 7.0% > 5.0% over 2 min"."""
+    if rule.signal in _RUN_OUT and value <= 0:
+        return _RUN_OUT[rule.signal]  # no line to compare with, no rate to project
     threshold = rule.critical if level == "critical" and rule.critical is not None else rule.warning
     sign = ">" if rule.above else "<"
+    text = f"{reading(rule, value, at)} {sign} {show(rule, threshold)}"
+    if window is None or rule.signal in _WINDOWLESS:
+        return text
+    if rule.signal in _RUNWAY_BASIS:
+        return f"{text}, {_RUNWAY_BASIS[rule.signal][1]} {span(window)}"
+    return f"{text} over {span(window)}"
 
-    def show(number: float | None) -> str:
-        if number is None:
-            return "?"
-        if unit == "%":
-            return f"{number:.1%}"
-        if unit == "ms":
-            return f"{number / 1000:.1f}s"
-        if unit == "x":
-            return f"{number:.2f}x"
-        return f"{number:.2f}"
 
-    return f"{label} {show(value)} {sign} {show(threshold)}"
+def rule_window(rule: Rule, detector_window: int) -> int:
+    """The seconds a rule reads: its own window, else the detector's."""
+    return rule.window_seconds if rule.window_seconds is not None else detector_window
+
+
+def windows_read(config: DetectorRules, detector_window: int) -> list[int]:
+    """The distinct windows the enabled rules read, narrowest first."""
+    found = {rule_window(rule, detector_window) for rule in config.rules if rule.enabled}
+    return sorted(found or {detector_window})
+
+
+def latency_windows(config: DetectorRules, detector_window: int) -> list[int]:
+    """The windows whose rules read latency percentiles, from histograms."""
+    return sorted(
+        {
+            rule_window(rule, detector_window)
+            for rule in config.rules
+            if rule.enabled and rule.signal in HISTOGRAM_SIGNALS
+        }
+    )
+
+
+Found = dict[str, float | None]
+
+
+class _Signals:
+    """The signals of each scope over each window a rule reads, computed when first asked.
+
+    `detector_window` None: one window, `aggregates` as given, for every rule (a run begun
+    before rules had windows of their own evaluates as it did)."""
+
+    def __init__(
+        self,
+        config: DetectorRules,
+        aggregates: WindowAggregates,
+        daily_budget_usd: float,
+        detector_window: int | None,
+    ) -> None:
+        self._config = config
+        self._budget = daily_budget_usd
+        self._detector_window = detector_window
+        self.end = aggregates.end
+        self.cost_today_usd = aggregates.cost_today_usd
+        lengths: list[int | None] = (
+            [None] if detector_window is None else [*windows_read(config, detector_window)]
+        )
+        self.views = {length: aggregates if length is None else aggregates.over(length)
+                      for length in lengths}  # fmt: skip
+        self.widest = lengths[-1]
+        self._scopes = {length: view.scopes(config.scopes) for length, view in self.views.items()}
+        self._found: dict[tuple[int | None, str], Found] = {}
+
+    def window_of(self, rule: Rule) -> int | None:
+        if self._detector_window is None:
+            return None
+        return rule_window(rule, self._detector_window)
+
+    def scopes(self) -> list[str]:
+        """Every scope with data in some window, the widest's first."""
+        found = dict.fromkeys(self._scopes[self.widest])
+        for scopes in self._scopes.values():
+            found.update(dict.fromkeys(scopes))
+        return list(found)
+
+    def found(self, window: int | None, scope: str) -> Found:
+        """The scope's signals over the window; nothing measured when it had no data there."""
+        key = (window, scope)
+        if key not in self._found:
+            aggregate = self._scopes[window].get(scope)
+            if aggregate is None:
+                self._found[key] = {}
+            else:
+                widest = self._scopes[self.widest].get(scope)
+                self._found[key] = self._values(window, scope, aggregate, widest)
+        return self._found[key]
+
+    def rest(self, window: int | None, narrower: list[str]) -> Found:
+        """The signals of global minus these scopes (of one kind) over the window."""
+        rest = self.views[window].global_without(narrower)
+        widest = self.views[self.widest].global_without(narrower)
+        return self._values(window, GLOBAL, rest, widest)
+
+    def _values(
+        self, window: int | None, scope: str, aggregate: Aggregate, widest: Aggregate | None
+    ) -> Found:
+        view = self.views[window]
+        earlier = None
+        if window is not None and window != self.widest and widest is not None:
+            long = self.views[self.widest].window_seconds
+            tokens = widest.input_tokens + widest.output_tokens
+            earlier = Earlier(tokens / (max(long, 1.0) / 60), long)
+        return values(
+            aggregate,
+            view.window_seconds,
+            scope=scope,
+            daily_budget_usd=self._budget,
+            cost_today_usd=self.cost_today_usd,
+            tpm_quota=self._config.quota_for(scope),
+            now=None if window is None else self.end,
+            earlier=earlier,
+        )
 
 
 def evaluate(
@@ -91,26 +266,19 @@ def evaluate(
     daily_budget_usd: float,
     relations: tuple[Relation, ...] | None = None,
     hold_for_pending: bool = True,
+    window_seconds: int | None = None,
 ) -> Evaluation:
     """`relations`: the rules' own unless given. `hold_for_pending`: a target waits while its
     source is pending, and a source hidden as another scope's problem hides nothing (a run
-    begun before relations replays with the legacy ones and without this)."""
-    scopes = aggregates.scopes(config.scopes)
-    scope_values = {
-        name: values(
-            aggregate,
-            aggregates.window_seconds,
-            scope=name,
-            daily_budget_usd=daily_budget_usd,
-            cost_today_usd=aggregates.cost_today_usd,
-            tpm_quota=config.quota_for(name),
-        )
-        for name, aggregate in scopes.items()
-    }
+    begun before relations replays with the legacy ones and without this).
+    `window_seconds`: the detector's window; each rule reads its own window
+    (`aggregates.over`), or this one. None: every rule reads `aggregates` as given, as a run
+    begun before rules had windows of their own does."""
+    signals = _Signals(config, aggregates, daily_budget_usd, window_seconds)
+    scopes = dict.fromkeys(signals.scopes())
     # Scopes that went quiet keep their state (a firing rule stays firing until data says so).
     for key in states:
-        scope = key.partition("|")[2]
-        scope_values.setdefault(scope, {})
+        scopes.setdefault(key.partition("|")[2])
 
     new_states: dict[str, RuleState] = {}
     verdicts: dict[str, str] = {}
@@ -120,10 +288,12 @@ def evaluate(
     for rule in config.rules:
         if not rule.enabled:
             continue
-        for scope, found in scope_values.items():
+        window = signals.window_of(rule)
+        for scope in scopes:
             if kind_of(scope) not in rule.scopes:
                 continue
             key = rule_key(rule, scope)
+            found = signals.found(window, scope)
             value = found.get(rule.signal)
             samples = found.get(rule.sample_signal) or 0.0
             state, event = step(rule, states.get(key, RuleState()), value, samples)
@@ -139,15 +309,12 @@ def evaluate(
                 recovered_rules.add(tkey)
 
     findings = {
-        tkey: _finding(tkey, rules, scope_values[tkey.partition("|")[2]], new_states)
-        for tkey, rules in firing_rules.items()
+        tkey: _finding(tkey, rules, signals, new_states) for tkey, rules in firing_rules.items()
     }
     if relations is None:
         relations = config.relations
     pending -= {(f.trigger, f.scope) for f in findings.values()}
-    inhibited = _inhibited(
-        findings, config, aggregates, daily_budget_usd, relations, pending, hold_for_pending
-    )
+    inhibited = _inhibited(findings, config, signals, relations, pending, hold_for_pending)
     return Evaluation(
         rule_states=new_states,
         verdicts=verdicts,
@@ -163,34 +330,49 @@ def evaluate(
 def _finding(
     tkey: str,
     rules: list[tuple[Rule, float | None]],
-    found: dict[str, float | None],
+    signals: _Signals,
     states: dict[str, RuleState],
 ) -> Finding:
+    """The trigger's firing rules on the scope: the worst sets the severity; the summary says
+    each one's value, line and window, the metrics hold their signals (and a runway's basis)."""
     trigger_name, _, scope = tkey.partition("|")
     parts, severity, names = [], Severity.SEV4, []
+    windows: list[int | None] = []
+    metrics: dict[str, float] = {}
     for rule, value in rules:
+        window = signals.window_of(rule)
+        found = signals.found(window, scope)
+        basis = _RUNWAY_BASIS.get(rule.signal, ((), ""))[0]
+        for name in (rule.signal, *basis):
+            if (shown := found.get(name)) is not None:
+                metrics[name] = float(shown)
         level = states[rule_key(rule, scope)].level
         if level is None:
             continue
         names.append(rule.name)
+        if window not in windows:
+            windows.append(window)
         if severity_rank(rule.severity(level)) > severity_rank(severity):
             severity = rule.severity(level)
         if value is not None:
-            parts.append(describe(rule, value, level))
-    calls = found.get("calls")
+            parts.append(describe(rule, value, level, window=window, at=signals.end))
+    # The calls of the widest window the rules read (the one window of most findings).
+    known = [window for window in windows if window is not None]
+    widest = max(known) if known else signals.widest
+    calls = signals.found(widest, scope).get("calls")
     summary = "; ".join(parts) or "still firing (no data this evaluation)"
     if calls:
-        summary += f" ({int(calls)} calls)"
-    shown = {"calls", *(rule.signal for rule, _ in rules)}
-    metrics = {name: float(v) for name, v in found.items() if name in shown and v is not None}
+        where = f" in {span(widest)}" if widest is not None and len(windows) > 1 else ""
+        summary += f" ({int(calls)} calls{where})"
+    if calls is not None:
+        metrics = {"calls": float(calls), **metrics}
     return Finding(Trigger(trigger_name), scope, severity, summary, metrics, names)
 
 
 def _inhibited(
     findings: dict[str, Finding],
     config: DetectorRules,
-    aggregates: WindowAggregates,
-    daily_budget_usd: float,
+    signals: _Signals,
     relations: tuple[Relation, ...],
     pending: set[tuple[Trigger, str]],
     pending_holds: bool,
@@ -207,8 +389,7 @@ def _inhibited(
             ]
             if not narrower:
                 continue
-            rest = aggregates.global_without(narrower)
-            if _healthy(finding, rest, config, aggregates, daily_budget_usd):
+            if _healthy(finding, narrower, config, signals):
                 inhibited.add(key)  # theirs alone
             else:
                 inhibited.update(trigger_key(finding.trigger, scope) for scope in narrower)
@@ -221,26 +402,18 @@ def _inhibited(
 
 
 def _healthy(
-    finding: Finding,
-    rest: Aggregate,
-    config: DetectorRules,
-    aggregates: WindowAggregates,
-    daily_budget_usd: float,
+    finding: Finding, narrower: list[str], config: DetectorRules, signals: _Signals
 ) -> bool:
-    """Whether the rest of the traffic has enough samples and breaches none of the finding's
-    rules."""
-    found = values(
-        rest,
-        aggregates.window_seconds,
-        scope=GLOBAL,
-        daily_budget_usd=daily_budget_usd,
-        cost_today_usd=aggregates.cost_today_usd,
-        tpm_quota=config.quota_for(GLOBAL),
-    )
+    """Whether the rest of the traffic (global without the narrower scopes) has enough samples
+    and breaches none of the finding's rules, each over its window."""
+    rest: dict[int | None, Found] = {}
     for rule in config.rules:
         if rule.name in finding.rules:
-            value = found.get(rule.signal)
-            samples = found.get(rule.sample_signal) or 0.0
+            window = signals.window_of(rule)
+            if window not in rest:
+                rest[window] = signals.rest(window, narrower)
+            value = rest[window].get(rule.signal)
+            samples = rest[window].get(rule.sample_signal) or 0.0
             if value is None or samples < max(rule.min_samples, 1) or rule.level(value):
                 return False
     return True

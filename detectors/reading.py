@@ -1,17 +1,23 @@
 """The re-read of a breached signal (pure): the trigger's rules on one scope's signals now, as
 one detector evaluation would judge them, for the runbooks' verification
 (`diagnosis.check_signal`, which the worker gives a `SignalJudge`).
+
+Every rule is judged over the check's one window, not its own: the runbook asks about the
+traffic since its mitigation reached the clients, and a rule's window reaching back before
+that would mix the traffic it is judging with the traffic that made it act. A runway is dated
+from the check's end; the tokens' runway, a trend between two windows, is not measured here
+(the quota's share is).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from activities.diagnosis import SignalCheck, SignalReading
 from detectors.config import DetectorRules
-from detectors.evaluation import describe
+from detectors.evaluation import describe, label, reading, show, span
 from detectors.rules import Rule
-from detectors.signals import values
+from detectors.signals import TREND_SIGNALS, values
 from domain.aggregates import WindowAggregates
 from domain.scopes import kind_of
 
@@ -27,19 +33,9 @@ class SignalJudge:
         return read_signal(check, aggregates, self.rules, self.daily_budget_usd)
 
 
-def _label(rule: Rule) -> str:
-    # describe() reads "<label> <value> <sign> <threshold>", and owns the labels.
-    return describe(rule, 0.0, "warning").rsplit(" ", 3)[0]
-
-
-def _reading(rule: Rule, value: float) -> str:
-    return describe(rule, value, "warning").rsplit(" ", 2)[0]
-
-
-def _against_clear_line(rule: Rule, value: float) -> str:
-    shown = describe(replace(rule, warning=rule.clear_line(), critical=None), value, "warning")
-    head, _, line = shown.rsplit(" ", 2)
-    return f"{head} (clear line {line})"
+def _against_clear_line(rule: Rule, value: float, aggregates: WindowAggregates) -> str:
+    shown = reading(rule, value, aggregates.end)
+    return f"{shown} (clear line {show(rule, rule.clear_line())})"
 
 
 def read_signal(
@@ -57,6 +53,7 @@ def read_signal(
         daily_budget_usd=daily_budget_usd,
         cost_today_usd=aggregates.cost_today_usd,
         tpm_quota=config.quota_for(check.scope),
+        now=aggregates.end,
     )
     rules = [
         rule
@@ -76,11 +73,15 @@ def read_signal(
     for rule in rules:
         value = found.get(rule.signal)
         samples = found.get(rule.sample_signal) or 0.0
+        if rule.signal in TREND_SIGNALS:
+            # A trend needs two windows; the check has one. Neither a breach nor held back.
+            parts.append(f"{label(rule)} not measured (a trend, not one window)")
+            continue
         if samples < rule.min_samples:
             # Quiet traffic proves nothing, as in the detector: neither breach nor recovery.
             recovered = False
             sample_name = rule.sample_signal.replace("_", " ")
-            head = _label(rule) if value is None else _reading(rule, value)
+            head = label(rule) if value is None else reading(rule, value, aggregates.end)
             parts.append(
                 f"{head}: too few samples ({int(samples)} of {rule.min_samples} {sample_name})"
             )
@@ -89,16 +90,16 @@ def read_signal(
             # Enough samples, yet nothing to measure (quality drift without a baseline, tokens
             # per minute without a quota): the rule cannot be over its line, nor hold a
             # recovery back, as it could not have fired in the detector either.
-            parts.append(f"{_label(rule)} not measured")
+            parts.append(f"{label(rule)} not measured")
             continue
         judged += 1
         level = rule.level(value)
         if level is not None:
             breached, recovered = True, False
-            parts.append(describe(rule, value, level))
+            parts.append(describe(rule, value, level, at=aggregates.end))
         else:
             recovered = recovered and rule.cleared(value)
-            parts.append(_against_clear_line(rule, value))
+            parts.append(_against_clear_line(rule, value, aggregates))
     counts = [f"{calls} calls"] + [
         f"{int(found.get(name) or 0)} {name.replace('_', ' ')}"
         for name in dict.fromkeys(rule.sample_signal for rule in rules)
@@ -111,5 +112,5 @@ def read_signal(
         calls=calls,
         breached=breached,
         recovered=recovered and judged > 0,
-        summary=f"{'; '.join(parts)}, {', '.join(counts)}",
+        summary=f"{'; '.join(parts)}, {', '.join(counts)} in {span(aggregates.window_seconds)}",
     )

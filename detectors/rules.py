@@ -6,6 +6,10 @@ recovers only after `recover_evaluations` consecutive evaluations on the good si
 hysteresis line (`hysteresis` of the way back from the warning threshold), so a value hovering
 at the threshold does not open and close incidents. An evaluation without enough samples
 changes nothing: quiet traffic neither fires nor recovers a rule.
+
+Each rule reads its signal over a window of its own (`window_seconds`: the seed's 2 minutes for
+errors and 429s, 5 for latency, 10 for spend and quality), or over the detector's window
+(`PAGERLOOP_DETECTOR_WINDOW_SECONDS`) when it has none.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class Rule:
     hysteresis: float = 0.2
     scopes: tuple[str, ...] = ("global", "model", "feature")
     enabled: bool = True
+    # Seconds of traffic the signal is read over; None: the detector's window.
+    window_seconds: int | None = None
 
     def level(self, value: float) -> Level | None:
         def beyond(threshold: float | None) -> bool:
@@ -111,29 +117,48 @@ def step(
 
 S = Severity
 T = Trigger
+M2, M5, M10 = 120, 300, 600  # the seed's windows, in seconds
 
-# The seed's thresholds. Latency in milliseconds, rates as fractions, ratios of quota / budget.
+# The seed's thresholds and windows. Latency in milliseconds, rates as fractions, ratios of
+# quota / budget, runways in hours (budget) and minutes (tokens per minute).
 DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule("latency_p50", "latency_p50_ms", T.ELEVATED_LATENCY, True, 2000, 5000),
-    Rule("latency_p95", "latency_p95_ms", T.ELEVATED_LATENCY, True, 8000, 15000),
-    Rule("error_rate", "error_rate", T.ERROR_RATE, True, 0.02, 0.05),
-    Rule("rate_limit", "rate_limit_rate", T.RATE_LIMIT_EXHAUSTION, True, 0.01, 0.05),
+    Rule("latency_p50", "latency_p50_ms", T.ELEVATED_LATENCY, True, 2000, 5000, window_seconds=M5),
+    Rule("latency_p95", "latency_p95_ms", T.ELEVATED_LATENCY, True, 8000, 15000, window_seconds=M5),
+    Rule("error_rate", "error_rate", T.ERROR_RATE, True, 0.02, 0.05, window_seconds=M2),
+    Rule(
+        "rate_limit", "rate_limit_rate", T.RATE_LIMIT_EXHAUSTION, True, 0.01, 0.05,
+        window_seconds=M2,
+    ),
     Rule(
         "api_outage", "server_error_rate", T.API_OUTAGE, True, None, 0.5,
         critical_severity=S.SEV1, min_samples=10,
     ),
     Rule("token_quota", "tpm_quota_ratio", T.TOKEN_QUOTA, True, 0.80, 0.95, min_samples=1),
+    # Minutes until the tokens per minute reach the quota, on their trend from the longest
+    # window to this one: only where a quota is set; a trend of a handful of calls is noise.
+    Rule(
+        "tpm_runway", "tpm_runway_minutes", T.TOKEN_QUOTA, False, 30.0, 5.0,
+        window_seconds=M2,
+    ),
     Rule("cost_rate", "cost_rate_ratio", T.COST_SPIKE, True, 1.2, 1.5, min_samples=1),
     Rule(
         "budget", "budget_consumed_ratio", T.BUDGET_EXHAUSTION, True, 0.80, 0.95,
-        min_samples=0, scopes=("global",),
+        min_samples=0, scopes=("global",), window_seconds=M10,
+    ),
+    # Hours until the daily budget runs out at this window's burn, counting the reset at
+    # midnight UTC. No minimum of calls: spend stopped is a runway out of sight, which
+    # recovers the rule.
+    Rule(
+        "budget_runway", "budget_runway_hours", T.BUDGET_EXHAUSTION, False, 6.0, 1.0,
+        warning_severity=S.SEV2, critical_severity=S.SEV1, min_samples=0, scopes=("global",),
+        window_seconds=M10,
     ),
     Rule(
         "quality", "quality_mean", T.QUALITY_DEGRADATION, False, 0.7, 0.5,
-        sample_signal="quality_scores", hysteresis=0.1,
+        sample_signal="quality_scores", hysteresis=0.1, window_seconds=M10,
     ),
     Rule(
         "quality_drift", "quality_drift_z", T.QUALITY_DEGRADATION, False, -2.0, None,
-        sample_signal="quality_scores", hysteresis=0.5,
+        sample_signal="quality_scores", hysteresis=0.5, window_seconds=M10,
     ),
 )  # fmt: skip

@@ -1,16 +1,35 @@
 """The golden signals of one scope, computed from its additive aggregates (domain.aggregates).
 
 Everything here is arithmetic on the window's sums: rates of calls, latency percentiles from
-the merged histogram, spend against the budget, tokens against the quota, quality drift.
+the merged histogram, spend against the budget, tokens against the quota, quality drift, and
+runways (domain.runway): how long the daily budget lasts at the window's burn, and how long
+until the tokens per minute reach the quota on their trend from a longer window to this one.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from datetime import datetime
 
 from domain.aggregates import Aggregate
 from domain.histogram import percentile
+from domain.runway import budget_runway, in_sight, rate_runway
 from domain.scopes import GLOBAL
+
+# Signals read from the latency histograms: windows without a rule on them need none.
+HISTOGRAM_SIGNALS = frozenset({"latency_p50_ms", "latency_p95_ms", "latency_p99_ms"})
+# Signals of a trend between two windows (`earlier`): none where only one window is read.
+TREND_SIGNALS = frozenset({"tpm_runway_minutes"})
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """The far end of a trend: the same scope over a longer window ending at the same time
+    (an average over a window is the rate at its centre, for a rate changing steadily)."""
+
+    tokens_per_minute: float
+    window_seconds: float
 
 
 def _ratio(part: float, whole: float) -> float | None:
@@ -25,10 +44,15 @@ def values(
     daily_budget_usd: float,
     cost_today_usd: float,
     tpm_quota: float | None,
+    now: datetime | None = None,
+    earlier: Earlier | None = None,
 ) -> dict[str, float | None]:
-    """Every signal of one scope; None where there is nothing to measure."""
+    """Every signal of one scope; None where there is nothing to measure. `now` (the window's
+    end) dates the budget's runway, `earlier` gives the tokens per minute their trend."""
     a = aggregate
     minutes = max(window_seconds, 1.0) / 60
+    tokens_per_minute = (a.input_tokens + a.output_tokens) / minutes
+    cost_per_hour = a.cost_usd / (minutes / 60)
     histogram = a.latency_histogram
     found: dict[str, float | None] = {
         "calls": float(a.calls),
@@ -40,8 +64,8 @@ def values(
         "rate_limit_rate": _ratio(a.rate_limited, a.calls),
         "server_error_rate": _ratio(a.server_errors, a.calls),
         "timeout_rate": _ratio(a.timeouts, a.calls),
-        "tokens_per_minute": (a.input_tokens + a.output_tokens) / minutes,
-        "cost_usd_per_hour": a.cost_usd / (minutes / 60),
+        "tokens_per_minute": tokens_per_minute,
+        "cost_usd_per_hour": cost_per_hour,
         "quality_mean": _ratio(a.quality_sum, a.quality_count),
         "quality_scores": float(a.quality_count),
     }
@@ -52,6 +76,16 @@ def values(
     found["cost_rate_ratio"] = cost_rate / hourly_budget if cost_rate is not None else None
     found["budget_consumed_ratio"] = cost_today_usd / daily_budget_usd if scope == GLOBAL else None
     found["quality_drift_z"] = _drift(a)
+    found["budget_runway_hours"] = None
+    if scope == GLOBAL and now is not None:
+        runway = budget_runway(daily_budget_usd, cost_today_usd, cost_per_hour, now)
+        # Finite (the horizon when not in sight), so that a firing rule recovers.
+        found["budget_runway_hours"] = in_sight(runway.seconds_left) / 3600
+    found["tpm_runway_minutes"] = None
+    if tpm_quota and earlier is not None and earlier.window_seconds > window_seconds:
+        between = (earlier.window_seconds - window_seconds) / 2  # from centre to centre
+        left = rate_runway(tpm_quota, tokens_per_minute, earlier.tokens_per_minute, between)
+        found["tpm_runway_minutes"] = in_sight(left) / 60
     return found
 
 

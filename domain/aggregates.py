@@ -5,6 +5,9 @@ histogram, quality sums): global, the busiest models and features, and one `<kin
 scope per dimension holding the rest. Sums add up, so global minus some scopes of one kind is
 global minus their sum.
 
+Rules may read windows of their own (2, 5, 10 minutes): one result then carries the widest
+window's sums and, beside them, the same scopes' sums over each narrower window (`over()`).
+
 Results recorded before scopes were folded carry sums per (model, feature) cell instead; they
 still read as they did then, so a running detector's history replays.
 """
@@ -76,8 +79,24 @@ class FoldedInfo:
 
 
 @dataclass
+class WindowSums:
+    """A narrower window read with a result: the same scopes' sums over it (a scope without
+    data in it is left out; `global` is always there)."""
+
+    window_seconds: float  # from the start of its first minute counted to the result's `end`
+    by_scope: dict[str, ScopeSums] = field(default_factory=dict)
+
+    @classmethod
+    def of_scopes(cls, window_seconds: float, scopes: dict[str, Aggregate]) -> WindowSums:
+        packed = {name: ScopeSums.pack(aggregate) for name, aggregate in scopes.items()}
+        packed.setdefault(GLOBAL, ScopeSums(Aggregate()))
+        return cls(window_seconds, packed)
+
+
+@dataclass
 class WindowAggregates:
-    """What the stores say about one window: per-scope sums, and today's spend."""
+    """What the stores say about one window: per-scope sums, and today's spend; and, for rules
+    with windows of their own, the same scopes over narrower windows ending at the same time."""
 
     end: datetime
     window_seconds: float  # from the start of the first minute counted to `end`
@@ -87,6 +106,9 @@ class WindowAggregates:
     # Scope name -> sums; always holds `global`, so an empty dict means a per-cell result.
     by_scope: dict[str, ScopeSums] = field(default_factory=dict)
     folded: dict[str, FoldedInfo] = field(default_factory=dict)  # by dimension
+    # Narrower windows by the length asked for (seconds): the same scopes, ranked and folded
+    # over this window (the widest), summed over each. Empty: the one window.
+    windows: dict[int, WindowSums] = field(default_factory=dict)
 
     @classmethod
     def of_scopes(
@@ -96,15 +118,25 @@ class WindowAggregates:
         scopes: dict[str, Aggregate],
         cost_today_usd: float = 0.0,
         folded: dict[str, FoldedInfo] | None = None,
+        windows: dict[int, WindowSums] | None = None,
     ) -> WindowAggregates:
-        packed = {name: ScopeSums.pack(aggregate) for name, aggregate in scopes.items()}
-        packed.setdefault(GLOBAL, ScopeSums(Aggregate()))
         return cls(
             end=end,
             window_seconds=window_seconds,
             cost_today_usd=cost_today_usd,
-            by_scope=packed,
+            by_scope=WindowSums.of_scopes(window_seconds, scopes).by_scope,
             folded=dict(folded or {}),
+            windows=dict(windows or {}),
+        )
+
+    def over(self, seconds: int) -> WindowAggregates:
+        """The result seen over the narrower window of this length (its sums; the same end,
+        spend today and fold); this window itself for any length not among `windows`."""
+        narrower = self.windows.get(seconds)
+        if narrower is None:
+            return self
+        return replace(
+            self, window_seconds=narrower.window_seconds, by_scope=narrower.by_scope, windows={}
         )
 
     def scope(self, name: str) -> Aggregate:

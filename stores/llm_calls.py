@@ -18,7 +18,7 @@ from pagerloop_sdk.records import CONTROLS_MAX as CONTROLS_MAX
 from pagerloop_sdk.records import ERROR_MESSAGE_MAX as ERROR_MESSAGE_MAX
 from pagerloop_sdk.records import CallRecord as CallRecord
 from pagerloop_sdk.records import new_call_id as new_call_id
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, SmallInteger
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, SmallInteger, text
 from sqlmodel import Field, SQLModel
 
 from domain.usage import FLOAT_COUNTERS, USAGE_COUNTERS
@@ -37,9 +37,40 @@ def utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _partial(name: str, *columns: str, where: str, using: str = "btree") -> Index:
+    """An index of the rows `where` holds, on both stores (autogenerate compares the columns).
+    `using="hash"`: a hash index on PostgreSQL (equality only; a B-tree on SQLite)."""
+    return Index(
+        name,
+        *columns,
+        postgresql_where=text(where),
+        postgresql_using=using,
+        sqlite_where=text(where),
+    )
+
+
+# The call log's search (stores.call_search). Ingest writes every row into every index whose
+# condition the row meets, so: partial indexes, holding only the rows with the field set or the
+# rare rows worth finding (calls that failed or were retried); hash indexes (a third of a
+# B-tree's size) for the ids that are only ever looked up whole; sessions and users without ts
+# (their B-trees deduplicate to a fraction of the size: a user's calls are few enough to sort).
+# A feature's calls are many: (feature, ts) reads the newest first. Migration 0008.
+SEARCH_INDEXES = (
+    _partial("ix_llm_calls_request_id", "request_id", where="request_id IS NOT NULL", using="hash"),
+    _partial("ix_llm_calls_trace_id", "trace_id", where="trace_id IS NOT NULL", using="hash"),
+    _partial("ix_llm_calls_session_id", "session_id", where="session_id IS NOT NULL"),
+    _partial("ix_llm_calls_user_hash", "user_hash", where="user_hash IS NOT NULL"),
+    _partial("ix_llm_calls_feature_ts", "feature", "ts", where="feature IS NOT NULL"),
+    _partial("ix_llm_calls_error_type_ts", "error_type", "ts", where="error_type IS NOT NULL"),
+    _partial("ix_llm_calls_failed_ts", "ts", where="status <> 'success'"),
+    _partial("ix_llm_calls_retried_ts", "ts", where="retry_count > 0"),
+    _partial("ix_llm_calls_slow", "latency_ms", where="latency_ms > 8000"),
+)
+
+
 class LLMCall(SQLModel, table=True):
     __tablename__ = "llm_calls"
-    __table_args__ = (Index("ix_llm_calls_ts", "ts"),)
+    __table_args__ = (Index("ix_llm_calls_ts", "ts"), *SEARCH_INDEXES)
 
     id: int | None = big(None, primary_key=True)
     call_id: str = Field(default_factory=new_call_id, max_length=32, unique=True)

@@ -91,11 +91,12 @@ async def open_incidents(client: Client, settings: Settings) -> list[tuple[str, 
 
 
 def earlier_today(minutes: int) -> str:
+    """`minutes` ago (below 0: now, with the reset at midnight at least that far off)."""
     now = datetime.now(UTC)
     at = now - timedelta(minutes=minutes)
     if at.date() != now.date():
         pytest.skip("too close to midnight UTC for a call earlier today")
-    return at.isoformat()
+    return min(at, now).isoformat()
 
 
 async def post_quality(settings: Settings, score: float, count: int) -> None:
@@ -122,9 +123,16 @@ SCENARIOS: dict[str, tuple[Callable[[], list[dict[str, Any]]], tuple[str, str, s
         lambda: [call("server_error", http_status=503)] * 30,
         ("api_outage", "global", "SEV1"),
     ),
+    # $10 in a minute: a spend rate of $100+/h against $20.8/h, but the $490 left would last
+    # 8 h at the 10-minute burn (a bigger spike is a budget running out: budget_runway).
     "cost spike": (
-        lambda: [call(cost_usd=20.0)] * 5,
+        lambda: [call(cost_usd=2.0)] * 5,
         ("cost_spike", "global", "SEV2"),
+    ),
+    # $100 in a minute: at the 10-minute burn ($570/h) the $400 left lasts 42 min.
+    "budget runway": (
+        lambda: [call(cost_usd=20.0, timestamp=earlier_today(-60))] * 5,
+        ("budget_exhaustion", "global", "SEV1"),
     ),
     "budget": (
         lambda: [call(cost_usd=98.0, timestamp=earlier_today(20))] * 5,

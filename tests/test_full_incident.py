@@ -10,7 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -26,6 +26,8 @@ from api.deps import Services
 from config import Settings
 from config.escalation import load_escalation
 from domain.incident import Breach, IncidentState, IncidentStatus, Severity, Trigger
+from stores.llm_calls import CallRecord
+from stores.writer import write_calls
 from tests.conftest import SIGNING_SECRET
 from tests.fakes import pagerduty
 from tests.fakes.jira import FakeJira
@@ -139,9 +141,23 @@ async def api(deployed: Settings, dev_env: WorkflowEnvironment) -> AsyncIterator
 
 
 async def open_incident(settings: Settings, client: Client) -> WorkflowHandle:
-    """What the detector does on a breach."""
+    """What the detector does on a breach (after the failed calls it saw, which the chart in
+    the Slack thread shows)."""
     plan = worker.notification_plan(settings, load_escalation(settings.escalation_policy_file))
     engine = worker.open_store(settings)
+    now = datetime.now(UTC)
+    write_calls(
+        engine,
+        [
+            CallRecord(
+                ts=now - timedelta(seconds=i * 3),
+                model="gpt-4.1",
+                status="error" if i % 5 < 2 else "success",
+                latency_ms=800.0,
+            )
+            for i in range(50)
+        ],
+    )
     opener = IncidentActivities(client, settings.task_queue, plan, engine)
     breach = Breach(
         Trigger.ERROR_RATE,
@@ -253,6 +269,11 @@ async def test_a_whole_incident_makes_exactly_the_expected_vendor_calls(
     # Slack: one message, edited in place, the story in its thread.
     await eventually(lambda: "resolved by <@U0ALICE00>" in str(message.blocks))
     assert len(fake_slack.posts()) == 1
+    # The chart of the error rate, once in the thread: the retry that found the message
+    # uploaded it (the killed attempt never got that far).
+    [chart] = fake_slack.uploaded(thread_ts=message.ts)
+    assert chart.filename.endswith(".png")
+    assert len(fake_slack.calls("files.getUploadURLExternal")) == 1
     assert len(message.edits) >= 3  # escalated, acknowledged, resolved
     told = "\n".join(message.replies)
     for kind in ("*escalated*", "*acknowledged*", "*note*", "*reminder*", "*resolved*"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import compose
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = Path(compose.__file__).parent / "docker-compose"
@@ -30,6 +31,7 @@ REQUIRED = {
     "PAGERLOOP_USER_HASH_SALT": "salt-from-the-environment",
     "STORES_DB_PASSWORD": "stores-password-from-the-environment",
     "TEMPORAL_DB_PASSWORD": "temporal-password-from-the-environment",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-password-from-the-environment",
 }
 
 
@@ -110,14 +112,21 @@ def test_compose_refuses_to_start_without_each_required_secret(variable: str, pr
         assert f"set {variable} (" in result.stderr  # the file's own message says what it is
 
 
-def test_only_the_api_and_the_temporal_ui_are_published_on_the_host() -> None:
+def test_only_the_api_the_temporal_ui_and_grafana_are_published_on_the_host() -> None:
     services = compose_services(COMPOSE_PROFILES="example")
     published = {
         name: sorted((str(port["published"]), port["target"]) for port in service["ports"])
         for name, service in services.items()
         if service.get("ports")
     }
-    assert published == {"api": [("8080", 8080)], "temporal-ui": [("8233", 8080)]}
+    assert published == {
+        "api": [("8080", 8080)],
+        "temporal-ui": [("8233", 8080)],
+        "grafana": [("3000", 3000)],
+    }
+    # Prometheus too stays on the compose network, where Grafana reads it.
+    assert "ports" not in services["prometheus"]
+    assert services["prometheus"]["expose"] == ["9090"]
     # The Temporal frontend stays on the compose network, where the others reach it.
     assert "ports" not in services["temporal"]
     assert services["temporal"]["expose"] == ["7233"]
@@ -130,6 +139,7 @@ def test_no_database_password_has_a_default() -> None:
         "temporal-db": ("POSTGRES_PASSWORD", "TEMPORAL_DB_PASSWORD"),
         "temporal": ("POSTGRES_PWD", "TEMPORAL_DB_PASSWORD"),
         "stores-db": ("POSTGRES_PASSWORD", "STORES_DB_PASSWORD"),
+        "grafana": ("GF_SECURITY_ADMIN_PASSWORD", "GRAFANA_ADMIN_PASSWORD"),
     }
     for name, (key, variable) in passwords.items():
         assert services[name]["environment"][key] == REQUIRED[variable], name
@@ -182,6 +192,73 @@ def test_the_example_app_runs_the_sdk_example_against_the_api_under_a_profile() 
     )
     assert real["example-app"]["environment"]["OPENAI_BASE_URL"] == "https://api.openai.com/v1"
     assert real["example-app"]["environment"]["OPENAI_API_KEY"] == "sk"
+
+
+def mounts(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A service's volumes by their target in the container."""
+    return {mount["target"]: mount for mount in service.get("volumes", [])}
+
+
+def test_prometheus_scrapes_the_api_and_grafana_shows_the_dashboard_from_this_repository() -> None:
+    services = compose_services()
+    prometheus, grafana, api = services["prometheus"], services["grafana"], services["api"]
+    # Prometheus runs this repository's configuration, which scrapes the API's /metrics.
+    config_mount = mounts(prometheus)["/etc/prometheus/prometheus.yml"]
+    assert config_mount["source"] == str(ROOT / "deploy" / "prometheus" / "prometheus.yml")
+    assert config_mount["read_only"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"][-1]
+    assert mounts(prometheus)["/prometheus"]["type"] == "volume"  # its data outlives containers
+    config = yaml.safe_load(Path(config_mount["source"]).read_text())
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    api_port = api["environment"]["PAGERLOOP_API_PORT"]
+    assert job["static_configs"] == [{"targets": [f"api:{api_port}"]}]
+    assert {str(port["target"]) for port in api["ports"]} == {api_port}
+    # The operator key for a /metrics kept to operators: written where the scrape reads it, on
+    # a tmpfs, from a variable that is empty (a public /metrics) unless set.
+    key_file = job["authorization"]["credentials_file"]
+    assert job["authorization"]["type"] == "Bearer"
+    assert str(Path(key_file).parent) in prometheus["tmpfs"]
+    assert f"> {key_file}" in prometheus["command"][-1]
+    assert prometheus["environment"]["PAGERLOOP_METRICS_KEY"] == ""
+    assert "PAGERLOOP_METRICS_KEY" in prometheus["command"][-1]
+    assert api["environment"]["PAGERLOOP_PUBLIC_ENDPOINTS"] == "metrics,status"
+    keyed = compose_services(PAGERLOOP_PUBLIC_ENDPOINTS="", PAGERLOOP_METRICS_KEY="k")
+    assert keyed["api"]["environment"]["PAGERLOOP_PUBLIC_ENDPOINTS"] == ""  # nothing public
+    assert keyed["prometheus"]["environment"]["PAGERLOOP_METRICS_KEY"] == "k"
+
+    # Grafana: this repository's provisioning (data source, dashboard provider) and dashboards.
+    provisioning = mounts(grafana)["/etc/grafana/provisioning"]
+    assert provisioning["source"] == str(ROOT / "deploy" / "grafana" / "provisioning")
+    assert provisioning["read_only"]
+    [provider] = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/pagerloop.yml").read_text()
+    )["providers"]
+    dashboards = mounts(grafana)[provider["options"]["path"]]
+    assert dashboards["source"] == str(ROOT / "deploy" / "grafana" / "dashboards")
+    assert (Path(dashboards["source"]) / "pagerloop.json").is_file()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards['target']}/pagerloop.json"
+    [source] = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == f"http://prometheus:{prometheus['expose'][0]}"
+    # Every panel reads that data source, by its uid.
+    dashboard = json.loads((Path(dashboards["source"]) / "pagerloop.json").read_text())
+    used = {
+        json.dumps(item["datasource"], sort_keys=True)
+        for panel in dashboard["panels"]
+        for item in [panel, *panel.get("targets", [])]
+        if "datasource" in item
+    }
+    assert used == {json.dumps({"type": "prometheus", "uid": source["uid"]}, sort_keys=True)}
+    # No way in without the password: no anonymous viewers, no sign-up.
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["environment"]["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert "healthcheck" in prometheus
+    assert "healthcheck" in grafana
 
 
 def test_the_image_copies_the_sdk_before_installing() -> None:

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from detectors.config import DetectorRules, RulesFileError, load_rules
 from detectors.correlation import LEGACY_RELATIONS
-from detectors.evaluation import Evaluation, evaluate
+from detectors.evaluation import (
+    Evaluation,
+    evaluate,
+    latency_windows,
+    reading,
+    rule_window,
+    windows_read,
+)
 from detectors.rules import DEFAULT_RULES, Event, Level, Rule, RuleState, step
 from detectors.signals import values
-from domain.aggregates import Aggregate, WindowAggregates
+from domain.aggregates import Aggregate, WindowAggregates, WindowSums
 from domain.histogram import RELATIVE_ERROR, bucket
 from domain.incident import Severity, Trigger
 from domain.scopes import scope_name
@@ -325,3 +334,322 @@ def test_errors_wait_while_the_outage_they_are_part_of_is_pending() -> None:
         rules, window(outage), first.rule_states, 500, LEGACY_RELATIONS, hold_for_pending=False
     )
     assert [(f.trigger, f.scope) for f in legacy.firing] == [(Trigger.ERROR_RATE, "global")]
+
+
+# --- per-rule windows -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "seconds"),
+    [
+        ("error_rate", 120), ("rate_limit", 120), ("tpm_runway", 120),
+        ("latency_p50", 300), ("latency_p95", 300),
+        ("budget", 600), ("budget_runway", 600), ("quality", 600), ("quality_drift", 600),
+        ("api_outage", None), ("token_quota", None), ("cost_rate", None),
+    ],
+)  # fmt: skip
+def test_each_rule_reads_the_seeds_window_or_the_detectors(rule: str, seconds: int | None) -> None:
+    assert RULES[rule].window_seconds == seconds
+    assert rule_window(RULES[rule], 900) == (seconds or 900)
+
+
+def test_the_windows_read_and_those_with_histograms() -> None:
+    assert windows_read(DetectorRules(), 300) == [120, 300, 600]
+    assert windows_read(DetectorRules(), 900) == [120, 300, 600, 900]
+    assert latency_windows(DetectorRules(), 300) == [300]
+    no_latency = DetectorRules(
+        rules=tuple(replace(r, enabled=not r.name.startswith("latency")) for r in DEFAULT_RULES)
+    )
+    assert latency_windows(no_latency, 300) == []
+
+
+END = datetime(2026, 11, 26, 12, 0, 30, tzinfo=UTC)
+
+
+def windows(by_window: dict[int, dict[str, Aggregate]], **extra: Any) -> WindowAggregates:
+    """A result as the store gives it: the widest window's sums, and the narrower ones'."""
+    widest = max(by_window)
+    return WindowAggregates.of_scopes(
+        END,
+        widest + 30,
+        by_window[widest],
+        windows={
+            seconds: WindowSums.of_scopes(seconds + 30, scopes)
+            for seconds, scopes in by_window.items()
+            if seconds != widest
+        },
+        **extra,
+    )
+
+
+def per_rule(
+    aggregates: WindowAggregates,
+    states: dict[str, RuleState] | None = None,
+    rules: DetectorRules | None = None,
+    times: int = 2,
+) -> Evaluation:
+    states = dict(states or {})
+    for _ in range(times):
+        found = evaluate(
+            rules or DetectorRules(), aggregates, states, daily_budget_usd=500, window_seconds=300
+        )
+        states = found.rule_states
+    return found
+
+
+def test_errors_of_the_last_two_minutes_fire_although_five_minutes_dilute_them() -> None:
+    recent = Aggregate(calls=100, successes=93, errors=7)
+    five = Aggregate(calls=1000, successes=993, errors=7)  # 0.7 %
+    found = per_rule(windows({120: {"global": recent}, 300: {"global": five},
+                              600: {"global": five}}))  # fmt: skip
+    [finding] = found.firing
+    assert (finding.trigger, finding.severity) == (Trigger.ERROR_RATE, Severity.SEV2)
+    assert finding.summary == "error rate 7.0% > 5.0% over 2 min (100 calls)"
+    assert finding.metrics == {"calls": 100.0, "error_rate": pytest.approx(0.07)}
+    # The same numbers over the detector's window alone (a run begun before): nothing.
+    legacy = evaluate(DetectorRules(), windows({300: {"global": five}}), {}, 500)
+    assert legacy.firing == []
+    assert legacy.verdicts["error_rate|global"] == "ok"
+
+
+def test_slow_answers_are_judged_over_five_minutes_not_two() -> None:
+    slow = histogram([20_000.0] * 30)
+    fast = histogram([300.0] * 300)
+    two = Aggregate(calls=30, successes=30, latency_histogram=slow)
+    five = Aggregate(calls=330, successes=330, latency_histogram={**fast})  # p95 fast
+    found = per_rule(windows({120: {"global": two}, 300: {"global": five}, 600: {"global": five}}))
+    assert found.verdicts["latency_p95|global"] == "ok"
+    assert found.firing == []
+
+
+def test_a_scope_quiet_in_its_rules_window_stays_firing() -> None:
+    failing = Aggregate(calls=50, errors=50)
+    firing = per_rule(windows({120: {"global": failing}, 600: {"global": failing}}))
+    assert firing.rule_states["error_rate|global"].firing
+    # Two minutes without calls, some ten minutes ago: nothing to judge the error rate by.
+    quiet = windows({120: {}, 600: {"global": failing}})
+    later = per_rule(quiet, firing.rule_states, times=5)
+    assert later.verdicts["error_rate|global"] == "insufficient_data"
+    assert [f.trigger for f in later.firing] == [Trigger.ERROR_RATE]
+    assert later.firing[0].summary == "still firing (no data this evaluation)"
+
+
+def test_global_minus_a_model_is_judged_over_the_rules_window() -> None:
+    bad = Aggregate(calls=100, errors=50)
+    good = Aggregate(calls=100, successes=100)
+    both = Aggregate()
+    both.add(bad)
+    both.add(good)
+    recent = {"global": both, "model:o3": bad, "model:gpt-4.1": good}
+    # Ten minutes ago gpt-4.1 failed too: over that window the rest is not healthy.
+    old_bad = Aggregate(calls=1000, errors=900)
+    older = {"global": old_bad, "model:o3": bad, "model:gpt-4.1": old_bad}
+    found = per_rule(
+        windows({120: recent, 600: older}), rules=DetectorRules(scopes=("global", "model"))
+    )
+    assert [(f.trigger, f.scope) for f in found.firing] == [(Trigger.ERROR_RATE, "model:o3")]
+    assert "error_rate|global" in found.inhibited
+
+
+# --- runways ----------------------------------------------------------------------------------
+
+
+def at(hour: int, minute: int) -> datetime:
+    return datetime(2026, 11, 26, hour, minute, tzinfo=UTC)
+
+
+def spending(
+    end: datetime, spent: float, burn_per_hour: float, calls: int = 50
+) -> WindowAggregates:
+    """Ten minutes at `burn_per_hour`, `spent` today so far."""
+    ten = Aggregate(calls=calls, successes=calls, cost_usd=burn_per_hour / 6)
+    return WindowAggregates.of_scopes(end, 600, {"global": ten}, cost_today_usd=spent)
+
+
+@pytest.mark.parametrize(
+    ("end", "spent", "burn", "severity", "summary"),
+    [
+        # 97 % spent at 23:10, $15 left at $30/h: out at 23:40, before the reset.
+        pytest.param(at(23, 10), 485, 30, "SEV1",
+                     "daily budget used 97.0% > 95.0%; daily budget runs out in 30 min "
+                     "(at 23:40 UTC) < 1.0 h, at the burn of the last 10 min (50 calls)",
+                     id="23:10-sev1"),
+        # The same at 23:50: 10 min to the reset, today's $15 lasts 30: tomorrow's $500 lasts
+        # 16.7 h after midnight.
+        pytest.param(at(23, 50), 485, 30, None, None, id="23:50-the-reset-comes-first"),
+        # Just after midnight the spend starts again from nothing.
+        pytest.param(at(0, 5), 2.5, 30, None, None, id="00:05-reset"),
+        # $100 spent by 14:00, $80/h: $400 lasts 5 h.
+        pytest.param(at(14, 0), 100, 80, "SEV2",
+                     "daily budget runs out in 5.0 h (at 19:00 UTC) < 6.0 h, at the burn of the "
+                     "last 10 min (50 calls)", id="5h-sev2"),
+        # At 20:00, $100/h would spend today's $450 in 4.5 h, past the reset (in 4 h): then
+        # tomorrow's $500 lasts 5 h more, 9 h in all.
+        pytest.param(at(20, 0), 50, 100, None, None, id="20:00-the-reset-comes-first"),
+        pytest.param(at(22, 0), 50, 150, "SEV2",
+                     "daily budget runs out in 5.3 h (at 03:20 UTC, after the midnight reset) "
+                     "< 6.0 h", id="tomorrows-budget"),
+        pytest.param(at(12, 0), 500, 0, "SEV1",
+                     "daily budget used 100.0% > 95.0%; daily budget used up (50 calls)",
+                     id="used-up"),
+        pytest.param(at(12, 0), 400, 0, None, None, id="no-burn"),
+    ],
+)  # fmt: skip
+def test_the_budget_runway_counts_the_daily_reset(
+    end: datetime, spent: float, burn: float, severity: str | None, summary: str | None
+) -> None:
+    found = per_rule(spending(end, spent, burn))
+    budget = [f for f in found.firing if f.trigger == Trigger.BUDGET_EXHAUSTION]
+    runway_fires = found.rule_states.get("budget_runway|global", RuleState()).firing
+    if severity is None:
+        assert not runway_fires
+        return
+    assert runway_fires
+    [finding] = budget
+    assert finding.severity == severity
+    assert summary is not None
+    assert summary in finding.summary
+    assert finding.metrics["cost_usd_per_hour"] == pytest.approx(burn)
+    assert "budget_runway_hours" in finding.metrics
+
+
+def test_a_runway_recovers_after_midnight_and_when_the_burn_stops() -> None:
+    firing = per_rule(spending(at(23, 10), 485, 30))
+    assert firing.firing[0].severity == Severity.SEV1
+    # Just after midnight: spent starts again; three good evaluations recover the rule.
+    states = firing.rule_states
+    events = []
+    for _ in range(3):
+        found = evaluate(
+            DetectorRules(), spending(at(0, 5), 2.5, 30), states, 500, window_seconds=300
+        )
+        states = found.rule_states
+        events.append(found.verdicts["budget_runway|global"])
+    assert events == ["recovering", "recovering", "recovered"]
+    assert (Trigger.BUDGET_EXHAUSTION, "global") in found.recovered
+    # The spend stops (no calls at all): the runway is out of sight, and that is data too.
+    states = firing.rule_states
+    for _ in range(3):
+        quiet = spending(at(23, 12), 485, 0, calls=0)
+        found = evaluate(DetectorRules(), quiet, states, 500, window_seconds=300)
+        states = found.rule_states
+    assert found.verdicts["budget_runway|global"] == "recovered"
+
+
+def test_a_budget_runway_takes_in_the_cost_spike_it_comes_with() -> None:
+    found = per_rule(spending(at(14, 0), 100, 300))  # $400 left at $300/h: 80 min
+    assert {(f.trigger, f.severity) for f in found.firing} == {
+        (Trigger.BUDGET_EXHAUSTION, Severity.SEV2)
+    }
+    assert "cost_spike|global" in found.inhibited
+
+
+def tokens(per_minute: float, seconds: int, calls: int = 100) -> Aggregate:
+    total = int(per_minute * (seconds + 30) / 60)  # the windows are read 30 s into a minute
+    return Aggregate(calls=calls, successes=calls, input_tokens=total)
+
+
+@pytest.mark.parametrize(
+    ("recent", "earlier", "minutes", "severity"),
+    [
+        # 50k/min over ten minutes (centre 5.25 min ago), 80k over two (1.25 min ago): +7.5k a
+        # minute, 20k to go: 2.7 min.
+        pytest.param(80_000, 50_000, 2.7, "SEV2", id="critical"),
+        # +2.5k a minute, 20k to go: 8 min.
+        pytest.param(80_000, 70_000, 8.0, "SEV3", id="warning"),
+        pytest.param(60_000, 70_000, None, None, id="falling"),
+        pytest.param(60_000, 60_000, None, None, id="flat"),
+    ],
+)
+def test_the_tokens_runway_follows_the_trend_to_the_quota(
+    recent: float, earlier: float, minutes: float | None, severity: str | None
+) -> None:
+    rules = DetectorRules(tpm_quota={"gpt-4.1": 100_000})
+    scopes = {
+        120: {"global": tokens(recent, 120), "model:gpt-4.1": tokens(recent, 120)},
+        300: {"global": tokens(recent, 300), "model:gpt-4.1": tokens(recent, 300)},
+        600: {"global": tokens(earlier, 600), "model:gpt-4.1": tokens(earlier, 600)},
+    }
+    found = per_rule(windows(scopes), rules=rules)
+    state = found.rule_states.get("tpm_runway|model:gpt-4.1", RuleState())
+    assert "tpm_runway|global" not in found.verdicts or found.verdicts["tpm_runway|global"] in (
+        "insufficient_data", "ok"
+    )  # fmt: skip
+    if severity is None:
+        assert not state.firing
+        return
+    [finding] = [f for f in found.firing if f.trigger == Trigger.TOKEN_QUOTA]
+    assert finding.severity == severity
+    assert finding.metrics["tpm_runway_minutes"] == pytest.approx(minutes, abs=0.05)
+    assert finding.summary.startswith("tokens/min reach the quota in ")
+    assert ", at the trend of the last 2 min" in finding.summary
+
+
+def test_no_quota_no_tokens_runway() -> None:
+    scopes = {120: {"global": tokens(80_000, 120)}, 600: {"global": tokens(1_000, 600)}}
+    found = per_rule(windows(scopes))
+    assert found.verdicts["tpm_runway|global"] == "insufficient_data"
+
+
+@pytest.mark.parametrize(
+    ("rule", "value", "text"),
+    [
+        ("budget_runway", 0.0, "daily budget used up"),
+        ("budget_runway", 48.0, "daily budget runs out: not in sight"),
+        ("budget_runway", 2 / 3, "daily budget runs out in 40 min (at 12:40 UTC)"),
+        ("budget_runway", 13.0,
+         "daily budget runs out in 13.0 h (at 01:00 UTC, after the midnight reset)"),
+        ("tpm_runway", 0.0, "tokens/min at the quota"),
+        ("tpm_runway", 4.0, "tokens/min reach the quota in 4 min (at 12:04 UTC)"),
+        ("error_rate", 0.07, "error rate 7.0%"),
+    ],
+)  # fmt: skip
+def test_readings_for_people(rule: str, value: float, text: str) -> None:
+    assert reading(RULES[rule], value, at(12, 0)) == text
+
+
+# --- the rules file: windows and runways --------------------------------------------------------
+
+
+def test_the_rules_file_sets_windows_and_runway_lines(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(
+        """
+[rules.error_rate]
+window_seconds = 300
+
+[rules.cost_rate]
+window_seconds = 900
+
+[rules.quality]
+window_seconds = 0
+
+[rules.budget_runway]
+warning = 12
+critical_severity = "SEV2"
+"""
+    )
+    by_name = {rule.name: rule for rule in load_rules(path).rules}
+    assert by_name["error_rate"].window_seconds == 300
+    assert by_name["cost_rate"].window_seconds == 900
+    assert by_name["quality"].window_seconds is None  # 0: the detector's
+    assert (by_name["budget_runway"].warning, by_name["budget_runway"].critical) == (12, 1.0)
+    assert by_name["budget_runway"].critical_severity == Severity.SEV2
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        ("[rules.error_rate]\nwindow_seconds = 30", "0 (the detector's window) or 60 to 3600"),
+        ("[rules.error_rate]\nwindow_seconds = 7200", "rules.error_rate.window_seconds"),
+        (
+            "[rules.cost_rate]\nwindow_seconds = 900\n[rules.api_outage]\nwindow_seconds = 60",
+            "at most 4 distinct window_seconds",
+        ),
+    ],
+)
+def test_a_bad_window_is_refused(tmp_path: Path, content: str, complaint: str) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(content)
+    with pytest.raises(RulesFileError, match=re.escape(complaint)):
+        load_rules(path)

@@ -1,5 +1,8 @@
 """A local Slack Web API: chat.postMessage, chat.update, chat.postEphemeral, auth.test,
-conversations.list, conversations.history and conversations.replies.
+conversations.list, conversations.history and conversations.replies, and file uploads as
+slack-sdk's `files_upload_v2` makes them: files.getUploadURLExternal (an upload URL on this
+server), the raw POST of the bytes to that URL, files.completeUploadExternal (shares the file in a
+channel, or in a thread with `thread_ts`, as a message carrying `files`).
 
 Speaks Slack's wire format: form or JSON bodies, `Authorization: Bearer xoxb-…`, HTTP 200 with
 `{"ok": false, "error": …}` for API errors, HTTP 429 with `Retry-After` when rate limited, and
@@ -42,6 +45,43 @@ class Message:
     replies: list[str] = field(default_factory=list)  # the thread's texts, in order
     thread: list[Message] = field(default_factory=list)  # the thread's replies themselves
     thread_ts: str | None = None  # a reply's parent
+    files: list[dict[str, Any]] = field(default_factory=list)  # a file share's files
+
+
+@dataclass
+class UploadedFile:
+    """A file from files.getUploadURLExternal on: its bytes once posted to its upload URL, and
+    where files.completeUploadExternal shared it."""
+
+    id: str
+    filename: str
+    length: int  # as announced
+    alt_txt: str | None = None
+    data: bytes | None = None
+    title: str | None = None
+    completed: bool = False
+    channel: str | None = None
+    thread_ts: str | None = None
+    initial_comment: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        """The file object Slack answers with (a few of its fields)."""
+        return {
+            "id": self.id,
+            "name": self.filename,
+            "title": self.title or self.filename,
+            "mimetype": "image/png"
+            if self.filename.endswith(".png")
+            else "application/octet-stream",
+            "filetype": self.filename.rpartition(".")[2] if "." in self.filename else "binary",
+            "size": len(self.data or b""),
+            "alt_txt": self.alt_txt,
+            "channels": [self.channel] if self.channel else [],
+        }
+
+
+# files.getUploadURLExternal's limit on `length` (Slack's: 1 GB).
+MAX_UPLOAD_BYTES = 1_000_000_000
 
 
 def block_errors(blocks: list[dict[str, Any]]) -> list[str]:
@@ -81,7 +121,12 @@ def block_errors(blocks: list[dict[str, Any]]) -> list[str]:
 
 class FakeSlack(FakeServer):
     def __init__(self, missing_channels: tuple[str, ...] = ()) -> None:
-        super().__init__([Route("/api/{method}", self._handle, methods=["POST", "GET"])])
+        super().__init__(
+            [
+                Route("/api/{method}", self._handle, methods=["POST", "GET"]),
+                Route("/upload/v1/{file_id}", self._upload, methods=["POST"]),
+            ]
+        )
         self.revoked_tokens: set[str] = set()
         self.missing_channels = set(missing_channels)
         self.faults: deque[Fault] = deque()
@@ -94,6 +139,8 @@ class FakeSlack(FakeServer):
         self.rate_limited: int | None = None
         self._channel_ids: dict[str, str] = {}
         self._ts = itertools.count(1)
+        self.files: dict[str, UploadedFile] = {}  # by file id, from files.getUploadURLExternal on
+        self._file_ids = itertools.count(1)
 
     @property
     def api_url(self) -> str:
@@ -121,6 +168,19 @@ class FakeSlack(FakeServer):
 
     def calls(self, method: str) -> list[dict[str, Any]]:
         return [r.data for r in self.received(f"/api/{method}")]
+
+    def uploaded(
+        self, channel: str | None = None, thread_ts: str | None = None
+    ) -> list[UploadedFile]:
+        """The files shared by files.completeUploadExternal (in that channel / thread)."""
+        with self.lock:
+            return [
+                f
+                for f in self.files.values()
+                if f.completed
+                and (channel is None or f.channel == channel)
+                and (thread_ts is None or f.thread_ts == thread_ts)
+            ]
 
     def channel_id(self, name: str) -> str:
         name = name.lstrip("#")
@@ -159,6 +219,8 @@ class FakeSlack(FakeServer):
             "conversations.list": self._list,
             "conversations.history": self._history,
             "conversations.replies": self._replies,
+            "files.getUploadURLExternal": self._get_upload_url,
+            "files.completeUploadExternal": self._complete_upload,
         }.get(method)
         if handler is None:
             return _error("unknown_method")
@@ -283,6 +345,7 @@ class FakeSlack(FakeServer):
             {"type": "message", "ts": m.ts, "thread_ts": parent.ts, "text": m.text}
             | ({"reply_count": len(parent.thread)} if m is parent else {})
             | ({"metadata": m.metadata} if with_metadata and m.metadata else {})
+            | ({"subtype": "file_share", "files": m.files} if m.files else {})
             for m in page
         ]
         return JSONResponse(
@@ -293,6 +356,77 @@ class FakeSlack(FakeServer):
                 "response_metadata": {"next_cursor": str(start + len(page)) if more else ""},
             }
         )
+
+    def _get_upload_url(self, data: dict[str, Any]) -> JSONResponse:
+        filename = str(data.get("filename") or "")
+        try:
+            length = int(data.get("length") or 0)
+        except ValueError:
+            length = 0
+        if not filename or not 0 < length <= MAX_UPLOAD_BYTES:
+            return _error("invalid_arguments")
+        with self.lock:
+            file_id = f"F{next(self._file_ids):010d}"
+            alt = data.get("alt_txt")
+            self.files[file_id] = UploadedFile(file_id, filename, length, alt_txt=alt)
+        upload_url = f"{self.url}/upload/v1/{file_id}"
+        return JSONResponse({"ok": True, "upload_url": upload_url, "file_id": file_id})
+
+    async def _upload(self, request: Request) -> Response:
+        """The upload URL: the file's raw bytes as the body (whatever Content-Type urllib sets);
+        answered `OK - <bytes>` as files.slack.com does."""
+        body = await request.body()
+        self.record(request, body, {})
+        file_id = request.path_params["file_id"]
+        with self.lock:
+            found = self.files.get(file_id)
+            if found is None or found.completed:
+                return Response("Not Found", status_code=404)
+            found.data = body
+        return Response(f"OK - {len(body)}", media_type="text/plain")
+
+    def _complete_upload(self, data: dict[str, Any]) -> JSONResponse:
+        raw = data.get("files")
+        try:
+            listed = strict_loads(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            return _error("invalid_arguments")
+        if not isinstance(listed, list) or not listed:
+            return _error("invalid_arguments")
+        channel = None
+        if data.get("channel_id") or data.get("channels"):
+            target = str(data.get("channel_id") or str(data.get("channels")).split(",")[0])
+            channel = self._resolve_channel(target)
+            if channel is None:
+                return _error("channel_not_found")
+        thread_ts = str(data["thread_ts"]) if data.get("thread_ts") else None
+        parent = self.messages.get((channel, thread_ts)) if channel and thread_ts else None
+        if thread_ts and parent is None:
+            return _error("invalid_thread_ts")
+        with self.lock:
+            files = []
+            for entry in listed:
+                found = self.files.get(str((entry or {}).get("id", "")))
+                if found is None or found.completed:
+                    return _error("file_not_found")
+                if found.data is None or len(found.data) != found.length:
+                    return _error("file_upload_size_mismatch")
+                files.append((found, entry))
+            for found, entry in files:
+                found.completed = True
+                found.title = entry.get("title") or found.filename
+                found.channel, found.thread_ts = channel, thread_ts
+                found.initial_comment = data.get("initial_comment")
+            infos = [found.info() for found, _ in files]
+            if channel is not None:
+                ts = f"{int(time.time())}.{next(self._ts):06d}"
+                text = str(data.get("initial_comment") or "")
+                share = Message(channel, ts, text, [], thread_ts=thread_ts, files=infos)
+                if parent is not None:
+                    parent.thread.append(share)
+                else:
+                    self.messages[(channel, ts)] = share
+        return JSONResponse({"ok": True, "files": infos})
 
     def _post_ephemeral(self, data: dict[str, Any]) -> JSONResponse:
         channel = self._resolve_channel(str(data.get("channel", "")))
