@@ -43,34 +43,37 @@ def record(name: str, seconds_ago: float, **fields: Any) -> CallRecord:
     return CallRecord(ts=ago(seconds_ago), request_id=name, **values)
 
 
-ROWS = [
-    record("req_a", 60, feature="chat", input_tokens=812, output_tokens=96, cost_usd=0.002392),
-    record(
-        "req_b",
-        120,
-        status="error",
-        latency_ms=2710.0,
-        feature="chat",
-        http_status=500,
-        error_type="InternalServerError",
-        retry_count=2,
-        input_tokens=640,
-        cost_usd=0.00128,
-    ),
-    record(
-        "req_c",
-        180,
-        model="o3",
-        status="rate_limited",
-        latency_ms=35.0,
-        feature="summarize",
-        http_status=429,
-        error_type="RateLimitError",
-        retry_count=1,
-    ),
-    record("req_d", 240, model="gpt-4.1-mini", latency_ms=2250.0, feature="summarize"),
-    record("req_old", 7200, feature="chat"),  # two hours ago: outside the default hour
-]
+def rows() -> list[CallRecord]:
+    """Made when the test runs (not at import: under xdist a module waits minutes for its turn),
+    so that "the last hour" holds them."""
+    return [
+        record("req_a", 60, feature="chat", input_tokens=812, output_tokens=96, cost_usd=0.002392),
+        record(
+            "req_b",
+            120,
+            status="error",
+            latency_ms=2710.0,
+            feature="chat",
+            http_status=500,
+            error_type="InternalServerError",
+            retry_count=2,
+            input_tokens=640,
+            cost_usd=0.00128,
+        ),
+        record(
+            "req_c",
+            180,
+            model="o3",
+            status="rate_limited",
+            latency_ms=35.0,
+            feature="summarize",
+            http_status=429,
+            error_type="RateLimitError",
+            retry_count=1,
+        ),
+        record("req_d", 240, model="gpt-4.1-mini", latency_ms=2250.0, feature="summarize"),
+        record("req_old", 7200, feature="chat"),  # two hours ago: outside the default hour
+    ]
 
 
 @pytest.fixture
@@ -80,7 +83,7 @@ def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
     monkeypatch.setenv("PAGERLOOP_USER_HASH_SALT", SALT)
     engine = make_engine(url)
     create_schema(engine)
-    write_calls(engine, ROWS)
+    write_calls(engine, rows())
     return engine
 
 
