@@ -45,9 +45,14 @@ NOTIFY_EVENT = "pagerloop_notify"
 LOOKBACK_SKEW = timedelta(minutes=5)
 LOOKUP_PAGE = 200
 # The chart of the incident's signal goes to its thread right after the first post; making and
-# uploading it may take this long, well inside the post's start-to-close timeout (30 s), and a
-# chart that fails or is late is logged and left out: it never fails the incident's message.
+# uploading it may take this long, and a chart that fails or is late is logged and left out: it
+# never fails the incident's message. It gets less when the attempt's start-to-close deadline
+# (30 s) is nearer than this plus CHART_MARGIN_SECONDS (the post took long, the clocks differ):
+# an attempt that posted must return before Temporal times it out. Under CHART_MIN_SECONDS
+# left, no chart.
 CHART_DEADLINE_SECONDS = 10.0
+CHART_MARGIN_SECONDS = 8.0
+CHART_MIN_SECONDS = 2.0
 
 # (trigger, scope, now) -> the PNG of the trigger's signal over the last hour, or None when
 # there is nothing to show. The worker builds it (detectors.series); activities cannot.
@@ -477,6 +482,19 @@ def attach_chart(
     return True
 
 
+def chart_seconds(info: activity.Info, now: datetime) -> float:
+    """What the chart may take: CHART_DEADLINE_SECONDS, or less, what this attempt has left
+    before its start-to-close (and the activity before its schedule-to-close) deadline, less
+    CHART_MARGIN_SECONDS."""
+    deadlines = []
+    if info.start_to_close_timeout:
+        deadlines.append(info.started_time + info.start_to_close_timeout)
+    if info.schedule_to_close_timeout:
+        deadlines.append(info.scheduled_time + info.schedule_to_close_timeout)
+    left = min((d - now).total_seconds() for d in deadlines) if deadlines else float("inf")
+    return min(CHART_DEADLINE_SECONDS, left - CHART_MARGIN_SECONDS)
+
+
 @dataclass
 class SlackPostRequest:
     channel: str
@@ -540,6 +558,14 @@ class SlackActivities:
         """The chart in the thread, once; any failure is logged and the message stands."""
         if self._chart is None:
             return
+        seconds = chart_seconds(activity.info(), datetime.now(UTC))
+        if seconds < CHART_MIN_SECONDS:
+            _log.warning(
+                "no chart for %s: %.1fs left before the post's deadline",
+                state.incident_id,
+                seconds + CHART_MARGIN_SECONDS,
+            )
+            return
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(
@@ -549,13 +575,11 @@ class SlackActivities:
                     state,
                     self._chart,
                 ),
-                CHART_DEADLINE_SECONDS,
+                seconds,
             )
         except TimeoutError:
             _log.warning(
-                "no chart for %s: not made and uploaded within %ss",
-                state.incident_id,
-                CHART_DEADLINE_SECONDS,
+                "no chart for %s: not made and uploaded within %.1fs", state.incident_id, seconds
             )
         except Exception as exc:  # a chart is a nicety: never the reason a post fails
             _log.warning("no chart for %s: %s", state.incident_id, exc, exc_info=True)

@@ -3,14 +3,19 @@
 `q` is a Lucene-style query (stores.call_search: `status:error AND model:gpt-4.1`,
 `latency_ms:>2000`, ...), at most 2,000 characters; empty: every call. `since` (default 1 h
 ago) and `until` (default now, exclusive) are RFC 3339 times or durations back from now (`30m`,
-`1h`, `7d`). `limit` 1..1,000 (default 50); a page's `next` is the `cursor` of the following
-page, null on the last one. A query that cannot be read is a 400 with `{"detail", "position"}`;
+`1h`, `7d`; a time needs its UTC offset: domain.periods). `limit` 1..1,000 (default 50); a
+page's `next` is the `cursor` of the following page, null on the last one. The cursor carries the
+range of the first page, resolved once: following `next` sweeps exactly that range however
+long it takes (a `since=1h` stays the hour before the first page); `since` / `until` may be left
+out beside a cursor, and are refused (422 naming `cursor`) when they name another range, as is
+a cursor of another `q`. A query that cannot be read is a 400 with `{"detail", "position"}`;
 any other bad parameter a 422 naming it; a search that runs past 10 s a 503 (narrow it).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -30,14 +35,20 @@ from stores.call_search import (
     ERROR_STATUSES,
     MAX_LIMIT,
     MAX_QUERY_LENGTH,
-    CursorError,
+    ParameterError,
     QueryError,
     SearchTimeoutError,
 )
 
-DEFAULT_SINCE = "1h"
 TIME_MAX_LENGTH = 64
-CURSOR_MAX_LENGTH = 128
+CURSOR_MAX_LENGTH = 256  # a cursor this API makes is about 140 characters
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+clock: Callable[[], datetime] = _utc_now  # the tests move it
 StatsBy = Literal[
     "model",
     "served_model",
@@ -147,21 +158,16 @@ def _refused(field: str, message: str) -> RequestValidationError:
     return RequestValidationError([error])
 
 
+def _refused_parameter(exc: ParameterError) -> RequestValidationError:
+    return _refused(exc.field, exc.message)
+
+
 def window(since: str | None, until: str | None, now: datetime) -> tuple[datetime, datetime]:
     """[since, until) of the request; a 422 naming the parameter when it cannot be read."""
-    found = []
-    for name, value, default in (("since", since, DEFAULT_SINCE), ("until", until, None)):
-        if value is None or not value.strip():
-            found.append(now if default is None else call_search.parse_time(default, now))
-            continue
-        try:
-            found.append(call_search.parse_time(value, now))
-        except ValueError as exc:
-            raise _refused(name, str(exc)) from None
-    start, end = found
-    if end <= start:
-        raise _refused("until", "must be after since")
-    return start, end
+    try:
+        return call_search.time_range(since, until, now)
+    except ParameterError as exc:
+        raise _refused_parameter(exc) from None
 
 
 def _bad_query(exc: QueryError) -> JSONResponse:
@@ -189,22 +195,20 @@ async def search_calls(
     cursor: Annotated[str | None, Query(max_length=CURSOR_MAX_LENGTH)] = None,
 ) -> Any:
     """The calls matching `q` in [since, until), newest first, `limit` a page."""
-    start, end = window(since, until, datetime.now(UTC))
-    if cursor is not None:
-        try:
-            call_search.decode_cursor(cursor)
-        except CursorError as exc:
-            raise _refused("cursor", str(exc)) from None
+    try:
+        sweep, after = call_search.sweep_of(q, since, until, cursor, clock())
+    except ParameterError as exc:
+        raise _refused_parameter(exc) from None
     try:
         where = _where(svc, q)
         page = await asyncio.to_thread(
             call_search.search,
             svc.engine,
             where,
-            since=start,
-            until=end,
+            since=sweep.since,
+            until=sweep.until,
             limit=limit,
-            cursor=cursor,
+            after=None if after is None else after.after,
         )
     except QueryError as exc:
         return _bad_query(exc)
@@ -212,9 +216,9 @@ async def search_calls(
         return _too_slow(exc)
     return CallsOut(
         calls=[CallOut.model_validate(c) for c in page.calls],
-        next=page.next,
-        since=start,
-        until=end,
+        next=sweep.next(page),
+        since=sweep.since,
+        until=sweep.until,
     )
 
 
@@ -261,7 +265,7 @@ async def call_stats(
 ) -> Any:
     """Per group of `by` (the 50 largest by calls): calls, error %, 429 %, p50/p95/p99 latency,
     tokens and cost of the calls matching `q` in [since, until)."""
-    start, end = window(since, until, datetime.now(UTC))
+    start, end = window(since, until, clock())
     try:
         where = _where(svc, q)
         found = await asyncio.to_thread(

@@ -1,10 +1,11 @@
 """GET /v1/costs: the cost report (operator key).
 
 `since` is a duration back from now (`30m`, `24h`, `7d`, `2w`) or an RFC 3339 time with its
-offset; the period is whole minutes ending with the current one, at most 31 days (7 for
-`by=user`, which scans the call log instead of the rollups: stores.cost_report). `by` is one of
-feature, team, model, user, environment; `top` 1..100 groups. Anything else is a 422 naming
-the parameter. `pagerloop costs --json` prints the same document.
+offset (domain.periods, as `GET /v1/calls` reads it; whole minutes here); the period is whole
+minutes ending with the current one, at most 31 days (7 for `by=user`, which scans the call log
+instead of the rollups: stores.cost_report). `by` is one of feature, team, model, user,
+environment; `top` 1..100 groups. Anything else is a 422 naming the parameter.
+`pagerloop costs --json` prints the same document.
 
 Money is in US dollars, rounded to the micro-dollar (averages per call to the nano-dollar,
 per 1k calls to the micro-dollar); `share` and `change` are fractions
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -226,13 +228,56 @@ def report_out(report: CostReport, notes: list[str] | None = None) -> CostReport
     )
 
 
+BURN_SIGNAL = "budget_runway_hours"
+TPM_SIGNAL = "tpm_runway_minutes"
+
+
+def signal_window(rules: DetectorRules, signal: str, detector_window: int) -> int:
+    """The seconds `signal` is read over, as the detector reads it and /metrics shows it: the
+    narrowest window of the enabled rules reading it (a rule's `window_seconds`, else the
+    detector's), the detector's (`PAGERLOOP_DETECTOR_WINDOW_SECONDS`) when no enabled rule
+    reads it. (`api.signals_export.signal_windows(...).get(signal, detector_window)` is the
+    same choice, for every signal at once.)"""
+    found = [
+        rule_window(rule, detector_window)
+        for rule in rules.rules
+        if rule.enabled and rule.signal == signal
+    ]
+    return min(found, default=detector_window)
+
+
+def read_by_rule(rules: DetectorRules, signal: str) -> bool:
+    """Whether an enabled rule reads `signal` (else it is read over the detector's window)."""
+    return any(rule.enabled and rule.signal == signal for rule in rules.rules)
+
+
+@dataclass(frozen=True)
+class RunwayWindows:
+    """The windows the report's burn and token trends are read over, as the detector reads
+    them: the budget's burn over `budget_runway`'s, the tokens per minute over `tpm_runway`'s
+    against the widest window the enabled rules read."""
+
+    burn_seconds: int
+    tpm_seconds: int
+    tpm_widest_seconds: int
+
+
+def runway_windows(rules: DetectorRules, detector_window: int) -> RunwayWindows:
+    return RunwayWindows(
+        burn_seconds=signal_window(rules, BURN_SIGNAL, detector_window),
+        tpm_seconds=signal_window(rules, TPM_SIGNAL, detector_window),
+        tpm_widest_seconds=windows_read(rules, detector_window)[-1],
+    )
+
+
 def read_report(
     settings: Settings, engine: Engine, by: str, period: Period, top: int, now: datetime
 ) -> tuple[CostReport, list[str]]:
-    """The report, its burn and token trends read over the windows of the detector's runway
-    rules (so the report and the rules agree); a rules file that cannot be read leaves the
-    quotas out, with a note (the worker refuses to start on it anyway). Blocking."""
-    window = settings.detector_window_seconds
+    """The report, its burn and token trends read over the windows the detector reads them
+    (`runway_windows`: so the report, the rules and /metrics agree); a rules file that cannot
+    be read leaves the quotas out, with a note (the worker refuses to start on it anyway).
+    Blocking."""
+    detector_window = settings.detector_window_seconds
     notes: list[str] = []
     try:
         rules = load_rules(settings.rules_file)
@@ -240,7 +285,17 @@ def read_report(
         log.warning("cost report without token quotas: %s", exc)
         rules = DetectorRules(tpm_quota={})
         notes.append("token quotas left out: PAGERLOOP_RULES_FILE cannot be read")
-    named = {rule.name: rule for rule in rules.rules}
+    windows = runway_windows(rules, detector_window)
+    if not read_by_rule(rules, BURN_SIGNAL):
+        notes.append(
+            "budget_runway is disabled: the burn is read over the detector's window "
+            f"(PAGERLOOP_DETECTOR_WINDOW_SECONDS, {detector_window} s)"
+        )
+    if rules.tpm_quota and not read_by_rule(rules, TPM_SIGNAL):
+        notes.append(
+            "tpm_runway is disabled: tokens per minute are read over the detector's window "
+            f"(PAGERLOOP_DETECTOR_WINDOW_SECONDS, {detector_window} s)"
+        )
     report = cost_report(
         engine,
         now=now,
@@ -248,9 +303,9 @@ def read_report(
         by=by,
         top=top,
         daily_budget_usd=settings.daily_budget_usd,
-        burn_window_seconds=rule_window(named["budget_runway"], window),
+        burn_window_seconds=windows.burn_seconds,
         tpm_quota={k: float(v) for k, v in rules.tpm_quota.items()},
-        tpm_windows=(rule_window(named["tpm_runway"], window), windows_read(rules, window)[-1]),
+        tpm_windows=(windows.tpm_seconds, windows.tpm_widest_seconds),
     )
     return report, notes
 

@@ -5,8 +5,9 @@ At scrape time, from a snapshot at most `SNAPSHOT_TTL_SECONDS` old:
 - every signal of every scope, read from the stores as the detector reads them
   (`stores.aggregates.window_aggregates`: the busiest `PAGERLOOP_DETECTOR_MAX_SCOPES` models
   and features and their `(other)` folds, every window the rules read in one scan, then
-  `detectors.signals.values` per scope and window), each signal over the window its rule reads
-  (`PAGERLOOP_DETECTOR_WINDOW_SECONDS` for a signal no rule reads):
+  `detectors.evaluation.window_signals`, the evaluation's own code), each signal over the
+  window its rule reads (`PAGERLOOP_DETECTOR_WINDOW_SECONDS` for a signal no rule reads), with
+  the rules file as it is at the refresh:
   `pagerloop_signal{signal, scope}`, a signal without a value (no calls, no quota, no baseline)
   left out, and `pagerloop_signal_window_seconds{signal}`; the daily budget's spend and runway;
 - the detector's rule states (its `status` query): `pagerloop_rule_state{rule, scope, state,
@@ -49,12 +50,12 @@ from sqlalchemy import Engine
 from activities.incidents import open_incidents_query
 from api.deps import Services
 from config import Settings
-from detectors.config import DetectorRules, load_rules
+from detectors.config import DetectorRules, RulesFileError, load_rules
 from detectors.detector import KEEP_PER_DIMENSION, DetectorStatus, DetectorWorkflow
-from detectors.evaluation import rule_window, windows_read
-from detectors.signals import HISTOGRAM_SIGNALS, Earlier, values
+from detectors.evaluation import rule_window, window_signals, windows_read
+from detectors.signals import HISTOGRAM_SIGNALS
 from domain import search_attributes as sa
-from domain.aggregates import Aggregate, FoldedInfo
+from domain.aggregates import Aggregate, FoldedInfo, WindowAggregates, WindowSums
 from domain.incident import IncidentStatus, Severity, Trigger
 from domain.runway import BudgetRunway, budget_runway, in_sight
 from domain.scopes import DIMENSIONS, GLOBAL, OTHER, folded_scope, kind_of, scope_name
@@ -161,68 +162,74 @@ def read_signals(
     keep: Sequence[str] = (),
     prices: PriceTable | None = None,
 ) -> StoreReading:
-    """Every scope's signals as one detector evaluation computes them (`evaluate`): one read of
-    the widest window the rules read, the narrower ones beside it, each signal over its rule's
-    window (`signal_windows`), a trend against the widest; and the daily budget's runway at the
-    burn its rule reads. With `prices`, the scopes of models without a price are summed into
-    `model:(other)` first (`labelled_scope`)."""
+    """Every scope's signals as one detector evaluation computes them (`window_signals`, the
+    evaluation's own code): one read of the widest window the rules read, the narrower ones
+    beside it, each signal over its rule's window (`signal_windows`), a trend against the
+    rules' widest; and the daily budget's runway at the burn its rule reads. With `prices`,
+    the scopes of models without a price are summed into `model:(other)` first
+    (`labelled_scope`)."""
     detector_window = settings.detector_window_seconds
-    by_rules = windows_read(rules, detector_window)
-    read = sorted({*by_rules, detector_window})
-    widest, trend = read[-1], by_rules[-1]  # trends run from the rules' widest window
+    read = sorted({*windows_read(rules, detector_window), detector_window})
     shown = signal_windows(rules, detector_window)
     aggregates = window_aggregates(
         engine,
         now,
-        widest,
+        read[-1],
         max_scopes=settings.detector_max_scopes,
         keep=keep,
         windows=read[:-1],
         latency_windows=sorted({shown.get(s, detector_window) for s in HISTOGRAM_SIGNALS}),
     )
-    views = {window: aggregates.over(window) for window in read}
-    scopes = {
-        window: _labelled(view.scopes(rules.scopes), prices) for window, view in views.items()
-    }
-    computed: dict[tuple[int, str], dict[str, float | None]] = {}
+    computed = window_signals(
+        rules,
+        _labelled(aggregates, prices),
+        settings.daily_budget_usd,
+        detector_window,
+        also=[detector_window],
+    )
     signals: dict[str, dict[str, float]] = {}
-    for window in read:
-        for name, aggregate in scopes[window].items():
-            earlier = None
-            wide = scopes[trend].get(name)
-            if window != trend and wide is not None:
-                seconds = views[trend].window_seconds
-                tokens = wide.input_tokens + wide.output_tokens
-                earlier = Earlier(tokens / (max(seconds, 1.0) / 60), seconds)
-            found = computed[(window, name)] = values(
-                aggregate,
-                views[window].window_seconds,
-                scope=name,
-                daily_budget_usd=settings.daily_budget_usd,
-                cost_today_usd=aggregates.cost_today_usd,
-                tpm_quota=rules.quota_for(name),
-                now=aggregates.end,
-                earlier=earlier,
-            )
+    for window, scopes in computed.items():
+        for name, found in scopes.items():
             for signal, value in found.items():
                 if value is not None and shown.get(signal, detector_window) == window:
                     signals.setdefault(name, {})[signal] = float(value)
-    # The runway at the burn the budget_runway rule reads (the detector's window without it).
+    # The runway at the burn the budget_runway rule reads (the detector's window when the rule
+    # is disabled: the window the other spend signals are shown over).
     budget_window = shown.get("budget_runway_hours", detector_window)
-    burn = computed.get((budget_window, GLOBAL), {}).get("cost_usd_per_hour") or 0.0
+    burn = computed[budget_window].get(GLOBAL, {}).get("cost_usd_per_hour") or 0.0
     budget = budget_runway(settings.daily_budget_usd, aggregates.cost_today_usd, burn, now)
     windows = {
-        signal: views[shown.get(signal, detector_window)].window_seconds
+        signal: aggregates.over(shown.get(signal, detector_window)).window_seconds
         for signal in {name for found in signals.values() for name in found}
     }
     return StoreReading(windows, signals, dict(aggregates.folded), budget)
 
 
-def _labelled(scopes: dict[str, Aggregate], prices: PriceTable | None) -> dict[str, Aggregate]:
-    merged: dict[str, Aggregate] = {}
-    for name, aggregate in scopes.items():
-        merged.setdefault(labelled_scope(name, prices), Aggregate()).add(aggregate)
-    return merged
+def _labelled(aggregates: WindowAggregates, prices: PriceTable | None) -> WindowAggregates:
+    """The result with the scopes of models without a price summed into `model:(other)`, in
+    every window."""
+    if prices is None:
+        return aggregates
+
+    def merged(scopes: dict[str, Aggregate]) -> dict[str, Aggregate]:
+        found: dict[str, Aggregate] = {}
+        for name, aggregate in scopes.items():
+            found.setdefault(labelled_scope(name, prices), Aggregate()).add(aggregate)
+        return found
+
+    return WindowAggregates.of_scopes(
+        aggregates.end,
+        aggregates.window_seconds,
+        merged(aggregates.scopes()),
+        aggregates.cost_today_usd,
+        aggregates.folded,
+        {
+            seconds: WindowSums.of_scopes(
+                sums.window_seconds, merged(aggregates.over(seconds).scopes())
+            )
+            for seconds, sums in aggregates.windows.items()
+        },
+    )
 
 
 def labelled_scope(scope: str, prices: PriceTable | None) -> str:
@@ -360,7 +367,8 @@ class SignalsExporter:
         self._svc = svc
         self._ttl = ttl_seconds
         self._wait = wait_seconds
-        self._rules: DetectorRules | None = None
+        self._rules: DetectorRules | None = None  # the last rules file read
+        self._rules_problem: str | None = None  # what is wrong with the file now
         self._snapshot = Snapshot()
         self._refreshed: float | None = None  # monotonic time of the last completed refresh
         self._task: asyncio.Task[None] | None = None
@@ -413,12 +421,28 @@ class SignalsExporter:
         self.reads += 1
 
     async def _read_store(self, now: datetime, keep: Sequence[str]) -> StoreReading:
-        if self._rules is None:  # read once; a bad rules file is retried at the next refresh
-            self._rules = load_rules(self._svc.settings.rules_file)
         svc = self._svc
         return await asyncio.to_thread(
-            read_signals, svc.engine, svc.settings, self._rules, now, keep, svc.prices
+            lambda: read_signals(svc.engine, svc.settings, self.rules(), now, keep, svc.prices)
         )
+
+    def rules(self) -> DetectorRules:
+        """The rules file as it is now: read again at each refresh (a small TOML file, at most
+        once per TTL), as /v1/costs and /status read it per request, so that the gauges
+        follow an edited file. One that stopped parsing keeps the last rules read in force,
+        as the running detector does (with a warning, once per problem); with none read yet,
+        the store's series are left out. Blocking."""
+        try:
+            rules = load_rules(self._svc.settings.rules_file)
+        except RulesFileError as exc:
+            if self._rules is None:
+                raise
+            if str(exc) != self._rules_problem:
+                log.warning("golden signals: %s; the rules read before stay in force", exc)
+            self._rules_problem = str(exc)
+            return self._rules
+        self._rules, self._rules_problem = rules, None
+        return rules
 
     async def _guard(self, source: str, work: Awaitable[T]) -> T | None:
         try:

@@ -5,6 +5,11 @@ against the rule's thresholds (an inline SVG drawn on the server: no script, not
 from elsewhere), the runbook that answers it and the controls in force on its scope. Those come
 from the stores within what is left of the page's deadline: an incident whose chart fails or is
 late says so, and the page carries on.
+
+The page may be public, so what one load costs is bounded: each chart (and the controls) is
+read once per incident and minute and kept `DETAILS_TTL_SECONDS` (`DetailsCache`, one per
+app), a burst of loads shares the reads in flight, and the reads run on `DETAILS_READERS`
+threads of their own. A read the page gave up on goes on and serves the next load.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import html
 import inspect
 import logging
 import time
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from temporalio.service import RPCError
@@ -42,6 +50,11 @@ STATUS_DEADLINE_SECONDS = 3
 CHARTED_INCIDENTS_MAX = 20
 # Charts and controls get what the listing left of the deadline, but at least this much.
 DETAILS_MIN_SECONDS = 0.5
+# A chart (or the controls) read in a minute serves the loads of that minute for this long.
+DETAILS_TTL_SECONDS = 15.0
+# The page's store reads run on this many threads, whatever the number of loads.
+DETAILS_READERS = 2
+_readers = ThreadPoolExecutor(max_workers=DETAILS_READERS, thread_name_prefix="status-details")
 
 _log = logging.getLogger(__name__)
 
@@ -101,7 +114,8 @@ async def status_page(request: Request, svc: Annotated[Services, Depends(service
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if code == 503 else {}
     if "text/html" in request.headers.get("accept", ""):
         left = max(STATUS_DEADLINE_SECONDS - (time.monotonic() - started), DETAILS_MIN_SECONDS)
-        details = await incident_details(svc, page.open_incidents, left)
+        cache = details_cache_of(request.app)
+        details = await incident_details(svc, page.open_incidents, left, cache)
         return HTMLResponse(_render(page, details), status_code=code, headers=headers)
     return JSONResponse(page.model_dump(mode="json"), status_code=code, headers=headers)
 
@@ -130,12 +144,93 @@ def applies_to(control: Control, scope: str, incident_id: str) -> bool:
     return False
 
 
+def status_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _minute(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
+@dataclass
+class _Read:
+    key: Hashable  # what was read: the minute, with the trigger and scope of a chart
+    at: float  # monotonic, when it was asked for
+    future: Future[Any]
+
+
+class DetailsCache:
+    """The page's store reads by name (`chart <incident id>`, `controls`): one per name in
+    flight, shared by every load that asks meanwhile; once done, kept for the same key (the
+    minute) for `ttl` seconds, a failure too (a store that is down is not asked again at once).
+    Only the event loop uses it."""
+
+    def __init__(
+        self, ttl: float = DETAILS_TTL_SECONDS, executor: ThreadPoolExecutor = _readers
+    ) -> None:
+        self._ttl = ttl
+        self._executor = executor
+        self._reads: dict[str, _Read] = {}
+        self.reads = 0  # reads started, for tests and curiosity
+
+    def get(self, name: str, key: Hashable, read: Callable[[], Any]) -> Future[Any]:
+        found = self._reads.get(name)
+        if found is not None and (
+            not found.future.done()  # in flight (maybe for an earlier minute): wait for it
+            or (found.key == key and time.monotonic() - found.at < self._ttl)
+        ):
+            return found.future
+        future = self._executor.submit(read)
+        future.add_done_callback(partial(_log_failure, name))  # once per read, not per load
+        self._reads[name] = _Read(key, time.monotonic(), future)
+        self.reads += 1
+        return future
+
+    def keep(self, names: Iterable[str]) -> None:
+        """Forget the finished reads of other names (incidents no longer open)."""
+        kept = set(names)
+        for name in [n for n, r in self._reads.items() if n not in kept and r.future.done()]:
+            del self._reads[name]
+
+
+def _log_failure(name: str, future: Future[Any]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        _log.warning("status page: %s failed: %s: %s", name, type(error).__name__, error)
+
+
+def details_cache_of(app: FastAPI) -> DetailsCache:
+    """The app's cache, made on first use (apps made in tests never share one)."""
+    cache: DetailsCache | None = getattr(app.state, "status_details", None)
+    if cache is None:
+        cache = app.state.status_details = DetailsCache()
+    return cache
+
+
+def _outcome(future: Future[Any]) -> tuple[bool, Any, BaseException | None]:
+    """(done, result, error) of a read, without raising."""
+    if not future.done() or future.cancelled():
+        return False, None, None
+    error = future.exception()
+    return True, (None if error is not None else future.result()), error
+
+
+async def _wait(futures: list[Future[Any]], seconds: float) -> None:
+    """Until every read is done or `seconds` have passed; the reads are never cancelled."""
+    waiters = [asyncio.wrap_future(f) for f in futures if not f.done()]
+    if not waiters:
+        return
+    for waiter in waiters:  # a read finishing after the page: its error is the cache's
+        waiter.add_done_callback(lambda w: w.cancelled() or w.exception())
+    await asyncio.wait(waiters, timeout=seconds)
+
+
 async def incident_details(
-    svc: Services, incidents: list[OpenIncident], seconds: float
+    svc: Services, incidents: list[OpenIncident], seconds: float, cache: DetailsCache
 ) -> dict[str, Details]:
     """Each incident's chart, runbook and controls, within `seconds`; whatever fails or is
     late is said on the page instead."""
-    now = datetime.now(UTC)
+    now = status_now()
+    minute = _minute(now)
     details = {i.id: Details(runbook=runbook_for(i.trigger or "")) for i in incidents}
     if not incidents:
         return details
@@ -150,7 +245,7 @@ async def incident_details(
         _log.warning("status page without charts: %s", exc)
         charts = None
     by_id = {incident.id: incident for incident in incidents}
-    tasks: dict[str, asyncio.Task[str | None]] = {}
+    reads: dict[str, Future[Any]] = {}
     for index, incident in enumerate(incidents):
         if charts is None:
             details[incident.id].no_chart = "the detector's rules could not be read"
@@ -159,36 +254,35 @@ async def incident_details(
         elif not incident.trigger or not incident.scope:
             details[incident.id].no_chart = "its trigger and scope are not known yet"
         else:
-            tasks[incident.id] = asyncio.create_task(
-                asyncio.to_thread(charts.svg, incident.trigger, incident.scope, now)
+            trigger, scope = incident.trigger, incident.scope
+            reads[incident.id] = cache.get(
+                f"chart {incident.id}",
+                (trigger, scope, minute),
+                partial(charts.svg, trigger, scope, now),
             )
-    in_force = asyncio.create_task(asyncio.to_thread(control_store.active, svc.engine, now))
-    await asyncio.wait([*tasks.values(), in_force], timeout=seconds)
-    for incident_id, task in tasks.items():
+    in_force = cache.get("controls", minute, partial(control_store.active, svc.engine, now))
+    cache.keep(["controls", *(f"chart {incident_id}" for incident_id in reads)])
+    await _wait([*reads.values(), in_force], seconds)
+    for incident_id, read in reads.items():
         found = details[incident_id]
-        if not task.done():
-            task.cancel()
+        done, svg, error = _outcome(read)
+        if not done:
             found.no_chart = f"not drawn within the page's {STATUS_DEADLINE_SECONDS} s"
-        elif task.exception() is not None:
-            _log.warning("no chart for %s: %s", incident_id, task.exception())
+        elif error is not None:  # logged when it failed
             found.no_chart = "it could not be drawn (see the API's log)"
-        elif (svg := task.result()) is None:
+        elif svg is None:
             assert charts is not None
             incident = by_id[incident_id]
             found.no_chart = charts.why_none(incident.trigger or "", incident.scope or "")
         else:
             found.chart = svg
-    if in_force.done() and in_force.exception() is None:
-        active = in_force.result()
+    done, active, error = _outcome(in_force)
+    if done and error is None:
         for incident in incidents:
             details[incident.id].controls = [
                 c for c in active if applies_to(c, incident.scope or GLOBAL, incident.id)
             ]
     else:
-        if not in_force.done():
-            in_force.cancel()
-        else:
-            _log.warning("status page without controls: %s", in_force.exception())
         for found in details.values():
             found.controls_unknown = True
     return details

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -25,7 +26,7 @@ from stores.call_search import (
     MAX_GROUPS,
     MAX_LIMIT,
     STATS_BY,
-    CursorError,
+    ParameterError,
     QueryError,
     SearchTimeoutError,
 )
@@ -45,10 +46,20 @@ QueryArgument = Annotated[
     ),
 ]
 SinceOption = Annotated[
-    str, typer.Option(help="from: a duration back (30m, 1h, 7d) or an RFC 3339 time")
+    str | None,
+    typer.Option(
+        help="from: a duration back (90s, 30m, 1h, 7d) or an RFC 3339 time with its offset; "
+        "1h (with --cursor: the first page's)",
+        show_default=False,
+    ),
 ]
 UntilOption = Annotated[
-    str | None, typer.Option(help="until (excluded): a duration back or an RFC 3339 time; now")
+    str | None,
+    typer.Option(
+        help="until (excluded): a duration back or an RFC 3339 time; now "
+        "(with --cursor: the first page's)",
+        show_default=False,
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON document")]
 CsvOption = Annotated[bool, typer.Option("--csv", help="print CSV, a line per row")]
@@ -60,20 +71,23 @@ def _engine() -> Engine:
     return engine
 
 
-def _window(since: str, until: str | None) -> tuple[datetime, datetime]:
-    now = datetime.now(UTC)
-    found = []
-    for option, value in (("--since", since), ("--until", until)):
-        if value is None:
-            found.append(now)
-            continue
-        try:
-            found.append(call_search.parse_time(value, now))
-        except ValueError as exc:
-            raise typer.BadParameter(f"{value!r}: {exc}", param_hint=option) from None
-    if found[1] <= found[0]:
-        raise typer.BadParameter("must be after --since", param_hint="--until")
-    return found[0], found[1]
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+clock: Callable[[], datetime] = _utc_now  # the tests move it
+_OPTIONS = {"since": "--since", "until": "--until", "cursor": "--cursor"}
+
+
+def _bad(exc: ParameterError) -> typer.BadParameter:
+    return typer.BadParameter(exc.message, param_hint=_OPTIONS.get(exc.field, exc.field))
+
+
+def _window(since: str | None, until: str | None) -> tuple[datetime, datetime]:
+    try:
+        return call_search.time_range(since, until, clock())
+    except ParameterError as exc:
+        raise _bad(exc) from None
 
 
 def _where(query: str) -> ColumnElement[bool]:
@@ -161,13 +175,16 @@ def _csv_value(value: object) -> object:
 @app.command()
 def search(
     query: QueryArgument = "",
-    since: SinceOption = "1h",
+    since: SinceOption = None,
     until: UntilOption = None,
     limit: Annotated[
         int, typer.Option(min=1, max=MAX_LIMIT, help=f"calls per page (1-{MAX_LIMIT:,})")
     ] = DEFAULT_LIMIT,
     cursor: Annotated[
-        str | None, typer.Option(help="the next page: the cursor the previous one printed")
+        str | None,
+        typer.Option(
+            help="the next page: the cursor the previous one printed (give the same QUERY)"
+        ),
     ] = None,
     json_: JsonOption = False,
     csv_: CsvOption = False,
@@ -175,24 +192,29 @@ def search(
     """The calls matching QUERY, newest first: `pagerloop calls search 'status:error AND
     model:gpt-4.1' --since 1h`."""
     _one_format(json_, csv_)
-    start, end = _window(since, until)
-    if cursor is not None:
-        try:
-            call_search.decode_cursor(cursor)
-        except CursorError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--cursor") from None
+    try:
+        sweep, after = call_search.sweep_of(query, since, until, cursor, clock())
+    except ParameterError as exc:
+        raise _bad(exc) from None
+    start, end = sweep.since, sweep.until
     where = _where(query)
     try:
         page = call_search.search(
-            _engine(), where, since=start, until=end, limit=limit, cursor=cursor
+            _engine(),
+            where,
+            since=start,
+            until=end,
+            limit=limit,
+            after=None if after is None else after.after,
         )
     except SearchTimeoutError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+    following = sweep.next(page)
     if json_:
         document = CallsOut(
             calls=[CallOut.model_validate(c) for c in page.calls],
-            next=page.next,
+            next=following,
             since=start,
             until=end,
         )
@@ -204,8 +226,8 @@ def search(
         writer.writerow(names)
         for call in page.calls:
             writer.writerow([_csv_value(call[name]) for name in names])
-        if page.next:
-            err.print(f"more: --cursor {page.next}", highlight=False)
+        if following:
+            err.print(f"more: --cursor {following}", highlight=False, soft_wrap=True)
         return
     console = _wide()
     if not page.calls:
@@ -213,8 +235,9 @@ def search(
         return
     console.print(_calls_table(page.calls))
     shown = f"{len(page.calls)} call{'s' if len(page.calls) != 1 else ''}, newest first"
-    more = f"; more: --cursor {page.next}" if page.next else ""
-    console.print(f"{shown}{more}", highlight=False)
+    more = f"; more: --cursor {following}" if following else ""
+    # soft_wrap: the cursor stays one word, whatever the terminal's width, for copy and paste
+    console.print(f"{shown}{more}", highlight=False, soft_wrap=True)
 
 
 def _pct(value: float) -> str:
@@ -254,7 +277,7 @@ def _stats_table(found: StatsOut) -> Table:
 def stats(
     query: QueryArgument = "",
     by: Annotated[str, typer.Option(help=f"group by: {', '.join(STATS_BY)}")] = "model",
-    since: SinceOption = "1h",
+    since: SinceOption = None,
     until: UntilOption = None,
     json_: JsonOption = False,
     csv_: CsvOption = False,

@@ -129,7 +129,8 @@ def _header(report: CostReport, since: str) -> Panel:
     burn_since = report.now - timedelta(seconds=report.burn_window_seconds)
     grid.add_row(
         "burn",
-        f"{usd(report.burn_usd_per_hour)}/h since {burn_since:%H:%M} UTC (budget_runway's window)",
+        f"{usd(report.burn_usd_per_hour)}/h since {burn_since:%H:%M} UTC "
+        "(the detector's burn window)",
     )
     grid.add_row("runway", runway_text(report))
     grid.add_row(

@@ -12,7 +12,7 @@ warning = 0.03
 critical = 0.08
 min_samples = 50
 critical_severity = "SEV1"
-window_seconds = 300                      # 60..3600; 0: the detector's window
+window_seconds = 300                      # whole minutes, 60..3600; 0: the detector's
 
 [rules.budget_runway]                     # hours until the daily budget runs out
 warning = 12
@@ -49,9 +49,11 @@ class RulesFileError(ValueError):
     pass
 
 
-# A rule's window: whole minutes are what the rollups count, an hour at most (the rows one
-# evaluation reads). At most MAX_RULE_WINDOWS distinct ones (besides the detector's): each is
-# one more set of sums in the detector's activity result, which must stay below 2 MB.
+# A rule's window: whole minutes, which are what the rollups count (a 90 s window would count
+# 2 or 3 minutes of them depending on the second it is read at, and be reported as 90 s); an
+# hour at most (the rows one evaluation reads). At most MAX_RULE_WINDOWS distinct ones (besides
+# the detector's): each is one more set of sums in the detector's activity result, which must
+# stay below 2 MB.
 MIN_WINDOW_SECONDS = 60
 MAX_WINDOW_SECONDS = 3600
 MAX_RULE_WINDOWS = 4
@@ -75,9 +77,10 @@ class RuleOverride(BaseModel):
     @field_validator("window_seconds")
     @classmethod
     def _whole_minutes_or_the_detectors(cls, value: int | None) -> int | None:
-        if value is not None and 0 < value < MIN_WINDOW_SECONDS:
+        if value is not None and value != 0 and (value < MIN_WINDOW_SECONDS or value % 60):
             raise ValueError(
-                f"0 (the detector's window) or {MIN_WINDOW_SECONDS} to {MAX_WINDOW_SECONDS}"
+                f"{value} s is not a window: 0 (the detector's window) or whole minutes, a "
+                f"multiple of 60 from {MIN_WINDOW_SECONDS} to {MAX_WINDOW_SECONDS}"
             )
         return value
 

@@ -41,12 +41,12 @@ with workflow.unsafe.imports_passed_through():
         Finding,
         evaluate,
         latency_windows,
-        span,
         trigger_key,
         windows_read,
     )
     from detectors.rules import RuleState
     from domain.aggregates import FoldedInfo, WindowAggregates
+    from domain.escalation import span
     from domain.incident import Breach, Recovery, severity_rank
     from domain.scopes import DIMENSIONS, folded_scope, kind_of
 
@@ -141,6 +141,8 @@ class DetectorWorkflow:
         self._last: Evaluation | None = None
         self._folded: dict[str, FoldedInfo] = {}
         self._windows: list[int] = [input.config.window_seconds]  # read by the last evaluation
+        # The last evaluation asked for the rules' windows and got the widest alone.
+        self._one_window_read = False
         self._closed: set[str] = set()
         self._wake = False
 
@@ -244,6 +246,19 @@ class DetectorWorkflow:
             retry_policy=STORE_QUERY.retry,
             summary=f"signals over the last {', '.join(f'{s}s' for s in windows)}",
         )
+        self._one_window_read = False
+        if per_rule and (missing := aggregates.lacks(query.windows)):
+            # A worker from before per-rule windows answered (a rolling deploy): it read the
+            # widest window alone. Every rule reads that one, as a run begun before does, and
+            # no finding names a window it was not read over. (Decided on the result alone.)
+            workflow.logger.warning(
+                "the signals came without the windows %s: every rule reads the %ss window "
+                "(a worker from before per-rule windows answered)",
+                missing,
+                query.window_seconds,
+            )
+            per_rule, windows = False, [query.window_seconds]
+            self._one_window_read = True
         correlate = workflow.patched(CORRELATE_PATCH)
         relations = config.rules.relations if correlate else LEGACY_RELATIONS
         evaluation = evaluate(
@@ -396,6 +411,11 @@ class DetectorWorkflow:
                 lines.append(f"- {last.verdicts[key]} `{key}`")
             if not last.firing and not pending:
                 lines.append("- all quiet")
+        if self._one_window_read:
+            lines.append(
+                f"- every rule read over {span(self._windows[-1])}: the worker that read the "
+                "signals predates per-rule windows"
+            )
         for kind, info in sorted(self._folded.items()):
             lines.append(f"- {folded_line(kind, info)}")
         workflow.set_current_details("\n".join(lines))

@@ -14,6 +14,7 @@ Inhibitions keep one problem to one incident:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -23,6 +24,7 @@ from detectors.rules import Event, Rule, RuleState, step
 from detectors.signals import HISTOGRAM_SIGNALS, Earlier, values
 from domain import runway
 from domain.aggregates import Aggregate, WindowAggregates
+from domain.escalation import span  # a window for people: "2 min", "1 h"
 from domain.incident import Severity, Trigger, severity_rank
 from domain.scopes import GLOBAL, kind_of
 
@@ -84,14 +86,6 @@ _RUN_OUT = {
     "budget_runway_hours": "daily budget used up",
     "tpm_runway_minutes": "tokens/min at the quota",
 }
-
-
-def span(seconds: float) -> str:
-    """A window for people: "2 min", "90 s", "1 h"."""
-    whole = round(seconds)
-    if whole and whole % 3600 == 0:
-        return f"{whole // 3600} h"
-    return f"{whole // 60} min" if whole % 60 == 0 else f"{whole} s"
 
 
 def label(rule: Rule) -> str:
@@ -181,8 +175,38 @@ def latency_windows(config: DetectorRules, detector_window: int) -> list[int]:
 Found = dict[str, float | None]
 
 
+def window_signals(
+    config: DetectorRules,
+    aggregates: WindowAggregates,
+    daily_budget_usd: float,
+    detector_window: int,
+    also: Iterable[int] = (),
+) -> dict[int, dict[str, Found]]:
+    """Every signal of every scope over each window the enabled rules read, as the detector's
+    evaluation computes them: window (seconds, as the rules name it) -> scope -> signal ->
+    value (None: nothing to measure there). `also`: more windows to compute, e.g. the
+    detector's own for the signals no rule reads.
+
+    `aggregates` holds each of these windows, ending together (`window_aggregates(...,
+    windows=...)`); a window it lacks is an error, not the widest under another name. A
+    window lists the scopes (of `config.scopes`' kinds) with data in it, `global` always: a
+    narrower window may leave out a scope the widest has. The tokens' trend
+    (`tpm_runway_minutes`) runs from the rules' widest window to each narrower one."""
+    signals = _Signals(config, aggregates, daily_budget_usd, detector_window, also)
+    lengths = sorted(length for length in signals.views if length is not None)
+    # The widest is the result itself: the narrower ones must be among its `windows`.
+    if missing := aggregates.lacks(lengths[:-1]):
+        raise ValueError(f"the result lacks the narrower windows {missing} (seconds)")
+    return {
+        length: {scope: signals.found(length, scope) for scope in scopes}
+        for length, scopes in signals.scopes_by_window().items()
+        if length is not None
+    }
+
+
 class _Signals:
-    """The signals of each scope over each window a rule reads, computed when first asked.
+    """The signals of each scope over each window a rule reads (and `also`), computed when
+    first asked.
 
     `detector_window` None: one window, `aggregates` as given, for every rule (a run begun
     before rules had windows of their own evaluates as it did)."""
@@ -193,18 +217,23 @@ class _Signals:
         aggregates: WindowAggregates,
         daily_budget_usd: float,
         detector_window: int | None,
+        also: Iterable[int] = (),
     ) -> None:
         self._config = config
         self._budget = daily_budget_usd
         self._detector_window = detector_window
         self.end = aggregates.end
         self.cost_today_usd = aggregates.cost_today_usd
-        lengths: list[int | None] = (
-            [None] if detector_window is None else [*windows_read(config, detector_window)]
-        )
+        lengths: list[int | None] = [None]
+        if detector_window is not None:
+            by_rules = windows_read(config, detector_window)
+            # The trend runs from the rules' widest window, whatever else is read beside.
+            self.widest: int | None = by_rules[-1]
+            lengths = [*sorted({*by_rules, *also})]
+        else:
+            self.widest = None
         self.views = {length: aggregates if length is None else aggregates.over(length)
                       for length in lengths}  # fmt: skip
-        self.widest = lengths[-1]
         self._scopes = {length: view.scopes(config.scopes) for length, view in self.views.items()}
         self._found: dict[tuple[int | None, str], Found] = {}
 
@@ -219,6 +248,10 @@ class _Signals:
         for scopes in self._scopes.values():
             found.update(dict.fromkeys(scopes))
         return list(found)
+
+    def scopes_by_window(self) -> dict[int | None, list[str]]:
+        """The scopes with data in each window (global always)."""
+        return {length: list(scopes) for length, scopes in self._scopes.items()}
 
     def found(self, window: int | None, scope: str) -> Found:
         """The scope's signals over the window; nothing measured when it had no data there."""
@@ -241,6 +274,8 @@ class _Signals:
     def _values(
         self, window: int | None, scope: str, aggregate: Aggregate, widest: Aggregate | None
     ) -> Found:
+        """The tokens' trend: the average of the widest window is the rate at its centre, the
+        narrower window's at its own (`detectors.signals.values` takes it from there)."""
         view = self.views[window]
         earlier = None
         if window is not None and window != self.widest and widest is not None:

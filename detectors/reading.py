@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from activities.diagnosis import SignalCheck, SignalReading
 from detectors.config import DetectorRules
-from detectors.evaluation import describe, label, reading, show, span
+from detectors.evaluation import describe, label, reading, show
 from detectors.rules import Rule
 from detectors.signals import TREND_SIGNALS, values
 from domain.aggregates import WindowAggregates
+from domain.escalation import span
 from domain.scopes import kind_of
 
 

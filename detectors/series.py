@@ -1,7 +1,9 @@
 """An incident's signal over the last hour, minute by minute, as the detector computes it: the
-value at minute m is `detectors.signals.values` over the detector's window ending with m (the
+value at minute m is `detectors.signals.values` over the rule's window ending with m (the
 window slides), read from the rollups with a few grouped queries for the whole hour
-(stores.series) instead of one window query per minute.
+(stores.series) instead of one window query per minute. As in `detectors.evaluation`, each
+window is dated by its end (the budget's runway) and the tokens per minute take their trend
+from the widest window any enabled rule reads, ending at the same time (the token runway).
 
 Which signal: the rules of the incident's trigger that watch its scope (a trigger may have
 several, `latency_p50` and `latency_p95`); the chart shows the most relevant one, the rule
@@ -18,8 +20,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine
 
 from detectors.config import DetectorRules
+from detectors.evaluation import rule_window, windows_read
 from detectors.rules import Level, Rule
-from detectors.signals import values
+from detectors.signals import Earlier, values
 from domain.aggregates import Aggregate
 from domain.chart import Chart, render_png, render_svg
 from domain.scopes import OTHER, kind_of
@@ -30,6 +33,10 @@ SERIES_MINUTES = 60
 BASELINE_DAYS = 7  # as the detector's drift baseline (stores.aggregates.window_aggregates)
 # A steady baseline makes any drift 1e9 standard deviations: drawn at the edge of this.
 DRIFT_LIMIT_SD = 50.0
+# A runway out of sight is the horizon (2 days): drawn at this many times the rule's highest
+# line instead, so that the lines stay apart.
+RUNWAY_SIGNALS = frozenset({"budget_runway_hours", "tpm_runway_minutes"})
+RUNWAY_SHOWN_LINES = 4.0
 
 # signal -> (label, unit shown, factor from the signal's unit to the one shown)
 DISPLAY: dict[str, tuple[str, str, float]] = {
@@ -48,11 +55,6 @@ DISPLAY: dict[str, tuple[str, str, float]] = {
     "tpm_runway_minutes": ("minutes until the token quota runs out", " min", 1.0),
     "budget_runway_hours": ("hours until the daily budget runs out", " h", 1.0),
 }
-
-
-def window_of(rule: Rule, default_seconds: int) -> int:
-    """The rule's own window when it has one, else the detector's."""
-    return int(getattr(rule, "window_seconds", None) or default_seconds)
 
 
 @dataclass(frozen=True)
@@ -138,13 +140,11 @@ def trigger_series(
         return []
     now = utc(now)
     ends = point_ends(now, minutes)
-    windows = {rule.name: window_of(rule, window_seconds) for rule in rules}
-    widest = max(windows.values())
-    # The detector reads every window in one scan, with the drift baseline of the widest: the
-    # 7 days before the first hour of the widest window of any enabled rule.
-    baseline_window = max(
-        [window_of(rule, window_seconds) for rule in config.rules if rule.enabled] + [widest]
-    )
+    windows = {rule.name: rule_window(rule, window_seconds) for rule in rules}
+    # The detector reads every window in one scan of the widest any enabled rule reads: the
+    # drift baseline is that window's (the 7 days before its first hour), and the tokens per
+    # minute take their trend from it.
+    widest = windows_read(config, window_seconds)[-1]
     first_end = ends[0][1]
     watched = {rule.signal for rule in rules} | {rule.sample_signal for rule in rules}
     quality = any(name.startswith("quality") for name in watched)
@@ -158,7 +158,7 @@ def trigger_series(
             baseline=(
                 (
                     first_end - timedelta(days=BASELINE_DAYS),
-                    _hour(now - timedelta(seconds=baseline_window)),
+                    _hour(now - timedelta(seconds=widest)),
                 )
                 if "quality_drift_z" in watched
                 else None
@@ -171,7 +171,7 @@ def trigger_series(
         return []
     by_window = {
         seconds: [
-            _signals_at(history, end, seconds, baseline_window, scope, config, daily_budget_usd)
+            _signals_at(history, end, seconds, widest, scope, config, daily_budget_usd)
             for _, end in ends
         ]
         for seconds in set(windows.values())
@@ -197,12 +197,14 @@ def _signals_at(
     history: ScopeHistory,
     end: datetime,
     window_seconds: int,
-    baseline_window: int,
+    widest: int,
     scope: str,
     config: DetectorRules,
     daily_budget_usd: float,
 ) -> dict[str, float | None]:
-    """`signals.values` of the window ending at `end`, summed as window_aggregates sums it."""
+    """`signals.values` of the window ending at `end`, summed as window_aggregates sums it,
+    dated and trended as `detectors.evaluation` does: `now` the window's end, `earlier` the
+    widest window read (`widest` seconds) ending there, for every narrower window."""
     start = end - timedelta(seconds=window_seconds)
     first_minute = _floor_minute(start)
     aggregate: Aggregate = history.window(first_minute, end)
@@ -212,8 +214,15 @@ def _signals_at(
         aggregate.baseline_sum,
         aggregate.baseline_sumsq,
     ) = history.baseline(
-        end - timedelta(days=BASELINE_DAYS), _hour(end - timedelta(seconds=baseline_window))
+        end - timedelta(days=BASELINE_DAYS), _hour(end - timedelta(seconds=widest))
     )
+    earlier = None
+    if window_seconds != widest:
+        wide_first = _floor_minute(end - timedelta(seconds=widest))
+        wide = history.window(wide_first, end)
+        long = (end - wide_first).total_seconds()
+        tokens = wide.input_tokens + wide.output_tokens
+        earlier = Earlier(tokens / (max(long, 1.0) / 60), long)
     return values(
         aggregate,
         (end - first_minute).total_seconds(),
@@ -221,6 +230,8 @@ def _signals_at(
         daily_budget_usd=daily_budget_usd,
         cost_today_usd=history.spent(_midnight(end), end),
         tpm_quota=config.quota_for(scope),
+        now=end,
+        earlier=earlier,
     )
 
 
@@ -240,12 +251,16 @@ def to_chart(series: RuleSeries, trigger: str) -> Chart:
     """The series in the units people read (seconds, percent), with the rule's lines."""
     label, unit, factor = DISPLAY.get(series.rule.signal, (series.rule.signal, "", 1.0))
     rule = series.rule
+    lines = [line for line in (rule.warning, rule.critical) if line is not None]
+    cap = RUNWAY_SHOWN_LINES * max(lines) if rule.signal in RUNWAY_SIGNALS and lines else None
 
     def shown(value: float | None) -> float | None:
         if value is None:
             return None
         if rule.signal == "quality_drift_z":
             value = max(-DRIFT_LIMIT_SD, min(DRIFT_LIMIT_SD, value))
+        if cap is not None:
+            value = min(value, cap)
         return value * factor
 
     judged = [(minute, shown(value)) for minute, value in series.points]
@@ -253,6 +268,7 @@ def to_chart(series: RuleSeries, trigger: str) -> Chart:
         (minute, shown(value)) for minute, value in zip(series.minutes, series.raw, strict=True)
     ]
     unjudged = judged != every
+    capped = cap is not None and any(v is not None and v > cap for v in series.raw)
     return Chart(
         title=f"{label} · {series.scope}",
         points=judged,
@@ -264,6 +280,7 @@ def to_chart(series: RuleSeries, trigger: str) -> Chart:
             f"{trigger} · rule {rule.name} · each minute over the {_minutes(series.window_seconds)}"
             " window ending there"
             + (f" · pale: fewer than {rule.min_samples} samples, not judged" if unjudged else "")
+            + (f" · over {cap * factor:g}{unit} drawn at it" if capped and cap is not None else "")
         ),
         faint=every if unjudged else (),
     )

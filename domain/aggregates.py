@@ -14,6 +14,7 @@ still read as they did then, so a running detector's history replays.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 
@@ -129,9 +130,16 @@ class WindowAggregates:
             windows=dict(windows or {}),
         )
 
+    def lacks(self, lengths: Iterable[int]) -> list[int]:
+        """The narrower windows asked for (lengths in seconds) that this result does not hold:
+        a worker from before per-rule windows answers with the widest window alone, and
+        `over()` would show it under a narrower window's name."""
+        return sorted({int(s) for s in lengths} - self.windows.keys())
+
     def over(self, seconds: int) -> WindowAggregates:
         """The result seen over the narrower window of this length (its sums; the same end,
-        spend today and fold); this window itself for any length not among `windows`."""
+        spend today and fold); this window itself for any length not among `windows` (the
+        widest; a narrower window the result lacks too: check `lacks()` first)."""
         narrower = self.windows.get(seconds)
         if narrower is None:
             return self

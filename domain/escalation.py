@@ -187,11 +187,13 @@ def snooze(deadlines: Deadlines, now: datetime, minutes: int) -> Deadlines:
     )
 
 
-def span(seconds: int) -> str:
-    """A timeout as people say it: 20 s, 5 min, 90 s stays 1 min 30 s, 2 h."""
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600} h"
-    minutes, rest = divmod(seconds, 60)
+def span(seconds: float) -> str:
+    """A timeout or a window as people say it: 20 s, 5 min, 90 s stays 1 min 30 s, 2 h
+    (to the second)."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole % 3600 == 0:
+        return f"{whole // 3600} h"
+    minutes, rest = divmod(whole, 60)
     return f"{minutes} min" + (f" {rest} s" if rest else "")

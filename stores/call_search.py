@@ -21,9 +21,11 @@ and matches its pseudonym (hashed with the ingest's salt, as on arrival); `user_
 pseudonym itself.
 
 Pages are ordered by (ts, id) descending and continue from an opaque cursor (keyset), so a page
-costs the same however deep it is. Every read is bounded: the time range and LIMIT, and a
-statement timeout (SEARCH_TIMEOUT_SECONDS; PostgreSQL's statement_timeout, a progress handler
-on SQLite) past which `SearchTimeoutError` is raised.
+costs the same however deep it is. The cursor also carries the range its first page resolved
+(`Sweep`): a `since=1h` is the hour before the first page on every page, so following `next`
+sweeps exactly that range, however long it takes. Every read is bounded: the time range and
+LIMIT, and a statement timeout (SEARCH_TIMEOUT_SECONDS; PostgreSQL's statement_timeout, a
+progress handler on SQLite) past which `SearchTimeoutError` is raised.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
+import json
 import math
 import re
 import threading
@@ -68,6 +72,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from domain.histogram import percentile
+from domain.periods import parse_time
 from stores.llm_calls import CALL_STATUSES, LLMCall, utc
 
 MAX_QUERY_LENGTH = 2_000
@@ -77,7 +82,6 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1_000
 MAX_GROUPS = 50  # stats: the largest groups by calls; the rest are only counted
 SEARCH_TIMEOUT_SECONDS = 10.0
-MAX_LOOKBACK = timedelta(days=3_650)
 # Statuses counted as errors by the stats, as the detector's error rate counts them: a 429
 # (rate_limited) has its own column, as it has its own signal.
 ERROR_STATUSES = ("error", "timeout", "server_error")
@@ -555,55 +559,150 @@ def compile_query(query: str, *, user_salt: str) -> ColumnElement[bool]:
 
 # --- time ranges and cursors -------------------------------------------------------------------
 
-_DURATION = re.compile(r"^(\d{1,9})([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_time(value: str, now: datetime) -> datetime:
-    """A point in time: RFC 3339 (`2026-12-01T10:00:00Z`; without an offset, UTC) or a duration
-    before `now` (`90s`, `30m`, `1h`, `7d`, `2w`, at most 3650 days). ValueError otherwise."""
-    value = value.strip()
-    found = _DURATION.match(value)
-    if found is not None:
-        amount, unit = int(found.group(1)), _UNITS[found.group(2)]
-        if amount > MAX_LOOKBACK / timedelta(**{unit: 1}):
-            raise ValueError(f"at most {MAX_LOOKBACK.days} days back")
-        return now - timedelta(**{unit: amount})
-    try:
-        at = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            "an RFC 3339 time (2026-12-01T10:00:00Z) or a duration before now (30m, 1h, 7d)"
-        ) from None
-    try:
-        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-    except (OverflowError, ValueError):
-        raise ValueError("out of range") from None
-
-
+DEFAULT_SINCE = "1h"
+CURSOR_VERSION = 1
+_DIGEST_LENGTH = 12
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_CURSOR = re.compile(r"^(-?\d{1,18})\.(\d{1,19})$")
+_CURSOR_REFUSED = "not a cursor this API returned (use `next` as it is)"
+
+Key = tuple[datetime, int]  # (ts, id) of a call: the order of the pages
 
 
-def encode_cursor(ts: datetime, row_id: int) -> str:
-    micros = (utc(ts) - _EPOCH) // timedelta(microseconds=1)
-    return base64.urlsafe_b64encode(f"{micros}.{row_id}".encode()).decode().rstrip("=")
+class ParameterError(ValueError):
+    """A request parameter (`field`: q, since, until, cursor) that cannot be taken."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, int]:
-    """The (ts, id) of the last call of the previous page."""
+def time_range(since: str | None, until: str | None, now: datetime) -> tuple[datetime, datetime]:
+    """[since, until) of a request (domain.periods: durations back from `now` or RFC 3339 times
+    with their offset); since defaults to DEFAULT_SINCE, until to `now`. ParameterError naming
+    the one that cannot be read."""
+    found = []
+    for name, value, default in (("since", since, DEFAULT_SINCE), ("until", until, None)):
+        if value is None or not value.strip():
+            found.append(now if default is None else parse_time(default, now))
+            continue
+        try:
+            found.append(parse_time(value, now))
+        except ValueError as exc:
+            raise ParameterError(name, str(exc)) from None
+    start, end = found
+    if end <= start:
+        raise ParameterError("until", "must be after since")
+    return start, end
+
+
+def query_digest(query: str) -> str:
+    return hashlib.sha256(query.strip().encode()).hexdigest()[:_DIGEST_LENGTH]
+
+
+def _micros(at: datetime) -> int:
+    return (utc(at) - _EPOCH) // timedelta(microseconds=1)
+
+
+def _at(micros: object) -> datetime:
+    if not isinstance(micros, int) or isinstance(micros, bool):
+        raise CursorError(_CURSOR_REFUSED)
+    try:
+        return _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:
+        raise CursorError(_CURSOR_REFUSED) from None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What every page of one search shares: the range resolved once, on the first page (`now`
+    is that page's clock: a `since=1h` means the hour before it, on every page), and the query."""
+
+    now: datetime
+    since: datetime
+    until: datetime
+    query: str  # query_digest of q
+
+    def next(self, page: Page) -> str | None:
+        """The cursor of the page after `page`; None on the last."""
+        return None if page.last is None else Cursor(self, page.last).encode()
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the previous page ended, and the sweep it belongs to: opaque to callers
+    (base64url of a JSON array), validated on the way in."""
+
+    sweep: Sweep
+    after: Key
+
+    def encode(self) -> str:
+        s = self.sweep
+        ts, row_id = self.after
+        raw = [CURSOR_VERSION, *map(_micros, (s.now, s.since, s.until, ts)), row_id, s.query]
+        text = json.dumps(raw, separators=(",", ":"))
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Cursor:
+    """The cursor a page's `next` carried; CursorError for anything else."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        found = json.loads(raw)
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise CursorError("not a cursor this API returned (use `next` as it is)") from None
-    found = _CURSOR.match(raw)
-    if found is None or int(found.group(2)) > _INT64:
-        raise CursorError("not a cursor this API returned (use `next` as it is)")
+        raise CursorError(_CURSOR_REFUSED) from None
+    if not isinstance(found, list) or len(found) != 7 or found[0] != CURSOR_VERSION:
+        raise CursorError(_CURSOR_REFUSED)
+    _, now, since, until, ts, row_id, digest = found
+    if (
+        not isinstance(row_id, int)
+        or isinstance(row_id, bool)
+        or not 0 <= row_id <= _INT64
+        or not isinstance(digest, str)
+        or not re.fullmatch(f"[0-9a-f]{{{_DIGEST_LENGTH}}}", digest)
+    ):
+        raise CursorError(_CURSOR_REFUSED)
+    sweep = Sweep(_at(now), _at(since), _at(until), digest)
+    if sweep.until <= sweep.since:
+        raise CursorError(_CURSOR_REFUSED)
+    return Cursor(sweep, (_at(ts), row_id))
+
+
+def sweep_of(
+    query: str, since: str | None, until: str | None, cursor: str | None, now: datetime
+) -> tuple[Sweep, Cursor | None]:
+    """The sweep a request pages through, and where its page starts. Without `cursor`: a new
+    sweep of [since, until) as of `now`. With one: the cursor's sweep, whatever the clock says
+    now; a `since` / `until` given beside it is read as of the first page's clock and must name
+    the same instant (an RFC 3339 time, or the same duration), or the request is refused, as is
+    a cursor of another query (ParameterError naming `cursor`)."""
+    if cursor is None:
+        start, end = time_range(since, until, now)
+        return Sweep(now, start, end, query_digest(query)), None
     try:
-        ts = _EPOCH + timedelta(microseconds=int(found.group(1)))
-    except OverflowError:
-        raise CursorError("not a cursor this API returned (use `next` as it is)") from None
-    return ts, int(found.group(2))
+        found = decode_cursor(cursor)
+    except CursorError as exc:
+        raise ParameterError("cursor", str(exc)) from None
+    sweep = found.sweep
+    if sweep.query != query_digest(query):
+        raise ParameterError(
+            "cursor", "this cursor continues another query: give the q of its first page"
+        )
+    for name, value, fixed in (("since", since, sweep.since), ("until", until, sweep.until)):
+        if value is None or not value.strip():
+            continue
+        try:
+            at = parse_time(value, sweep.now)
+        except ValueError as exc:
+            raise ParameterError(name, str(exc)) from None
+        if at != fixed:
+            raise ParameterError(
+                "cursor",
+                f"this cursor continues the range of its first page, {sweep.since.isoformat()} "
+                f"to {sweep.until.isoformat()}; {name}={value.strip()} names another: leave "
+                "since and until out (or as they were), or start again without a cursor",
+            )
+    return sweep, found
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -688,7 +787,7 @@ def _record(row: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Page:
     calls: list[dict[str, Any]]  # newest first; "timestamp" an aware datetime (UTC)
-    next: str | None  # the cursor of the next page; None on the last
+    last: Key | None  # (ts, id) of the page's last call when more follow; None on the last page
 
 
 def search(
@@ -698,16 +797,17 @@ def search(
     since: datetime,
     until: datetime,
     limit: int = DEFAULT_LIMIT,
-    cursor: str | None = None,
+    after: Key | None = None,
     timeout_seconds: float = SEARCH_TIMEOUT_SECONDS,
 ) -> Page:
-    """The calls in [since, until) matching `where`, newest first, `limit` of them after
-    `cursor`. CursorError for a cursor not made here; SearchTimeoutError past the timeout."""
+    """The calls in [since, until) matching `where`, newest first, `limit` of them after the
+    call `after` (keyset: `Sweep.next` makes the cursor of it). SearchTimeoutError past the
+    timeout."""
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit: 1 to {MAX_LIMIT}")
     conditions = [_c.ts >= utc(since), _c.ts < utc(until), where]
-    if cursor is not None:
-        last_ts, last_id = decode_cursor(cursor)
+    if after is not None:
+        last_ts, last_id = after
         # (ts, id) < (last_ts, last_id), with a bound on ts alone that an index can use.
         conditions += [_c.ts <= last_ts, or_(_c.ts < last_ts, _c.id < last_id)]
     columns = [_c.id, *(_c[name] for name in CALL_COLUMNS)]
@@ -718,8 +818,8 @@ def search(
         rows = connection.execute(statement).all()
     more = len(rows) > limit
     rows = rows[:limit]
-    after = encode_cursor(rows[-1].ts, rows[-1].id) if more else None
-    return Page([_record(row) for row in rows], after)
+    last = (utc(rows[-1].ts), int(rows[-1].id)) if more else None
+    return Page([_record(row) for row in rows], last)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ does the per-user query. "Today" is counted from midnight UTC, as the budget det
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +29,7 @@ from typing import Any, Literal, get_args
 
 from sqlalchemy import Connection, Engine, case, func, select
 
+from domain import periods
 from domain.runway import BudgetRunway, budget_runway, rate_runway
 from stores.llm_calls import CACHE_SOURCE, LLMCall, UsageRollup, utc
 
@@ -52,8 +52,6 @@ TPM_WINDOWS = (120, 600)
 
 _usage = UsageRollup.__table__.c  # type: ignore[attr-defined]
 _calls = LLMCall.__table__.c  # type: ignore[attr-defined]
-_DURATION = re.compile(r"^\s*(\d{1,6})\s*([mhdw])\s*$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class PeriodError(ValueError):
@@ -93,55 +91,52 @@ def max_span(by: str) -> timedelta:
     return MAX_USER_SPAN if by == "user" else MAX_SPAN
 
 
-def _describe_span(span: timedelta) -> str:
-    if span < timedelta(days=1):
-        return f"{span.total_seconds() / 3600:.1f} hours"
-    if span.seconds == 0 and span.microseconds == 0:
-        return f"{span.days} days"
-    return f"{span / timedelta(days=1):.1f} days"
+def _describe_span(seconds: float) -> str:
+    if seconds < 86_400:
+        return f"{seconds / 3600:.1f} hours"
+    if seconds % 86_400 == 0:
+        return f"{seconds // 86_400:.0f} days"
+    return f"{seconds / 86_400:.1f} days"
 
 
 def parse_since(text: str, now: datetime, by: str = "feature") -> Period:
-    """The period a `since` names: a duration back from now (`30m`, `24h`, `7d`, `2w`: whole
-    minutes) or an RFC 3339 time with its UTC offset (floored to its minute). Bounds: at least a
-    minute, at most `MAX_SPAN` (31 days), `MAX_USER_SPAN` (7 days) for `by=user`."""
+    """The period a `since` names, read by domain.periods (as the call search reads it): a
+    duration back from now (`30m`, `24h`, `7d`, `2w`; `120s` too, as long as it is whole minutes)
+    or an RFC 3339 time with its UTC offset (floored to its minute). Bounds: at least a minute,
+    at most `MAX_SPAN` (31 days), `MAX_USER_SPAN` (7 days) for `by=user`."""
     limit = max_span(by)
-    found = _DURATION.match(text)
-    if found is not None:
-        amount, unit = int(found.group(1)), found.group(2)
-        span = timedelta(**{_UNITS[unit]: amount})
+    try:
+        span = periods.parse_duration(text, limit)
+        since = periods.parse_instant(text) if span is None else None
+    except periods.TooLongError as exc:
+        raise _too_long(by, limit, exc.seconds) from None
+    except periods.TimeError as exc:
+        raise PeriodError(str(exc)) from None
+    if span is not None:
         if span < MIN_SPAN:
             raise PeriodError("the period must be at least a minute (like 30m, 24h, 7d)")
-        if span > limit:  # before any date arithmetic: 999999w back has no date
-            raise _too_long(by, limit, span)
+        if span % MINUTE:
+            raise PeriodError(
+                f"the period is whole minutes (the rollups' grain): {text.strip()} is not"
+            )
         period = Period.ending(now, span)
     else:
-        try:
-            since = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise PeriodError(
-                "a duration back from now (30m, 24h, 7d, 2w) or an RFC 3339 time with its "
-                "offset (2026-03-01T00:00:00Z)"
-            ) from None
-        if since.tzinfo is None:
-            raise PeriodError("an RFC 3339 time needs its UTC offset (Z or +01:00)")
-        try:
-            start = floor_minute(since)
-        except (OverflowError, ValueError):  # year 1 at +14:00 has no UTC time
-            raise PeriodError("out of range") from None
+        assert since is not None
+        start = floor_minute(since)
         end = floor_minute(now) + MINUTE
         if start >= end:
             raise PeriodError("must lie in the past")
         period = Period(start, end)
     if period.span > limit:
-        raise _too_long(by, limit, period.span)
+        raise _too_long(by, limit, period.span.total_seconds())
     return period
 
 
-def _too_long(by: str, limit: timedelta, span: timedelta) -> PeriodError:
+def _too_long(by: str, limit: timedelta, seconds: float) -> PeriodError:
     why = " for by=user (a scan of the call log, not of the rollups)" if by == "user" else ""
     return PeriodError(
-        f"the period is at most {_describe_span(limit)}{why}; this one is {_describe_span(span)}"
+        f"the period is at most {_describe_span(limit.total_seconds())}{why}; "
+        f"this one is {_describe_span(seconds)}"
     )
 
 
@@ -277,7 +272,9 @@ def cost_report(
     if not 1 <= top <= MAX_TOP:
         raise ValueError(f"top must be 1..{MAX_TOP}")
     if period.span > max_span(by):
-        raise PeriodError(f"the period is at most {_describe_span(max_span(by))} for by={by}")
+        raise PeriodError(
+            f"the period is at most {_describe_span(max_span(by).total_seconds())} for by={by}"
+        )
     now = utc(now)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     burn_start = floor_minute(now - timedelta(seconds=burn_window_seconds))

@@ -14,17 +14,22 @@ from sqlalchemy import Engine, literal_column
 from sqlalchemy.dialects import postgresql, sqlite
 
 from domain.histogram import RELATIVE_ERROR, exact_percentile
+from domain.periods import TimeError, parse_time
 from stores import call_search
 from stores.call_search import (
     ERROR_STATUSES,
     MAX_QUERY_LENGTH,
+    Cursor,
     CursorError,
+    ParameterError,
     QueryError,
     SearchTimeoutError,
+    Sweep,
     compile_query,
     decode_cursor,
-    encode_cursor,
-    parse_time,
+    query_digest,
+    sweep_of,
+    time_range,
 )
 from stores.llm_calls import CallRecord
 from stores.writer import write_calls
@@ -319,16 +324,16 @@ def test_keyset_pages_walk_calls_of_one_timestamp_without_loss_or_repeat(store: 
     write_calls(store, [record("newer", 5), *same, record("older", 20)])
     where = compile_query("model:gpt-4.1", user_salt=SALT)
     seen: list[str] = []
-    cursor = None
+    after = None
     pages = 0
     while True:
-        page = call_search.search(store, where, since=SINCE, until=UNTIL, limit=7, cursor=cursor)
+        page = call_search.search(store, where, since=SINCE, until=UNTIL, limit=7, after=after)
         pages += 1
         seen += [c["request_id"] for c in page.calls]
         assert len(page.calls) <= 7
-        if page.next is None:
+        if page.last is None:
             break
-        cursor = page.next
+        after = page.last
     assert pages == 4  # 25 calls, 7 a page
     assert len(seen) == len(set(seen)) == 25
     assert seen[0] == "newer"
@@ -338,29 +343,99 @@ def test_keyset_pages_walk_calls_of_one_timestamp_without_loss_or_repeat(store: 
     assert seen[1:-1] == [c.request_id for c in reversed(same)]
     # An exact page: no `next` when nothing follows.
     whole = call_search.search(store, where, since=SINCE, until=UNTIL, limit=25)
-    assert whole.next is None
+    assert whole.last is None
     assert len(whole.calls) == 25
 
 
 def test_cursors_round_trip_and_refuse_forgeries() -> None:
     at = datetime(2026, 12, 1, 12, 0, 0, 123456, tzinfo=UTC)
-    assert decode_cursor(encode_cursor(at, 42)) == (at, 42)
-    for bad in ("", "x", "!!!", "bm90IGEgY3Vyc29y", encode_cursor(at, 1) + "A" * 10):
+    sweep = Sweep(T0, SINCE, UNTIL, query_digest("model:o3"))
+    cursor = Cursor(sweep, (at, 42))
+    assert decode_cursor(cursor.encode()) == cursor
+    assert len(Cursor(sweep, (at, 2**63 - 1)).encode()) <= 200  # api.calls takes 256
+    backwards = Cursor(Sweep(T0, UNTIL, SINCE, sweep.query), (at, 1)).encode()
+    huge = Cursor(sweep, (at, 2**63)).encode()
+    forged = [
+        "",
+        "x",
+        "!!!",
+        "bm90IGEgY3Vyc29y",
+        cursor.encode() + "A" * 10,
+        "MTc5NjU3MzA0NDczOTkzOS41ODE",  # a cursor of before the sweeps: (ts, id) only
+        backwards,
+        huge,
+    ]
+    for bad in forged:
         with pytest.raises(CursorError):
             decode_cursor(bad)
 
 
-def test_times_are_rfc3339_or_durations_back() -> None:
+def test_a_sweep_keeps_the_range_of_its_first_page() -> None:
+    first, first_after = sweep_of("status:error", "1h", None, None, T0)
+    assert (first.since, first.until, first_after) == (SINCE, UNTIL, None)
+    cursor = Cursor(first, (T0 - timedelta(minutes=50), 7)).encode()
+    later = T0 + timedelta(hours=3)
+    # Without since/until, or with the same words as the first page: the first page's range.
+    for since, until in ((None, None), ("1h", None), ("1h", ""), (SINCE.isoformat(), "0s")):
+        sweep, after = sweep_of("status:error ", since, until, cursor, later)
+        assert (sweep.since, sweep.until) == (SINCE, UNTIL)
+        assert after is not None
+        assert after.after == (T0 - timedelta(minutes=50), 7)
+    refused = [
+        ("status:error", "2h", None, "another"),
+        ("status:error", None, (T0 - timedelta(minutes=1)).isoformat(), "another"),
+        ("model:o3", None, None, "another query"),
+        ("status:error", "yesterday", None, "RFC 3339"),
+    ]
+    for query, since, until, words in refused:
+        with pytest.raises(ParameterError, match=words) as caught:
+            sweep_of(query, since, until, cursor, later)
+        assert caught.value.field == ("since" if since == "yesterday" else "cursor")
+    with pytest.raises(ParameterError) as bad:
+        sweep_of("", None, None, "not-a-cursor", later)
+    assert bad.value.field == "cursor"
+
+
+def test_following_next_as_time_passes_returns_every_call_once(store: Engine) -> None:
+    """The pages of a `since=1h` sweep asked for ten minutes apart: the oldest calls, which
+    have left "the last hour" by the time their page is asked for, are still on it."""
+    write_calls(store, [record(f"r{i:02d}", 60 * (50 + i)) for i in range(10)])
+    where = compile_query("", user_salt=SALT)
+    now, cursor, seen = T0, None, []
+    while True:
+        sweep, after = sweep_of("", "1h", None, cursor, now)
+        page = call_search.search(
+            store,
+            where,
+            since=sweep.since,
+            until=sweep.until,
+            limit=3,
+            after=None if after is None else after.after,
+        )
+        seen += [c["request_id"] for c in page.calls]
+        cursor = sweep.next(page)
+        if cursor is None:
+            break
+        now += timedelta(minutes=10)
+    assert seen == [f"r{i:02d}" for i in range(10)]
+
+
+def test_times_are_rfc3339_with_an_offset_or_durations_back() -> None:
     now = T0
     assert parse_time("1h", now) == T0 - timedelta(hours=1)
     assert parse_time("90s", now) == T0 - timedelta(seconds=90)
-    assert parse_time("2w", now) == T0 - timedelta(weeks=2)
+    assert parse_time(" 2w ", now) == T0 - timedelta(weeks=2)
     assert parse_time("2026-12-01T10:00:00Z", now) == datetime(2026, 12, 1, 10, tzinfo=UTC)
     assert parse_time("2026-12-01T11:00:00+01:00", now) == datetime(2026, 12, 1, 10, tzinfo=UTC)
-    assert parse_time("2026-12-01 10:00", now) == datetime(2026, 12, 1, 10, tzinfo=UTC)
-    for bad in ("yesterday", "1y", "-1h", "99999999d", "0001-01-01T00:00:00+01:00", ""):
-        with pytest.raises(ValueError):  # noqa: PT011
+    with pytest.raises(TimeError, match="no UTC offset: add Z"):
+        parse_time("2026-12-01 10:00", now)
+    for bad in ("yesterday", "1y", "-1h", "99999999d", "0001-01-01T00:00:00+01:00", "", "1 h"):
+        with pytest.raises(TimeError):
             parse_time(bad, now)
+    assert time_range(None, None, now) == (SINCE, UNTIL)
+    with pytest.raises(ParameterError, match="after since") as backwards:
+        time_range("1h", "2h", now)
+    assert backwards.value.field == "until"
 
 
 def test_a_search_past_its_time_stops(store: Engine) -> None:

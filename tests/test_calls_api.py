@@ -17,6 +17,8 @@ import pytest
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
+from api import calls as api_calls
+from cli import calls as cli_calls
 from cli.main import app as cli
 from config import Settings
 from stores import call_search
@@ -139,6 +141,70 @@ async def test_pages_follow_next(api: httpx.AsyncClient) -> None:
     assert seen == ["req_a", "req_b", "req_c", "req_d", "req_old"]
 
 
+class Clock:
+    """A clock the tests move: the pages of a sweep asked for as time passes."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_a_sweep_asked_for_as_time_passes_returns_every_call_once(
+    api: httpx.AsyncClient, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of the default hour, ten minutes apart: the calls that left "the last hour" while
+    the operator read are still on the later pages, because the cursor carries the range."""
+    clock = Clock()
+    monkeypatch.setattr(api_calls, "clock", clock)
+    write_calls(engine, [record(f"old{i}", 3000 + 60 * i) for i in range(8)])  # 50-57 min ago
+    expected = ["req_a", "req_b", "req_c", "req_d", *(f"old{i}" for i in range(8))]
+    seen: list[str] = []
+    params: dict[str, Any] = {"limit": 4, "q": "model:gpt-4.1*"}
+    first = None
+    while True:
+        page = await api.get("/v1/calls", params=params, headers=ALICE)
+        seen += names(page)
+        body = page.json()
+        first = first or (body["since"], body["until"])
+        assert (body["since"], body["until"]) == first
+        if body["next"] is None:
+            break
+        params["cursor"] = body["next"]
+        clock.now += timedelta(minutes=10)
+    assert seen == [n for n in expected if n != "req_c"]  # req_c is o3
+    # Beside a cursor, since/until that name another range, or another q, are refused.
+    for extra in ({"since": "2h"}, {"until": "1m"}, {"q": "model:o3"}):
+        refused = await api.get("/v1/calls", params={**params, **extra}, headers=ALICE)
+        assert refused.status_code == 422, refused.text
+        assert [e["field"] for e in refused.json()["errors"]] == ["query.cursor"]
+    same = await api.get("/v1/calls", params={**params, "since": "1h"}, headers=ALICE)
+    assert same.status_code == 200, same.text
+
+
+def test_cli_pages_as_time_passes(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(cli_calls, "clock", clock)
+    write_calls(engine, [record(f"old{i}", 3000 + 60 * i) for i in range(4)])
+    seen: list[str] = []
+    args = ["search", "feature:chat OR request_id:old*", "--limit", "2", "--csv"]
+    cursor: list[str] = []
+    while True:
+        result = runner.invoke(cli, ["calls", *args, *cursor])
+        assert result.exit_code == 0, result.output
+        found = list(csv.DictReader(io.StringIO(result.stdout)))
+        seen += [r["request_id"] for r in found]
+        if "more: --cursor " not in result.stderr:
+            break
+        cursor = ["--cursor", result.stderr.rsplit("--cursor ", 1)[1].split()[0]]
+        clock.now += timedelta(minutes=15)
+    assert seen == ["req_a", "req_b", "old0", "old1", "old2", "old3"]
+    other = runner.invoke(cli, ["calls", *args, *cursor[:1], cursor[1], "--since", "2h"])
+    assert other.exit_code == 2
+    assert "--cursor" in other.output
+
+
 async def test_the_user_is_hashed_as_ingest_hashes_it(api: httpx.AsyncClient) -> None:
     call = {
         "model": "o3",
@@ -192,6 +258,8 @@ async def test_a_bad_query_is_a_400_with_its_position(api: httpx.AsyncClient) ->
         ({"since": "1h", "until": "2h"}, "query.until"),
         ({"cursor": "not-a-cursor"}, "query.cursor"),
         ({"cursor": "x" * 200}, "query.cursor"),
+        ({"cursor": "x" * 300}, "query.cursor"),
+        ({"since": "2026-12-01T10:00:00"}, "query.since"),
         ({"q": "model:" + "x" * 2000}, "query.q"),
         ({"q": "model:a\x00"}, "query.q"),
     ],

@@ -4,8 +4,10 @@ PNG uploaded once to the incident's Slack thread (also when the post is retried)
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -25,18 +27,26 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 import worker
 from activities import slack
 from activities.incidents import IncidentActivities, OpenIncidentRequest
+from activities.policies import VENDOR_CALL
 from activities.slack import SlackActivities, SlackPostRequest
 from api import status
 from api.app import create_app
 from api.deps import Services
 from config import Settings
 from config.escalation import load_escalation
+from detectors import evaluation
 from detectors.config import DetectorRules
 from detectors.rules import DEFAULT_RULES
-from detectors.series import IncidentCharts, most_relevant, point_ends, trigger_series
-from detectors.signals import values
+from detectors.series import (
+    RUNWAY_SIGNALS,
+    IncidentCharts,
+    RuleSeries,
+    most_relevant,
+    point_ends,
+    trigger_series,
+)
+from domain import runway
 from domain import search_attributes as sa
-from domain.aggregates import WindowAggregates
 from domain.chart import (
     CRITICAL,
     HEIGHT,
@@ -252,52 +262,149 @@ CHECKED = [
 EVERY_MINUTE = {(Trigger.ERROR_RATE, "global"), (Trigger.QUALITY_DEGRADATION, "model:gpt_4.1")}
 
 
+class DetectorView:
+    """What the detector computes for a window ending at `end`: its own query (the widest
+    window the rules read, the narrower ones beside it, as `DetectorWorkflow._evaluate` asks
+    for them) and its own evaluation's signals (`now` the end, the tokens' trend from the
+    widest window); read once per scope and end."""
+
+    def __init__(self, engine: Engine, config: DetectorRules, budget: float) -> None:
+        self._engine, self._config, self._budget = engine, config, budget
+        self._read: dict[tuple[str, datetime], evaluation._Signals] = {}
+
+    def found(self, scope: str, window: int, end: datetime) -> dict[str, float | None]:
+        key = (scope, end)
+        if key not in self._read:
+            windows = evaluation.windows_read(self._config, DETECTOR_WINDOW)
+            aggregates = window_aggregates(
+                self._engine, end, windows[-1], keep=[scope], windows=windows[:-1]
+            )
+            self._read[key] = evaluation._Signals(
+                self._config, aggregates, self._budget, DETECTOR_WINDOW
+            )
+        return self._read[key].found(window, scope)
+
+
+DETECTOR_WINDOW = 300
+
+
+def check_against_the_detector(
+    found: list[RuleSeries], detector: DetectorView, every: bool = True
+) -> int:
+    """Each point of each series against the detector's signal over the window ending there
+    (a scope without data in the window: nothing measured, nothing judged). How many points
+    were compared with a value."""
+    compared = 0
+    for series in found:
+        assert len(series.raw) == 60
+        for index, (minute, end) in enumerate(point_ends(NOW, 60)):
+            assert series.minutes[index] == minute
+            if not every and index % 6 and index != 59:
+                continue  # one minute in six, and the current one, is enough
+            expected = detector.found(series.scope, series.window_seconds, end)
+            where = (series.rule.name, series.scope, minute)
+            if not expected:  # no data there: the detector judges nothing, nor does the chart
+                assert series.points[index][1] is None, where
+                continue
+            want = expected.get(series.rule.signal)
+            got = series.raw[index]
+            if want is None:
+                assert got is None, where
+            else:
+                assert got == pytest.approx(want, rel=1e-9, abs=1e-12), where
+                compared += 1
+            samples = float(expected.get(series.rule.sample_signal) or 0.0)
+            assert series.samples[index] == pytest.approx(samples), where
+    return compared
+
+
 def test_the_series_is_the_detectors_signal_at_every_minute(store: Engine) -> None:
     calls, scores = traffic()
     write_calls(store, calls)
     write_scores(store, scores)
     config = DetectorRules(tpm_quota={"*": 50_000, "gpt-4.1": 20_000})
     budget = 20.0
-    read: dict[tuple[str, int, datetime], WindowAggregates] = {}
+    detector = DetectorView(store, config, budget)
     for trigger, scope in CHECKED:
         found = trigger_series(
             store, trigger, scope, NOW, config=config, daily_budget_usd=budget,
-            window_seconds=300, minutes=60,
+            window_seconds=DETECTOR_WINDOW, minutes=60,
         )  # fmt: skip
         assert found, (trigger, scope)
-        for series in found:
-            assert len(series.raw) == 60
-            window = series.window_seconds
-            for index, (minute, end) in enumerate(point_ends(NOW, 60)):
-                assert series.minutes[index] == minute
-                if (trigger, scope) not in EVERY_MINUTE and index % 6 and index != 59:
-                    continue  # one minute in six, and the current one, is enough for the rest
-                # What the detector reads for a window ending there, one query per minute.
-                key = (scope, window, end)
-                if key not in read:
-                    read[key] = window_aggregates(store, end, window, keep=[scope])
-                aggregates = read[key]
-                expected = values(
-                    aggregates.scope(scope),
-                    aggregates.window_seconds,
-                    scope=scope,
-                    daily_budget_usd=budget,
-                    cost_today_usd=aggregates.cost_today_usd,
-                    tpm_quota=config.quota_for(scope),
-                )
-                want = expected.get(series.rule.signal)
-                got = series.raw[index]
-                where = (series.rule.name, scope, minute)
-                if want is None:
-                    assert got is None, where
-                else:
-                    assert got == pytest.approx(want, rel=1e-9, abs=1e-12), where
-                samples = float(expected.get(series.rule.sample_signal) or 0.0)
-                assert series.samples[index] == pytest.approx(samples), where
+        check_against_the_detector(found, detector, every=(trigger, scope) in EVERY_MINUTE)
         # The 7 quiet minutes are a gap in every rule with a shorter window that needs samples.
         for series in found:
             if series.rule.min_samples > 0 and series.window_seconds <= 300:
                 assert any(v is None for _, v in series.points), (series.rule.name, scope)
+            if series.rule.signal in RUNWAY_SIGNALS:  # dated and trended: a value everywhere
+                assert all(v is not None for v in series.raw), (series.rule.name, scope)
+
+
+def rising_tokens() -> list[CallRecord]:
+    """75 minutes of 30 calls a minute on gpt-4.1, each minute's with more tokens (the tokens
+    per minute rise from 12k to 68k) and a higher cost (the burn from $3.6 to $30 an hour)."""
+    calls = []
+    for minute in range(75, -1, -1):
+        grown = 75 - minute
+        for i in range(30):
+            ts = NOW - timedelta(minutes=minute, seconds=2 * i)
+            calls.append(
+                CallRecord(
+                    ts=ts, model="gpt-4.1", status="success", latency_ms=800.0,
+                    input_tokens=300 + 20 * grown, output_tokens=100 + 5 * grown,
+                    cost_usd=0.002 * (1 + grown / 10), feature="chat",
+                )
+            )  # fmt: skip
+    return calls
+
+
+def test_the_runways_are_charted_as_the_detector_dates_and_trends_them(store: Engine) -> None:
+    write_calls(store, rising_tokens())
+    config = DetectorRules(tpm_quota={"gpt-4.1": 80_000})
+    budget = 40.0
+    detector = DetectorView(store, config, budget)
+    horizon = runway.HORIZON_SECONDS
+    for trigger, scope, rule, unit in (
+        (Trigger.TOKEN_QUOTA, "model:gpt-4.1", "tpm_runway", 60),
+        (Trigger.BUDGET_EXHAUSTION, "global", "budget_runway", 3600),
+    ):
+        found = trigger_series(
+            store, trigger, scope, NOW, config=config, daily_budget_usd=budget,
+            window_seconds=DETECTOR_WINDOW, minutes=60,
+        )  # fmt: skip
+        assert check_against_the_detector(found, detector) >= 60 * len(found)
+        [series] = [s for s in found if s.rule.name == rule]
+        judged = [v for _, v in series.points]
+        # In sight at every minute, shortening as the tokens and the burn rise.
+        assert all(v is not None and 0 < v * unit < horizon for v in judged), judged
+        assert judged[-1] < judged[0]  # type: ignore[operator]
+        latest = series.latest()
+        assert latest is not None
+        assert series.rule.level(latest) is not None  # breaching now
+        chosen = most_relevant(found)
+        assert chosen is not None
+        if rule == "budget_runway":
+            # The SEV1 rule of the trigger is the one charted (spend is at half the budget).
+            assert chosen.rule.name == "budget_runway"
+            chart = IncidentCharts(store, config, budget, DETECTOR_WINDOW).chart(
+                trigger, scope, NOW
+            )
+            assert chart is not None
+            assert chart.title == "hours until the daily budget runs out · global"
+            assert (chart.warning, chart.critical, chart.above) == (6.0, 1.0, False)
+            assert chart.values[-1] == pytest.approx(latest)
+
+
+def test_a_runway_out_of_sight_is_drawn_at_the_edge_of_its_lines(engine: Engine) -> None:
+    calls = [c for c in rising_tokens() if c.ts < NOW - timedelta(minutes=20)]
+    write_calls(engine, calls)  # no spend over the last 20 minutes: out of sight there
+    charts = IncidentCharts(engine, DetectorRules(), 40.0, DETECTOR_WINDOW)
+    chart = charts.chart(Trigger.BUDGET_EXHAUSTION, "global", NOW)
+    assert chart is not None
+    assert chart.title.startswith("hours until the daily budget runs out")
+    assert max(chart.values) == pytest.approx(24.0)  # four times the warning line, not 48 h
+    assert "over 24 h drawn at it" in chart.subtitle
+    parse(render_svg(chart))
 
 
 def test_the_most_relevant_rule_is_the_one_breaching_worst_now(engine: Engine) -> None:
@@ -388,14 +495,16 @@ async def test_the_status_page_charts_each_open_incident(
         engine, incident_id=None, kind="concurrency", feature="chat", model=None, value="4",
         reason="hand brake", set_by="alice", expires_at=now + timedelta(hours=1), now=now,
     )  # fmt: skip
-    # One chart fails, one takes longer than the page's deadline: the page answers anyway.
+    # One chart fails, one takes longer than the page's deadline (until the test is over, so
+    # that no later load finds it drawn): the page answers anyway.
     drawn = IncidentCharts.svg
+    late = threading.Event()
 
     def svg(self: IncidentCharts, trigger: str, scope: str, at: datetime) -> str | None:
         if scope == "model:boom":
             raise RuntimeError("the store went away")
         if scope == "model:slow":
-            time.sleep(3)
+            late.wait(timeout=30)
         return drawn(self, trigger, scope, at)
 
     monkeypatch.setattr(IncidentCharts, "svg", svg)
@@ -413,6 +522,7 @@ async def test_the_status_page_charts_each_open_incident(
         page = await status_html(settings, client, engine, n=len(opened))
         assert time.monotonic() - started < 20
     finally:
+        late.set()
         for incident_id in ids:
             await client.get_workflow_handle(incident_id).terminate("test over")
     assert "<script" not in page
@@ -436,6 +546,80 @@ async def test_the_status_page_charts_each_open_incident(
     engine.dispose()
 
 
+async def test_a_burst_of_page_loads_reads_each_chart_once(
+    dev_env: WorkflowEnvironment,
+    settings: Settings,
+    task_queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page may be public: loads in the same minute share one read of each chart and of
+    the controls, and the reads run on the page's few threads, however many loads come."""
+    settings = settings.model_copy(update={"dev_mode": True})
+    client = dev_env.client
+    engine = worker.open_store(settings)
+    recent_traffic(engine)
+    minute = datetime.now(UTC)
+    monkeypatch.setattr(status, "status_now", lambda: minute)  # no minute ends mid-test
+    drawn, active = IncidentCharts.svg, control_store.active
+    charted: list[str] = []
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def svg(self: IncidentCharts, trigger: str, scope: str, at: datetime) -> str | None:
+        with lock:
+            charted.append(scope)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.2)  # long enough for the loads to overlap
+            return drawn(self, trigger, scope, at)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    controls_read: list[datetime] = []
+
+    def controls(engine_: Engine, now: datetime) -> list[control_store.Control]:
+        controls_read.append(now)
+        return active(engine_, now)
+
+    monkeypatch.setattr(IncidentCharts, "svg", svg)
+    monkeypatch.setattr(control_store, "active", controls)
+    scopes = ["global", "model:gpt_4.1", "model:gpt-4o", "feature:chat", "feature:search"]
+    ids = [
+        await open_incident_without_worker(client, task_queue, "error_rate", scope)
+        for scope in scopes
+    ]
+    app = create_app(Services(settings, engine, client, slack=None))
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as api:
+
+            async def page() -> str:
+                found = await api.get("/status", headers={"Accept": "text/html"})
+                assert found.status_code == 200
+                return found.text
+
+            async def all_listed() -> str:  # the listing is eventually consistent
+                text = await page()
+                return text if text.count("<section class='incident'") == len(scopes) else ""
+
+            listed: str = await eventually(all_listed, timeout=20)
+            assert listed
+            pages = await asyncio.gather(*(page() for _ in range(8)))
+            pages.append(await page())
+    finally:
+        for incident_id in ids:
+            await client.get_workflow_handle(incident_id).terminate("test over")
+    assert sorted(charted) == sorted(scopes)  # once each, whatever the number of loads
+    assert len(controls_read) == 1
+    assert most[0] <= status.DETAILS_READERS
+    assert status.details_cache_of(app).reads == len(scopes) + 1
+    assert all(text.count("<svg") == len(scopes) for text in pages[-2:])
+    engine.dispose()
+
+
 # --- the chart in the incident's Slack thread ------------------------------------------------
 
 
@@ -451,9 +635,20 @@ def incident_state() -> IncidentState:
     )
 
 
-def attempt(number: int) -> ActivityEnvironment:
+def attempt(number: int, started_ago: float = 0.0) -> ActivityEnvironment:
+    """The attempt of slack.post_incident (its VENDOR_CALL timeouts) begun `started_ago`
+    seconds ago."""
     env = ActivityEnvironment()
-    env.info = replace(ActivityEnvironment.default_info(), attempt=number)
+    started = datetime.now(UTC) - timedelta(seconds=started_ago)
+    env.info = replace(
+        ActivityEnvironment.default_info(),
+        attempt=number,
+        scheduled_time=started - timedelta(minutes=number - 1),
+        current_attempt_scheduled_time=started,
+        started_time=started,
+        start_to_close_timeout=VENDOR_CALL.start_to_close,
+        schedule_to_close_timeout=VENDOR_CALL.schedule_to_close,
+    )
     return env
 
 
@@ -513,6 +708,37 @@ async def test_a_failing_chart_never_fails_the_message(fake_slack: FakeSlack) ->
     request = SlackPostRequest(channel=CHANNEL, state=incident_state())
     await attempt(1).run(SlackActivities(client, lambda *_: PNG).post_incident, request)
     assert len(fake_slack.posts()) == 3
+    assert fake_slack.uploaded() == []
+
+
+def test_the_chart_gets_what_the_attempt_has_left_before_its_deadline() -> None:
+    info = attempt(1).info
+    started = info.started_time
+    assert slack.chart_seconds(info, started) == slack.CHART_DEADLINE_SECONDS
+    # The post took 15 s of the 30: 15 left, 8 of them the margin.
+    at = started + timedelta(seconds=15)
+    assert slack.chart_seconds(info, at) == pytest.approx(15 - slack.CHART_MARGIN_SECONDS)
+    assert slack.chart_seconds(info, started + timedelta(seconds=29)) < 0
+    # Nearly out of the 24 h schedule-to-close: that deadline counts too.
+    late = replace(info, scheduled_time=started - timedelta(hours=24) + timedelta(seconds=12))
+    assert slack.chart_seconds(late, started) == pytest.approx(12 - slack.CHART_MARGIN_SECONDS)
+    untimed = replace(info, start_to_close_timeout=None, schedule_to_close_timeout=None)
+    assert slack.chart_seconds(untimed, started) == slack.CHART_DEADLINE_SECONDS
+
+
+async def test_a_post_near_its_deadline_returns_without_the_chart(fake_slack: FakeSlack) -> None:
+    asked: list[str] = []
+
+    def chart(trigger: str, scope: str, now: datetime) -> bytes | None:
+        asked.append(scope)
+        return PNG
+
+    activities = SlackActivities(slack.make_client("xoxb-test", fake_slack.api_url), chart)
+    request = SlackPostRequest(channel=CHANNEL, state=incident_state())
+    # 21 s of the 30 gone: 9 left, less than the margin and the least a chart gets.
+    ref = await attempt(1, started_ago=21).run(activities.post_incident, request)
+    assert (ref.channel, ref.ts) in fake_slack.messages
+    assert asked == []
     assert fake_slack.uploaded() == []
 
 

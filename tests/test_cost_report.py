@@ -18,14 +18,18 @@ import pytest
 from sqlalchemy import Engine, select
 from typer.testing import CliRunner
 
+from api.costs import read_report, runway_windows, signal_window
+from api.signals_export import signal_windows
 from cli.costs import change_text, runway_text
 from cli.main import app as cli
 from config import Settings
+from detectors.config import load_rules
 from domain.runway import budget_runway, rate_runway
 from stores.cost_report import (
     BY_VALUES,
     MAX_SPAN,
     MAX_USER_SPAN,
+    MINUTE,
     CostReport,
     Period,
     PeriodError,
@@ -339,6 +343,7 @@ SINCE_CASES = [
     ("2w", "team", datetime(2026, 2, 24, 14, 18, tzinfo=UTC)),
     ("31d", "model", datetime(2026, 2, 7, 14, 18, tzinfo=UTC)),
     (" 1h ", "feature", datetime(2026, 3, 10, 13, 18, tzinfo=UTC)),
+    ("120s", "feature", datetime(2026, 3, 10, 14, 16, tzinfo=UTC)),
     ("2026-03-10T00:00:00Z", "feature", datetime(2026, 3, 10, tzinfo=UTC)),
     ("2026-03-10T09:00:30+09:00", "user", datetime(2026, 3, 10, tzinfo=UTC)),
     ("8d", "user", "at most 7 days for by=user"),
@@ -347,6 +352,9 @@ SINCE_CASES = [
     ("5w", "feature", "at most 31 days"),
     ("999999w", "feature", "at most 31 days"),
     ("0m", "feature", "at least a minute"),
+    ("30s", "feature", "at least a minute"),
+    ("90s", "feature", "whole minutes"),
+    ("999999999w", "team", "at most 31 days"),
     ("2026-03-10T00:00:00", "feature", "UTC offset"),
     ("2026-03-11T00:00:00Z", "feature", "in the past"),
     ("0001-01-01T00:00:00+14:00", "feature", "out of range"),
@@ -365,6 +373,73 @@ def test_parse_since(since: str, by: str, expected: datetime | str) -> None:
     period = parse_since(since, NOW, by)
     assert period.start == expected
     assert period.end == datetime(2026, 3, 10, 14, 18, tzinfo=UTC)
+
+
+def _settings(tmp_path: Path, rules: str | None) -> Settings:
+    path = None
+    if rules is not None:
+        path = tmp_path / "rules.toml"
+        path.write_text(rules)
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        daily_budget_usd=BUDGET,
+        detector_window_seconds=WINDOW,
+        rules_file=path,
+    )
+
+
+# (the rules file, the burn window, tpm_runway's window, the widest; the notes' words)
+WINDOW_CASES = [
+    (None, 600, 120, 600, []),
+    ("[rules.budget_runway]\nenabled = false\n", WINDOW, 120, 600, ["budget_runway is disabled"]),
+    ("[rules.budget_runway]\nwindow_seconds = 180\n", 180, 120, 600, []),
+    ("[rules.budget_runway]\nwindow_seconds = 0\n", WINDOW, 120, 600, []),
+    (
+        '[tpm_quota]\n"*" = 1000\n[rules.tpm_runway]\nenabled = false\n',
+        600,
+        WINDOW,
+        600,
+        ["tpm_runway is disabled"],
+    ),
+    (
+        "[rules.budget_runway]\nwindow_seconds = 900\n[rules.tpm_runway]\nwindow_seconds = 300\n",
+        900,
+        300,
+        900,
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(("rules", "burn", "tpm", "widest", "notes"), WINDOW_CASES)
+def test_the_report_reads_the_windows_the_detector_reads(
+    engine: Engine,
+    tmp_path: Path,
+    rules: str | None,
+    burn: int,
+    tpm: int,
+    widest: int,
+    notes: list[str],
+) -> None:
+    """The burn over budget_runway's window (600 s by default), the detector's when the rule is
+    off; tokens per minute over tpm_runway's against the widest: as /metrics chooses them."""
+    settings = _settings(tmp_path, rules)
+    loaded = load_rules(settings.rules_file)
+    windows = runway_windows(loaded, WINDOW)
+    assert (windows.burn_seconds, windows.tpm_seconds, windows.tpm_widest_seconds) == (
+        burn,
+        tpm,
+        widest,
+    )
+    exported = signal_windows(loaded, WINDOW)
+    for signal in ("budget_runway_hours", "tpm_runway_minutes", "error_rate", "nothing"):
+        assert signal_window(loaded, signal, WINDOW) == exported.get(signal, WINDOW)
+    report, said = read_report(settings, engine, "feature", Period.ending(NOW, MINUTE), 10, NOW)
+    # Whole minutes, the current one as far as it went (NOW is 42 s into its minute).
+    assert report.burn_window_seconds == burn + 42
+    assert len(said) == len(notes)
+    for words, note in zip(notes, said, strict=True):
+        assert words in note
 
 
 def test_the_store_refuses_an_unbounded_user_scan(store: Engine) -> None:
@@ -467,6 +542,8 @@ async def test_the_endpoint_needs_an_operator_key(sqlite_api: httpx.AsyncClient)
         ({"by": "country"}, "query.by", "feature"),
         ({"since": "yesterday"}, "query.since", "RFC 3339"),
         ({"since": "40d"}, "query.since", "at most 31 days"),
+        ({"since": "90s"}, "query.since", "whole minutes"),
+        ({"since": "2026-03-10T00:00:00"}, "query.since", "UTC offset"),
         ({"since": "8d", "by": "user"}, "query.since", "at most 7 days for by=user"),
         ({"since": "x" * 65}, "query.since", "65"),
         ({"top": "0"}, "query.top", ""),

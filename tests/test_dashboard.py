@@ -733,6 +733,42 @@ def test_controls_in_force_are_capped(engine: Engine) -> None:
     assert ("feature_0_", "*") in {(s.feature, s.model) for s in series}
 
 
+async def test_the_exporter_reads_the_rules_file_at_each_refresh(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As /v1/costs and /status do: an edited rules file shows at the next refresh; one that
+    stopped parsing keeps the rules read before (as the running detector does), with a word."""
+    write_traffic(engine, datetime.now(UTC))
+    settings = settings_for(tmp_path)
+    app = make_app(settings, engine, FakeTemporal(status=STATUS, incidents=INCIDENTS))
+    exporter = SignalsExporter(app.state.services, ttl_seconds=0)
+
+    async def windows() -> dict[str, float]:
+        await exporter.refresh()
+        assert exporter.snapshot.store is not None
+        return exporter.snapshot.store.window_seconds
+
+    assert 120 <= (await windows())["error_rate"] < 180
+    assert settings.rules_file is not None
+    settings.rules_file.write_text("[rules.error_rate]\nwindow_seconds = 600\n")
+    assert 600 <= (await windows())["error_rate"] < 660
+    settings.rules_file.write_text("[rules.error_rate]\nwindow_seconds = 90\n")
+    with caplog.at_level("WARNING"):
+        assert 600 <= (await windows())["error_rate"] < 660
+        await windows()
+    assert exporter.snapshot.up["store"]
+    complaints = [r.message for r in caplog.records if "rules read before" in r.message]
+    assert len(complaints) == 1  # once per problem, not at every refresh
+    assert "rules.error_rate.window_seconds" in complaints[0]
+    # Without the budget_runway rule, the burn is the detector window's, as the spend's gauge.
+    settings.rules_file.write_text("[rules.budget_runway]\nenabled = false\n")
+    assert 300 <= (await windows())["cost_usd_per_hour"] < 360
+    store = exporter.snapshot.store
+    assert store is not None
+    assert store.window_seconds["budget_runway_hours"] == store.window_seconds["cost_usd_per_hour"]
+    assert store.budget.burn_per_hour == store.signals["global"]["cost_usd_per_hour"]
+
+
 # --- /metrics keeps answering --------------------------------------------------------------
 
 

@@ -254,6 +254,72 @@ async def test_the_detector_reads_each_rules_window_behind_a_patch(
     assert replayed.replay_failure is None
 
 
+def test_a_result_tells_which_asked_windows_it_lacks() -> None:
+    end = datetime(2026, 11, 26, 12, 0, 30, tzinfo=UTC)
+    assert result(end, errors_recent=7).lacks([120, 300]) == []
+    assert result(end, errors_recent=7).lacks([60, 120]) == [60]
+    alone = WindowAggregates.of_scopes(end, 630, {"global": Aggregate(calls=5)})
+    assert alone.lacks([120, 300]) == [120, 300]
+    assert alone.lacks([]) == []
+
+
+async def test_an_old_workers_one_window_is_read_as_one_window(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A rolling deploy: a worker from before per-rule windows serves the activity, ignores
+    the windows asked for and answers with the widest alone. Every rule reads that window, as
+    a run begun before does: no finding says "over 2 min" of ten minutes' numbers."""
+    queries: list[WindowQuery] = []
+    opened: list[OpenIncidentRequest] = []
+
+    @activity.defn(name="metrics.window_aggregates")
+    async def window_aggregates(query: WindowQuery) -> WindowAggregates:
+        queries.append(query)
+        failing = Aggregate(calls=1000, successes=930, errors=70)  # 7 % over ten minutes
+        return WindowAggregates.of_scopes(query.end, 630, {"global": failing})
+
+    @activity.defn(name="incidents.open_or_update")
+    async def open_or_update(requests: list[OpenIncidentRequest]) -> list[OpenIncidentResult]:
+        opened.extend(requests)
+        return [OpenIncidentResult(r.known_id or r.proposed_id, opened=True) for r in requests]
+
+    @activity.defn(name="incidents.report_recovery")
+    async def report_recovery(reports: list[RecoveryReport]) -> RecoveryResults:
+        return RecoveryResults()
+
+    client = time_skipping_env.client
+    config = DetectorConfig(interval_seconds=30, window_seconds=300)
+    activities: list[Callable[..., Any]] = [window_aggregates, open_or_update, report_recovery]
+    async with Worker(
+        client, task_queue=task_queue, workflows=[DetectorWorkflow], activities=activities
+    ):
+        handle = await client.start_workflow(
+            DetectorWorkflow.run, DetectorInput(config), id=task_queue, task_queue=task_queue
+        )
+        try:
+            await time_skipping_env.sleep(60)
+            metadata = await handle.query(
+                "__temporal_workflow_metadata", result_type=WorkflowMetadata
+            )
+            status = await handle.query(DetectorWorkflow.status)
+        finally:
+            await handle.terminate("test over")
+        history = await handle.fetch_history()
+    assert (queries[0].window_seconds, queries[0].windows) == (600, [120, 300])
+    [request, *_] = opened
+    assert request.breach.summary == "error rate 7.0% > 5.0% (1000 calls)"
+    assert status.windows == [600]
+    assert "over 10 min" in metadata.current_details
+    assert (
+        "every rule read over 10 min: the worker that read the signals predates per-rule "
+        "windows" in metadata.current_details
+    )
+    assert patches(history)[:2] == [PER_SCOPE_PATCH, PER_RULE_WINDOWS_PATCH]
+    replayer = Replayer(workflows=[DetectorWorkflow], data_converter=pydantic_data_converter)
+    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert replayed.replay_failure is None
+
+
 # --- the runbooks' re-read --------------------------------------------------------------------
 
 

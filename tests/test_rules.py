@@ -18,6 +18,7 @@ from detectors.evaluation import (
     latency_windows,
     reading,
     rule_window,
+    window_signals,
     windows_read,
 )
 from detectors.rules import DEFAULT_RULES, Event, Level, Rule, RuleState, step
@@ -640,7 +641,15 @@ critical_severity = "SEV2"
 @pytest.mark.parametrize(
     ("content", "complaint"),
     [
-        ("[rules.error_rate]\nwindow_seconds = 30", "0 (the detector's window) or 60 to 3600"),
+        (
+            "[rules.error_rate]\nwindow_seconds = 30",
+            "rules.error_rate.window_seconds: Value error, 30 s is not a window: 0 (the "
+            "detector's window) or whole minutes, a multiple of 60 from 60 to 3600",
+        ),
+        # The rollups count whole minutes: 90 s would read 2 or 3 of them, shown as "90 s".
+        ("[rules.latency_p95]\nwindow_seconds = 90", "rules.latency_p95.window_seconds: "),
+        ("[rules.quality]\nwindow_seconds = 3599", "a multiple of 60 from 60 to 3600"),
+        ("[rules.error_rate]\nwindow_seconds = -60", "rules.error_rate.window_seconds"),
         ("[rules.error_rate]\nwindow_seconds = 7200", "rules.error_rate.window_seconds"),
         (
             "[rules.cost_rate]\nwindow_seconds = 900\n[rules.api_outage]\nwindow_seconds = 60",
@@ -653,3 +662,69 @@ def test_a_bad_window_is_refused(tmp_path: Path, content: str, complaint: str) -
     path.write_text(content)
     with pytest.raises(RulesFileError, match=re.escape(complaint)):
         load_rules(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[rules.error_rate]\nwindow_seconds = 60", {"error_rate": 60}),
+        (
+            "[rules.latency_p50]\nwindow_seconds = 180\n[rules.latency_p95]\nwindow_seconds = 180"
+            "\n[rules.quality]\nwindow_seconds = 3600",
+            {"latency_p50": 180, "latency_p95": 180, "quality": 3600},
+        ),
+    ],
+)
+def test_whole_minutes_up_to_an_hour_are_windows(
+    tmp_path: Path, content: str, expected: dict[str, int]
+) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(content)
+    by_name = {rule.name: rule.window_seconds for rule in load_rules(path).rules}
+    assert {name: by_name[name] for name in expected} == expected
+
+
+# --- every signal of every scope, as the evaluation computes it ----------------------------------
+
+
+def test_window_signals_are_what_the_evaluation_judges() -> None:
+    """The shared code path (the exporter and the charts read it too): each window the rules
+    read, the scopes with data in it, the tokens' trend from the widest window."""
+    rules = DetectorRules(tpm_quota={"gpt-4.1": 100_000})
+    recent = tokens(80_000, 120)
+    scopes = {
+        120: {"global": recent, "model:gpt-4.1": recent},
+        300: {"global": tokens(70_000, 300), "model:gpt-4.1": tokens(70_000, 300)},
+        # o3 called nine minutes ago only: a scope of the widest window alone.
+        600: {"global": tokens(50_000, 600), "model:gpt-4.1": tokens(50_000, 600),
+              "model:o3": Aggregate(calls=30, successes=30)},
+    }  # fmt: skip
+    result = windows(scopes)
+    found = window_signals(rules, result, 500, 300)
+    assert list(found) == [120, 300, 600]
+    assert list(found[120]) == ["global", "model:gpt-4.1"]
+    assert list(found[600]) == ["global", "model:gpt-4.1", "model:o3"]
+    # The trend from the widest (centre 5.25 min ago) to two minutes (1.25 min ago).
+    assert found[120]["model:gpt-4.1"]["tpm_runway_minutes"] == pytest.approx(2.7, abs=0.05)
+    assert found[600]["model:gpt-4.1"]["tpm_runway_minutes"] is None  # no wider window
+    assert found[120]["model:gpt-4.1"]["tokens_per_minute"] == pytest.approx(80_000)
+    evaluation = per_rule(result, rules=rules)
+    [quota] = [f for f in evaluation.firing if f.trigger == Trigger.TOKEN_QUOTA]
+    assert quota.metrics["tpm_runway_minutes"] == found[120]["model:gpt-4.1"]["tpm_runway_minutes"]
+    # `also`: the detector's window beside the rules' (here wider than theirs): the trend still
+    # runs from the rules' widest.
+    wider = windows({**scopes, 900: scopes[600]})
+    also = window_signals(rules, wider, 500, 300, also=[900])
+    assert list(also) == [120, 300, 600, 900]
+    assert also[120] == found[120]
+
+
+def test_window_signals_refuse_a_result_without_the_windows() -> None:
+    """A result with the widest window alone (an old worker's) is not read as the narrower."""
+    alone = WindowAggregates.of_scopes(END, 630, {"global": Aggregate(calls=50, successes=50)})
+    assert alone.lacks([120, 300]) == [120, 300]
+    with pytest.raises(ValueError, match=re.escape("lacks the narrower windows [120, 300]")):
+        window_signals(DetectorRules(), alone, 500, 300)
+    # Every rule on the detector's window: one window, nothing lacking.
+    one = DetectorRules(rules=tuple(replace(r, window_seconds=None) for r in DEFAULT_RULES))
+    assert list(window_signals(one, alone, 500, 300)) == [300]

@@ -15,14 +15,13 @@ import math
 import os
 import random
 import shutil
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image, ImageStat
-from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.testing import WorkflowEnvironment
 
 import worker
 from activities import slack
@@ -35,7 +34,7 @@ from stores.llm_calls import CallRecord
 from stores.writer import write_calls
 from tests.conftest import serving_api
 from tests.fakes.slack import FakeSlack
-from tests.test_charts import open_incident_without_worker
+from tests.test_charts import attempt, open_incident_without_worker
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("PAGERLOOP_CHROMIUM", "/usr/bin/chromium")
@@ -183,8 +182,7 @@ async def test_the_status_page_and_the_slack_chart_as_people_see_them(
         summary="p50 latency 8.0s > 5.0s",
     )
     activities = SlackActivities(slack.make_client("xoxb-test", fake_slack.api_url), charts.png)
-    env = ActivityEnvironment()
-    env.info = replace(ActivityEnvironment.default_info(), attempt=1)
+    env = attempt(1)  # begun now, with the post's timeouts: the chart has its time
     ref = await env.run(activities.post_incident, SlackPostRequest("#llm-oncall", state))
     [uploaded] = fake_slack.uploaded(thread_ts=ref.ts)
     assert uploaded.data is not None
