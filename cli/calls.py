@@ -14,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
-from sqlalchemy import ColumnElement, Engine
+from sqlalchemy import ColumnElement
 
 from api.calls import CallOut, CallsOut, GroupOut, StatsOut, stats_out
+from cli.stores import open_stores
 from config import load_settings
 from stores import call_search
 from stores.call_search import (
@@ -30,7 +31,6 @@ from stores.call_search import (
     QueryError,
     SearchTimeoutError,
 )
-from stores.engine import create_schema, make_engine
 
 app = typer.Typer(help="Search the call log and sum it up by group.", no_args_is_help=True)
 out = Console()
@@ -63,12 +63,6 @@ UntilOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON document")]
 CsvOption = Annotated[bool, typer.Option("--csv", help="print CSV, a line per row")]
-
-
-def _engine() -> Engine:
-    engine = make_engine(load_settings().database_url)
-    create_schema(engine)
-    return engine
 
 
 def _utc_now() -> datetime:
@@ -200,7 +194,7 @@ def search(
     where = _where(query)
     try:
         page = call_search.search(
-            _engine(),
+            open_stores(),
             where,
             since=start,
             until=end,
@@ -290,7 +284,7 @@ def stats(
     start, end = _window(since, until)
     where = _where(query)
     try:
-        found = call_search.stats(_engine(), where, by=by, since=start, until=end)
+        found = call_search.stats(open_stores(), where, by=by, since=start, until=end)
     except SearchTimeoutError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None

@@ -12,7 +12,6 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
-from sqlalchemy import Engine
 
 import worker
 from api.controls import (
@@ -24,10 +23,10 @@ from api.controls import (
     target_problem,
 )
 from cli.silences import parse_duration
+from cli.stores import open_stores
 from config import load_settings
 from stores import controls
 from stores.controls import Control
-from stores.engine import create_schema, make_engine
 from stores.llm_calls import utc
 
 app = typer.Typer(
@@ -36,12 +35,6 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-
-
-def _engine() -> Engine:
-    engine = make_engine(load_settings().database_url)
-    create_schema(engine)
-    return engine
 
 
 def _until(control: Control, now: datetime) -> str:
@@ -64,7 +57,7 @@ def list_controls(
 ) -> None:
     """Controls in force (or every control ever set, newest first)."""
     now = datetime.now(UTC)
-    found = controls.listed(_engine(), now, include_past=all_)
+    found = controls.listed(open_stores(), now, include_past=all_)
     # Narrow terminals fold long ids rather than cut them: they are what people copy.
     fold: dict[str, Any] = {"overflow": "fold"}
     table = Table(
@@ -102,7 +95,7 @@ def revert(
     """Take one control out of force now (the runbook's incident keeps running)."""
     now = datetime.now(UTC)
     by = user or getpass.getuser()
-    found = controls.revert_id(_engine(), control_id, now, reverted_by=by, reason=reason)
+    found = controls.revert_id(open_stores(), control_id, now, reverted_by=by, reason=reason)
     if found is None:
         err.print(f"[red]no control #{control_id}[/red]")
         raise typer.Exit(1)
@@ -185,7 +178,7 @@ def set_control(
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=option)
     author = by or getpass.getuser()
-    engine = _engine()
+    engine = open_stores()
 
     async def put() -> tuple[Control, bool | None]:
         client = None

@@ -11,9 +11,9 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import Engine
 
 from api.costs import read_report, report_out
+from cli.stores import open_stores
 from config import load_settings
 from domain.runway import describe
 from stores.cost_report import (
@@ -25,7 +25,6 @@ from stores.cost_report import (
     PeriodError,
     parse_since,
 )
-from stores.engine import create_schema, make_engine
 
 # A command of its own (`pagerloop costs --by team`), registered as a group by cli.main:
 # no subcommands, so none in its usage line either.
@@ -34,12 +33,6 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-
-
-def _engine() -> Engine:
-    engine = make_engine(load_settings().database_url)
-    create_schema(engine)
-    return engine
 
 
 def usd(value: float) -> str:
@@ -247,7 +240,7 @@ def costs(
         period = parse_since(since, now, by)
     except PeriodError as exc:
         raise typer.BadParameter(str(exc), param_hint="--since") from None
-    report, notes = read_report(load_settings(), _engine(), by, period, top, now)
+    report, notes = read_report(load_settings(), open_stores(), by, period, top, now)
     if as_json:
         typer.echo(report_out(report, notes).model_dump_json(indent=2))
         return

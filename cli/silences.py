@@ -10,24 +10,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import Engine
 
+from cli.stores import open_stores
 from config import load_settings
 from domain.incident import Trigger
 from stores import silence_rules, silences
-from stores.engine import create_schema, make_engine
 from stores.silences import Silence
 
 app = typer.Typer(help="Silence triggers and scopes for a while.", no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
 _DURATION = re.compile(r"^(\d+)([mhd])$")
-
-
-def _engine() -> Engine:
-    engine = make_engine(load_settings().database_url)
-    create_schema(engine)
-    return engine
 
 
 def parse_duration(text: str) -> timedelta:
@@ -68,7 +61,7 @@ def add(
     settings = load_settings()
     try:
         silence = silence_rules.create_checked(
-            _engine(),
+            open_stores(),
             Silence(
                 trigger=trigger,
                 scope=scope,
@@ -97,7 +90,7 @@ def list_silences(
 ) -> None:
     """Silences in force (or all of them)."""
     now = datetime.now(UTC)
-    found = silences.listed(_engine(), now, include_past=all_)
+    found = silences.listed(open_stores(), now, include_past=all_)
     table = Table("id", "trigger", "scope", "from", "until", "by", "reason", "active")
     for s in found:
         table.add_row(
@@ -116,7 +109,7 @@ def list_silences(
 @app.command()
 def expire(silence_id: int) -> None:
     """End a silence now."""
-    expired = silences.expire(_engine(), silence_id, datetime.now(UTC))
+    expired = silences.expire(open_stores(), silence_id, datetime.now(UTC))
     if expired is None:
         err.print(f"[red]no silence #{silence_id}[/red]")
         raise typer.Exit(1)
