@@ -22,7 +22,7 @@ does the per-user query. "Today" is counted from midnight UTC, as the budget det
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, get_args
@@ -379,59 +379,58 @@ def _previous(
     return {row[0]: (float(row[1] or 0.0), int(row[2] or 0)) for row in rows}
 
 
-def _rollup_groups(
-    connection: Connection, by: str, period: Period, top: int
+def _groups(
+    connection: Connection,
+    key: Any,
+    cost: Any,
+    calls: Any,
+    period: Period,
+    within: Callable[[datetime, datetime], Any],
+    top: int,
 ) -> tuple[list[Group], int]:
-    key = _usage[by]
-    calls_sum = func.sum(_usage.calls)
-    in_period = _in(_usage.minute, period.start, period.end)
-    ranked, seen = _ranked(connection, key, _usage.cost_usd, calls_sum, in_period, top)
+    """The top groups of the period by cost, each with its sums in the period before; `within`
+    is the rows' condition for a time range. A missing dimension ("" in the rollups, NULL in
+    the call log) is the key None."""
+    ranked, seen = _ranked(connection, key, cost, calls, within(period.start, period.end), top)
     before = _previous(
         connection,
         key,
-        _usage.cost_usd,
-        calls_sum,
-        _in(_usage.minute, period.previous.start, period.start),
+        cost,
+        calls,
+        within(period.previous.start, period.start),
         [name for name, _, _ in ranked],
     )
     return [
         Group(
-            key=name or None,  # "" in the rollups: no such dimension
-            cost_usd=cost,
-            calls=calls,
+            key=name or None,
+            cost_usd=cost_usd,
+            calls=count,
             previous_cost_usd=before.get(name, (0.0, 0))[0],
             previous_calls=before.get(name, (0.0, 0))[1],
         )
-        for name, cost, calls in ranked
+        for name, cost_usd, count in ranked
     ], seen
+
+
+def _rollup_groups(
+    connection: Connection, by: str, period: Period, top: int
+) -> tuple[list[Group], int]:
+    def within(start: datetime, end: datetime) -> Any:
+        return _in(_usage.minute, start, end)
+
+    calls = func.sum(_usage.calls)
+    return _groups(connection, _usage[by], _usage.cost_usd, calls, period, within, top)
 
 
 def _user_groups(connection: Connection, period: Period, top: int) -> tuple[list[Group], int]:
     """The bounded scan of the call log: the period's rows by `ts` (ix_llm_calls_ts), those
     that reached OpenAI, grouped by user pseudonym."""
-    key = _calls.user_hash
+
+    def within(start: datetime, end: datetime) -> Any:
+        return _in(_calls.ts, start, end) & (_calls.source != CACHE_SOURCE)
+
     cost = func.coalesce(_calls.cost_usd, 0.0)
-    upstream = _calls.source != CACHE_SOURCE
-    in_period = _in(_calls.ts, period.start, period.end) & upstream
-    ranked, seen = _ranked(connection, key, cost, func.count(), in_period, top)
-    before = _previous(
-        connection,
-        key,
-        cost,
-        func.count(),
-        _in(_calls.ts, period.previous.start, period.start) & upstream,
-        [name for name, _, _ in ranked],
-    )
-    return [
-        Group(
-            key=name,
-            cost_usd=cost_usd,
-            calls=calls,
-            previous_cost_usd=before.get(name, (0.0, 0))[0],
-            previous_calls=before.get(name, (0.0, 0))[1],
-        )
-        for name, cost_usd, calls in ranked
-    ], seen
+    return _groups(connection, _calls.user_hash, cost, func.count(), period, within, top)
 
 
 def _token_quotas(
