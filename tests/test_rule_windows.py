@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -202,16 +202,28 @@ def result(end: datetime, errors_recent: int) -> WindowAggregates:
     )
 
 
-async def test_the_detector_reads_each_rules_window_behind_a_patch(
-    time_skipping_env: WorkflowEnvironment, task_queue: str
-) -> None:
+@dataclass
+class DetectorRun:
+    queries: list[WindowQuery]
+    opened: list[OpenIncidentRequest]
+    metadata: WorkflowMetadata
+    status: Any
+    history: WorkflowHistory
+
+
+async def run_detector(
+    env: WorkflowEnvironment,
+    task_queue: str,
+    answer: Callable[[WindowQuery], WindowAggregates],
+) -> DetectorRun:
+    """A detector run of a minute on the time-skipping server, its store answering `answer`."""
     queries: list[WindowQuery] = []
     opened: list[OpenIncidentRequest] = []
 
     @activity.defn(name="metrics.window_aggregates")
     async def window_aggregates(query: WindowQuery) -> WindowAggregates:
         queries.append(query)
-        return result(query.end, errors_recent=7)
+        return answer(query)
 
     @activity.defn(name="incidents.open_or_update")
     async def open_or_update(requests: list[OpenIncidentRequest]) -> list[OpenIncidentResult]:
@@ -222,7 +234,7 @@ async def test_the_detector_reads_each_rules_window_behind_a_patch(
     async def report_recovery(reports: list[RecoveryReport]) -> RecoveryResults:
         return RecoveryResults()
 
-    client = time_skipping_env.client
+    client = env.client
     config = DetectorConfig(interval_seconds=30, window_seconds=300)
     activities: list[Callable[..., Any]] = [window_aggregates, open_or_update, report_recovery]
     async with Worker(
@@ -232,7 +244,7 @@ async def test_the_detector_reads_each_rules_window_behind_a_patch(
             DetectorWorkflow.run, DetectorInput(config), id=task_queue, task_queue=task_queue
         )
         try:
-            await time_skipping_env.sleep(60)
+            await env.sleep(60)
             metadata = await handle.query(
                 "__temporal_workflow_metadata", result_type=WorkflowMetadata
             )
@@ -240,6 +252,28 @@ async def test_the_detector_reads_each_rules_window_behind_a_patch(
         finally:
             await handle.terminate("test over")
         history = await handle.fetch_history()
+    return DetectorRun(queries, opened, metadata, status, history)
+
+
+async def replays(history: WorkflowHistory) -> bool:
+    replayer = Replayer(workflows=[DetectorWorkflow], data_converter=pydantic_data_converter)
+    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    return replayed.replay_failure is None
+
+
+async def test_the_detector_reads_each_rules_window_behind_a_patch(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    run = await run_detector(
+        time_skipping_env, task_queue, lambda query: result(query.end, errors_recent=7)
+    )
+    queries, opened, metadata, status, history = (
+        run.queries,
+        run.opened,
+        run.metadata,
+        run.status,
+        run.history,
+    )
     first = queries[0]
     assert (first.window_seconds, first.windows, first.latency_windows) == (600, [120, 300], [300])
     assert first.per_scope
@@ -249,9 +283,7 @@ async def test_the_detector_reads_each_rules_window_behind_a_patch(
     assert status.windows == [120, 300, 600]
     assert patches(history)[:2] == [PER_SCOPE_PATCH, PER_RULE_WINDOWS_PATCH]
     # What it recorded replays on today's code.
-    replayer = Replayer(workflows=[DetectorWorkflow], data_converter=pydantic_data_converter)
-    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
-    assert replayed.replay_failure is None
+    assert await replays(history)
 
 
 def test_a_result_tells_which_asked_windows_it_lacks() -> None:
@@ -269,42 +301,19 @@ async def test_an_old_workers_one_window_is_read_as_one_window(
     """A rolling deploy: a worker from before per-rule windows serves the activity, ignores
     the windows asked for and answers with the widest alone. Every rule reads that window, as
     a run begun before does: no finding says "over 2 min" of ten minutes' numbers."""
-    queries: list[WindowQuery] = []
-    opened: list[OpenIncidentRequest] = []
 
-    @activity.defn(name="metrics.window_aggregates")
-    async def window_aggregates(query: WindowQuery) -> WindowAggregates:
-        queries.append(query)
+    def widest_alone(query: WindowQuery) -> WindowAggregates:
         failing = Aggregate(calls=1000, successes=930, errors=70)  # 7 % over ten minutes
         return WindowAggregates.of_scopes(query.end, 630, {"global": failing})
 
-    @activity.defn(name="incidents.open_or_update")
-    async def open_or_update(requests: list[OpenIncidentRequest]) -> list[OpenIncidentResult]:
-        opened.extend(requests)
-        return [OpenIncidentResult(r.known_id or r.proposed_id, opened=True) for r in requests]
-
-    @activity.defn(name="incidents.report_recovery")
-    async def report_recovery(reports: list[RecoveryReport]) -> RecoveryResults:
-        return RecoveryResults()
-
-    client = time_skipping_env.client
-    config = DetectorConfig(interval_seconds=30, window_seconds=300)
-    activities: list[Callable[..., Any]] = [window_aggregates, open_or_update, report_recovery]
-    async with Worker(
-        client, task_queue=task_queue, workflows=[DetectorWorkflow], activities=activities
-    ):
-        handle = await client.start_workflow(
-            DetectorWorkflow.run, DetectorInput(config), id=task_queue, task_queue=task_queue
-        )
-        try:
-            await time_skipping_env.sleep(60)
-            metadata = await handle.query(
-                "__temporal_workflow_metadata", result_type=WorkflowMetadata
-            )
-            status = await handle.query(DetectorWorkflow.status)
-        finally:
-            await handle.terminate("test over")
-        history = await handle.fetch_history()
+    run = await run_detector(time_skipping_env, task_queue, widest_alone)
+    queries, opened, metadata, status, history = (
+        run.queries,
+        run.opened,
+        run.metadata,
+        run.status,
+        run.history,
+    )
     assert (queries[0].window_seconds, queries[0].windows) == (600, [120, 300])
     [request, *_] = opened
     assert request.breach.summary == "error rate 7.0% > 5.0% (1000 calls)"
@@ -315,9 +324,7 @@ async def test_an_old_workers_one_window_is_read_as_one_window(
         "windows" in metadata.current_details
     )
     assert patches(history)[:2] == [PER_SCOPE_PATCH, PER_RULE_WINDOWS_PATCH]
-    replayer = Replayer(workflows=[DetectorWorkflow], data_converter=pydantic_data_converter)
-    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
-    assert replayed.replay_failure is None
+    assert await replays(history)
 
 
 # --- the runbooks' re-read --------------------------------------------------------------------
