@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from sqlalchemy import Engine
@@ -202,8 +202,7 @@ def result(end: datetime, errors_recent: int) -> WindowAggregates:
     )
 
 
-@dataclass
-class DetectorRun:
+class DetectorRun(NamedTuple):
     queries: list[WindowQuery]
     opened: list[OpenIncidentRequest]
     metadata: WorkflowMetadata
@@ -264,15 +263,8 @@ async def replays(history: WorkflowHistory) -> bool:
 async def test_the_detector_reads_each_rules_window_behind_a_patch(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
-    run = await run_detector(
+    queries, opened, metadata, status, history = await run_detector(
         time_skipping_env, task_queue, lambda query: result(query.end, errors_recent=7)
-    )
-    queries, opened, metadata, status, history = (
-        run.queries,
-        run.opened,
-        run.metadata,
-        run.status,
-        run.history,
     )
     first = queries[0]
     assert (first.window_seconds, first.windows, first.latency_windows) == (600, [120, 300], [300])
@@ -306,13 +298,8 @@ async def test_an_old_workers_one_window_is_read_as_one_window(
         failing = Aggregate(calls=1000, successes=930, errors=70)  # 7 % over ten minutes
         return WindowAggregates.of_scopes(query.end, 630, {"global": failing})
 
-    run = await run_detector(time_skipping_env, task_queue, widest_alone)
-    queries, opened, metadata, status, history = (
-        run.queries,
-        run.opened,
-        run.metadata,
-        run.status,
-        run.history,
+    queries, opened, metadata, status, history = await run_detector(
+        time_skipping_env, task_queue, widest_alone
     )
     assert (queries[0].window_seconds, queries[0].windows) == (600, [120, 300])
     [request, *_] = opened
