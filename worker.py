@@ -57,14 +57,19 @@ from temporalio.worker import Worker
 
 import runbooks
 from activities import email, jira, slack, webhook
+from activities.canary import CanaryActivities
 from activities.channels import CHANNELS
 from activities.controls import ControlActivities
 from activities.diagnosis import DiagnosisActivities
 from activities.email import EmailActivities
+from activities.golden_set import GoldenSetActivities
+from activities.golden_set import make_client as golden_set_client
+from activities.hooks import HookActivities
 from activities.incidents import IncidentActivities
 from activities.jira import JiraActivities
 from activities.metrics import MetricsActivities
 from activities.pagerduty import PagerDutyActivities
+from activities.reports import ReportActivities
 from activities.retention import RetentionActivities
 from activities.slack import SlackActivities
 from activities.webhook import WebhookActivities
@@ -78,6 +83,7 @@ from detectors.detector import (
     DetectorInput,
     DetectorWorkflow,
 )
+from detectors.onset import IncidentOnsets
 from detectors.reading import SignalJudge
 from detectors.series import IncidentCharts
 from domain import search_attributes as sa
@@ -156,7 +162,11 @@ def notification_plan(settings: Settings, escalation: Escalation) -> Notificatio
             verify_after_seconds=settings.runbook_verify_seconds,
             diagnosis_window_seconds=settings.runbook_diagnosis_window_seconds,
             feature_priorities=dict(settings.feature_priorities),
+            fallbacks=dict(settings.fallback_targets),
+            output_checks=dict(settings.output_checks),
+            golden_set=settings.golden_set_enabled,
         ),
+        report=True,
     )
 
 
@@ -204,6 +214,17 @@ def incident_charts(settings: Settings, engine: Engine) -> IncidentCharts:
     )
 
 
+def incident_onsets(settings: Settings, engine: Engine) -> IncidentOnsets:
+    """Where an incident's trouble began, as the detector configured sees it: the incident
+    report's time to detect (the report activity, and `pagerloop incidents report`)."""
+    return IncidentOnsets(
+        engine,
+        load_rules(settings.rules_file),
+        settings.daily_budget_usd,
+        settings.detector_window_seconds,
+    )
+
+
 def build_activities(
     settings: Settings, client: Client, engine: Engine
 ) -> list[Callable[..., Any]]:
@@ -223,6 +244,17 @@ def build_activities(
     webhook_activities = WebhookActivities(
         webhook.make_client(), settings.webhook_secret, webhook_targets(settings, escalation)
     )
+    hooks = HookActivities(
+        webhook.make_client(),
+        settings.notify_users_url,
+        settings.notify_users_secret or settings.webhook_secret,
+        settings.status_page_url,
+    )
+    golden_set = GoldenSetActivities(
+        golden_set_client(),
+        settings.golden_set_url,
+        settings.golden_set_secret or settings.webhook_secret,
+    )
     retention = RetentionActivities(engine)
     controls = ControlActivities(engine)
     diagnosis = DiagnosisActivities(
@@ -237,14 +269,19 @@ def build_activities(
         slack_activities.update_incident,
         slack_activities.reply,
         slack_activities.notify,
+        slack_activities.ask_approval,
+        slack_activities.show_approval,
         pd_activities.trigger,
         pd_activities.acknowledge,
         pd_activities.resolve,
         jira_activities.open_ticket,
         jira_activities.comment,
         jira_activities.resolve,
+        jira_activities.postmortem,
         email_activities.send_incident_email,
         webhook_activities.post_alert,
+        hooks.notify_users,
+        golden_set.evaluate,
         controls.set,
         controls.revert,
         controls.extend,
@@ -255,6 +292,8 @@ def build_activities(
         diagnosis.recent_errors,
         diagnosis.quality,
         diagnosis.check_signal,
+        CanaryActivities(engine).compare,
+        ReportActivities(engine, incident_onsets(settings, engine)).build,
     ]
 
 

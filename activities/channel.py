@@ -20,6 +20,7 @@ from domain.escalation import ChannelTarget
 from domain.incident import IncidentState, LaneAction, NotificationPlan
 from domain.incident_machine import Effect, Event, Policy
 from domain.lanes import Lane
+from domain.report import ReportText
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -61,6 +62,10 @@ class Incident(Protocol):
     ) -> workflow.ActivityHandle[R]:
         """Start an activity (VENDOR_CALL) the channel waits for on its own terms."""
 
+    def reports(self) -> bool:
+        """Whether the incident writes its report when it resolves (then the report is its
+        postmortem, posted by `ReportChannel.post_report` once written)."""
+
 
 class Channel(Protocol):
     name: str
@@ -73,6 +78,15 @@ class Channel(Protocol):
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:
         """Carry out one queued action (its activities raise ActivityError on failure)."""
+
+
+class ReportChannel(Protocol):
+    """A channel that tells of the incident report once the incident is over (after every
+    lane has drained). `report` is None when it could not be written."""
+
+    name: str
+
+    async def post_report(self, report: ReportText | None, incident: Incident) -> None: ...
 
 
 def reached_targets(incident: Incident, channel: str) -> list[ChannelTarget]:

@@ -30,6 +30,9 @@ class ControlSpec:
     value: concurrency -> max calls in flight ("4"); reroute / pin -> the model to use instead
       ("gpt-4.1-mini" / "gpt-4.1-2025-04-14"); max_tokens -> the cap ("512");
       backoff -> max attempts on a 429 ("5"); disable / cache -> "".
+    fraction: the share of the calls in the target it applies to, 0 < fraction < 1 (a canary:
+      each session stays on one side); None: all of them. Setting the same control again
+      with None promotes the canary to all traffic.
     """
 
     kind: str
@@ -38,6 +41,7 @@ class ControlSpec:
     value: str = ""
     reason: str = ""
     ttl_seconds: int = CONTROL_TTL_SECONDS
+    fraction: float | None = None
 
 
 @dataclass
@@ -56,6 +60,8 @@ class ControlRef:
     model: str | None
     value: str
     description: str  # one line for Slack / Jira / CLI, e.g. "reroute gpt-4.1 -> gpt-4.1-mini"
+    # Last and defaulted: payloads recorded before canaries existed still decode.
+    fraction: float | None = None  # None: all traffic in the target
 
 
 @dataclass
@@ -87,6 +93,7 @@ def control_ref(control: store.Control) -> ControlRef:
         model=control.model,
         value=control.value,
         description=control.description,
+        fraction=control.fraction,
     )
 
 
@@ -96,11 +103,14 @@ class ControlActivities:
 
     @activity.defn(name="controls.set")
     async def set(self, request: SetControl) -> ControlRef:
-        """Put a control in force (or refresh it: value, reason and expiry), idempotently."""
+        """Put a control in force (or refresh it: value, reason, expiry and fraction),
+        idempotently."""
         spec = request.spec
         problem = store.validate(spec.kind, spec.value)
         if problem is None and spec.ttl_seconds <= 0:
             problem = f"a control needs a positive ttl_seconds, not {spec.ttl_seconds}"
+        if problem is None:
+            problem = store.fraction_problem(spec.fraction)
         if problem is not None:
             raise ApplicationError(problem, type="InvalidControl", non_retryable=True)
         now = datetime.now(UTC)
@@ -116,6 +126,7 @@ class ControlActivities:
             set_by=request.set_by,
             expires_at=now + timedelta(seconds=spec.ttl_seconds),
             now=now,
+            fraction=spec.fraction,
         )
         return control_ref(control)
 

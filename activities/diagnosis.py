@@ -54,6 +54,10 @@ class FeatureUsage:
     # ...and the calls that were not rate-limited, over one minute at least: a quota per
     # minute lets a burst through at first, which is not the pace it allows.
     answered_per_minute: float = 0.0
+    # Requests beyond each call's first (the SDK's retries, 429s backed off): more retries
+    # than calls is a retry storm (runbooks.retries).
+    retries: int = 0
+    successes: int = 0  # calls answered (what still gets through an outage)
 
 
 @dataclass
@@ -177,6 +181,7 @@ def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
         features.setdefault(feature, UsageCounters()).add(cell)
         models.setdefault(feature, Counter())[model] += cell.calls
     first = queries.first_calls(engine, window, q.scope)
+    retries = queries.retries_by_feature(engine, window, q.scope)
 
     def flowing_ms(feature: str) -> float:
         # The time the feature's traffic has flowed, not the whole window: a feature that
@@ -202,6 +207,8 @@ def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
             tokens_per_minute=per_ms(feature, sums.input_tokens + sums.output_tokens) * 60_000,
             answered_per_minute=(sums.calls - sums.rate_limited)
             / max(flowing_ms(feature) / 60_000, 1.0),
+            retries=retries.get(feature, 0),
+            successes=sums.successes,
         )
         for feature, sums in features.items()
     ]

@@ -1,9 +1,12 @@
 """Jira: one ticket per incident (found by its label before any create, so a retry or a
-crash never makes a second), comments on state changes, the postmortem, then Done."""
+crash never makes a second), comments on state changes, Done at resolve, then the postmortem
+(the incident report, once per incident)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,6 +20,7 @@ from activities.vendor_http import VendorErrors, attempt_key, request_unencodabl
 from domain.incident import IncidentState, LaneAction, NotificationPlan
 from domain.incident_machine import Effect, Merged, Notify, Resolved, Tell, TicketOpened
 from domain.lanes import Lane
+from domain.report import ReportText
 
 DONE_TRANSITIONS = (
     "done",
@@ -77,7 +81,14 @@ class JiraComment:
 @dataclass
 class JiraResolution:
     issue: str
-    postmortem: str
+    postmortem: str  # "": Done without a comment (the incident report follows as the postmortem)
+
+
+@dataclass
+class JiraPostmortem:
+    issue: str
+    incident_id: str
+    text: str  # Jira wiki markup
 
 
 def open_ticket(client: JIRA, ticket: JiraTicket) -> str:
@@ -150,7 +161,7 @@ def resolve(
         current = client.issue(issue, fields="status")
         if str(current.fields.status.name).lower() in DONE_TRANSITIONS:
             return
-        if not (retry and key is not None and _commented(client, issue, key)):
+        if postmortem and not (retry and key is not None and _commented(client, issue, key)):
             client.add_comment(issue, _marked(postmortem, key))
         transitions = client.transitions(issue)
         done = next((t for t in transitions if str(t["name"]).lower() in DONE_TRANSITIONS), None)
@@ -162,6 +173,26 @@ def resolve(
         raise _translate(exc, f"resolving {issue}") from exc
     except (TypeError, ValueError) as exc:
         raise ERRORS.unencodable(f"resolving {issue}", exc) from exc
+
+
+def postmortem_key(incident_id: str) -> str:
+    """The mark of an incident's postmortem: one per incident, whatever run or attempt posts it."""
+    return "postmortem-" + hashlib.sha256(incident_id.encode()).hexdigest()[:32]
+
+
+def post_postmortem(client: JIRA, issue: str, incident_id: str, text: str) -> bool:
+    """The incident's postmortem as a comment on `issue`, unless one is there already (a
+    retry, or a run that posted it before it was cut off); whether it was posted now."""
+    key = postmortem_key(incident_id)
+    try:
+        if _commented(client, issue, key):
+            return False
+        client.add_comment(issue, _marked(text, key))
+    except (JIRAError, RequestException) as exc:
+        raise _translate(exc, f"the postmortem on {issue}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ERRORS.unencodable(f"the postmortem on {issue}", exc) from exc
+    return True
 
 
 class JiraActivities:
@@ -205,6 +236,16 @@ class JiraActivities:
             request.postmortem,
             attempt_key(info),
             info.attempt > 1,
+        )
+
+    @activity.defn(name="jira.postmortem")
+    async def postmortem(self, request: JiraPostmortem) -> bool:
+        return await asyncio.to_thread(
+            post_postmortem,
+            self._require_client(),
+            request.issue,
+            request.incident_id,
+            request.text,
         )
 
 
@@ -255,6 +296,53 @@ def postmortem(state: IncidentState) -> str:
         f"* {e.at:%H:%M:%S} {e.kind} ({e.actor} via {e.channel}): {e.text}" for e in state.timeline
     ]
     return "\n".join(lines)
+
+
+# --- the incident report in Jira's wiki markup --------------------------------------------------
+
+# The report's headings sit below the ticket's own: # -> h3., ## -> h4., ### -> h5.
+_HEADING = re.compile(r"^(#{1,3}) (.*)$")
+_TABLE_SEPARATOR = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
+_CELL_BREAK = re.compile(r"(?<!\\)\|")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _inline(text: str) -> str:
+    # Braces and brackets open macros and links in wiki markup: plain text keeps them as text.
+    text = text.replace("{", "\\{").replace("[", "\\[")
+    text = _CODE.sub(lambda m: "{{" + m.group(1) + "}}", text)
+    return _BOLD.sub(r"*\1*", text)
+
+
+def _row(row: str, bar: str) -> str:
+    """A Markdown table row in wiki markup: `bar` "||" for a header, "|" for the rest."""
+    cells = [_inline(cell.strip()) for cell in _CELL_BREAK.split(row.strip())[1:-1]]
+    return bar + bar.join(f" {cell} " if cell else " " for cell in cells) + bar
+
+
+def wiki(markdown: str) -> str:
+    """The report's Markdown (headings, bullets, quotes, tables, bold, code) in Jira's wiki
+    markup."""
+    lines = markdown.splitlines()
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        if _TABLE_SEPARATOR.match(line):
+            continue
+        if line.startswith("|") and _TABLE_SEPARATOR.match(following):
+            out.append(_row(line, "||"))
+        elif line.startswith("|"):
+            out.append(_row(line, "|"))
+        elif heading := _HEADING.match(line):
+            out.append(f"h{len(heading.group(1)) + 2}. {_inline(heading.group(2))}")
+        elif line.startswith("- "):
+            out.append("* " + _inline(line[2:]))
+        elif line.startswith("> "):
+            out.append("bq. " + _inline(line[2:]))
+        else:
+            out.append(_inline(line))
+    return "\n".join(out)
 
 
 # --- the channel: what the incident's effects mean for Jira ------------------------------------
@@ -311,11 +399,31 @@ class JiraChannel:
                 summary=f"Jira: comment on {state.jira_issue}",
             )
         elif action.kind == "resolve" and state.jira_issue is not None:
+            if incident.reports() and not state.merged_into:
+                await incident.call(
+                    JiraActivities.resolve,
+                    JiraResolution(state.jira_issue, ""),
+                    summary=f"Jira: done on {state.jira_issue} (the postmortem follows)",
+                )
+                return
             await incident.call(
                 JiraActivities.resolve,
                 JiraResolution(state.jira_issue, postmortem(state)),
                 summary=f"Jira: postmortem and done on {state.jira_issue}",
             )
+
+    async def post_report(self, report: ReportText | None, incident: Incident) -> None:
+        """The incident report as the ticket's postmortem; without one (it could not be
+        written), the postmortem from the incident's state alone."""
+        state = incident.state
+        if state.jira_issue is None:
+            return
+        text = wiki(report.markdown) if report is not None else postmortem(state)
+        await incident.call(
+            JiraActivities.postmortem,
+            JiraPostmortem(state.jira_issue, state.incident_id, text),
+            summary=f"Jira: the postmortem on {state.jira_issue}",
+        )
 
 
 JIRA_CHANNEL = JiraChannel()

@@ -76,3 +76,29 @@ CONTROL_CHANGE = ActivityPolicy(
         maximum_interval=timedelta(seconds=30),
     ),
 )
+
+# Telling users is worth retrying, but a notice hours late is news of nothing, and the outage
+# runbook waits for it before verifying: retried with backoff for ten minutes at most.
+USER_NOTICE = ActivityPolicy(
+    start_to_close=timedelta(seconds=30),
+    schedule_to_close=timedelta(minutes=10),
+    retry=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(minutes=1),
+        non_retryable_error_types=["WebhookPermanentError"],
+    ),
+)
+
+# An eval runs a model over a golden set: give it time, retry it with backoff, but not for
+# longer than a person waits for the diagnosis (the quality runbook asks before pinning).
+GOLDEN_SET_EVAL = ActivityPolicy(
+    start_to_close=timedelta(minutes=2),
+    schedule_to_close=timedelta(minutes=10),
+    retry=RetryPolicy(
+        initial_interval=timedelta(seconds=2),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(minutes=1),
+        non_retryable_error_types=["WebhookPermanentError", "GoldenSetAnswerError"],
+    ),
+)

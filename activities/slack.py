@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -18,15 +19,28 @@ from temporalio import activity
 from activities.channel import Incident
 from activities.finite import human_number
 from activities.vendor_http import VendorErrors, attempt_key
+from domain.escalation import span
 from domain.incident import (
+    Approval,
     IncidentState,
     IncidentStatus,
     LaneAction,
     NotificationPlan,
     SlackMessageRef,
 )
-from domain.incident_machine import Effect, Merged, Notify, Refresh, SlackPosted, Tell
+from domain.incident_machine import (
+    ApprovalPosted,
+    AskApproval,
+    Effect,
+    Merged,
+    Notify,
+    Refresh,
+    ShowApproval,
+    SlackPosted,
+    Tell,
+)
 from domain.lanes import Lane
+from domain.report import ReportText
 
 ACK_ACTION = "incident_acknowledge"
 RESOLVE_ACTION = "incident_resolve"
@@ -34,6 +48,10 @@ RESOLVE_KEEP_ACTION = "incident_resolve_keep_controls"
 ESCALATE_ACTION = "incident_escalate"
 SNOOZE_ACTION = "incident_snooze"
 SNOOZE_MINUTES = 30
+# A runbook step's ask (Steps.approve): its buttons carry approval_value(...).
+APPROVE_ACTION = "approve_step"
+DENY_ACTION = "deny_step"
+APPROVAL_EVENT = "pagerloop_approval"  # metadata of an ask's message: a retry finds it
 # Slack message metadata marking an incident's message, so a retried post finds the first.
 METADATA_EVENT = "pagerloop_incident"
 # Metadata marking a thread reply / a heads-up in another channel with its activity's attempt
@@ -310,9 +328,10 @@ def find_keyed_message(
     *,
     thread_ts: str | None = None,
     oldest: str | None = None,
-) -> bool:
-    """Whether the channel's history (or, with `thread_ts`, that thread) since `oldest` holds a
-    message whose metadata carries `key`: an earlier attempt of the same activity posted it."""
+) -> str | None:
+    """The ts of the message in the channel's history (or, with `thread_ts`, that thread) since
+    `oldest` whose metadata carries `key` (an earlier attempt of the same activity posted it),
+    or None."""
     method = "conversations.replies" if thread_ts else "conversations.history"
     try:
         channel_id = _conversation_id(client, channel)
@@ -343,10 +362,10 @@ def find_keyed_message(
                 if metadata.get("event_type") == event_type and (
                     (metadata.get("event_payload") or {}).get("key") == key
                 ):
-                    return True
+                    return str(message["ts"])
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not cursor:
-                return False
+                return None
     except SlackClientError as exc:
         raise _translate(exc, method) from exc
 
@@ -495,6 +514,130 @@ def chart_seconds(info: activity.Info, now: datetime) -> float:
     return min(CHART_DEADLINE_SECONDS, left - CHART_MARGIN_SECONDS)
 
 
+# --- a runbook step's ask: Approve / Deny in the incident's thread ----------------------------
+
+
+def approval_value(incident_id: str, approval_id: str) -> str:
+    """What the ask's buttons carry back (Slack hands it to /slack/interactions as is)."""
+    return json.dumps({"incident_id": incident_id, "approval_id": approval_id})
+
+
+def parse_approval_value(value: str) -> tuple[str, str] | None:
+    """(incident id, approval id) from a button's value; None when it is not one of ours."""
+    try:
+        parsed = json.loads(value)
+        incident_id, approval_id = parsed["incident_id"], parsed["approval_id"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(incident_id, str) or not isinstance(approval_id, str):
+        return None
+    return (incident_id, approval_id) if incident_id and approval_id else None
+
+
+_OUTCOME_ICON = {
+    "approved": ":white_check_mark:",
+    "denied": ":no_entry:",
+    "expired": ":hourglass:",
+    "withdrawn": ":heavy_minus_sign:",
+}
+
+
+def approval_text(approval: Approval) -> str:
+    """The ask as it stands, in a line: the message's fallback text and its first section."""
+    waited = span((approval.expires_at - approval.asked_at).total_seconds())
+    if approval.outcome in ("approved", "denied"):
+        said = f"{approval.outcome.capitalize()} by {_mention(approval.decided_by)}"
+        said += f" ({approval.reason})" if approval.reason else ""
+    elif approval.outcome == "expired":
+        went = "proceeding" if approval.approved else "denied"
+        said = f"No answer in {waited}: {went}"
+    elif approval.outcome == "withdrawn":
+        said = f"No longer asked ({approval.reason or 'the runbook ended'})"
+    else:
+        then = "it goes ahead" if approval.on_timeout == "proceed" else "denied"
+        said = f"Approval needed (no answer in {waited}: {then})"
+    icon = _OUTCOME_ICON.get(approval.outcome, ":raised_hand:")
+    return _truncate(f"{icon} {said}: {approval.action}", FALLBACK_TEXT_MAX)
+
+
+def approval_blocks(incident_id: str, approval: Approval) -> list[dict[str, Any]]:
+    step = f" · step `{approval.step}`" if approval.step else ""
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": _truncate(approval_text(approval), SECTION_MAX)},
+        },
+        {
+            "type": "context",
+            "elements": [
+                {
+                    "type": "mrkdwn",
+                    "text": _truncate(
+                        f"Asked {_date(approval.asked_at)}{step} · `{approval.approval_id}`", 3000
+                    ),
+                }
+            ],
+        },
+    ]
+    if approval.pending:
+        value = approval_value(incident_id, approval.approval_id)
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": "approval_actions",
+                "elements": [
+                    _button("Approve", APPROVE_ACTION, value, style="primary"),
+                    _button("Deny", DENY_ACTION, value, style="danger"),
+                ],
+            }
+        )
+    return blocks
+
+
+@dataclass
+class SlackApprovalRequest:
+    """An ask to post (`thread`: the incident's message, when there is one) or to show again."""
+
+    channel: str
+    incident_id: str
+    approval: Approval
+    thread: SlackMessageRef | None = None
+
+
+def post_approval(
+    client: WebClient, request: SlackApprovalRequest, *, retry: bool
+) -> SlackMessageRef:
+    """Post the ask once: a retry first looks for the message an earlier attempt posted."""
+    approval, thread = request.approval, request.thread
+    channel = thread.channel if thread else request.channel
+    if retry:
+        try:
+            found = find_keyed_message(
+                client,
+                channel,
+                APPROVAL_EVENT,
+                approval.approval_id,
+                thread_ts=thread.ts if thread else None,
+            )
+        except SlackPermanentError as exc:
+            _log.warning("posting without looking for an earlier attempt's ask: %s", exc)
+            found = None
+        if found is not None:
+            try:  # chat.update wants the channel's id (a thread's is one already)
+                channel_id = thread.channel if thread else _conversation_id(client, channel)
+            except SlackClientError as exc:
+                raise _translate(exc, "conversations.list") from exc
+            return SlackMessageRef(channel=channel_id or channel, ts=found)
+    return post_message(
+        client,
+        channel,
+        approval_text(approval),
+        approval_blocks(request.incident_id, approval),
+        thread_ts=thread.ts if thread else None,
+        metadata=keyed_metadata(APPROVAL_EVENT, approval.approval_id),
+    )
+
+
 @dataclass
 class SlackPostRequest:
     channel: str
@@ -623,6 +766,27 @@ class SlackActivities:
             _truncate(text, 3000),
         )
 
+    @activity.defn(name="slack.ask_approval")
+    async def ask_approval(self, request: SlackApprovalRequest) -> SlackMessageRef:
+        """The ask with its Approve / Deny buttons, in the incident's thread."""
+        client = self._require_client()
+        retry = activity.info().attempt > 1
+        return await asyncio.to_thread(partial(post_approval, retry=retry), client, request)
+
+    @activity.defn(name="slack.show_approval")
+    async def show_approval(self, request: SlackApprovalRequest) -> None:
+        """The ask's message once answered (or expired, or withdrawn): who decided, no buttons."""
+        message = request.approval.message
+        if message is None:
+            return
+        await asyncio.to_thread(
+            update_message,
+            self._require_client(),
+            message,
+            approval_text(request.approval),
+            approval_blocks(request.incident_id, request.approval),
+        )
+
     @activity.defn(name="slack.update_incident")
     async def update_incident(self, request: SlackUpdateRequest) -> None:
         state = request.state
@@ -670,6 +834,10 @@ class SlackChannel:
             case Tell(entry):
                 said = f"by {entry.actor} via {entry.channel}: {entry.text}"
                 lane.push("reply", text=f"*{entry.kind.replace('_', ' ')}* {said}")
+            case AskApproval(approval_id):
+                lane.push("approval", text=approval_id)
+            case ShowApproval(approval_id):
+                lane.push("approval_update", text=approval_id)
 
     async def perform(self, action: LaneAction, incident: Incident) -> None:
         channel = incident.plan.slack_channel
@@ -699,12 +867,46 @@ class SlackChannel:
                 SlackReplyRequest(message=state.slack_message, text=action.text),
                 summary="Slack: thread reply",
             )
+        elif action.kind in ("approval", "approval_update"):
+            await self._approval(action, incident, channel)
         elif action.kind == "notify" and not state.merged_into:
             await incident.call(
                 SlackActivities.notify,
                 SlackPostRequest(channel=action.level, state=incident.shown(), note=action.text),
                 summary=f"Slack: tell {action.level}",
             )
+
+    async def _approval(self, action: LaneAction, incident: Incident, channel: str) -> None:
+        """Post an ask's buttons in the thread, or show what became of it there."""
+        state = incident.state
+        approval = state.approval(action.text)
+        if approval is None:
+            return
+        request = SlackApprovalRequest(channel, state.incident_id, approval, state.slack_message)
+        if action.kind == "approval_update":
+            if approval.message is not None:  # else its post shows the answer when it lands
+                await incident.call(
+                    SlackActivities.show_approval,
+                    request,
+                    summary=f"Slack: approval {approval.outcome or 'pending'}",
+                )
+            return
+        if approval.message is None and approval.pending:
+            ref = await incident.call(
+                SlackActivities.ask_approval, request, summary=f"Slack: ask to {approval.step}"
+            )
+            incident.apply(ApprovalPosted(approval.approval_id, ref))
+
+    async def post_report(self, report: ReportText | None, incident: Incident) -> None:
+        """The incident report's summary in the incident's thread."""
+        state = incident.state
+        if report is None or state.slack_message is None or incident.plan.slack_channel is None:
+            return
+        await incident.call(
+            SlackActivities.reply,
+            SlackReplyRequest(message=state.slack_message, text=report.summary),
+            summary="Slack: the incident report's summary in the thread",
+        )
 
 
 SLACK = SlackChannel()

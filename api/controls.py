@@ -4,8 +4,12 @@
 process polls (every 2 s): the active controls, where a `concurrency`, `rpm` or `tpm` value is
 already this instance's share of the app-wide limit (stores.instances.share; `limit` holds the
 whole app's). The answer carries a strong `ETag`; `If-None-Match` with it answers 304 without
-a body. Every poll records the instance, a 304 too. Nothing is cached across requests: API
-replicas share the stores and answer alike.
+a body. Every poll records the instance, a 304 too. A canary (a control with a `fraction`) is
+served only to an SDK that declares it can slice the traffic (`X-Pagerloop-Capabilities:
+fraction`): an older one would apply it to every call, so it gets the controls without the
+canaries, and its calls count among the rest the canary is compared with. The ETag depends on
+the capabilities, so an old and a new SDK never share an answer. Nothing is cached across
+requests: API replicas share the stores and answer alike.
 
 `POST /v1/controls` (operator key) sets a control by hand, for `duration_minutes`. Tied to an
 incident (`incident_id`), it is written on the incident's timeline (the `add_note` update) and
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 INSTANCE_HEADER = "X-Pagerloop-Instance"
+CAPABILITIES_HEADER = "X-Pagerloop-Capabilities"
+FRACTION = "fraction"  # the capability of SDKs that enforce canaries
 INSTANCE_PATTERN = r"^[A-Za-z0-9._:-]+$"
 MAX_CONTROL_MINUTES = 7 * 24 * 60
 VALUE_MAX = 200  # the store's column
@@ -87,6 +93,7 @@ class ControlOut(BaseModel):
     expires_at: datetime
     incident_id: str | None
     reason: str
+    fraction: float | None = None  # the share of the target's calls it applies to; null: all
 
 
 class ControlsOut(BaseModel):
@@ -122,15 +129,29 @@ def _out(control: Control) -> ControlOut:
         if control.manual and control.incident_id == controls.MANUAL
         else control.incident_id,
         reason=control.reason,
+        fraction=control.fraction,
     )
 
 
+def capabilities(header: str | None) -> frozenset[str]:
+    """The capabilities an SDK declares: a comma-separated list, any case and spacing."""
+    if not header:
+        return frozenset()
+    return frozenset(p.strip().lower() for p in header.split(",") if p.strip())
+
+
 def in_force_for(
-    found: list[Control], instance_id: str, live: list[instances.Live], now: datetime
+    found: list[Control],
+    instance_id: str,
+    live: list[instances.Live],
+    now: datetime,
+    can: frozenset[str] = frozenset(),
 ) -> ControlsOut:
-    """The answer of `GET /v1/controls` for `instance_id` (pure)."""
+    """The answer of `GET /v1/controls` for `instance_id`, whose SDK declares `can` (pure)."""
     shown = []
     for control in found:
+        if control.fraction is not None and FRACTION not in can:
+            continue  # an SDK that cannot slice would apply the canary to every call
         out = _out(control)
         if out.limit is not None:
             out.value = str(instances.share(out.limit, instance_id, live, now))
@@ -145,8 +166,12 @@ def _poll(
     return controls.active(engine, now), live
 
 
-def etag_of(body: bytes) -> str:
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+def etag_of(body: bytes, can: frozenset[str] = frozenset()) -> str:
+    """Of the body and of the capabilities it was made for: the same body may mean something
+    else to an SDK that cannot do what another can."""
+    digest = hashlib.sha256(body)
+    digest.update(b"\x00" + ",".join(sorted(can)).encode())
+    return '"' + digest.hexdigest()[:32] + '"'
 
 
 def matches(if_none_match: str | None, etag: str) -> bool:
@@ -174,13 +199,22 @@ async def controls_in_force(
     instance_id: InstanceId,
     svc: Annotated[Services, Depends(services)],
     if_none_match: Annotated[str | None, Header(max_length=8_000)] = None,
+    x_pagerloop_capabilities: Annotated[
+        str | None,
+        Header(
+            max_length=1_000,
+            description='what the SDK can enforce, comma-separated: "fraction" (canaries)',
+        ),
+    ] = None,
 ) -> Response:
-    """The controls in force for the calling app instance, its shares of app-wide limits."""
+    """The controls in force for the calling app instance, its shares of app-wide limits;
+    canaries only for an SDK declaring the `fraction` capability."""
     now = datetime.now(UTC)
+    can = capabilities(x_pagerloop_capabilities)
     found, live = await asyncio.to_thread(_poll, svc.engine, instance_id, now)
-    body = in_force_for(found, instance_id, live, now).model_dump_json().encode()
-    etag = etag_of(body)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    body = in_force_for(found, instance_id, live, now, can).model_dump_json().encode()
+    etag = etag_of(body, can & {FRACTION})
+    headers = {"ETag": etag, "Cache-Control": "no-cache", "Vary": CAPABILITIES_HEADER}
     if matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return Response(body, media_type="application/json", headers=headers)
@@ -200,6 +234,9 @@ class ControlIn(BaseModel):
       needs one or the other (disabling every call of the app is not a control); every other
       kind may apply to all calls (an app-wide rpm, a global reroute during an outage).
     duration_minutes: 1 to 10080 (7 days). reason: 1 to 1000 characters.
+    fraction: between 0 and 1 (exclusive): a canary, applied to that share of the calls in the
+      target, each session staying on one side (only SDKs that can slice get it); left out or
+      null, all calls. Setting the same control again without it promotes it to all calls.
     incident_id: an open incident: the control goes on its timeline and is reverted with the
       incident's controls when it resolves (the incidents of a trigger with a runbook: others
       revert nothing), never extended by it (404 when there is no such incident, 409 when it
@@ -217,6 +254,7 @@ class ControlIn(BaseModel):
     incident_id: (
         Annotated[str, Field(min_length=1, max_length=INCIDENT_ID_MAX), Storable] | None
     ) = None
+    fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
 
     @field_validator("kind")
     @classmethod
@@ -355,6 +393,7 @@ async def set_by_hand(
         set_by=set_by,
         expires_at=now + timedelta(minutes=body.duration_minutes),
         now=now,
+        fraction=body.fraction,
     )
     if body.incident_id is None or client is None:
         return control, None

@@ -1,4 +1,5 @@
-"""POST /slack/interactions: a button click on an incident message becomes a workflow update."""
+"""POST /slack/interactions: a button click on an incident message (or on a runbook step's ask
+for approval, in its thread) becomes a workflow update."""
 
 from __future__ import annotations
 
@@ -18,18 +19,21 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.slack import (
     ACK_ACTION,
+    APPROVE_ACTION,
+    DENY_ACTION,
     ESCALATE_ACTION,
     RESOLVE_ACTION,
     RESOLVE_KEEP_ACTION,
     SNOOZE_ACTION,
     SNOOZE_MINUTES,
+    parse_approval_value,
     post_ephemeral,
 )
 from api.bounds import Storable
 from api.deps import Services, services
 from api.errors import problems, store_unavailable
 from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
-from domain.incident import ActionRequest, SnoozeRequest
+from domain.incident import ActionRequest, ApprovalDecision, SnoozeRequest
 from stores import replay_guard
 from workflows.incident import IncidentWorkflow
 
@@ -156,11 +160,16 @@ async def slack_interactions(
     channel = payload.channel.id if payload.channel else ""
     for action in payload.actions:
         update = UPDATES.get(action.action_id)
-        if update is None:
+        if action.action_id in (APPROVE_ACTION, DENY_ACTION):
+            work = asyncio.create_task(
+                _decide_and_tell(svc, action.action_id, action.value, user, channel)
+            )
+        elif update is not None:
+            work = asyncio.create_task(
+                _apply_and_tell(svc, update, action.action_id, action.value, user, channel)
+            )
+        else:
             continue
-        work = asyncio.create_task(
-            _apply_and_tell(svc, update, action.action_id, action.value, user, channel)
-        )
         _background.add(work)
         work.add_done_callback(_background.discard)
         with contextlib.suppress(TimeoutError):
@@ -184,14 +193,40 @@ async def _apply_and_tell(
         await _tell(svc, channel, user, refusal)
 
 
+async def _decide_and_tell(
+    svc: Services, action_id: str, value: str, user: str, channel: str
+) -> None:
+    """Approve / Deny on a runbook step's ask; the workflow shows who decided on that message."""
+    target = parse_approval_value(value)
+    allowed = svc.settings.slack_allowed_users
+    refusal: str | None
+    if target is None:
+        refusal = "This button does not name a runbook step's approval."
+    elif allowed and user not in allowed:
+        refusal = f"<@{user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
+    else:
+        incident_id, approval_id = target
+        decision = ApprovalDecision(
+            approval_id, approved=action_id == APPROVE_ACTION, decided_by=user, channel="slack"
+        )
+        refusal = await _update(svc, IncidentWorkflow.decide_approval, incident_id, decision)
+    SLACK_ACTIONS.labels(action_id, "refused" if refusal else "applied").inc()
+    if refusal:
+        await _tell(svc, channel, user, refusal)
+
+
 async def _apply(
     svc: Services, update: Any, incident_id: str, user: str, keep_controls: bool = False
 ) -> str | None:
     """Run the update; return the reason it was refused or failed, if it was."""
-    handle = svc.temporal.get_workflow_handle(incident_id)
     request: Any = ActionRequest(user=user, channel="slack", keep_controls=keep_controls)
     if update is IncidentWorkflow.snooze:
         request = SnoozeRequest(user=user, minutes=SNOOZE_MINUTES, channel="slack")
+    return await _update(svc, update, incident_id, request)
+
+
+async def _update(svc: Services, update: Any, incident_id: str, request: Any) -> str | None:
+    handle = svc.temporal.get_workflow_handle(incident_id)
     try:
         async with asyncio.timeout(UPDATE_PATIENCE_SECONDS):
             await handle.execute_update(update, request)

@@ -109,8 +109,10 @@ def stack_settings(
     jira: FakeJira,
     temporal_address: str = "localhost:7233",
     rules_file: Path | None = None,
+    **overrides: Any,
 ) -> Settings:
-    """Settings as tests/conftest.py's: SQLite stores in `folder`, every vendor a fake."""
+    """Settings as tests/conftest.py's: SQLite stores in `folder`, every vendor a fake;
+    `overrides`: any other field, in its environment form (`feature_priorities="chat=critical"`)."""
     return Settings(
         _env_file=None,
         database_url=f"sqlite:///{folder / 'stores.db'}",
@@ -125,6 +127,7 @@ def stack_settings(
         pagerduty_events_url=pagerduty.url,
         jira_url=jira.url,
         jira_token=JIRA_TOKEN,
+        **overrides,
     )
 
 
@@ -146,6 +149,18 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     if settings.rules_file is not None:
         values["RULES_FILE"] = str(settings.rules_file)
     return {f"PAGERLOOP_{name}": value for name, value in values.items()}
+
+
+def child_pids(parent: int, name: str) -> list[int]:
+    """The processes named `name` that `parent` started (from /proc), e.g. the Temporal dev
+    server the SDK spawned."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
+            head, _, rest = stat.read_text().rpartition(")")
+            if int(rest.split()[1]) == parent and head.endswith(f"({name}"):  # comm, ppid
+                children.append(int(stat.parent.name))
+    return children
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -51,6 +51,10 @@ def _incident(control: Control) -> str:
     return control.incident_id
 
 
+def _traffic(control: Control) -> str:
+    return "all" if control.fraction is None else f"{controls.percent(control.fraction)} canary"
+
+
 @app.command("list")
 def list_controls(
     all_: Annotated[bool, typer.Option("--all", help="include reverted and expired ones")] = False,
@@ -65,6 +69,7 @@ def list_controls(
         Column("kind", no_wrap=True, min_width=len("concurrency")),
         Column("target", **fold),
         Column("value", **fold),
+        Column("traffic", no_wrap=True),
         Column("incident", **fold),
         Column("reason"),
         Column("set by", **fold),
@@ -76,6 +81,7 @@ def list_controls(
             c.kind,
             c.target,
             c.value,
+            _traffic(c),
             _incident(c),
             c.reason,
             c.set_by,
@@ -115,6 +121,7 @@ _OPTION = {
     "reason": "--reason",
     "incident_id": "--incident",
     "duration_minutes": "--for",
+    "fraction": "--fraction",
 }
 
 
@@ -154,8 +161,16 @@ def set_control(
         typer.Option(help="an open incident: noted on its timeline, reverted when it resolves"),
     ] = None,
     by: Annotated[str | None, typer.Option(help="who is acting (default: your login)")] = None,
+    fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="a canary: only this share of the target's calls, between 0 and 1 (0.1: 10%), "
+            "each session staying on one side; again without it: all calls (default: all)"
+        ),
+    ] = None,
 ) -> None:
-    """Put a control in force by hand for a while (again on the same target: refresh it)."""
+    """Put a control in force by hand for a while (again on the same target: refresh it, or
+    promote a canary to all calls)."""
     try:
         body = ControlIn(
             kind=kind,
@@ -165,6 +180,7 @@ def set_control(
             duration_minutes=control_minutes(duration),
             reason=reason,
             incident_id=incident,
+            fraction=fraction,
         )
     except ValidationError as exc:
         error = exc.errors(include_input=False, include_url=False)[0]

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import worker
+from activities.reports import build_report
+from cli.stores import open_stores
 from config import load_settings
 from domain import search_attributes as sa
-from domain.incident import ActionRequest, IncidentState, SnoozeRequest
+from domain.incident import (
+    ActionRequest,
+    Approval,
+    ApprovalDecision,
+    IncidentState,
+    SnoozeRequest,
+)
+from domain.report import markdown
+from stores import incident_reports
 from workflows.incident import IncidentWorkflow
 
 app = typer.Typer(help="List, inspect, acknowledge and resolve incidents.", no_args_is_help=True)
@@ -109,6 +121,8 @@ def show(incident_id: str) -> None:
         out.print(f"  runbook {state.runbook} ({state.runbook_phase or 'starting'}{verdict})")
         for control in state.controls:
             out.print(f"    in force: {control}")
+    for approval in state.pending_approvals():
+        out.print(f"  {_asked(approval)}")
     if state.summary:
         out.print(state.summary)
     for name, value in state.metrics.items():
@@ -119,6 +133,46 @@ def show(incident_id: str) -> None:
             f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.kind, entry.actor, entry.channel, entry.text
         )
     out.print(table)
+
+
+Raw = Annotated[
+    bool, typer.Option("--raw", help="print the Markdown as it is (always, when not a terminal)")
+]
+
+
+@app.command()
+def report(incident_id: str, raw: Raw = False) -> None:
+    """The incident report (Markdown), as written when it resolved; for an incident still
+    open, a preview from its state and the call log now."""
+    engine = open_stores()
+    try:
+        stored = incident_reports.get(engine, incident_id)
+        if stored is not None:
+            text = stored.markdown
+        else:
+            state = _state(incident_id)
+            if state.resolved_at is not None:
+                err.print("no report was written when it resolved: built now from the call log")
+            onsets = worker.incident_onsets(load_settings(), engine)
+            text = markdown(build_report(engine, state, onsets, datetime.now(UTC)))
+    finally:
+        engine.dispose()
+    if raw or not out.is_terminal:
+        typer.echo(text, nl=False)
+    else:
+        out.print(Markdown(text))
+
+
+def _state(incident_id: str) -> IncidentState:
+    async def fetch() -> IncidentState:
+        client = await _client()
+        handle = client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+        return await handle.query(IncidentWorkflow.state)
+
+    try:
+        return asyncio.run(fetch())
+    except RPCError as exc:
+        raise _unknown(incident_id, exc) from None
 
 
 def _unknown(incident_id: str, exc: RPCError) -> typer.Exit:
@@ -193,3 +247,65 @@ def note(incident_id: str, text: str, user: User = None) -> None:
         ActionRequest(user or getpass.getuser(), "cli", text),
     )
     out.print("noted")
+
+
+ApprovalId = Annotated[
+    str | None,
+    typer.Option("--approval", help="which ask (needed only when several wait for an answer)"),
+]
+By = Annotated[str | None, typer.Option("--by", help="who decides (default: your login)")]
+Reason = Annotated[str, typer.Option(help="why, for the timeline")]
+
+
+@app.command()
+def approve(
+    incident_id: str, approval: ApprovalId = None, by: By = None, reason: Reason = ""
+) -> None:
+    """Let a runbook step that asked for approval go ahead."""
+    _decide(incident_id, approval, by, reason, approved=True)
+
+
+@app.command()
+def deny(incident_id: str, approval: ApprovalId = None, by: By = None, reason: Reason = "") -> None:
+    """Stop a runbook step that asked for approval (the runbook goes on without it)."""
+    _decide(incident_id, approval, by, reason, approved=False)
+
+
+def _decide(
+    incident_id: str, approval_id: str | None, by: str | None, reason: str, *, approved: bool
+) -> None:
+    async def send() -> IncidentState:
+        client = await _client()
+        handle = client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+        chosen = approval_id or _the_one_waiting(await handle.query(IncidentWorkflow.state))
+        decision = ApprovalDecision(chosen, approved, by or getpass.getuser(), reason, "cli")
+        return await handle.execute_update(IncidentWorkflow.decide_approval, decision)
+
+    try:
+        state = asyncio.run(send())
+    except WorkflowUpdateFailedError as exc:
+        raise _fail(f"refused: {getattr(exc.cause, 'message', exc.cause)}") from None
+    except RPCError as exc:
+        raise _unknown(incident_id, exc) from None
+    decided = next((e for e in reversed(state.timeline) if e.kind in ("approved", "denied")), None)
+    out.print(decided.text if decided else "decided")
+
+
+def _the_one_waiting(state: IncidentState) -> str:
+    """The approval id when exactly one ask waits; otherwise say what waits and stop."""
+    waiting = state.pending_approvals()
+    if len(waiting) == 1:
+        return waiting[0].approval_id
+    if not waiting:
+        raise _fail(f"{state.incident_id} has no runbook step waiting for approval")
+    for approval in waiting:
+        err.print(f"  {_asked(approval)}")
+    raise _fail(f"{len(waiting)} steps wait for approval: choose one with --approval ID")
+
+
+def _asked(approval: Approval) -> str:
+    then = "goes ahead" if approval.on_timeout == "proceed" else "denied"
+    return (
+        f"awaiting approval {approval.approval_id}: {approval.action} "
+        f"(until {approval.expires_at:%H:%M:%S} UTC, then {then})"
+    )

@@ -144,6 +144,26 @@ class Settings(BaseSettings):
     feature_priorities: Annotated[dict[str, FeaturePriority], NoDecode] = Field(
         default_factory=dict
     )
+    # "gpt-4.1=gpt-4.1@azure-east,gpt-4o=gpt-4o-mini": what the latency runbook may reroute a
+    # model family to; `model@name` is an endpoint the apps name themselves
+    # (PAGERLOOP_ENDPOINT_<NAME>_*, pagerloop_sdk.endpoints), so no key comes here.
+    fallback_targets: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # Where the outage runbook tells the app's users (a signed JSON POST: activities.hooks);
+    # unset: nobody is told. Signed with PAGERLOOP_NOTIFY_USERS_SECRET, else
+    # PAGERLOOP_WEBHOOK_SECRET. Secret: a hosted receiver's URL may hold its token.
+    notify_users_url: SecretStr | None = None
+    notify_users_secret: SecretStr | None = None
+    # The app's public status page, linked in what users are told.
+    status_page_url: str = ""
+    # "extract=json,invoices=schema:invoice": the check the quality runbook puts on a critical
+    # feature's output (a `validate` control, retried once); the app registers its schemas and
+    # checks (pagerloop_sdk.register_schema / register_validator).
+    output_checks: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # The SRE's golden-set eval, asked by the quality runbook before it pins a snapshot (a
+    # signed JSON POST: activities.golden_set); unset: pins are not evaluated. Signed with
+    # PAGERLOOP_GOLDEN_SET_SECRET, else PAGERLOOP_WEBHOOK_SECRET. Secret: the URL may hold a token.
+    golden_set_url: SecretStr | None = None
+    golden_set_secret: SecretStr | None = None
 
     @field_validator("ingest_api_keys", "slack_allowed_users", "public_endpoints", mode="before")
     @classmethod
@@ -184,6 +204,72 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected feature=priority, got {item!r}")
             pairs[feature.strip()] = priority.strip()
         return pairs
+
+    @field_validator("fallback_targets", mode="before")
+    @classmethod
+    def _fallbacks(cls, value: object) -> object:
+        # The SDK's own rule for a route, loaded (with openai) only when the setting is given.
+        from pagerloop_sdk.endpoints import route_problem
+
+        if isinstance(value, str):
+            pairs = {}
+            for item in value.split(","):
+                if not item.strip():
+                    continue
+                model, sep, target = item.partition("=")
+                if not sep or not model.strip():
+                    raise ValueError(f"expected model=fallback, got {item!r}")
+                pairs[model.strip()] = target.strip()
+            value = pairs
+        if isinstance(value, dict):
+            for model, target in value.items():
+                problem = route_problem("reroute", str(target))
+                if problem is not None:
+                    raise ValueError(f"{model}: {problem}")
+        return value
+
+    @field_validator("output_checks", mode="before")
+    @classmethod
+    def _checks(cls, value: object) -> object:
+        # The SDK's own rule for a check name, loaded (with openai) only when the setting is given.
+        from pagerloop_sdk.controls import check_problem
+
+        if isinstance(value, str):
+            pairs = {}
+            for item in value.split(","):
+                if not item.strip():
+                    continue
+                feature, sep, check = item.partition("=")
+                if not sep or not feature.strip():
+                    raise ValueError(f"expected feature=check, got {item!r}")
+                pairs[feature.strip()] = check.strip()
+            value = pairs
+        if isinstance(value, dict):
+            for feature, check in value.items():
+                problem = check_problem(str(check))
+                if problem is not None:
+                    raise ValueError(f"{feature}: {problem}")
+        return value
+
+    @field_validator("golden_set_url", "golden_set_secret", mode="before")
+    @classmethod
+    def _empty_golden_set_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("golden_set_url")
+    @classmethod
+    def _golden_set_http(cls, url: SecretStr | None) -> SecretStr | None:
+        return None if url is None else checked_webhook_urls([url])[0]
+
+    @field_validator("notify_users_url", "notify_users_secret", mode="before")
+    @classmethod
+    def _empty_notify_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("notify_users_url")
+    @classmethod
+    def _notify_users_http(cls, url: SecretStr | None) -> SecretStr | None:
+        return None if url is None else checked_webhook_urls([url])[0]
 
     @field_validator(
         "slack_bot_token",
@@ -291,6 +377,14 @@ class Settings(BaseSettings):
     @property
     def webhook_enabled(self) -> bool:
         return bool(self.webhook_urls)
+
+    @property
+    def notify_users_enabled(self) -> bool:
+        return self.notify_users_url is not None
+
+    @property
+    def golden_set_enabled(self) -> bool:
+        return self.golden_set_url is not None
 
     @property
     def api_url(self) -> str:

@@ -6,7 +6,8 @@ then compares the canary slice with the rest on every measure it has numbers for
 - error rate and 429 rate: a pooled two-proportion z-test (`two_proportion`);
 - latency: a Mann-Whitney U rank test, from raw latencies or from the stores' latency
   histograms (`rank_test`, `rank_test_histograms`);
-- quality: Welch's t-test on the mean score, from sums (`mean_difference`).
+- quality: Welch's t-test on the mean score, from sums (`mean_difference`);
+- cost: the same test on the mean cost per call, lower being better (a cheaper model's canary).
 
 Each test gives both one-sided p-values (canary better, canary worse), so that `decide` can ask
 "significantly better on the measure the incident is about" and "significantly worse on
@@ -62,18 +63,26 @@ class Measure(StrEnum):
     RATE_LIMITED = "rate_limited"  # the 429 rate
     LATENCY = "latency"
     QUALITY = "quality"
+    COST = "cost"  # dollars per call
 
+
+# The measures where a higher value is the better one.
+HIGHER_IS_BETTER = frozenset({Measure.QUALITY})
 
 _LABELS = {
     Measure.ERROR_RATE: "error rate",
     Measure.RATE_LIMITED: "429 rate",
     Measure.LATENCY: "latency",
     Measure.QUALITY: "quality score",
+    Measure.COST: "cost per call",
 }
 
-# The measure a canary must improve to mitigate an incident of each trigger; cost, budget and
-# token triggers have none here (their mitigations trade cost for these, which are guards).
+# The measure a canary must improve to mitigate an incident of each trigger; the others are
+# guards it must not make worse. Token quotas have none: their mitigations pace calls, which
+# no slice of the traffic shows.
 _PRIMARY = {
+    Trigger.COST_SPIKE: Measure.COST,
+    Trigger.BUDGET_EXHAUSTION: Measure.COST,
     Trigger.ERROR_RATE: Measure.ERROR_RATE,
     Trigger.API_OUTAGE: Measure.ERROR_RATE,
     Trigger.RATE_LIMIT_EXHAUSTION: Measure.RATE_LIMITED,
@@ -105,7 +114,7 @@ class Comparison:
     rest_n: int
     canary: float | None
     rest: float | None
-    statistic: float  # z, or t for Welch
+    statistic: float  # z (canary minus rest), or Welch's t towards the better side
     p_better: float
     p_worse: float
     too_few: str | None = None
@@ -144,7 +153,7 @@ class Comparison:
         )
         if self.too_few is not None:
             return f"{head}: too few samples ({self.too_few})"
-        higher_is_better = self.measure is Measure.QUALITY
+        higher_is_better = self.measure in HIGHER_IS_BETTER
         better, worse = ("higher", "lower") if higher_is_better else ("lower", "higher")
         finding = self.finding(alpha)
         if finding is Finding.BETTER:
@@ -175,6 +184,8 @@ def _value(measure: Measure, value: float | None, p95: float | None) -> str:
         return text if p95 is None else f"{text}, p95 {_ms(p95)}"
     if measure is Measure.QUALITY:
         return f"mean {value:.3f}"
+    if measure is Measure.COST:
+        return f"${value:.5f} a call" if value < 0.01 else f"${value:.4f} a call"
     # Small rates keep a second decimal: 0.04% is not 0.0%.
     return f"{value:.2%}" if 0 < value < 0.01 else f"{value:.1%}"
 
@@ -397,9 +408,10 @@ def mean_difference(
     measure: Measure = Measure.QUALITY,
     min_n: int = MIN_SAMPLES,
 ) -> Comparison:
-    """Welch's t-test, from sums, that the canary's mean score is higher (better) than the
-    rest's. Sample variances (n-1), Welch-Satterthwaite degrees of freedom, and the exact
-    Student t tail (not a normal approximation), so small samples are not overconfident."""
+    """Welch's t-test, from sums, that the canary's mean is better than the rest's: higher for
+    a score, lower for a cost (`HIGHER_IS_BETTER`). Sample variances (n-1),
+    Welch-Satterthwaite degrees of freedom, and the exact Student t tail (not a normal
+    approximation), so small samples are not overconfident."""
     canary = canary_sum / canary_n if canary_n else None
     rest = rest_sum / rest_n if rest_n else None
     why = _too_few(canary_n, rest_n, max(min_n, 2), "scores")
@@ -421,6 +433,8 @@ def mean_difference(
     var_r = max(0.0, (rest_sumsq - rest_sum * rest) / (rest_n - 1)) / rest_n
     se2 = var_c + var_r
     diff = canary - rest
+    if measure not in HIGHER_IS_BETTER:
+        diff = -diff  # counted towards "better" either way, so t > 0 is the better side
     if se2 == 0:  # no spread in either group: the means say it all, or nothing
         p_better = 0.0 if diff > 0 else 1.0
         p_worse = 0.0 if diff < 0 else 1.0

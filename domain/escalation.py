@@ -82,6 +82,11 @@ class EscalationPolicy:
         )
         return replace(self, levels=levels)
 
+    def resolving_within(self, seconds: int) -> EscalationPolicy:
+        """The same policy with the first level's resolve deadline set to `seconds`."""
+        first, *rest = self.levels
+        return replace(self, levels=(replace(first, resolve_timeout_seconds=seconds), *rest))
+
 
 def _levels(timeouts: list[tuple[int, int]], channels: list[str]) -> tuple[EscalationLevel, ...]:
     who = ("On-call engineer", "Platform team", "Engineering leadership")

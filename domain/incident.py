@@ -75,6 +75,11 @@ class RunbookPlan:
     verify_after_seconds: int = 180
     diagnosis_window_seconds: int = 900
     feature_priorities: dict[str, str] = field(default_factory=dict)
+    # Model family -> what the latency runbook may reroute it to (PAGERLOOP_FALLBACK_TARGETS).
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    # Feature -> the check the quality runbook puts on its output (PAGERLOOP_OUTPUT_CHECKS).
+    output_checks: dict[str, str] = field(default_factory=dict)
+    golden_set: bool = False  # PAGERLOOP_GOLDEN_SET_URL is set (the URL stays with the worker)
 
 
 @dataclass
@@ -98,6 +103,9 @@ class NotificationPlan:
     # After a resolve, how long a page still being retried may go on before it is called off.
     page_grace_seconds: int = 30
     runbook: RunbookPlan = field(default_factory=RunbookPlan)
+    # Write the incident report at resolve (`reports.build`, which the worker registers), post
+    # it as the Jira postmortem and its summary in the Slack thread.
+    report: bool = False
 
 
 @dataclass
@@ -155,6 +163,43 @@ class SnoozeRequest:
     user: str
     minutes: int = 30
     channel: str = "api"
+
+
+@dataclass
+class ApprovalDecision:
+    """A person's answer to a runbook step that asked for approval (`Steps.approve`).
+    `channel` is where it came from ("slack", "cli", "api"): Slack users must be allowed."""
+
+    approval_id: str
+    approved: bool
+    decided_by: str
+    reason: str = ""
+    channel: str = "api"
+
+
+@dataclass
+class Approval:
+    """A runbook step that asked a person before acting, and what became of the ask."""
+
+    approval_id: str  # "<runbook workflow id>/approval-<n>"
+    action: str  # what the step will do, as people read it
+    asked_at: datetime
+    expires_at: datetime
+    step: str = ""
+    on_timeout: str = "deny"  # what no answer by `expires_at` means: "deny" | "proceed"
+    # "" while it waits; "approved" | "denied" (a person), "expired" (no answer in time),
+    # "withdrawn" (the runbook ended or the incident resolved first).
+    outcome: str = ""
+    approved: bool = False  # whether the step goes ahead
+    decided_by: str = ""
+    decided_at: datetime | None = None
+    reason: str = ""
+    # The Slack message with its Approve / Deny buttons, once posted.
+    message: SlackMessageRef | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.outcome == ""
 
 
 @dataclass
@@ -257,6 +302,14 @@ class IncidentState:
     # Merged with `hand_over`: what the other incident took (its own fields are cleared, so
     # nothing here touches that message, alert or ticket again).
     handed_over: Handover | None = None
+    # Runbook steps that asked a person first (Steps.approve), oldest first.
+    approvals: list[Approval] = field(default_factory=list)
+
+    def approval(self, approval_id: str) -> Approval | None:
+        return next((a for a in self.approvals if a.approval_id == approval_id), None)
+
+    def pending_approvals(self) -> list[Approval]:
+        return [a for a in self.approvals if a.pending]
 
     def correlation_lines(self) -> list[str]:
         """What merges made of this incident, a line each (UI details, CLI, Slack)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from domain.escalation import (
@@ -29,6 +29,8 @@ from domain.escalation import (
 )
 from domain.incident import (
     ActionRequest,
+    Approval,
+    ApprovalDecision,
     Breach,
     Handover,
     IncidentState,
@@ -48,7 +50,7 @@ MAX_SNOOZE_MINUTES = 24 * 60
 TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
         "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
         "rolled_back", "controls_reverted", "controls_kept", "runbook_failed",
-        "proposed", "merged", "absorbed", "related"}  # fmt: skip
+        "proposed", "merged", "absorbed", "related", "users_notified"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -223,12 +225,41 @@ class RelatedBreach:
     breach: Breach
 
 
+@dataclass(frozen=True)
+class ApprovalRequested:
+    """The runbook asks a person before a step (`Steps.approve`)."""
+
+    approval: Approval
+    runbook: str
+
+
+@dataclass(frozen=True)
+class ApprovalPosted:
+    """The ask's Approve / Deny buttons are in Slack: that message shows the answer later."""
+
+    approval_id: str
+    message: SlackMessageRef
+
+
+@dataclass(frozen=True)
+class ApprovalDecided:
+    decision: ApprovalDecision
+
+
+@dataclass(frozen=True)
+class ApprovalExpired:
+    """Nobody answered in time: the runbook went on as the ask's `on_timeout` said."""
+
+    approval_id: str
+
+
 Event = (
     Opened | BreachReported | RecoveryReported | Acknowledge | Resolve | Escalate | Snooze
     | AddNote | DeadlinePassed | RunbookProgressed | RunbookStarted | RunbookFailed
     | RunbookFinished | QuietElapsed | VerifiedAwaitingResolve | ControlsExtended
     | ControlsReverted | Paged | PageCalledOff | SlackPosted | TicketOpened | Delivered
-    | ChannelFailed | MergedInto | Absorbed | RelatedBreach
+    | ChannelFailed | MergedInto | Absorbed | RelatedBreach | ApprovalRequested | ApprovalPosted
+    | ApprovalDecided | ApprovalExpired
 )  # fmt: skip
 
 
@@ -312,9 +343,31 @@ class Merged:
     handed_over: bool
 
 
+@dataclass(frozen=True)
+class AskApproval:
+    """Put the ask in front of people (the Slack thread's Approve / Deny buttons)."""
+
+    approval_id: str
+
+
+@dataclass(frozen=True)
+class ShowApproval:
+    """The ask was answered, expired or withdrawn: show that where it was asked."""
+
+    approval_id: str
+
+
+@dataclass(frozen=True)
+class ForwardApproval:
+    """Hand a person's answer to the runbook that waits for it."""
+
+    decision: ApprovalDecision
+
+
 Effect = (
     Notify | Refresh | Tell | Acknowledged | Resolved | SeverityRaised | Show | RestartClock
-    | CancelRunbook | RevertRunbookControls | ExtendRunbookControls | Merged
+    | CancelRunbook | RevertRunbookControls | ExtendRunbookControls | Merged | AskApproval
+    | ShowApproval | ForwardApproval
 )  # fmt: skip
 
 
@@ -336,17 +389,16 @@ def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
             f"{state.incident_id} is already resolved (by {state.resolved_by} "
             f"at {state.resolved_at:%Y-%m-%d %H:%M:%S} UTC)"
         )
+    if isinstance(event, ApprovalDecided):
+        return _approval_refusal(state, event.decision, policy)
     if isinstance(event, Snooze):
         request = ActionRequest(event.request.user, event.request.channel)
     elif isinstance(event, Acknowledge | Resolve | Escalate | AddNote):
         request = event.request
     else:
         return None
-    allowed = policy.allowed_slack_users
-    if request.channel == "slack" and allowed and request.user not in allowed:
-        return (
-            f"<@{request.user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
-        )
+    if (refused := _not_allowed(request.user, request.channel, policy)) is not None:
+        return refused
     acked = state.acknowledged_by is not None and state.acknowledged_at is not None
     if isinstance(event, Acknowledge) and acked:
         return (
@@ -358,6 +410,48 @@ def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
     if isinstance(event, AddNote) and not event.request.note.strip():
         return "a note needs some text"
     return None
+
+
+def _not_allowed(user: str, channel: str, policy: Policy) -> str | None:
+    allowed = policy.allowed_slack_users
+    if channel == "slack" and allowed and user not in allowed:
+        return f"<@{user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
+    return None
+
+
+def _approval_refusal(
+    state: IncidentState, decision: ApprovalDecision, policy: Policy
+) -> str | None:
+    """An answer needs someone allowed to give it, and an ask still waiting for one."""
+    if not decision.decided_by.strip():
+        return "an approval needs the name of who decides"
+    if (refused := _not_allowed(decision.decided_by, decision.channel, policy)) is not None:
+        return refused
+    approval = state.approval(decision.approval_id)
+    if approval is None:
+        waiting = ", ".join(a.approval_id for a in state.pending_approvals()) or "none"
+        return (
+            f"{state.incident_id} has no approval {decision.approval_id!r} "
+            f"(waiting for an answer: {waiting})"
+        )
+    if not approval.pending:
+        return f"{approval.action!r} was already {_settled(approval)}"
+    return None
+
+
+def _settled(approval: Approval) -> str:
+    """What became of an ask that is no longer waiting, as people read it."""
+    at = f"{approval.decided_at:%Y-%m-%d %H:%M:%S} UTC" if approval.decided_at else ""
+    if approval.outcome in ("approved", "denied"):
+        return f"{approval.outcome} by {approval.decided_by} at {at}"
+    if approval.outcome == "expired":
+        went = "proceeded" if approval.approved else "denied"
+        return f"left unanswered for {_waited(approval)}: {went} at {at}"
+    return f"withdrawn at {at}: {approval.reason or 'no longer asked'}"
+
+
+def _waited(approval: Approval) -> str:
+    return span((approval.expires_at - approval.asked_at).total_seconds())
 
 
 # --- decide ----------------------------------------------------------------------------------
@@ -403,6 +497,7 @@ def _copy(state: IncidentState) -> IncidentState:
     fresh.metrics = dict(state.metrics)
     fresh.absorbed = list(state.absorbed)
     fresh.related = list(state.related)
+    fresh.approvals = list(state.approvals)
     return fresh
 
 
@@ -466,12 +561,14 @@ class _Step:
                     self.effects.append(Refresh())
             case RunbookFailed(runbook, cause):
                 s.runbook_phase = "done"
+                self.withdraw_approvals(f"{runbook} stopped")
                 self.step_back()
                 if s.status != IncidentStatus.RESOLVED:
                     self.record("runbook_failed", f"{runbook}: {cause}")
                     # Whatever it had put in force before failing is taken out again.
                     self.effects.append(RevertRunbookControls(f"{runbook} failed"))
             case RunbookFinished(controls, verification, reading):
+                self.withdraw_approvals("the runbook ended")
                 s.controls = list(controls)
                 s.controls_kept_at = self.now
                 if verification is None:
@@ -521,6 +618,14 @@ class _Step:
                 self.absorb(handover)
             case RelatedBreach(breach):
                 self.related(breach)
+            case ApprovalRequested(approval, runbook):
+                self.ask(approval, runbook)
+            case ApprovalPosted(approval_id, message):
+                self.approval_posted(approval_id, message)
+            case ApprovalDecided(decision):
+                self.decided(decision)
+            case ApprovalExpired(approval_id):
+                self.expired(approval_id)
 
     # --- the pieces several events share -----------------------------------------------------
 
@@ -574,6 +679,7 @@ class _Step:
             f"merged into {request.into}: {request.trigger} on {request.scope} is the same problem"
         )
         self.record("merged", text, tell=not request.hand_over)
+        self.withdraw_approvals(f"merged into {request.into}")
         self.effects += [Merged(request.into, request.hand_over), CancelRunbook()]
         if s.runbook is not None:
             self.effects.append(RevertRunbookControls(f"merged into {request.into}"))
@@ -623,6 +729,7 @@ class _Step:
         s.resolved_at = self.now
         s.ack_by = s.resolve_by = s.remind_at = None
         self.record("resolved", request.note or "resolved", request.user, request.channel)
+        self.withdraw_approvals(f"resolved by {request.user}")
         self.effects += [Refresh(), Resolved(request.channel), CancelRunbook()]
         if request.keep_controls and s.controls:
             self.record("controls_kept", ", ".join(s.controls), request.user, request.channel)
@@ -682,6 +789,80 @@ class _Step:
             s.controls = []
             self.effects.append(Refresh())
         self.record(kind, text, actor=f"runbook:{runbook}", channel="runbook")
+
+    # --- approvals ------------------------------------------------------------------------------
+
+    def ask(self, approval: Approval, runbook: str) -> None:
+        s = self.state
+        if s.status == IncidentStatus.RESOLVED or s.approval(approval.approval_id) is not None:
+            return  # its runbook is being stopped; or told twice
+        s.approvals.append(approval)
+        then = "it goes ahead" if approval.on_timeout == "proceed" else "it is denied"
+        text = (
+            f"{approval.action}: waiting for approval until {approval.expires_at:%H:%M:%S} UTC "
+            f"(no answer in {_waited(approval)}: {then})"
+        )
+        self.record("approval_asked", text, actor=f"runbook:{runbook}", channel="runbook")
+        self.effects.append(AskApproval(approval.approval_id))
+
+    def approval_posted(self, approval_id: str, message: SlackMessageRef) -> None:
+        approval = self.state.approval(approval_id)
+        if approval is None:
+            return
+        # Answered while its buttons were being posted: the ShowApproval queued behind the post
+        # in the same lane shows the answer on this message.
+        self.settle(replace(approval, message=message))
+
+    def decided(self, decision: ApprovalDecision) -> None:
+        approval = self.state.approval(decision.approval_id)
+        if approval is None or not approval.pending:
+            return  # the validator refused it; an update replayed on a later state
+        outcome = "approved" if decision.approved else "denied"
+        self.settle(
+            replace(
+                approval,
+                outcome=outcome,
+                approved=decision.approved,
+                decided_by=decision.decided_by,
+                decided_at=self.now,
+                reason=decision.reason,
+            )
+        )
+        text = f"{outcome} by {decision.decided_by}: {approval.action}"
+        if decision.reason:
+            text += f" ({decision.reason})"
+        self.record(outcome, text, decision.decided_by, decision.channel)
+        self.effects += [ForwardApproval(decision), ShowApproval(approval.approval_id)]
+
+    def expired(self, approval_id: str) -> None:
+        approval = self.state.approval(approval_id)
+        if approval is None:
+            return
+        proceed = approval.on_timeout == "proceed"
+        went = "proceeding" if proceed else "denied"
+        text = f"no answer in {_waited(approval)}: {went}: {approval.action}"
+        if approval.outcome in ("approved", "denied"):
+            # The runbook's timer fired before the answer reached it: the timeout is what it did.
+            text += f" ({approval.outcome} by {approval.decided_by} too late)"
+        elif not approval.pending:
+            return
+        self.settle(replace(approval, outcome="expired", approved=proceed, decided_at=self.now))
+        self.record("approval_expired", text)
+        self.effects.append(ShowApproval(approval_id))
+
+    def withdraw_approvals(self, why: str) -> None:
+        """Asks nobody answered are moot once their runbook stops."""
+        for approval in self.state.pending_approvals():
+            self.settle(replace(approval, outcome="withdrawn", decided_at=self.now, reason=why))
+            self.record("approval_withdrawn", f"no longer asked ({why}): {approval.action}")
+            self.effects.append(ShowApproval(approval.approval_id))
+
+    def settle(self, approval: Approval) -> None:
+        """Replace the approval of that id (the state's list is this step's own copy)."""
+        s = self.state
+        s.approvals = [
+            approval if a.approval_id == approval.approval_id else a for a in s.approvals
+        ]
 
     def conclude(self, verification: str, reading: str, controls_left: bool) -> None:
         s = self.state

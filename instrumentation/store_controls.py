@@ -28,6 +28,7 @@ def rules_from(rows: Iterable[store.Control]) -> tuple[Rule, ...]:
             row.incident_id,
             row.reason,
             utc(row.expires_at).timestamp(),
+            1.0 if row.fraction is None else row.fraction,
         )
         for row in rows
         if row.id is not None

@@ -13,6 +13,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.controls import ControlRef
     from activities.diagnosis import SignalReading
     from domain.escalation import EscalationPolicy
+    from domain.incident import Approval
 
 
 class Priority(StrEnum):
@@ -45,6 +46,13 @@ class RunbookInput:
     may_mitigate: bool = True
     verify_after_seconds: int = 180
     diagnosis_window_seconds: int = 900
+    # Model family -> fallback target, `model` or `model@endpoint` (PAGERLOOP_FALLBACK_TARGETS).
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    # Feature -> the check of its output a validate control applies (PAGERLOOP_OUTPUT_CHECKS).
+    output_checks: dict[str, str] = field(default_factory=dict)
+    # Whether a golden-set eval is configured (PAGERLOOP_GOLDEN_SET_URL; the URL stays with the
+    # worker): the quality runbook asks it before pinning.
+    golden_set: bool = False
 
 
 @dataclass
@@ -55,14 +63,40 @@ class RunbookReport:
     rolled_back: list[ControlRef] = field(default_factory=list)
     verification: Verification = Verification.NOT_CHECKED
     reading: SignalReading | None = None  # the signal re-read after mitigating
+    canaries: list[CanaryOutcome] = field(default_factory=list)
+    approvals: list[Approval] = field(default_factory=list)  # the steps that asked a person
+
+
+@dataclass
+class CanaryOutcome:
+    """A control tried on a slice of the traffic first (`Steps.canary`), and what became of it."""
+
+    controls: list[str]  # the controls' descriptions
+    fraction: float
+    verdict: str  # promote | revert | inconclusive (domain.canary.Verdict)
+    reason: str
+    lines: list[str] = field(default_factory=list)  # the comparison, one line per measure
+    promoted: bool = False  # now in force on all the traffic
+    canary_calls: int = 0
+    rest_calls: int = 0
 
 
 @dataclass
 class RunbookProgress:
     """A runbook telling its incident what it found or did (timeline, Slack thread, Jira)."""
 
-    kind: str  # diagnosis | mitigating | mitigation | verified | rolled_back
+    kind: str  # diagnosis | mitigating | mitigation | verified | rolled_back | approval | ...
     text: str
+    # kind "approval" (a step asks a person; `text` is what it will do) and "approval_expired"
+    # (no answer in time): which ask, how long it waits and what no answer means.
+    approval_id: str = ""
+    timeout_seconds: int = 0
+    on_timeout: str = ""
+    step: str = ""
+
+
+# The severities that page at once: their L1 resolves within the runbook's expected time.
+RESOLVE_DEADLINE_SEVERITIES = ("SEV1", "SEV2")
 
 
 @dataclass(frozen=True)
@@ -86,9 +120,24 @@ class RunbookSpec:
     # Which trigger's signal tells whether it worked, when not the incident's own (a budget
     # consumed today never falls back: its cost rate does).
     verify_on: tuple[tuple[str, str], ...] = ()
+    # The steps that ask a person first (`Steps.approve`), and at which severities: step name ->
+    # severities, e.g. (("reroute_all", ("SEV1", "SEV2")),). Any other step goes ahead unasked.
+    approvals: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def needs_approval(self, step: str, severity: str) -> bool:
+        return severity in dict(self.approvals).get(step, ())
 
     def verified_by(self, trigger: str) -> str:
         return dict(self.verify_on).get(trigger, trigger)
 
-    def policy(self, severity_policy: EscalationPolicy) -> EscalationPolicy:
-        return (self.escalation or severity_policy).described(self.escalation_path)
+    def policy(
+        self, severity_policy: EscalationPolicy, severity: str | None = None
+    ) -> EscalationPolicy:
+        """The escalation policy of this runbook's incidents of `severity`: at a paging
+        severity, L1 has the runbook's expected resolution time to resolve before it
+        escalates; a ticket's days-long deadline stays (severity None: as runs begun before
+        this had it)."""
+        policy = (self.escalation or severity_policy).described(self.escalation_path)
+        if severity in RESOLVE_DEADLINE_SEVERITIES:
+            policy = policy.resolving_within(self.expected_resolution_minutes * 60)
+        return policy

@@ -1,17 +1,33 @@
-"""Cost spike (the seed: hourly cost > 1.5x budget/24): which feature spiked and how, then
-reroute it to the cheapest viable model, cap its tokens and throttle it."""
+"""Cost spike (the seed: hourly cost > 1.5x budget/24): which feature spiked and how, then the
+seed's four steps: serve repeated requests from cache, route all the scope's traffic to the
+cheapest viable model (on a canary slice first, all traffic once it proves cheaper and no worse,
+with a person's approval), shed the features marked low priority (approved too), and cap the
+offender's tokens and pace. Retry amplification is looked for in the diagnosis.
+
+Critical features keep a capable model: their own reroute to the mini sibling is more specific
+than the scope's, so it wins for them (on the same canary slice: one incident's slices pick the
+same sessions). Runs begun before the canary took the old path: the offender's models rerouted
+at once (patch SEED_STEPS).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.controls import ControlSpec
+    from activities.diagnosis import FeatureUsage
     from runbooks.base import Priority, RunbookInput, RunbookReport, RunbookSpec
     from runbooks.models import CHEAPEST, MINI, family
+    from runbooks.retries import retry_amplification
     from runbooks.steps import Steps
 
 MAX_TOKENS_CAP = 512
+SEED_STEPS = "cost-canary-cache-shed"
+EVERY_SEVERITY = ("SEV1", "SEV2", "SEV3", "SEV4")
 
 
 @workflow.defn
@@ -28,27 +44,94 @@ class CostSpikeRunbook:
                 f"({f.share_of_cost:.0%} of cost), {f.calls} calls, "
                 f"{per_call:,.0f} tokens per call, models {', '.join(f.models)}"
             )
+        seed_steps = workflow.patched(SEED_STEPS)
+        if seed_steps:
+            for line in retry_amplification(features):
+                steps.found(line)
         await steps.tell_diagnosis()
         if not steps.may_mitigate:
             return steps.report
 
         offender = next((f for f in features if f.feature), None)
-        if offender is None:
-            return steps.report  # no feature to act on: people decide
-        critical = steps.priority(offender.feature) == Priority.CRITICAL
-        for model in offender.models:
-            # A critical feature keeps a capable model: mini, not nano.
-            cheaper = (MINI if critical else CHEAPEST).get(family(model))
-            if cheaper is not None and cheaper != model:
-                await steps.apply(
-                    ControlSpec("reroute", feature=offender.feature, model=model, value=cheaper)
-                )
-        await steps.apply(
-            ControlSpec("max_tokens", feature=offender.feature, value=str(MAX_TOKENS_CAP))
-        )
-        limit = max(1, int(offender.concurrency / 2))
-        await steps.apply(ControlSpec("concurrency", feature=offender.feature, value=str(limit)))
+        if not seed_steps:
+            return await _reroute_offender(steps, offender)
+        # SEV1 is a budget about to run out: no answer means go ahead.
+        on_timeout: Literal["deny", "proceed"] = "proceed" if input.severity == "SEV1" else "deny"
+        if offender is not None:
+            await steps.apply(ControlSpec("cache", feature=offender.feature))
+        routes = cheapest_routes(input.scope, features, steps.priority)
+        if routes:
+            await steps.canary(
+                routes,
+                approval="reroute_all",
+                on_approval_timeout=on_timeout,
+                if_too_little_traffic="promote",
+            )
+        low = [
+            f.feature for f in features if f.feature and steps.priority(f.feature) == Priority.LOW
+        ]
+        if low and await steps.approve(
+            f"Disable the low-priority features {', '.join(low)}",
+            step="disable_features",
+            on_timeout=on_timeout,
+        ):
+            for feature in low:
+                await steps.apply(ControlSpec("disable", feature=feature))
+        if offender is not None:
+            await _cap_offender(steps, offender)
         return await steps.verify()
+
+
+def cheapest_routes(
+    scope: str, features: list[FeatureUsage], priority: Callable[[str], Priority]
+) -> list[ControlSpec]:
+    """The scope's models rerouted to their cheapest viable sibling, then each critical
+    feature's to its mini sibling (more specific, so it wins for that feature). The first
+    route carries the scope's target, which the canary compares on."""
+    kind, _, name = scope.partition(":")
+    on_feature = name if kind == "feature" else None
+    models = [name] if kind == "model" else []
+    for f in features:
+        models += [m for m in f.models if m not in models]
+    # A critical feature's own incident reroutes it to mini, not nano.
+    table = MINI if on_feature and priority(on_feature) == Priority.CRITICAL else CHEAPEST
+    routes = []
+    for model in models:
+        cheaper = table.get(family(model))
+        if cheaper is not None and cheaper != model:
+            routes.append(ControlSpec("reroute", feature=on_feature, model=model, value=cheaper))
+    for f in features:
+        if not f.feature or priority(f.feature) != Priority.CRITICAL or f.feature == on_feature:
+            continue
+        for model in f.models:
+            capable = MINI.get(family(model))
+            if capable is not None and capable != model and any(r.model == model for r in routes):
+                routes.append(ControlSpec("reroute", feature=f.feature, model=model, value=capable))
+    return routes
+
+
+async def _cap_offender(steps: Steps, offender: FeatureUsage) -> None:
+    await steps.apply(
+        ControlSpec("max_tokens", feature=offender.feature, value=str(MAX_TOKENS_CAP))
+    )
+    limit = max(1, int(offender.concurrency / 2))
+    await steps.apply(ControlSpec("concurrency", feature=offender.feature, value=str(limit)))
+
+
+async def _reroute_offender(steps: Steps, offender: FeatureUsage | None) -> RunbookReport:
+    """The path of runs begun before SEED_STEPS: the offender's models rerouted at once."""
+    if offender is None:
+        return steps.report  # no feature to act on: people decide
+    critical = steps.priority(offender.feature) == Priority.CRITICAL
+    for model in offender.models:
+        # A critical feature keeps a capable model: mini, not nano.
+        cheaper = (MINI if critical else CHEAPEST).get(family(model))
+        if cheaper is not None and cheaper != model:
+            await steps.apply(
+                ControlSpec("reroute", feature=offender.feature, model=model, value=cheaper)
+            )
+    await _cap_offender(steps, offender)
+    return await steps.verify()
 
 
 SPEC = RunbookSpec(
@@ -63,4 +146,6 @@ SPEC = RunbookSpec(
         "Finance and engineering: assess the damage, set a hard cap",
         "Leadership: approve emergency spending or shut down",
     ),
+    # Every user of the scope gets a cheaper model, or loses a feature: a person says yes.
+    approvals=(("reroute_all", EVERY_SEVERITY), ("disable_features", EVERY_SEVERITY)),
 )

@@ -1,5 +1,10 @@
 """Elevated latency (the seed: p95 > 15 s): latency by model and prompt size, then cap
-max_tokens and reroute the slow model to its mini sibling."""
+max_tokens and reroute the slow model to its fallback target (`PAGERLOOP_FALLBACK_TARGETS`:
+another model, or a model at another endpoint such as an Azure OpenAI deployment) or else its
+mini sibling: on a canary slice first, on all the traffic once the slice proves faster and no
+worse. Another endpoint is another provider: its promotion needs a person's approval.
+
+Runs begun before the canary applied both at once to all traffic (patch CANARY_FIRST)."""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.controls import ControlSpec
     from runbooks.base import RunbookInput, RunbookReport, RunbookSpec
-    from runbooks.models import MINI, family
+    from runbooks.models import MINI, fallback_for, family
     from runbooks.steps import Steps
 
 MAX_TOKENS_CAP = 512
 SLOW_P95_MS = 8000.0  # the detector's p95 warning line
+CANARY_FIRST = "latency-canary-and-fallback"
 
 
 @workflow.defn
@@ -40,6 +46,20 @@ class ElevatedLatencyRunbook:
             return steps.report
 
         slow = [m for m in by_model if (m.p95_ms or 0) >= SLOW_P95_MS] or by_model[:1]
+        if workflow.patched(CANARY_FIRST):
+            for m in slow:
+                cap = ControlSpec("max_tokens", model=m.model, value=str(MAX_TOKENS_CAP))
+                target = fallback_for(m.model, input.fallbacks) or MINI.get(family(m.model))
+                trial = [cap]
+                if target is not None and target != m.model:
+                    trial.append(ControlSpec("reroute", model=m.model, value=target))
+                await steps.canary(
+                    trial,
+                    # `model@endpoint`: another provider.
+                    approval="fallback_provider" if "@" in (target or "") else None,
+                    if_too_little_traffic="promote",
+                )
+            return await steps.verify()
         for m in slow:
             await steps.apply(ControlSpec("max_tokens", model=m.model, value=str(MAX_TOKENS_CAP)))
             faster = MINI.get(family(m.model))
@@ -58,6 +78,7 @@ SPEC = RunbookSpec(
     triggers=("elevated_latency",),
     mitigate_before_ack=True,
     expected_resolution_minutes=20,
+    approvals=(("fallback_provider", ("SEV1", "SEV2", "SEV3", "SEV4")),),
     escalation_path=(
         "On-call engineer: reduce max_tokens, route to mini",
         "Platform team: switch to the fallback provider",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # The faster sibling of a model, for latency.
 MINI: dict[str, str] = {
     "gpt-4.1": "gpt-4.1-mini",
@@ -30,3 +32,14 @@ def family(model: str) -> str:
         if len(month) == 2 and len(year) == 4 and year.isdigit():
             return head3
     return model
+
+
+def fallback_for(model: str, fallbacks: Mapping[str, str]) -> str | None:
+    """Where the deployment lets `model` fall back to (PAGERLOOP_FALLBACK_TARGETS): its own
+    entry, else its family's (a dated snapshot falls back like its alias). The target is a
+    model or `model@endpoint`, as a reroute control takes it; None when there is none, or it
+    would send the call where it already goes."""
+    target = fallbacks.get(model) or fallbacks.get(family(model))
+    if not target or target == model:
+        return None
+    return target

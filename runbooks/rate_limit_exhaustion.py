@@ -1,10 +1,21 @@
 """Rate limit exhaustion (the seed: 429 rate > 5%): find who spends the quota, halve their
-pace, back off on 429s, shed the lowest-priority features.
+pace, back off on 429s, hold back the lowest-priority features.
 
 OpenAI counts its limits per minute, so the pace halved is per minute: requests per minute
 (`rpm`), and tokens per minute (`tpm`) when the token quota is what ran out. Both are limits of
 the whole application, shared out among its replicas. Runs started before this were halving
 calls in flight (`concurrency`) and keep doing so (patch PER_MINUTE_LIMITS).
+
+Low-priority features are queued rather than disabled (patch QUEUE_LOW_PRIORITY; runs begun
+before keep disabling them): a `queue` control at half the pace the feature got answered at
+leaves the other half of its share of the quota to the features that matter, and its calls
+wait their turn instead of failing (low-priority work is usually background work that can
+wait: summaries, batch enrichment). A call that cannot get a turn within its own timeout (or
+a full waiting room) fails at once as the OpenAI SDK's own timeout, which the app already
+handles. A feature with nothing answered in the window keeps the disable: there is no pace to
+halve, and a queue at none would hold every call until it timed out, a slow way of refusing it.
+Whether the queue helped is judged like every other control: the 429 rate is re-read, and a
+mitigation that did not help is rolled back as a whole.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
 
 BACKOFF_ATTEMPTS = 5
 PER_MINUTE_LIMITS = "rate-limits-per-minute"
+QUEUE_LOW_PRIORITY = "rate-limits-queue-low-priority"
 GOT_THROUGH_SHARE = 0.9
 # A token limit below this starves a feature of a single large call.
 MIN_TPM = 1_000
@@ -73,10 +85,23 @@ class RateLimitExhaustionRunbook:
         # B. Back off (with jitter, honouring Retry-After) instead of failing on a 429.
         for m in limits[:3]:
             await steps.apply(ControlSpec("backoff", model=m.model, value=str(BACKOFF_ATTEMPTS)))
-        # D. Shed the features that matter least.
+        # D. Hold back the features that matter least.
+        queue_them = bool(shed) and workflow.patched(QUEUE_LOW_PRIORITY)
         for f in shed:
-            await steps.apply(ControlSpec("disable", feature=f.feature))
+            if queue_them:
+                await steps.apply(held_back(f))
+            else:
+                await steps.apply(ControlSpec("disable", feature=f.feature))
         return await steps.verify()
+
+
+def held_back(f: FeatureUsage) -> ControlSpec:
+    """A low-priority feature queued at half the pace it got answered at; disabled when nothing
+    of it got answered (no pace to halve)."""
+    if f.answered_per_minute > 0:
+        pace = max(1, int(f.answered_per_minute / 2))
+        return ControlSpec("queue", feature=f.feature, value=str(pace))
+    return ControlSpec("disable", feature=f.feature)
 
 
 def halved_pace(trigger: str, f: FeatureUsage) -> ControlSpec:

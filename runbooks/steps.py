@@ -4,11 +4,15 @@ timer, so the whole runbook is in the incident's history)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Literal
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from activities.canary import CanaryCheck, CanaryResult
     from activities.controls import (
         ControlList,
         ControlRef,
@@ -27,8 +31,10 @@ with workflow.unsafe.imports_passed_through():
         SignalReading,
     )
     from activities.policies import CONTROL_CHANGE, STORE_QUERY
+    from domain.incident import Approval, ApprovalDecision
     from domain.scopes import OTHER
     from runbooks.base import (
+        CanaryOutcome,
         Priority,
         RunbookInput,
         RunbookProgress,
@@ -38,6 +44,15 @@ with workflow.unsafe.imports_passed_through():
     )
 
 PROGRESS_SIGNAL = "runbook_progress"
+# How long a step waits for a person by default, and what the answer arrives by.
+APPROVAL_TIMEOUT = timedelta(minutes=15)
+APPROVAL_SIGNAL = "approval_decided"
+# Asks made by a runbook run on its own (no incident): only the test kit registers it.
+KIT_APPROVAL_ACTIVITY = "runbook_kit.approval_asked"
+# Runs begun before `approve` existed went ahead with the step unasked.
+RUNBOOK_APPROVALS = "runbook-approvals"
+# A canary's slice: enough traffic to compare within minutes, little enough to limit the harm.
+CANARY_FRACTION = 0.1
 
 
 class Steps:
@@ -207,6 +222,191 @@ class Steps:
         )
         return reading
 
+    # --- canary --------------------------------------------------------------------------
+
+    async def canary(
+        self,
+        controls: ControlSpec | Sequence[ControlSpec],
+        *,
+        fraction: float = CANARY_FRACTION,
+        approval: str | None = None,
+        on_approval_timeout: Literal["deny", "proceed"] = "deny",
+        if_too_little_traffic: Literal["revert", "promote"] = "revert",
+    ) -> CanaryOutcome:
+        """Put `controls` in force on `fraction` of their traffic (the same sessions for each),
+        compare that slice with the rest over the verification window, and promote them to
+        all the traffic only when the slice is better on what the incident is about and worse
+        on nothing; else revert them. A look halfway reverts early on harm. `approval`: the
+        step name whose approval (`approve`, per the spec's severities) the promotion needs.
+        Too little traffic to judge after two windows: revert, or (`"promote"`) hand them to
+        the whole-traffic verification, which rolls back what does not help."""
+        specs = [controls] if isinstance(controls, ControlSpec) else list(controls)
+        refs = []
+        for spec in specs:
+            spec.fraction = fraction
+            refs.append(await self.apply(spec))
+        described = [ref.description for ref in refs]
+        await self.tell(
+            "canary", f"canary on {fraction:.0%} of the traffic: {'; '.join(described)}"
+        )
+        assert self._applied_at is not None
+        # Raw call rows, not minute rollups: the window starts the moment the clients have it.
+        start = self._applied_at + CONTROLS_REACH_CLIENTS
+        wait = timedelta(seconds=self.input.verify_after_seconds)
+        check = CanaryCheck(
+            trigger=self.input.trigger,
+            control_ids=[ref.id for ref in refs],
+            feature=specs[0].feature,
+            models=[spec.model for spec in specs],
+            start=start,
+            end=start + wait / 2,
+            window_over=False,
+        )
+        result = await self._compare(check)
+        if result.verdict != "revert":
+            check.end, check.window_over = start + wait, True
+            result = await self._compare(check)
+            if result.too_few:  # a second window, as `verify` gives an unclear reading
+                check.end = start + 2 * wait
+                result = await self._compare(check)
+        outcome = CanaryOutcome(
+            controls=described,
+            fraction=fraction,
+            verdict=result.verdict,
+            reason=result.reason,
+            lines=list(result.lines),
+            canary_calls=result.canary_calls,
+            rest_calls=result.rest_calls,
+        )
+        self.report.canaries.append(outcome)
+        numbers = "\n".join(f"• {line}" for line in result.lines)
+        promote = result.verdict == "promote" or (
+            result.too_few and if_too_little_traffic == "promote"
+        )
+        if promote and approval is not None:
+            asked = f"Promote to all traffic: {'; '.join(described)}"
+            if not await self.approve(asked, step=approval, on_timeout=on_approval_timeout):
+                promote = False
+                outcome.reason = f"{result.reason}; the promotion was not approved"
+        if not promote:
+            await self.roll_back(refs, f"canary: {outcome.reason}")
+            await self.tell("canary", f"canary reverted: {outcome.reason}\n{numbers}")
+            return outcome
+        for spec in specs:
+            spec.fraction = None  # the same controls (same keys), on all the traffic
+            await self.apply(spec)
+        outcome.promoted = True
+        if result.verdict != "promote":
+            outcome.reason = f"{result.reason}: promoted to all traffic, the verification judges it"
+        await self.tell("canary", f"canary promoted: {outcome.reason}\n{numbers}")
+        return outcome
+
+    async def _compare(self, check: CanaryCheck) -> CanaryResult:
+        await workflow.sleep(
+            max(check.end - workflow.now(), timedelta(0)),
+            summary=f"canary window until {check.end:%H:%M:%S} UTC",
+        )
+        result: CanaryResult = await workflow.execute_activity(
+            "canary.compare",
+            check,
+            result_type=CanaryResult,
+            **STORE_QUERY.options(),
+            summary=f"compare the canary of {len(check.control_ids)} control(s)",
+        )
+        return result
+
+    # --- approval ------------------------------------------------------------------------
+
+    async def approve(
+        self,
+        action: str,
+        *,
+        step: str,
+        timeout: timedelta = APPROVAL_TIMEOUT,  # noqa: ASYNC109 (a durable timer, not asyncio's)
+        on_timeout: Literal["deny", "proceed"] = "deny",
+    ) -> bool:
+        """Ask a person before a risky step, when the spec's `approvals` list `step` at the
+        incident's severity: Approve / Deny buttons in the incident's Slack thread, or
+        `pagerloop incidents approve|deny`. Whether the step may go ahead; no answer within
+        `timeout` means `on_timeout`. A step not listed goes ahead at once, unasked. The ask,
+        the answer and who gave it are on the incident's timeline and in the report."""
+        if not self.spec.needs_approval(step, self.input.severity):
+            return True
+        if not self.may_mitigate:
+            return False  # nothing may change yet, approved or not
+        if not workflow.patched(RUNBOOK_APPROVALS):
+            return True  # begun before runbooks asked: the step went ahead unasked
+        desk = self._approval_desk()
+        desk.asked += 1
+        approval_id = f"{workflow.info().workflow_id}/approval-{desk.asked}"
+        now = workflow.now()
+        approval = Approval(
+            approval_id,
+            action,
+            asked_at=now,
+            expires_at=now + timeout,
+            step=step,
+            on_timeout=on_timeout,
+        )
+        self.report.approvals.append(approval)
+        ask = RunbookProgress(
+            "approval",
+            action,
+            approval_id=approval_id,
+            timeout_seconds=int(timeout.total_seconds()),
+            on_timeout=on_timeout,
+            step=step,
+        )
+        await self._ask(ask)
+        try:
+            await workflow.wait_condition(
+                lambda: approval_id in desk.decisions,
+                timeout=timeout,
+                timeout_summary=f"approval of {step}: no answer means {on_timeout}",
+            )
+        except TimeoutError:
+            approval.outcome, approval.approved = "expired", on_timeout == "proceed"
+            approval.decided_at = workflow.now()
+            if workflow.info().parent is not None:  # the kit's record is the report
+                expired = replace(ask, kind="approval_expired")
+                await self._signal_parent(expired)
+            return approval.approved
+        decision = desk.decisions[approval_id]
+        approval.outcome = "approved" if decision.approved else "denied"
+        approval.approved = decision.approved
+        approval.decided_by, approval.reason = decision.decided_by, decision.reason
+        approval.decided_at = workflow.now()
+        return decision.approved
+
+    def _approval_desk(self) -> _ApprovalDesk:
+        """This run's asks and answers, kept by its signal handler (registered on the first
+        ask), so that every `Steps` of the run shares one count of asks."""
+        handler = workflow.get_signal_handler(APPROVAL_SIGNAL)
+        if handler is None:
+            desk = _ApprovalDesk()
+            workflow.set_signal_handler(APPROVAL_SIGNAL, desk.decided)
+            return desk
+        owner = getattr(handler, "__self__", None)
+        assert isinstance(owner, _ApprovalDesk), f"{APPROVAL_SIGNAL} is taken by {handler}"
+        return owner
+
+    async def _ask(self, ask: RunbookProgress) -> None:
+        """The incident posts the ask and forwards the answer. Run on its own (the test kit),
+        the kit's activity answers instead, by the same signal."""
+        if workflow.info().parent is not None:
+            await self._signal_parent(ask)
+            return
+        await workflow.execute_activity(
+            KIT_APPROVAL_ACTIVITY, ask, start_to_close_timeout=timedelta(seconds=30)
+        )
+
+    async def _signal_parent(self, progress: RunbookProgress) -> None:
+        parent = workflow.info().parent
+        assert parent is not None
+        await workflow.get_external_workflow_handle(parent.workflow_id).signal(
+            PROGRESS_SIGNAL, progress
+        )
+
     # --- telling the incident ------------------------------------------------------------
 
     async def tell(self, kind: str, text: str) -> None:
@@ -223,6 +423,16 @@ class Steps:
 # the rest is room for a slow poll. Calls made before then still ran without the controls.
 CONTROLS_REACH_CLIENTS = timedelta(seconds=10)
 VERIFY_AFTER_PROPAGATION = "verify-after-controls-reach-clients"
+
+
+class _ApprovalDesk:
+    def __init__(self) -> None:
+        self.asked = 0
+        self.decisions: dict[str, ApprovalDecision] = {}
+
+    def decided(self, decision: ApprovalDecision) -> None:
+        # The first answer counts: a second click, or one after the timeout, changes nothing.
+        self.decisions.setdefault(decision.approval_id, decision)
 
 
 def _next_minute(at: datetime) -> datetime:

@@ -11,6 +11,12 @@ The diagnosis activities answer from the snapshot; the control activities are th
 on the store you pass (a temporary SQLite file will do), so what the runbook leaves in force is
 what `pagerloop controls list` would show. `after` decides what the re-read signal says, from
 the controls in force at that moment: that is how a test says which mitigation helps.
+`hooks` are the real hook activities (`HookActivities` pointed at a local receiver); without
+them the users' notice answers "not configured".
+`golden_set` is the real golden-set activity (`GoldenSetActivities` pointed at a local eval);
+without it the quality runbook is told no golden set is configured.
+`approvals` answers the steps that ask a person first (`Steps.approve`): by default it
+approves them all; `lambda action: None` never answers (the ask times out).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.canary import CanaryCheck, CanaryResult
 from activities.controls import ControlActivities, ControlRef
 from activities.diagnosis import (
     DiagnosisQuery,
@@ -37,9 +44,15 @@ from activities.diagnosis import (
     SignalCheck,
     SignalReading,
 )
-from runbooks.base import RunbookInput, RunbookReport, RunbookSpec
+from activities.golden_set import GoldenSetActivities, GoldenSetRequest, GoldenSetVerdict
+from activities.hooks import HookActivities, NotifyUsers, NotifyUsersResult
+from domain.incident import ApprovalDecision
+from runbooks.base import RunbookInput, RunbookProgress, RunbookReport, RunbookSpec
+from runbooks.steps import APPROVAL_SIGNAL, KIT_APPROVAL_ACTIVITY
 
 Judge = Callable[[list[ControlRef], SignalCheck], SignalReading]
+# What a canary comparison finds, from the controls in force when it is asked.
+CanaryJudge = Callable[[list[ControlRef], CanaryCheck], CanaryResult]
 
 
 @dataclass
@@ -76,6 +89,31 @@ def never_recovers(controls: list[ControlRef], check: SignalCheck) -> SignalRead
     return reading(check, recovered=False)
 
 
+def canary_verdict(verdict: str, *, too_few: bool = False) -> CanaryJudge:
+    """Every canary comparison finds `verdict` (promote | revert | inconclusive); as the
+    real one, it promotes only once the window is over."""
+
+    def judge(controls: list[ControlRef], check: CanaryCheck) -> CanaryResult:
+        found = "inconclusive" if verdict == "promote" and not check.window_over else verdict
+        return CanaryResult(
+            found, f"{found} (synthetic)", [f"synthetic {found}"], 100, 900, too_few
+        )
+
+    return judge
+
+
+too_little_traffic = canary_verdict("inconclusive", too_few=True)
+
+# A person's answer to a step's ask (`Steps.approve`), from what the step will do: True
+# approves, False denies, None never answers (the ask times out).
+Approver = Callable[[str], bool | None]
+KIT_APPROVER = "runbook-kit"
+
+
+def approve_all(action: str) -> bool:
+    return True
+
+
 @dataclass
 class RunbookRun:
     report: RunbookReport
@@ -83,6 +121,8 @@ class RunbookRun:
     checks: list[list[ControlRef]]  # the controls in force at each re-read of the signal
     signal_checks: list[SignalCheck]  # what each re-read asked for (trigger, window)
     queries: list[str]  # the diagnosis activities the runbook called, in order
+    canary_checks: list[CanaryCheck] = field(default_factory=list)  # each canary comparison
+    asked: list[RunbookProgress] = field(default_factory=list)  # each ask for approval
 
     def control(self, kind: str, **target: str | None) -> ControlRef:
         """The control of that kind in force (matching feature= / model= when given)."""
@@ -98,11 +138,26 @@ class RunbookRun:
 
 class RunbookKit:
     def __init__(
-        self, client: Client, engine: Engine, snapshot: Snapshot, after: Judge = never_recovers
+        self,
+        client: Client,
+        engine: Engine,
+        snapshot: Snapshot,
+        after: Judge = never_recovers,
+        canary: CanaryJudge = too_little_traffic,
+        approvals: Approver = approve_all,
+        hooks: HookActivities | None = None,
+        golden_set: GoldenSetActivities | None = None,
     ) -> None:
+        self.golden_set = golden_set
+        # The real hook activities (pointed at a local receiver), or none configured.
+        self.hooks = hooks
+        self.approvals = approvals
+        self._asked: list[RunbookProgress] = []
         self.client = client
         self.snapshot = snapshot
         self.after = after
+        self.canary = canary
+        self._canary_checks: list[CanaryCheck] = []
         self.controls = ControlActivities(engine)
         self.incident_id = ""
         self._checks: list[list[ControlRef]] = []
@@ -128,7 +183,39 @@ class RunbookKit:
             self._signal_checks.append(check)
             return self.after(in_force, check)
 
+        @activity.defn(name="canary.compare")
+        async def compare(check: CanaryCheck) -> CanaryResult:
+            in_force = (await self.controls.list_for(self.incident_id)).controls
+            self._canary_checks.append(check)
+            return self.canary(in_force, check)
+
+        @activity.defn(name=KIT_APPROVAL_ACTIVITY)
+        async def approval_asked(ask: RunbookProgress) -> None:
+            """The runbook has no incident to ask: `approvals` answers, by the signal a
+            person's answer reaches a runbook by."""
+            self._asked.append(ask)
+            answer = self.approvals(ask.text)
+            if answer is None:
+                return
+            decision = ApprovalDecision(ask.approval_id, answer, KIT_APPROVER, channel="kit")
+            asking = activity.info().workflow_id
+            assert asking is not None  # only runbook workflows ask
+            handle = self.client.get_workflow_handle(asking)
+            await handle.signal(APPROVAL_SIGNAL, decision)
+
+        @activity.defn(name="hooks.notify_users")
+        async def no_hooks(request: NotifyUsers) -> NotifyUsersResult:
+            return NotifyUsersResult(False, "no hook in the runbook kit")
+
+        @activity.defn(name="golden_set.evaluate")
+        async def no_golden_set(request: GoldenSetRequest) -> GoldenSetVerdict:
+            return GoldenSetVerdict(False, details="no golden set in the runbook kit")
+
         return [
+            self.hooks.notify_users if self.hooks is not None else no_hooks,
+            self.golden_set.evaluate if self.golden_set is not None else no_golden_set,
+            approval_asked,
+            compare,
             answer("top_features", snap.features),
             answer("rate_limits", snap.rate_limits),
             answer("latency", snap.latency),
@@ -151,9 +238,13 @@ class RunbookKit:
         may_mitigate: bool = True,
         feature_priorities: dict[str, str] | None = None,
         metrics: dict[str, float] | None = None,
+        fallbacks: dict[str, str] | None = None,
+        output_checks: dict[str, str] | None = None,
     ) -> RunbookRun:
         self.incident_id = f"incident-test-{uuid.uuid4().hex[:8]}"
         self._checks, self._signal_checks, self._queries = [], [], []
+        self._canary_checks = []
+        self._asked = []
         queue = f"runbook-kit-{uuid.uuid4().hex[:8]}"
         runbook_input = RunbookInput(
             incident_id=self.incident_id,
@@ -165,6 +256,9 @@ class RunbookKit:
             summary=f"synthetic {trigger or spec.triggers[0]} on {scope}",
             feature_priorities=feature_priorities or {},
             may_mitigate=may_mitigate,
+            fallbacks=fallbacks or {},
+            output_checks=output_checks or {},
+            golden_set=self.golden_set is not None,
         )
         async with Worker(
             self.client, task_queue=queue, workflows=[spec.workflow], activities=self.activities()
@@ -177,7 +271,13 @@ class RunbookKit:
             )
         in_force = (await self.controls.list_for(self.incident_id)).controls
         return RunbookRun(
-            report, in_force, list(self._checks), list(self._signal_checks), list(self._queries)
+            report,
+            in_force,
+            list(self._checks),
+            list(self._signal_checks),
+            list(self._queries),
+            list(self._canary_checks),
+            list(self._asked),
         )
 
 

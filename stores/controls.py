@@ -13,6 +13,10 @@ controls back (by key) leaves them alone. A manual control tied to an incident i
 with the incident's controls when it resolves (`revert` without keys), but the incident's
 keep-alive (`extend`) does not push its expiry back: it lasts what the person asked for.
 
+A control with a `fraction` is a canary: it applies to that share of the calls in its target,
+chosen per session by the SDK (pagerloop_sdk.controls), which tags each call of the slice
+`canary#<id>`. Only SDKs that say they can slice get it from `GET /v1/controls`.
+
 `concurrency`, `rpm` and `tpm` are limits of the whole application; `GET /v1/controls` hands
 each app instance its share (stores.instances).
 """
@@ -24,7 +28,8 @@ from datetime import datetime
 from typing import Any
 
 from pagerloop_sdk import controls as sdk_controls
-from sqlalchemy import Column, DateTime, Engine, Index, update
+from pagerloop_sdk.endpoints import split_route
+from sqlalchemy import Column, DateTime, Engine, Float, Index, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -61,6 +66,8 @@ class Control(SQLModel, table=True):
     feature: str | None = Field(default=None, max_length=128)  # None: any feature
     model: str | None = Field(default=None, max_length=128)  # None: any model
     value: str = Field(default="", max_length=200)
+    # The share of the calls in its target it applies to (a canary); None: all of them.
+    fraction: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
     incident_id: str = Field(max_length=200)
     reason: str = Field(default="", max_length=1000)
     set_by: str = Field(max_length=128)
@@ -80,7 +87,7 @@ class Control(SQLModel, table=True):
 
     @property
     def description(self) -> str:
-        return describe(self.kind, self.feature, self.model, self.value)
+        return describe(self.kind, self.feature, self.model, self.value, self.fraction)
 
     @property
     def manual(self) -> bool:
@@ -101,8 +108,23 @@ def target(feature: str | None, model: str | None) -> str:
     return ", ".join(p for p in parts if p) or "all calls"
 
 
-def describe(kind: str, feature: str | None, model: str | None, value: str) -> str:
+def describe(
+    kind: str, feature: str | None, model: str | None, value: str, fraction: float | None = None
+) -> str:
     """One line for Slack, Jira and the CLI."""
+    return _what(kind, feature, model, value) + canary_text(fraction)
+
+
+def percent(fraction: float) -> str:
+    """0.1 -> "10%", 0.025 -> "2.5%" (two decimals at most, no float noise)."""
+    return f"{round(fraction * 100, 2):g}%"
+
+
+def canary_text(fraction: float | None) -> str:
+    return "" if fraction is None else f" on {percent(fraction)} of the traffic (canary)"
+
+
+def _what(kind: str, feature: str | None, model: str | None, value: str) -> str:
     where = target(feature, model)
     scope = f" ({target(feature, None)})" if feature else ""
     if kind == "concurrency":
@@ -113,7 +135,9 @@ def describe(kind: str, feature: str | None, model: str | None, value: str) -> s
         return f"limit {where} to {value} tokens per minute"
     if kind in ("reroute", "pin"):
         verb = "reroute" if kind == "reroute" else "pin"
-        return f"{verb} {model or 'any model'} -> {value}{scope}"
+        instead, endpoint = split_route(value)
+        at = f" at endpoint {endpoint}" if endpoint is not None else ""
+        return f"{verb} {model or 'any model'} -> {instead}{at}{scope}"
     if kind == "max_tokens":
         return f"cap output tokens at {value} for {where}"
     if kind == "disable":
@@ -122,15 +146,29 @@ def describe(kind: str, feature: str | None, model: str | None, value: str) -> s
         return f"serve repeated requests from cache for {where}"
     if kind == "backoff":
         return f"back off on 429s, up to {value} attempts, for {where}"
+    if kind == "queue":
+        return f"queue {where} at {value} requests per minute"
+    if kind == "validate":
+        return f"validate output of {where} with check {value}, retry once"
     return f"{kind} {value} for {where}"
 
 
 def validate(kind: str, value: str) -> str | None:
-    """Why a control cannot be enforced, or None when it can."""
+    """Why a control cannot be enforced, or None when it can. A `validate` control's check is
+    only checked for its form here: whether the app knows it is the app's to say (its SDK skips
+    a check it does not know)."""
     problem = sdk_controls.problem(kind, value)
     if problem is None and kind in COUNTED and int(value) > COUNT_MAX:
         return f"a {kind} control needs a whole number from 1 to {COUNT_MAX}, not {value!r}"
     return problem
+
+
+def fraction_problem(fraction: float | None) -> str | None:
+    """Why a control cannot apply to `fraction` of its traffic, or None when it can (None:
+    all of it)."""
+    if fraction is None or 0 < fraction < 1:  # NaN fails both comparisons
+        return None
+    return f"a canary's fraction is between 0 and 1 (exclusive), not {fraction!r}"
 
 
 def _insert(engine: Engine) -> Any:
@@ -150,14 +188,17 @@ def upsert(
     expires_at: datetime,
     now: datetime,
     key: str | None = None,
+    fraction: float | None = None,
 ) -> Control:
-    """Set a control, idempotently: the same key refreshes its value, reason and expiry, and
-    brings a reverted one back. One statement, so concurrent retries cannot collide. The key
-    is the runbook's (`control_key`) unless given."""
+    """Set a control, idempotently: the same key refreshes its value, reason, expiry and
+    fraction, and brings a reverted one back. One statement, so concurrent retries cannot
+    collide. The key is the runbook's (`control_key`) unless given; it leaves the fraction out,
+    so setting a canary again with `fraction=None` promotes that same control to all traffic."""
     now, expires_at = utc(now), utc(expires_at)
     key = key or control_key(incident_id, kind, feature, model)
     refreshed = {
         "value": value,
+        "fraction": fraction,
         "reason": reason,
         "set_by": set_by,
         "updated_at": now,
@@ -194,6 +235,7 @@ def set_manual(
     set_by: str,
     expires_at: datetime,
     now: datetime,
+    fraction: float | None = None,
 ) -> Control:
     """Set a control by hand (idempotently, on its `manual_key`), for `incident_id` or for
     none (`MANUAL`). Setting the same kind on the same target again refreshes it."""
@@ -209,6 +251,7 @@ def set_manual(
         expires_at=expires_at,
         now=now,
         key=manual_key(incident_id, kind, feature, model),
+        fraction=fraction,
     )
 
 

@@ -280,6 +280,24 @@ def rate_limits(engine: Engine, window: Window, scope: str) -> dict[str, RateLim
     return found
 
 
+def retries_by_feature(engine: Engine, window: Window, scope: str) -> dict[str, int]:
+    """feature ("" for calls without one) -> the retries of its calls. The rollups hold no
+    retry counts: this reads the window's rows, only those that retried, one row out per
+    (model, feature)."""
+    query = (
+        select(_calls.model, _calls.feature, func.sum(_calls.retry_count))
+        .where(window.all_rows(), _calls.retry_count > 0)
+        .group_by(_calls.model, _calls.feature)
+    )
+    found: dict[str, int] = {}
+    with engine.connect() as connection:
+        for model, feature, retries in connection.execute(query):
+            if in_scope(scope, model, feature):
+                key = feature or ""
+                found[key] = found.get(key, 0) + int(retries or 0)
+    return found
+
+
 # --- errors --------------------------------------------------------------------------------
 
 

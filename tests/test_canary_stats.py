@@ -438,4 +438,29 @@ def test_primary_measure_by_trigger() -> None:
     assert primary_measure(Trigger.RATE_LIMIT_EXHAUSTION) is Measure.RATE_LIMITED
     assert primary_measure(Trigger.ELEVATED_LATENCY) is Measure.LATENCY
     assert primary_measure(Trigger.QUALITY_DEGRADATION) is Measure.QUALITY
-    assert primary_measure(Trigger.COST_SPIKE) is None
+
+
+def test_a_cheaper_canary_is_better_on_cost_and_a_dearer_one_worse() -> None:
+    # 40 calls at $0.002 +- a little against 400 at $0.010 +- a little.
+    cheap = [0.002 + 0.0001 * (i % 5) for i in range(40)]
+    dear = [0.010 + 0.0001 * (i % 7) for i in range(400)]
+
+    def sums(values: list[float]) -> tuple[float, float, int]:
+        return sum(values), sum(v * v for v in values), len(values)
+
+    better = mean_difference(*sums(cheap), *sums(dear), measure=Measure.COST)
+    assert better.finding() is Finding.BETTER
+    assert better.canary is not None
+    assert better.canary < 0.003
+    assert "cost per call $0.00220 a call (canary, 40 calls)" in better.describe()
+    assert "lower (better)" in better.describe()
+    worse = mean_difference(*sums(dear[:40]), *sums(cheap * 10), measure=Measure.COST)
+    assert worse.finding() is Finding.WORSE
+    flat = mean_difference(0.4, 0.004, 40, 4.0, 0.04, 400, measure=Measure.COST)
+    assert flat.finding() is Finding.NOT_SIGNIFICANT
+
+
+def test_cost_triggers_are_judged_on_cost_per_call() -> None:
+    assert primary_measure(Trigger.COST_SPIKE) is Measure.COST
+    assert primary_measure(Trigger.BUDGET_EXHAUSTION) is Measure.COST
+    assert primary_measure(Trigger.TOKEN_QUOTA) is None

@@ -301,8 +301,10 @@ async def test_each_instance_gets_its_share_of_app_wide_limits(
     assert body["instances"] == 3
     reroute = next(c for c in body["controls"] if c["kind"] == "reroute")
     assert set(reroute) == {
-        "id", "kind", "feature", "model", "value", "limit", "expires_at", "incident_id", "reason"
+        "id", "kind", "feature", "model", "value", "limit", "expires_at", "incident_id", "reason",
+        "fraction",
     }  # fmt: skip
+    assert reroute["fraction"] is None
     assert reroute["model"] == "gpt-4.1"
     assert reroute["incident_id"] == "incident-rate_limit_exhaustion-global-1"
     assert reroute["reason"] == "429s"

@@ -164,8 +164,8 @@ async def test_a_mitigation_that_does_not_help_is_rolled_back_and_escalates(
         state = await incident.state()
         assert state.status == IncidentStatus.MITIGATING  # before anyone acknowledged
         assert state.runbook == "rate_limit_exhaustion"
-        # search throttled, summaries (low) shed, chat (critical) left at its pace.
-        assert await incident.in_force() == ["backoff", "disable", "rpm"]
+        # search throttled, summaries (low) queued, chat (critical) left at its pace.
+        assert await incident.in_force() == ["backoff", "queue", "rpm"]
 
         await stage.env.sleep(timedelta(minutes=4))  # past the verification
         await eventually(lambda: incident.at_level(2))
@@ -204,7 +204,7 @@ async def test_a_verified_mitigation_auto_resolves_after_a_quiet_period_keeping_
         assert result.resolved_by == "pagerloop"
         # What keeps the signal quiet stays in force (until it expires): reverting it would
         # bring the breach straight back.
-        assert await incident.in_force() == ["backoff", "disable", "rpm"]
+        assert await incident.in_force() == ["backoff", "queue", "rpm"]
         kinds = [entry.kind for entry in result.timeline]
         assert kinds.index("verified") < kinds.index("resolved") < kinds.index("controls_kept")
         assert "controls_reverted" not in kinds
@@ -339,7 +339,7 @@ async def test_resolve_and_keep_controls_from_slack(
         result = await incident.handle.result()
         assert result.status == IncidentStatus.RESOLVED
         assert result.resolved_by == "U024BE7LH"
-        assert await incident.in_force() == ["backoff", "disable", "rpm"]
+        assert await incident.in_force() == ["backoff", "queue", "rpm"]
         kinds = [entry.kind for entry in result.timeline]
         assert "controls_kept" in kinds
         assert "controls_reverted" not in kinds

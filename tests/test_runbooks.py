@@ -29,7 +29,14 @@ from runbooks import (
     runbook_for,
 )
 from runbooks.base import Verification
-from runbooks.testing import RunbookKit, Snapshot, never_recovers, reading, recovered_if
+from runbooks.testing import (
+    RunbookKit,
+    Snapshot,
+    canary_verdict,
+    never_recovers,
+    reading,
+    recovered_if,
+)
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
 
@@ -102,9 +109,10 @@ async def test_rate_limit_halves_requests_per_minute_backs_off_and_sheds_low_pri
     assert [c.feature for c in run.controls if c.kind == "rpm"] == ["search"]
     assert not [c for c in run.controls if c.kind == "concurrency"]
     assert run.control("backoff", model="gpt-4.1").value == "5"
-    assert run.control("disable", feature="summaries")
-    # Shed, not throttled; and a feature that was not rate-limited is left alone.
-    assert [c.kind for c in run.controls if c.feature == "summaries"] == ["disable"]
+    # Low priority: queued at half the pace it was answered at (30 a minute), not paced as
+    # one to blame; and a feature that was not rate-limited is left alone.
+    assert run.control("queue", feature="summaries").value == "15"
+    assert [c.kind for c in run.controls if c.feature == "summaries"] == ["queue"]
     assert all(c.feature != "embeddings-batch" for c in run.controls)
     assert any("30.0% of 1000 calls rate-limited" in line for line in run.report.findings)
     assert run.queries == ["rate_limits", "top_features"]
@@ -173,7 +181,7 @@ async def test_a_mitigation_that_does_not_help_is_rolled_back(
     assert run.controls == []  # nothing left in force
     assert run.report.actions == []
     assert sorted(ref.kind for ref in run.report.rolled_back) == [
-        "backoff", "disable", "rpm", "rpm",
+        "backoff", "queue", "rpm", "rpm",
     ]  # fmt: skip
     # While checking, the controls were in force.
     assert len(run.checks[0]) == 4
@@ -245,6 +253,46 @@ async def test_latency_caps_tokens_and_reroutes_the_slow_model_to_mini(
     assert any("12 timeouts" in line for line in run.report.findings)
 
 
+async def test_latency_tries_the_fallback_endpoint_on_a_canary_and_asks_before_promoting(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(latency=[ModelLatency("gpt-4.1", 500, 6100.0, 16800.0, 9000.0, {})])
+    kit = RunbookKit(
+        time_skipping_env.client,
+        engine,
+        snapshot,
+        after=recovered_if(has("reroute")),
+        canary=canary_verdict("promote"),
+    )
+    run = await kit.run(elevated_latency.SPEC, fallbacks={"gpt-4.1": "gpt-4.1@azure-east"})
+
+    assert run.control("reroute", model="gpt-4.1").value == "gpt-4.1@azure-east"
+    halfway, check = run.canary_checks
+    assert (check.trigger, check.models) == ("elevated_latency", ["gpt-4.1", "gpt-4.1"])
+    assert (halfway.window_over, check.window_over) == (False, True)
+    assert check.end - check.start == timedelta(seconds=180)
+    # Another provider: a person approves the promotion.
+    [ask] = run.asked
+    assert "Promote to all traffic" in ask.text
+    assert "azure-east" in ask.text
+
+
+async def test_a_latency_canary_that_is_slower_is_reverted_before_the_window_ends(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(latency=[ModelLatency("gpt-4.1", 500, 6100.0, 16800.0, 9000.0, {})])
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, canary=canary_verdict("revert"))
+    run = await kit.run(elevated_latency.SPEC)
+
+    assert run.controls == []
+    assert sorted(ref.kind for ref in run.report.rolled_back) == ["max_tokens", "reroute"]
+    # Harm is not waited out: the look halfway through the window reverted it.
+    [check] = run.canary_checks
+    assert not check.window_over
+    assert run.report.verification == Verification.NOT_CHECKED
+    assert run.signal_checks == []
+
+
 # --- quality degradation -------------------------------------------------------------------
 
 
@@ -303,36 +351,111 @@ def test_quality_waits_for_an_acknowledgement() -> None:
 # --- cost spike ----------------------------------------------------------------------------
 
 
-async def test_cost_spike_reroutes_caps_and_throttles_the_offending_feature(
+async def test_cost_spike_routes_the_scope_to_the_cheapest_model_once_its_canary_is_cheaper(
     time_skipping_env: WorkflowEnvironment, engine: Engine
 ) -> None:
     snapshot = Snapshot(
         features=[
             feature("summaries", cost=41.0, share=0.82, concurrency=8.0),
-            feature("chat", cost=6.0, share=0.12),
+            feature("chat", cost=6.0, share=0.12, models=("gpt-4.1", "gpt-4o")),
+            feature("digest", cost=2.0, share=0.04),
         ]
     )
-    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
-    run = await kit.run(cost_spike.SPEC)
+    kit = RunbookKit(
+        time_skipping_env.client,
+        engine,
+        snapshot,
+        after=recovered_if(has("reroute")),
+        canary=canary_verdict("promote"),
+    )
+    run = await kit.run(cost_spike.SPEC, feature_priorities={"digest": "low"})
 
     assert run.report.verification == Verification.RECOVERED
-    assert run.control("reroute", feature="summaries", model="gpt-4.1").value == "gpt-4.1-nano"
+    # The seed's "route all traffic": every model of the scope, every feature.
+    reroutes = {
+        (c.feature, c.model): (c.value, c.fraction) for c in run.controls if c.kind == "reroute"
+    }
+    assert reroutes == {
+        (None, "gpt-4.1"): ("gpt-4.1-nano", None),
+        (None, "gpt-4o"): ("gpt-4o-mini", None),
+    }
+    # Tried on a tenth of the traffic first, then promoted: the same controls.
+    check = run.canary_checks[-1]
+    assert sorted(check.control_ids) == sorted(c.id for c in run.controls if c.kind == "reroute")
+    assert (check.feature, check.trigger) == (None, "cost_spike")
+    [canary] = run.report.canaries
+    assert canary.promoted
+    assert canary.fraction == 0.1
+    assert run.control("cache", feature="summaries").value == ""
+    assert run.control("disable", feature="digest")
     assert run.control("max_tokens", feature="summaries").value == "512"
     assert run.control("concurrency", feature="summaries").value == "4"
-    assert all(c.feature == "summaries" for c in run.controls)  # chat is left alone
     assert any("82% of cost" in line for line in run.report.findings)
+    # Both the promotion and the shedding were asked for.
+    assert [ask.text.split(":")[0] for ask in run.asked] == [
+        "Promote to all traffic",
+        "Disable the low-priority features digest",
+    ]
+
+
+async def test_a_cost_canary_that_is_not_cheaper_is_reverted_and_the_rest_still_applies(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(features=[feature("summaries", cost=41.0, share=0.82, concurrency=8.0)])
+    kit = RunbookKit(
+        time_skipping_env.client,
+        engine,
+        snapshot,
+        after=recovered_if(has("max_tokens")),
+        canary=canary_verdict("revert"),
+    )
+    run = await kit.run(cost_spike.SPEC)
+
+    assert "reroute" not in run.kinds
+    assert [ref.kind for ref in run.report.rolled_back] == ["reroute"]
+    assert not run.report.canaries[0].promoted
+    assert run.asked == []  # nothing to promote: nobody is asked
+    assert run.control("max_tokens", feature="summaries").value == "512"
+
+
+async def test_a_denied_promotion_reverts_the_canary(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    snapshot = Snapshot(features=[feature("summaries", cost=41.0, share=0.82)])
+    kit = RunbookKit(
+        time_skipping_env.client,
+        engine,
+        snapshot,
+        canary=canary_verdict("promote"),
+        approvals=lambda action: False,
+    )
+    run = await kit.run(cost_spike.SPEC)
+
+    assert "reroute" not in run.kinds
+    assert "not approved" in run.report.canaries[0].reason
 
 
 async def test_cost_spike_keeps_a_capable_model_for_a_critical_feature(
     time_skipping_env: WorkflowEnvironment, engine: Engine
 ) -> None:
-    snapshot = Snapshot(features=[feature("chat", cost=30.0, share=0.9)])
-    kit = RunbookKit(time_skipping_env.client, engine, snapshot, after=recovered_if(has("reroute")))
-    run = await kit.run(
+    snapshot = Snapshot(
+        features=[feature("summaries", cost=30.0, share=0.7), feature("chat", cost=10.0)]
+    )
+    kit = RunbookKit(
+        time_skipping_env.client,
+        engine,
+        snapshot,
+        after=recovered_if(has("reroute")),
+        canary=canary_verdict("promote"),
+    )
+    run = await kit.run(cost_spike.SPEC, feature_priorities={"chat": "critical"})
+    assert run.control("reroute", feature=None, model="gpt-4.1").value == "gpt-4.1-nano"
+    # More specific, so chat keeps mini; on the same canary slice, promoted with it.
+    assert run.control("reroute", feature="chat").value == "gpt-4.1-mini"
+    alone = await kit.run(
         cost_spike.SPEC, scope="feature:chat", feature_priorities={"chat": "critical"}
     )
-
-    assert run.control("reroute", feature="chat").value == "gpt-4.1-mini"
+    assert alone.control("reroute", feature="chat").value == "gpt-4.1-mini"
 
 
 async def test_cost_spike_acts_on_the_incident_scope_not_the_top_spender(
@@ -348,6 +471,7 @@ async def test_cost_spike_acts_on_the_incident_scope_not_the_top_spender(
     run = await kit.run(cost_spike.SPEC, scope="feature:summaries")
 
     assert {c.feature for c in run.controls} == {"summaries"}
+    assert run.control("reroute", feature="summaries").value == "gpt-4.1-nano"
     assert run.control("concurrency", feature="summaries").value == "2"
 
 
@@ -382,7 +506,8 @@ async def test_outage_serves_cache_sheds_low_priority_and_keeps_them_while_it_la
     run = await kit.run(api_outage.SPEC, feature_priorities={"summaries": "low"})
 
     assert run.report.verification == Verification.NOT_RECOVERED
-    assert sorted(run.kinds) == ["cache", "disable"]  # kept: the cause is the provider's
+    # Kept: the cause is the provider's. Both features are non-critical: queued (test_outage_hooks).
+    assert sorted(run.kinds) == ["cache", "disable", "queue", "queue"]
     assert run.control("disable", feature="summaries")
     assert run.report.rolled_back == []
     assert any("2 models failing at once" in line for line in run.report.findings)
@@ -412,3 +537,19 @@ def test_a_runbook_relabels_the_escalation_levels() -> None:
     assert (
         policy.level(2).ack_timeout_seconds == DEFAULT_POLICIES["SEV2"].level(2).ack_timeout_seconds
     )
+
+
+def test_the_expected_resolution_is_the_paging_severities_l1_resolve_deadline() -> None:
+    from domain.escalation import DEFAULT_POLICIES
+
+    for spec in RUNBOOKS:
+        for severity in ("SEV1", "SEV2"):
+            policy = spec.policy(DEFAULT_POLICIES[severity], severity)
+            assert policy.level(1).resolve_timeout_seconds == spec.expected_resolution_minutes * 60
+            # Only L1's: the escalations keep the time the severity gives them.
+            given = DEFAULT_POLICIES[severity].level(2)
+            assert policy.level(2).resolve_timeout_seconds == given.resolve_timeout_seconds
+        # A ticket keeps its days; a run begun before the deadline existed keeps the severity's.
+        for severity, asked in (("SEV4", "SEV4"), ("SEV1", None)):
+            kept = spec.policy(DEFAULT_POLICIES[severity], asked).level(1).resolve_timeout_seconds
+            assert kept == DEFAULT_POLICIES[severity].level(1).resolve_timeout_seconds

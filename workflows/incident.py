@@ -29,18 +29,21 @@ from temporalio.types import MethodAsyncSingleParam
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from activities.channels import CHANNELS
+    from activities.channels import CHANNELS, REPORTS_TO
     from activities.controls import (
         ControlActivities,
         ControlList,
         ExtendControls,
         RevertControls,
     )
-    from activities.policies import CONTROL_CHANGE, VENDOR_CALL, ActivityPolicy
+    from activities.policies import CONTROL_CHANGE, STORE_QUERY, VENDOR_CALL, ActivityPolicy
+    from activities.reports import ReportActivities, ReportRequest
     from domain import search_attributes as sa
     from domain.escalation import DEFAULT_POLICIES, span
     from domain.incident import (
         ActionRequest,
+        Approval,
+        ApprovalDecision,
         Breach,
         BreachReceipt,
         CarriedState,
@@ -61,6 +64,9 @@ with workflow.unsafe.imports_passed_through():
         Absorbed,
         Acknowledge,
         AddNote,
+        ApprovalDecided,
+        ApprovalExpired,
+        ApprovalRequested,
         BreachReported,
         CancelRunbook,
         ChannelFailed,
@@ -71,6 +77,7 @@ with workflow.unsafe.imports_passed_through():
         Escalate,
         Event,
         ExtendRunbookControls,
+        ForwardApproval,
         MergedInto,
         Opened,
         Policy,
@@ -94,9 +101,10 @@ with workflow.unsafe.imports_passed_through():
         refusal,
     )
     from domain.lanes import Lane, compact
+    from domain.report import ReportText
     from runbooks import runbook_for
     from runbooks.base import RunbookInput, RunbookProgress, RunbookReport
-    from runbooks.steps import PROGRESS_SIGNAL
+    from runbooks.steps import APPROVAL_SIGNAL, PROGRESS_SIGNAL
 
 TIMELINE_IN_ANSWERS = 10
 # Changes to the command sequence, each behind its patch so that runs begun before it replay
@@ -108,6 +116,11 @@ HAND_OVER_GRACE = timedelta(seconds=10)
 # The controls keep-alive counts from when they were last extended, across runs, instead of
 # restarting its hour with each run (a run shorter than an hour never extended them).
 KEEPALIVE_ACROSS_RUNS = "controls-keepalive-across-runs"
+# L1's resolve deadline is the runbook's expected resolution time, not the severity's.
+RUNBOOK_RESOLVE_DEADLINE = "runbook-expected-resolution-deadline"
+# Once resolved (every lane drained, the controls reverted), the incident writes its report,
+# then posts it: the Jira postmortem (the resolve no longer posts one) and the Slack summary.
+INCIDENT_REPORT = "incident-report"
 # How often an open incident pushes back the expiry of its runbook's controls.
 CONTROLS_KEEPALIVE = timedelta(hours=1)
 ZERO = timedelta(0)
@@ -136,6 +149,7 @@ class IncidentWorkflow:
         self._lanes = (*(lane for _, lane in self._channels), self._controls)
         self._runbook_active = False
         self._child: workflow.ChildWorkflowHandle[Any, RunbookReport] | None = None
+        self._forwards: list[ApprovalDecision] = []
         self._updates = 0
         self._changed = False
         self._published: tuple[object, ...] = ()
@@ -169,10 +183,13 @@ class IncidentWorkflow:
         """Each severity's escalation policy as this incident applies it (the runbook's
         escalation path describes its levels)."""
         runbook, given = self._runbook, input.notify.policies
+        deadline = runbook is not None and workflow.patched(RUNBOOK_RESOLVE_DEADLINE)
         policies = {}
         for severity in Severity:
             policy = given.get(severity) or DEFAULT_POLICIES[severity]
-            policies[str(severity)] = runbook.policy(policy) if runbook else policy
+            if runbook is not None:
+                policy = runbook.policy(policy, str(severity) if deadline else None)
+            policies[str(severity)] = policy
         return Policy(policies, tuple(input.notify.allowed_slack_users))
 
     @workflow.run
@@ -204,7 +221,11 @@ class IncidentWorkflow:
                 },
             )
             workflow.continue_as_new(replace(input, carried=carried, absorbs=[]))
+        reporting = self._reports()
+        report = await self._write_report() if reporting else None
         await self._tell_detector()
+        if reporting:
+            await self._post_report(report)
         state = self._state
         return IncidentResult(
             incident_id=state.incident_id,
@@ -320,10 +341,39 @@ class IncidentWorkflow:
     def _validate_related(self, breach: Breach) -> None:
         self._refuse(RelatedBreach(breach))
 
+    @workflow.update
+    async def decide_approval(self, decision: ApprovalDecision) -> IncidentState:
+        """A person approves or denies a runbook step that asked (Slack buttons, the CLI); the
+        runbook waiting for it hears the answer."""
+        self._updates += 1
+        self._apply(ApprovalDecided(decision))
+        await self._forward_approvals()
+        return self._answer()
+
+    @decide_approval.validator
+    def _validate_approval(self, decision: ApprovalDecision) -> None:
+        self._refuse(ApprovalDecided(decision))
+        if self._child is None:
+            raise ValueError(f"{self._state.incident_id}: no runbook is running to ask")
+
     @workflow.signal(name=PROGRESS_SIGNAL)
     def runbook_progress(self, progress: RunbookProgress) -> None:
         runbook = self._runbook.name if self._runbook else "runbook"
-        self._apply(RunbookProgressed(progress.kind, progress.text, runbook))
+        if progress.kind == "approval":
+            asked_at = workflow.now()
+            approval = Approval(
+                progress.approval_id,
+                progress.text,
+                asked_at=asked_at,
+                expires_at=asked_at + timedelta(seconds=progress.timeout_seconds),
+                step=progress.step,
+                on_timeout=progress.on_timeout or "deny",
+            )
+            self._apply(ApprovalRequested(approval, runbook))
+        elif progress.kind == "approval_expired":
+            self._apply(ApprovalExpired(progress.approval_id))
+        else:
+            self._apply(RunbookProgressed(progress.kind, progress.text, runbook))
 
     @workflow.query
     def state(self) -> IncidentState:
@@ -370,6 +420,20 @@ class IncidentWorkflow:
                 self._controls.push("revert", text=reason)
             case ExtendRunbookControls():
                 self._controls.push("extend")
+            case ForwardApproval(decision):
+                self._forwards.append(decision)
+
+    async def _forward_approvals(self) -> None:
+        """Tell the running runbook the answers just decided (a runbook that has ended since
+        has nothing left to hear)."""
+        while self._forwards:
+            decision = self._forwards.pop(0)
+            if self._child is None:
+                continue
+            try:
+                await self._child.signal(APPROVAL_SIGNAL, decision)
+            except Exception as err:  # the child ended meanwhile: its approvals are withdrawn
+                workflow.logger.info("approval %s not forwarded: %s", decision.approval_id, err)
 
     async def _escalation_clock(self) -> None:
         while not self._finished():
@@ -458,6 +522,9 @@ class IncidentWorkflow:
             metrics=dict(state.metrics),
             summary=state.summary,
             feature_priorities=dict(plan.feature_priorities),
+            fallbacks=dict(plan.fallbacks),
+            output_checks=dict(plan.output_checks),
+            golden_set=plan.golden_set,
             may_mitigate=may_mitigate,
             verify_after_seconds=plan.verify_after_seconds,
             diagnosis_window_seconds=plan.diagnosis_window_seconds,
@@ -627,6 +694,42 @@ class IncidentWorkflow:
             return ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
         return ActivityCancellationType.TRY_CANCEL
 
+    def _reports(self) -> bool:
+        """Whether this incident writes its report at resolve: the deployment has the report
+        activity, and the run decides on code that writes one (a run that resolved before
+        replays without). Decided once per run (the patch's answer is kept)."""
+        return self._input.notify.report and workflow.patched(INCIDENT_REPORT)
+
+    async def _write_report(self) -> ReportText | None:
+        """Figures from the stores, saved with the incident; a report that cannot be written
+        is noted on the timeline and never keeps the incident from ending."""
+        try:
+            text: ReportText = await self._activity(
+                ReportActivities.build,
+                ReportRequest(self._state),
+                summary="write the incident report",
+                policy=STORE_QUERY,
+            )
+        except ActivityError as err:
+            self._apply(ChannelFailed("report", "build", str(err.cause or err)))
+            return None
+        return text
+
+    async def _post_report(self, report: ReportText | None) -> None:
+        """The report where people followed the incident, each channel on its own (one that is
+        down holds back no other). A merged incident has none: the one it joined tells."""
+        if self._state.merged_into:
+            return
+
+        async def post(name: str) -> None:
+            try:
+                await REPORTS_TO[name].post_report(report, self._view)
+            except ActivityError as err:
+                self._apply(ChannelFailed(name, "report", str(err.cause or err)))
+
+        lanes = [lane for _, lane in self._channels if lane.enabled]
+        await asyncio.gather(*(post(lane.name) for lane in lanes if lane.name in REPORTS_TO))
+
     async def _tell_detector(self) -> None:
         detector = self._input.detector_workflow_id
         if detector is None:
@@ -729,6 +832,9 @@ class _ChannelView:
         policy: ActivityPolicy = VENDOR_CALL,
     ) -> R:
         return await self._workflow._activity(method, arg, summary=summary, policy=policy)
+
+    def reports(self) -> bool:
+        return self._workflow._reports()
 
     def start(
         self, method: MethodAsyncSingleParam[Any, P, R], arg: P, *, summary: str

@@ -19,6 +19,7 @@ from pagerloop_sdk.privacy import hash_user_id
 from pagerloop_sdk.records import CACHE_SOURCE, ERROR_MESSAGE_MAX, CallRecord
 
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
+ENDPOINT_KEY = "pagerloop_endpoint"  # in a record's metadata
 
 
 @dataclass(slots=True)
@@ -50,9 +51,13 @@ class PendingCall:
     output_parts: list[str] = field(default_factory=list)
     trace_id: str | None = None
     controls: str | None = None  # the runbook controls that changed the call: "reroute#3"
+    endpoint: str | None = None  # the fallback endpoint a `model@endpoint` route sent it to
     # Served from the response cache: nothing reached OpenAI and no tokens were spent. Its
     # record has source "cache", which keeps it out of the rollups and the diagnosis queries.
     cache_hit: bool = False
+    # Why the answer returned failed its validate control (pagerloop_sdk.validation): the
+    # recorder sends it as a quality score of 0.
+    invalid: str | None = None
     # The last HTTP attempt's (response headers, request headers), read in `finalize` (or at
     # once when `eager`: runbook controls read the retry count on the caller's path).
     headers: Any = None
@@ -201,6 +206,15 @@ def prompt_text(prompt: Any) -> str:
     return ""
 
 
+def _metadata(ctx: LLMContext, endpoint: str | None) -> dict[str, Any] | None:
+    """The context's metadata; a rerouted call's also names the endpoint that answered (a
+    metadata key, so the call log's schema stays as it is)."""
+    metadata = dict(ctx.metadata)
+    if endpoint is not None:
+        metadata[ENDPOINT_KEY] = endpoint
+    return metadata or None
+
+
 def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
     """The stored record of a finished call (runs in the recorder's thread)."""
     if call.headers is not None:
@@ -254,6 +268,6 @@ def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
         request_id=call.request_id,
         trace_id=call.trace_id or ctx.trace_id,
         source=CACHE_SOURCE if call.cache_hit else "sdk",
-        metadata=dict(ctx.metadata) or None,
+        metadata=_metadata(ctx, call.endpoint),
         controls=call.controls,
     )

@@ -12,20 +12,30 @@ in force apply from the first call. A store error keeps the last known controls.
 The rules matching a call's feature and requested model fold into one `Decision`, memoized
 per (operation, feature, model) until the controls change: a call under no control pays one
 attribute read, a controlled one a dict lookup.
+
+A rule with a `fraction` below 1 is a canary: it applies only to the calls in its slice, those
+whose session hashes (with the rule's incident) below the fraction (`in_slice`), so a session
+stays on one side for the whole canary and keeps it when it is promoted. Every call in a slice
+is tagged `canary#<id>` in its record, which is how the server compares canary and rest.
+Snapshots with a canary memoize per (operation, feature, model, sides of the slices); the
+others decide exactly as before.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import logging
 import math
 import os
+import random
+import re
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import openai
@@ -38,12 +48,16 @@ from pagerloop_sdk.backoff import RETRY_AFTER_MAX as RETRY_AFTER_MAX
 from pagerloop_sdk.backoff import backoff_delay as backoff_delay
 from pagerloop_sdk.backoff import is_rate_limit as is_rate_limit
 from pagerloop_sdk.backoff import retry_after as retry_after
+from pagerloop_sdk.context import LLMContext
+from pagerloop_sdk.context import current as current_context
+from pagerloop_sdk.endpoints import route_problem, split_route
 from pagerloop_sdk.limiter import Held as Held
 from pagerloop_sdk.limiter import Limiter as Limiter
 from pagerloop_sdk.limiter import Pacer
 from pagerloop_sdk.limiter import acquire as acquire
 from pagerloop_sdk.limiter import acquire_async as acquire_async
 from pagerloop_sdk.metrics import counter
+from pagerloop_sdk.queueing import Queue
 from pagerloop_sdk.records import CONTROLS_MAX
 from pagerloop_sdk.response_cache import ResponseCache as ResponseCache
 from pagerloop_sdk.response_cache import cache_key as cache_key
@@ -56,11 +70,29 @@ MEMO_MAX = 4096  # (operation, feature, model) decisions kept per set of control
 # Model-rewriting kinds make no sense for embeddings (a chat model cannot embed).
 GENERATIVE = frozenset({"chat", "responses"})
 MODEL_KINDS = frozenset({"reroute", "pin", "max_tokens"})
-KINDS = ("concurrency", "rpm", "tpm", "reroute", "pin", "max_tokens", "disable", "cache", "backoff")
+# Kinds that read the output text, which embeddings do not have.
+OUTPUT_KINDS = frozenset({"validate"})
+KINDS = (
+    "concurrency",
+    "rpm",
+    "tpm",
+    "reroute",
+    "pin",
+    "max_tokens",
+    "disable",
+    "cache",
+    "backoff",
+    "queue",
+    "validate",
+)
 # The kinds whose value is a positive count (calls in flight, per minute, tokens, attempts).
-COUNTED = frozenset({"concurrency", "rpm", "tpm", "max_tokens", "backoff"})
+COUNTED = frozenset({"concurrency", "rpm", "tpm", "max_tokens", "backoff", "queue"})
 # The limits of the whole application: the server gives each process its share, which may be 0.
-SHARED = frozenset({"concurrency", "rpm", "tpm"})
+SHARED = frozenset({"concurrency", "rpm", "tpm", "queue"})
+# The kinds paced on a schedule of their own (a queue is a pacer with a waiting room).
+PACED = frozenset({"rpm", "tpm", "queue"})
+# A validate control's check: `json`, `schema:<name>`, or the name of an app's own check.
+CHECK_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 TOKEN_LIMITS = {
     "chat": ("max_completion_tokens", "max_tokens"),
     "responses": ("max_output_tokens",),
@@ -134,17 +166,22 @@ class Rule:
     incident_id: str = ""
     reason: str = ""
     expires_at: float = math.inf  # time.time() at which the control stops, wherever it came from
+    fraction: float = 1.0  # the share of the calls in its target it applies to (< 1: a canary)
 
     @property
     def tag(self) -> str:
         return f"{self.kind}#{self.id}"
 
     @property
+    def canary_tag(self) -> str:
+        return f"canary#{self.id}"
+
+    @property
     def number(self) -> int:
         return int(self.value)
 
     def matches(self, operation: str, feature: str | None, model: str) -> bool:
-        if self.kind in MODEL_KINDS and operation not in GENERATIVE:
+        if self.kind in MODEL_KINDS | OUTPUT_KINDS and operation not in GENERATIVE:
             return False
         return (self.feature is None or self.feature == feature) and (
             self.model is None or self.model == model
@@ -164,8 +201,21 @@ def problem(kind: str, value: str, *, share: bool = False) -> str | None:
     # isascii: "²".isdigit() is true, and int("²") fails.
     if kind in COUNTED and not (value.isascii() and value.isdigit() and int(value) >= least):
         return f"a {kind} control needs a whole number of at least {least}, not {value!r}"
-    if kind in ("reroute", "pin") and not value:
-        return f"a {kind} control needs the model to use instead"
+    if kind in ("reroute", "pin"):
+        return route_problem(kind, value)  # `model` or `model@endpoint`
+    if kind == "validate":
+        return check_problem(value)
+    return None
+
+
+def check_problem(check: str) -> str | None:
+    """Why `check` cannot name a validate control's check (whether this process knows it is
+    another matter: `pagerloop_sdk.validation`)."""
+    if check == "schema:" or not CHECK_NAME.fullmatch(check):
+        return (
+            "a validate control needs a check: json, schema:<name> or the name of a check the "
+            f"app registered (letters, digits, `_.:-`, at most 100), not {check!r}"
+        )
     return None
 
 
@@ -175,6 +225,8 @@ def enforceable(rules: Iterable[Rule], *, shares: bool = False) -> tuple[Rule, .
     kept = []
     for rule in rules:
         why = problem(rule.kind, rule.value, share=shares)
+        if why is None and not 0 < rule.fraction <= 1:  # NaN too
+            why = f"a fraction is between 0 and 1, not {rule.fraction!r}"
         if why is None:
             kept.append(rule)
         else:
@@ -193,6 +245,9 @@ class Decision:
     paces: tuple[tuple[Rule, Pacer], ...] = ()  # every rpm and tpm control, by id
     cache: Rule | None = None
     backoff: Rule | None = None
+    queues: tuple[tuple[Rule, Queue], ...] = ()  # every queue control, by id
+    validate: Rule | None = None  # the check of the output, retried once when it fails
+    canary: tuple[Rule, ...] = ()  # the canaries whose slice the call is in (tagged canary#id)
 
 
 def decide(
@@ -229,6 +284,12 @@ def decide(
         ),
         cache=best("cache"),
         backoff=best("backoff"),
+        queues=tuple(
+            (r, queue)
+            for r in sorted(matching, key=lambda r: r.id)
+            if r.kind == "queue" and isinstance(queue := pacers.get(r.id), Queue)
+        ),
+        validate=best("validate"),
     )
 
 
@@ -256,9 +317,11 @@ def rewrite(decision: Decision, operation: str, kwargs: MutableMapping[str, Any]
     """Apply the request-changing controls to `kwargs`; the tags of those that changed it."""
     tags = []
     route = decision.route
-    if route is not None and kwargs.get("model") != route.value:
-        kwargs["model"] = route.value
-        tags.append(route.tag)
+    if route is not None:
+        model, endpoint = split_route(route.value)
+        if endpoint is not None or kwargs.get("model") != model:
+            kwargs["model"] = model
+            tags.append(route.tag)
     cap = decision.cap
     if cap is not None and cap_tokens(operation, kwargs, cap.number):
         tags.append(cap.tag)
@@ -271,7 +334,41 @@ def label(tags: Sequence[str]) -> str | None:
 
 def count_actions(tags: Sequence[str]) -> None:
     for tag in tags:
-        ACTIONS.labels(tag.partition("#")[0]).inc()
+        kind = tag.partition("#")[0]
+        if kind != "canary":  # a call in a slice, not something a control did to it
+            ACTIONS.labels(kind).inc()
+
+
+# --- canary slices (pure) --------------------------------------------------------------------
+
+
+def session_key(ctx: LLMContext) -> str | None:
+    """What keeps a caller on one side of a canary: its session, else its user, else its
+    trace; None when it has none of them (each call is then on its own)."""
+    for key in (ctx.session_id, ctx.user_id, ctx.trace_id):
+        if key is not None and key != "":
+            return str(key)
+    return None
+
+
+def unit(incident_id: str, session: str) -> float:
+    """A stable number in [0, 1) for (incident, session): the same in every process and every
+    Python (blake2b, not hash(), which is salted per process). Keyed by the incident rather
+    than the control, so the canaries of one incident share a slice."""
+    text = f"{incident_id}\x00{session}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") / 2.0**64
+
+
+def in_slice(rule: Rule, session: str) -> bool:
+    return unit(rule.incident_id, session) < rule.fraction
+
+
+def sides(canaries: Sequence[Rule], session: str | None) -> tuple[bool, ...]:
+    """Whether a call of `session` is in the slice of each canary; a call with no session
+    draws a key of its own."""
+    if session is None:
+        session = f"~{random.getrandbits(64):016x}"
+    return tuple(in_slice(rule, session) for rule in canaries)
 
 
 # --- the process's view of the controls ---------------------------------------------------------
@@ -284,6 +381,13 @@ class Snapshot:
     pacers: Mapping[int, Pacer] = field(default_factory=dict)
     _memo: dict[tuple[str, str | None, str], Decision | None] = field(default_factory=dict)
 
+    def __new__(cls, rules: tuple[Rule, ...] = (), *args: Any, **kwargs: Any) -> Snapshot:
+        # Only a snapshot with a canary decides per session: the others keep the plain
+        # lookup below, whatever the call.
+        if cls is Snapshot and any(rule.fraction < 1 for rule in rules):
+            cls = CanarySnapshot
+        return object.__new__(cls)
+
     def decide(self, operation: str, feature: str | None, model: str) -> Decision | None:
         key = (operation, feature, model)
         memo = self._memo
@@ -294,6 +398,42 @@ class Snapshot:
         decision = decide(self.rules, self.limiters, self.pacers, operation, feature, model)
         if len(memo) >= MEMO_MAX:
             memo.clear()  # app-chosen model names must not grow this without bound
+        memo[key] = decision
+        return decision
+
+
+@dataclass(eq=False)
+class CanarySnapshot(Snapshot):
+    """The controls, some of them canaries: a call's decision also depends on which slices
+    its session is in."""
+
+    def __post_init__(self) -> None:
+        self.canaries = tuple(rule for rule in self.rules if rule.fraction < 1)
+        self._matching: dict[tuple[str, str | None, str], tuple[Rule, ...]] = {}
+        self._sliced: dict[tuple[str, str | None, str, tuple[bool, ...]], Decision | None] = {}
+
+    def decide(self, operation: str, feature: str | None, model: str) -> Decision | None:
+        target = (operation, feature, model)
+        canaries = self._matching.get(target)
+        if canaries is None:
+            if len(self._matching) >= MEMO_MAX:
+                self._matching.clear()
+            canaries = tuple(r for r in self.canaries if r.matches(operation, feature, model))
+            self._matching[target] = canaries
+        inside = sides(canaries, session_key(current_context())) if canaries else ()
+        key = (operation, feature, model, inside)
+        memo = self._sliced
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        chosen = tuple(rule for rule, side in zip(canaries, inside, strict=True) if side)
+        rules = [r for r in self.rules if r.fraction >= 1 or r in chosen]
+        decision = decide(rules, self.limiters, self.pacers, operation, feature, model)
+        if decision is not None and chosen:
+            decision = replace(decision, canary=chosen)
+        if len(memo) >= MEMO_MAX:
+            memo.clear()
         memo[key] = decision
         return decision
 
@@ -412,13 +552,15 @@ class ControlSource(abc.ABC):
                 self._limiters[control_id] = Limiter(limit)
             elif limiter.limit != limit:
                 limiter.resize(limit)
-        rates = {r.id: r.number for r in rules if r.kind in ("rpm", "tpm")}
+        rates = {r.id: r.number for r in rules if r.kind in PACED}
+        queued = {r.id for r in rules if r.kind == "queue"}
         for control_id in set(self._pacers) - set(rates):
             self._pacers.pop(control_id).resize(None)  # gone: its waiters go
         for control_id, per_minute in rates.items():
             pacer = self._pacers.get(control_id)
             if pacer is None:
-                self._pacers[control_id] = Pacer(per_minute)
+                made = Queue if control_id in queued else Pacer
+                self._pacers[control_id] = made(per_minute)
             elif pacer.per_minute != per_minute:
                 pacer.resize(per_minute)
         self._snapshot = Snapshot(rules, dict(self._limiters), dict(self._pacers))

@@ -2,7 +2,11 @@
 (reroute, pin, max_tokens) before it is sent; then served from the response cache (cache),
 or sent in its turn under every matching rpm and tpm control (paced evenly over the minute),
 holding a slot of every matching concurrency control, its 429s retried with backoff (backoff).
-The record names each control that changed the call (`controls`, "kind#id").
+A queue control holds the call first until its turn, or fails it as a timeout without sending
+it (`pagerloop_sdk.queueing`); a validate control checks the answer and sends the request once
+more when it fails (`pagerloop_sdk.validation`).
+The record names each control that changed the call (`controls`, "kind#id"), after the
+canaries whose slice the call is in ("canary#id"), whether or not they changed it.
 
 Which controls apply is `pagerloop_sdk.controls`' decision; this module only carries it out.
 """
@@ -14,12 +18,19 @@ import contextlib
 import time
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pagerloop_sdk import backoff, limiter
+from pagerloop_sdk import backoff, endpoints, limiter, queueing, validation
 from pagerloop_sdk.capture import PendingCall
-from pagerloop_sdk.controls import Decision, FeatureDisabled, count_actions, label, rewrite
+from pagerloop_sdk.controls import (
+    Decision,
+    FeatureDisabled,
+    _warn_once,
+    count_actions,
+    label,
+    rewrite,
+)
 from pagerloop_sdk.openai_hooks import in_flight, parsed
 from pagerloop_sdk.response_cache import ResponseCache
 from pagerloop_sdk.streams import track_async_stream, track_stream
@@ -34,6 +45,7 @@ class Plan:
     cache_key: str | None = None  # set when the client keeps a response cache and may use it
     retries: int = 0  # requests of the attempts before the last (429s backed off)
     estimates: list[tuple[limiter.Pacer, float]] = field(default_factory=list)  # tpm reserved
+    endpoint: endpoints.Endpoint | None = None  # where a `model@endpoint` route sends it
 
 
 def refuse(decision: Decision, feature: str | None, model: str) -> None:
@@ -56,7 +68,34 @@ def plan(
     if decision.disabled is not None:
         count_actions([decision.disabled.tag])
         refuse(decision, feature, model)
-    return Plan(decision, rewrite(decision, operation, kwargs))
+    # The canary tags first: the label is cut at CONTROLS_MAX, and they must survive it.
+    tags = [rule.canary_tag for rule in decision.canary]
+    decision, endpoint = routed(decision)
+    tags.extend(rewrite(decision, operation, kwargs))
+    return Plan(decision, tags, endpoint=endpoint)
+
+
+def routed(decision: Decision) -> tuple[Decision, endpoints.Endpoint | None]:
+    """The endpoint the decision's route sends the call to (None: the app's own client). A
+    route to an endpoint this process was not given is not followed at all (warned once): the
+    call goes out as the app made it, never broken by a name only the server knew."""
+    route = decision.route
+    name = None if route is None else endpoints.split_route(route.value)[1]
+    if route is None or name is None:
+        return decision, None
+    endpoint = endpoints.configured(name)
+    if endpoint is None:
+        _warn_once(
+            f"endpoint:{route.id}:{name}",
+            "ignoring control #%s: no endpoint %r in this process (set %sBASE_URL, an http(s) "
+            "URL, and %sAPI_KEY, or call pagerloop_sdk.register_endpoint)",
+            route.id,
+            name,
+            endpoints.env_prefix(name),
+            endpoints.env_prefix(name),
+        )
+        return replace(decision, route=None), None
+    return decision, endpoint
 
 
 def call_sync(
@@ -71,6 +110,10 @@ def call_sync(
     hit = _cached(plan, cache)
     if hit is not None:
         return _serve_cached(call, plan, hit, done)
+    if plan.decision.queues:
+        late = queueing.wait(plan.decision.queues, original, kwargs, call.operation, plan.tags)
+        if late is not None:
+            raise _gave_up(late, call, plan, done)
     limiter.pace(_reservations(plan, kwargs))
     held = limiter.acquire(plan.decision.limits)
     plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
@@ -89,6 +132,8 @@ def call_sync(
                 time.sleep(delay)
                 limiter.pace(_retry_reservations(plan))
                 attempt += 1
+        if plan.decision.validate is not None:
+            result = validation.checked_sync(result, call, plan, lambda: original(*args, **kwargs))
     except Exception as exc:
         call.fail(exc, time.perf_counter())
         finish()
@@ -113,6 +158,12 @@ async def call_async(
     hit = _cached(plan, cache)
     if hit is not None:
         return _serve_cached(call, plan, hit, done)
+    if plan.decision.queues:
+        late = await queueing.wait_async(
+            plan.decision.queues, original, kwargs, call.operation, plan.tags
+        )
+        if late is not None:
+            raise _gave_up(late, call, plan, done)
     await limiter.pace_async(_reservations(plan, kwargs))
     held = await limiter.acquire_async(plan.decision.limits)
     plan.tags.extend(rule.tag for rule, _ in plan.decision.limits)
@@ -131,6 +182,10 @@ async def call_async(
                 await asyncio.sleep(delay)
                 await limiter.pace_async(_retry_reservations(plan))
                 attempt += 1
+        if plan.decision.validate is not None:
+            result = await validation.checked_async(
+                result, call, plan, lambda: original(*args, **kwargs)
+            )
     except Exception as exc:
         call.fail(exc, time.perf_counter())
         finish()
@@ -214,6 +269,13 @@ def _closer(
         done()
 
     return finish
+
+
+def _gave_up(exc: Exception, call: PendingCall, plan: Plan, done: Callable[[], None]) -> Exception:
+    """Record a call that was never sent (a queue let it wait no longer): the error to raise."""
+    call.fail(exc, time.perf_counter())
+    _closer(call, plan, limiter.Held([]), done)()
+    return exc
 
 
 def _serve_cached(call: PendingCall, plan: Plan, response: Any, done: Callable[[], None]) -> Any:

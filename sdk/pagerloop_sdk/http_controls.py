@@ -5,7 +5,8 @@ so an unchanged answer is a 304 of a few bytes. Each process sends its instance 
 (`X-Pagerloop-Instance`, random per process); the API counts the live instances and answers
 each with its share of every application-wide limit (`concurrency`, `rpm`, `tpm`), so the
 shares of all replicas add up to at most the limit. While the API is unreachable the last
-controls stay in force, each until its own `expires_at`.
+controls stay in force, each until its own `expires_at`. `X-Pagerloop-Capabilities` says what
+this SDK can enforce (canaries: "fraction").
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from pagerloop_sdk.controls import DEFAULT_TTL, ControlSource, Rule, enforceable
 PATH = "/v1/controls"
 TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 MIN_INTERVAL, MAX_INTERVAL = 0.1, 3.0  # seconds between polls
+# What this SDK can enforce beyond the first API's controls. The API serves a canary (a control
+# with a fraction) only to an SDK that says "fraction": an older one would apply it to all calls.
+CAPABILITIES_HEADER = "X-Pagerloop-Capabilities"
+CAPABILITIES = "fraction"
 
 
 def new_instance_id() -> str:
@@ -30,6 +35,7 @@ def new_instance_id() -> str:
 
 
 def rule_of(item: dict[str, Any]) -> Rule:
+    fraction = item.get("fraction")
     return Rule(
         int(item["id"]),
         str(item["kind"]),
@@ -39,6 +45,7 @@ def rule_of(item: dict[str, Any]) -> Rule:
         str(item.get("incident_id") or ""),
         str(item.get("reason") or ""),
         datetime.fromisoformat(item["expires_at"]).timestamp(),
+        1.0 if fraction is None else float(fraction),
     )
 
 
@@ -57,7 +64,7 @@ class HttpControls(ControlSource):
     ) -> None:
         self.url = url.rstrip("/") + PATH
         self.instance_id = instance_id or new_instance_id()
-        self._headers = {"User-Agent": "pagerloop-sdk"}
+        self._headers = {"User-Agent": "pagerloop-sdk", CAPABILITIES_HEADER: CAPABILITIES}
         if authorization:
             self._headers["Authorization"] = authorization
         self._client = client or httpx.Client(timeout=TIMEOUT)

@@ -183,6 +183,14 @@ class Pacer:
             self._next = start + min(units * 60.0 / rate, 60.0)
             return start - now, self.generation
 
+    def give_back(self, units: float, generation: int) -> None:
+        """Return a reservation that will not be used (a queued call gave up its turn), so the
+        calls behind it do not wait for an empty slot; a schedule renewed since owes nothing."""
+        with self._lock:
+            rate = self.per_minute
+            if rate and generation == self.generation:
+                self._next -= min(units * 60.0 / rate, 60.0)
+
     def settle(self, estimated: float, actual: float, output: float) -> None:
         """Correct a reservation made on an estimate (tokens are known after the call)."""
         with self._lock:

@@ -11,7 +11,9 @@ Runbook controls are enforced on every call: `pagerloop_sdk.controls` decides wh
 `pagerloop_sdk.enforce` carries a call under controls out (refuse, rewrite, serve from the
 response cache, hold a concurrency slot, back off 429s); calls under no control take the plain
 path here. The record's `model` stays the model the app asked for; `response_model` is the one
-that answered, and `controls` names the controls that changed the call.
+that answered, and `controls` names the controls that changed the call. A route to
+`model@endpoint` sends the call through the same resource of that endpoint's own client
+(pagerloop_sdk.endpoints), still recorded here, once, its metadata naming the endpoint.
 
 With `response_cache=N`, every successful non-streamed response is kept for a `cache` control
 to serve later (pagerloop_sdk.response_cache).
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import openai
 
 from pagerloop_sdk import controls as ctl
-from pagerloop_sdk import enforce
+from pagerloop_sdk import endpoints, enforce
 from pagerloop_sdk.capture import PendingCall
 from pagerloop_sdk.context import EMPTY, LLMContext, current
 from pagerloop_sdk.openai_hooks import hook_responses, in_flight, parsed, raw_mode
@@ -48,6 +50,7 @@ OPERATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("responses", ("responses",)),
     ("embeddings", ("embeddings",)),
 )
+PATHS = dict(OPERATIONS)
 # OpenAI's request metadata: at most 16 pairs, keys up to 64 and values up to 512 characters.
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
 
@@ -124,12 +127,14 @@ def instrument(
 def _apply(client: C, options: _Options) -> C:
     is_async = isinstance(client, openai.AsyncOpenAI)
     hook_responses(client)
+    # A call sent to a fallback endpoint gives up when this client would have.
+    limits = (client.timeout, client.max_retries)
     for operation, path in OPERATIONS:
         resource: Any = client
         for name in path:
             resource = getattr(resource, name)
         wrap = _wrap_async if is_async else _wrap_sync
-        resource.create = wrap(operation, resource.create, options)
+        resource.create = wrap(operation, resource.create, options, limits)
 
     original_copy = client.copy
 
@@ -248,16 +253,47 @@ def _begin(
     return call, kwargs, plan, key
 
 
-def _unrecorded(kwargs: dict[str, Any], operation: str, snap: ctl.Snapshot) -> None:
+def _unrecorded(
+    kwargs: dict[str, Any], operation: str, snap: ctl.Snapshot
+) -> endpoints.Endpoint | None:
     """`with_streaming_response` calls are not recorded, but still rerouted, capped or
-    refused."""
+    refused; the endpoint a route sends it to (None: the app's client)."""
     if snap.rules:
         ctx = current()
         model = str(kwargs.get("model", ""))
         decision = snap.decide(operation, ctx.feature, model)
         if decision is not None:
             enforce.refuse(decision, ctx.feature, model)
+            decision, endpoint = enforce.routed(decision)
             ctl.rewrite(decision, operation, kwargs)
+            return endpoint
+    return None
+
+
+def _sender(
+    original: Callable[..., Any],
+    operation: str,
+    endpoint: endpoints.Endpoint | None,
+    is_async: bool,
+    limits: tuple[Any, int],
+) -> tuple[Callable[..., Any], Any]:
+    """The `create` to call, and its client when it is a fallback endpoint's (else None): the
+    same resource of the endpoint's client, unwrapped, since this wrapper records the call."""
+    if endpoint is None:
+        return original, None
+    client = endpoints.client_for(endpoint, is_async, *limits)
+    resource = client
+    for name in PATHS[operation]:
+        resource = getattr(resource, name)
+    return resource.create, client
+
+
+def _routed_to(call: PendingCall, client: Any, options: _Options, plan: enforce.Plan) -> Any:
+    """The server the call goes to (for its span); the record names the endpoint."""
+    if client is None or plan.endpoint is None:
+        return options.server
+    call.endpoint = plan.endpoint.name
+    return _server(client)
 
 
 def _keep(call: PendingCall, payload: Any) -> None:
@@ -279,7 +315,10 @@ def _finisher(call: PendingCall, span: Any, options: _Options) -> Callable[[], N
 
 
 def _wrap_sync(
-    operation: str, original: Callable[..., Any], options: _Options
+    operation: str,
+    original: Callable[..., Any],
+    options: _Options,
+    limits: tuple[Any, int],
 ) -> Callable[..., Any]:
     source = options.controls
     cache = options.cache
@@ -288,14 +327,18 @@ def _wrap_sync(
         snap = ctl.EMPTY if source is None else source.snapshot()
         mode = raw_mode(kwargs)
         if mode == "stream":  # with_streaming_response: the body is theirs to read
-            _unrecorded(kwargs, operation, snap)
-            return original(*args, **kwargs)
+            endpoint = _unrecorded(kwargs, operation, snap)
+            send, _ = _sender(original, operation, endpoint, False, limits)
+            return send(*args, **kwargs)
         call, kwargs, plan, key = _begin(operation, kwargs, options, snap)
+        if plan is not None:
+            send, routed = _sender(original, operation, plan.endpoint, False, limits)
+            span = options.telemetry.start(call, _routed_to(call, routed, options, plan))
+            done = _finisher(call, span, options)
+            call.eager = True  # the controls read its retry count as it goes
+            return enforce.call_sync(send, args, kwargs, call, plan, cache, done)
         span = options.telemetry.start(call, options.server)
         done = _finisher(call, span, options)
-        if plan is not None:
-            call.eager = True  # the controls read its retry count as it goes
-            return enforce.call_sync(original, args, kwargs, call, plan, cache, done)
         token = in_flight.set(call)
         try:
             result = original(*args, **kwargs)
@@ -321,7 +364,10 @@ def _wrap_sync(
 
 
 def _wrap_async(
-    operation: str, original: Callable[..., Any], options: _Options
+    operation: str,
+    original: Callable[..., Any],
+    options: _Options,
+    limits: tuple[Any, int],
 ) -> Callable[..., Any]:
     source = options.controls
     cache = options.cache
@@ -330,14 +376,18 @@ def _wrap_async(
         snap = ctl.EMPTY if source is None else await source.snapshot_async()
         mode = raw_mode(kwargs)
         if mode == "stream":
-            _unrecorded(kwargs, operation, snap)
-            return await original(*args, **kwargs)
+            endpoint = _unrecorded(kwargs, operation, snap)
+            send, _ = _sender(original, operation, endpoint, True, limits)
+            return await send(*args, **kwargs)
         call, kwargs, plan, key = _begin(operation, kwargs, options, snap)
+        if plan is not None:
+            send, routed = _sender(original, operation, plan.endpoint, True, limits)
+            span = options.telemetry.start(call, _routed_to(call, routed, options, plan))
+            done = _finisher(call, span, options)
+            call.eager = True
+            return await enforce.call_async(send, args, kwargs, call, plan, cache, done)
         span = options.telemetry.start(call, options.server)
         done = _finisher(call, span, options)
-        if plan is not None:
-            call.eager = True
-            return await enforce.call_async(original, args, kwargs, call, plan, cache, done)
         token = in_flight.set(call)
         try:
             result = await original(*args, **kwargs)

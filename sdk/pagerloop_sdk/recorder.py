@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from pagerloop_sdk import calllog, quality
+from pagerloop_sdk import calllog, quality, validation
 from pagerloop_sdk.capture import PendingCall, finalize, prompt_text
 from pagerloop_sdk.metrics import counter, gauge
 from pagerloop_sdk.pricing import DEFAULT_PRICES, PRICES, PriceTable, base_model
@@ -655,6 +655,8 @@ class Recorder:
 
     @staticmethod
     def _score(pending: PendingCall, record: CallRecord) -> ScoreRecord | None:
+        if pending.invalid is not None:
+            return validation.failure_score(pending, record)
         output = pending.output_text()
         if not output:
             return None

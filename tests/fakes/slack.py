@@ -287,7 +287,8 @@ class FakeSlack(FakeServer):
         channel, ts = str(data.get("channel", "")), str(data.get("ts", ""))
         if channel not in self._channel_ids.values():
             return _error("channel_not_found")
-        message = self.messages.get((channel, ts))
+        # A thread reply is edited like any message (an ask's buttons once answered).
+        message = self.messages.get((channel, ts)) or self._reply(channel, ts)
         if message is None:
             return _error("message_not_found")
         blocks = self._blocks(data)
@@ -297,6 +298,19 @@ class FakeSlack(FakeServer):
             message.edits.append({"text": message.text, "blocks": message.blocks})
             message.text, message.blocks = str(data.get("text", message.text)), blocks
         return JSONResponse({"ok": True, "channel": channel, "ts": ts, "text": message.text})
+
+    def _reply(self, channel: str, ts: str) -> Message | None:
+        with self.lock:
+            return next(
+                (
+                    reply
+                    for (c, _), parent in self.messages.items()
+                    if c == channel
+                    for reply in parent.thread
+                    if reply.ts == ts
+                ),
+                None,
+            )
 
     def _list(self, data: dict[str, Any]) -> JSONResponse:
         channels = [{"id": cid, "name": name} for name, cid in self._channel_ids.items()]
