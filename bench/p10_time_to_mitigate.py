@@ -56,7 +56,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,9 @@ POLL_SECONDS = 0.5
 FIRST_CONTROL_TARGET_S = 10.0
 BENCH_USER = "p10-bench"  # who the timeline says answered
 APP_STOP_SECONDS = 30.0
+MINUTE = timedelta(minutes=1)
+# The timeline entries a runbook's run ends with (runbooks/steps.py `verify`, the incident).
+CONCLUSIONS = ("verified", "verification", "rolled_back", "runbook_failed")
 
 
 def _faulty_latency() -> ColumnElement[bool]:
@@ -179,7 +182,15 @@ class Run:
 
     @property
     def detect_from_minute(self) -> float | None:
+        """From the start of the first bad minute."""
         return _between(self.first_bad_minute, self.opened)
+
+    @property
+    def detect_after_minute(self) -> float | None:
+        """From the end of the first bad minute, the moment the detector has it whole (the
+        target's reference); negative: it fired before the minute was over."""
+        minute = self.first_bad_minute
+        return _between(minute + MINUTE if minute else None, self.opened)
 
     @property
     def control_at(self) -> datetime | None:
@@ -207,6 +218,15 @@ class Run:
         if any(entry.kind == "runbook_failed" for entry in state.timeline):
             return "runbook_failed"
         return "timeout" if self.timed_out else state.runbook_phase or "-"
+
+    @property
+    def to_verdict(self) -> float | None:
+        """First bad call → the runbook's conclusion, whichever it was."""
+        state = self.mitigating
+        if state is None or state.runbook_phase != "done":
+            return None
+        ends = [e.at for e in state.timeline if e.kind in CONCLUSIONS]
+        return _between(self.first_bad, ends[-1] if ends else None)
 
     @property
     def concluded(self) -> bool:
@@ -461,9 +481,9 @@ def run_line(run: Run) -> str:
     share = sum(run.cpu.values()) / (run.wall * (os.cpu_count() or 1)) if run.wall else 0.0
     return (
         f"  {run.scenario.value} run {run.number}: first bad call {bad}; incident {where} "
-        f"after {fmt(run.detect)}s ({fmt(run.detect_from_minute)}s from its minute); first "
-        f"control +{fmt(run.mitigate)}s ({control}); verdict {run.verdict}, verified "
-        f"{fmt(run.to_verified)}s after the first bad call\n"
+        f"after {fmt(run.detect)}s ({fmt(run.detect_from_minute)}s from the start of its minute, "
+        f"{fmt(run.detect_after_minute)}s from its end); first control +{fmt(run.mitigate)}s "
+        f"({control}); verdict {run.verdict} {fmt(run.to_verdict)}s after the first bad call\n"
         f"      answered by the bench (zero human time): {answered}\n"
         f"      {run.wall:.0f}s wall; CPU {cpu} ({share:.0%} of {os.cpu_count()} cores); "
         f"load average {run.load[0]:.1f} -> {run.load[1]:.1f}"
@@ -492,10 +512,12 @@ class Figures:
 
     @property
     def met(self) -> bool:
-        detect, _ = self.median_max("detect_from_minute")
+        detect, _ = self.median_max("detect_after_minute")
         mitigate, _ = self.median_max("mitigate")
         complete = (
-            len(self.values("detect_from_minute")) == len(self.runs) == len(self.values("mitigate"))
+            len(self.values("detect_after_minute"))
+            == len(self.runs)
+            == len(self.values("mitigate"))
         )
         return (
             complete
@@ -540,31 +562,34 @@ def report(all_figures: list[Figures], args: argparse.Namespace, started: float)
         "approvals and acknowledgements were answered by the bench within a poll "
         f"({POLL_SECONDS} s): zero human time, included in the figures below\n"
     )
-    head = (
-        f"{'scenario':<22} {'bad→incident':>13} {'bad minute→incident':>20} "
-        f"{'incident→control':>17} {'bad→verified':>13}  verdicts"
-    )
-    print("median / max, seconds")
-    print(head)
+    columns = {
+        "bad→incident": "detect",
+        "bad minute→incident": "detect_from_minute",
+        "minute over→incident": "detect_after_minute",
+        "incident→control": "mitigate",
+        "bad→verified": "to_verified",
+        "bad→verdict": "to_verdict",
+    }
+    print("median / max, seconds (bad: the first bad call; bad minute: the start of its minute;")
+    print("minute over: the end of that minute, when the detector has it whole)")
+    print(f"{'scenario':<22}" + "".join(f" {name:>21}" for name in columns) + "  verdicts")
     for f in all_figures:
-        print(
-            f"{f.scenario.value:<22} {pair(f.median_max('detect')):>13} "
-            f"{pair(f.median_max('detect_from_minute')):>20} "
-            f"{pair(f.median_max('mitigate')):>17} {pair(f.median_max('to_verified')):>13}  "
-            f"{f.verdicts()}"
-        )
+        cells = "".join(f" {pair(f.median_max(attr)):>21}" for attr in columns.values())
+        print(f"{f.scenario.value:<22}{cells}  {f.verdicts()}")
+    target = all_figures[0].detect_target
     print(
-        f"\ntarget: incident <= interval + 3 s = {all_figures[0].detect_target:.0f} s after the "
-        f"first bad minute began, first control <= {FIRST_CONTROL_TARGET_S:.0f} s after the "
-        "incident (on the median)"
+        f"\ntarget: incident <= interval + 3 s = {target:.0f} s after the first bad minute is "
+        f"over (the detector judges whole minutes), first control <= "
+        f"{FIRST_CONTROL_TARGET_S:.0f} s after the incident; judged on the median"
     )
     for f in all_figures:
         n = len(f.runs)
         print(
             f"{f.scenario.value:<22} {'PASS' if f.met else 'MISS'}  "
-            f"(detect median {fmt(f.median_max('detect_from_minute')[0])} s, "
-            f"{f.within('detect_from_minute', f.detect_target)}/{n} runs within; first control "
-            f"median {fmt(f.median_max('mitigate')[0])} s, "
+            f"(minute over→incident median {fmt(f.median_max('detect_after_minute')[0])} s, "
+            f"{f.within('detect_after_minute', target)}/{n} runs within; from the minute's start "
+            f"{f.within('detect_from_minute', target)}/{n}; incident→control median "
+            f"{fmt(f.median_max('mitigate')[0])} s, "
             f"{f.within('mitigate', FIRST_CONTROL_TARGET_S)}/{n} within)"
         )
     print("\nfirst bad call, per scenario:")

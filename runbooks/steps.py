@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         RunbookSpec,
         Verification,
     )
+    from stores.controls import describe
 
 PROGRESS_SIGNAL = "runbook_progress"
 # How long a step waits for a person by default, and what the answer arrives by.
@@ -138,8 +139,9 @@ class Steps:
             **CONTROL_CHANGE.options(),
             summary=f"control: {spec.kind} {spec.feature or spec.model or 'all'}",
         )
-        if all(known.key != ref.key for known in self.report.actions):
-            self.report.actions.append(ref)
+        # Set again (a canary promoted): the same control, as it is now.
+        self.report.actions = [known for known in self.report.actions if known.key != ref.key]
+        self.report.actions.append(ref)
         self._applied_at = workflow.now()
         return ref
 
@@ -245,7 +247,7 @@ class Steps:
         for spec in specs:
             spec.fraction = fraction
             refs.append(await self.apply(spec))
-        described = [ref.description for ref in refs]
+        described = [describe(ref.kind, ref.feature, ref.model, ref.value) for ref in refs]
         await self.tell(
             "canary", f"canary on {fraction:.0%} of the traffic: {'; '.join(described)}"
         )

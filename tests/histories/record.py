@@ -37,12 +37,14 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 import worker
+from activities.diagnosis import ModelLatency
 from activities.incidents import IncidentActivities, OpenIncidentRequest
 from config import Settings
 from detectors.detector import DetectorWorkflow
 from domain import search_attributes as sa
 from domain.incident import (
     ActionRequest,
+    ApprovalDecision,
     Breach,
     IncidentInput,
     IncidentState,
@@ -51,7 +53,16 @@ from domain.incident import (
     Trigger,
 )
 from domain.workflow_names import detector_workflow_id
-from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
+from runbooks.testing import (
+    CanaryJudge,
+    Judge,
+    RunbookKit,
+    Snapshot,
+    canary_verdict,
+    never_recovers,
+    recovered_if,
+    too_little_traffic,
+)
 from stores.engine import create_schema, make_engine
 from stores.llm_calls import CallRecord
 from stores.writer import write_calls
@@ -143,9 +154,10 @@ class Stage:
         snapshot: Snapshot | None = None,
         after: Judge = never_recovers,
         updates_per_run: int | None = None,
+        canary: CanaryJudge = too_little_traffic,
     ) -> AsyncIterator[Incident]:
         """An incident opened as the detector opens one, with a worker until the block ends."""
-        kit = RunbookKit(self.client, self.engine, snapshot or Snapshot(), after)
+        kit = RunbookKit(self.client, self.engine, snapshot or Snapshot(), after, canary)
         incident_id = f"incident-{trigger}-global-{uuid.uuid4().hex[:8]}"
         kit.incident_id = incident_id
         plan = worker.notification_plan(
@@ -225,6 +237,17 @@ class Incident:
 
     async def update(self, method: Any, request: Any) -> None:
         await self.handle.execute_update(method, request)
+
+    async def approve(self, approved: bool = True) -> None:
+        """Answer the runbook's ask waiting now, as the Slack button does."""
+
+        async def asked() -> bool:
+            return bool((await self.state()).pending_approvals())
+
+        await eventually(asked, timeout=30)
+        [ask] = (await self.state()).pending_approvals()
+        decision = ApprovalDecision(ask.approval_id, approved, ONCALL.user, channel="slack")
+        await self.update(IncidentWorkflow.decide_approval, decision)
 
 
 def write(into: Path, name: str, history: str) -> Path:
@@ -487,6 +510,42 @@ async def correlated(stage: Stage) -> None:
         stage.started += [detector.id, errors, outage]
 
 
+SPENDING = Snapshot(
+    features=[
+        feature("summaries", cost=41.0, share=0.82, concurrency=8.0),
+    ]
+)
+REROUTE_HELPS = recovered_if(lambda controls: any(c.kind == "reroute" for c in controls))
+
+
+async def cost_canary_approved(stage: Stage) -> None:
+    """Cost: cache, a canary promoted once approved from Slack, verified, resolved by a person,
+    the report written and posted."""
+    async with stage.incident(
+        Trigger.COST_SPIKE, Severity.SEV2, SPENDING, REROUTE_HELPS, canary=canary_verdict("promote")
+    ) as incident:
+        await incident.reaches("canary")
+        await incident.sleep(4)
+        await incident.approve()
+        await incident.sleep(4)
+        await incident.reaches("proposed")
+        await incident.update(IncidentWorkflow.resolve, ONCALL)
+
+
+async def latency_canary_reverted(stage: Stage) -> None:
+    """Latency: the canary is worse at the look halfway, reverted; the incident escalates on
+    its ack deadline, is acknowledged and resolved."""
+    slow = Snapshot(latency=[ModelLatency("gpt-4.1", 500, 6100.0, 16800.0, 9000.0, {})])
+    async with stage.incident(
+        Trigger.ELEVATED_LATENCY, Severity.SEV2, slow, canary=canary_verdict("revert")
+    ) as incident:
+        await incident.reaches("canary")
+        await incident.sleep(4)
+        await incident.reaches("escalated", timeout=60)
+        await incident.update(IncidentWorkflow.acknowledge, ONCALL)
+        await incident.update(IncidentWorkflow.resolve, ONCALL)
+
+
 async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
     return await count() >= n
 
@@ -498,6 +557,8 @@ ON_TIME_SKIPPING: dict[str, Callable[[Stage], Awaitable[None]]] = {
     "rolled_back_and_escalated": rolled_back_and_escalated,
     "auto_resolved": auto_resolved,
     "continued_as_new": continued_as_new,
+    "cost_canary_approved": cost_canary_approved,
+    "latency_canary_reverted": latency_canary_reverted,
     "handed_over": handed_over,
     "emailed_and_alerted": emailed_and_alerted,
     "retention": retention,
