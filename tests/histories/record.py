@@ -540,8 +540,8 @@ async def latency_canary_reverted(stage: Stage) -> None:
         Trigger.ELEVATED_LATENCY, Severity.SEV2, slow, canary=canary_verdict("revert")
     ) as incident:
         await incident.reaches("canary")
-        await incident.sleep(4)
-        await incident.reaches("escalated", timeout=60)
+        await incident.sleep(12)  # past L1's 10-minute ack deadline
+        await incident.reaches("escalated")
         await incident.update(IncidentWorkflow.acknowledge, ONCALL)
         await incident.update(IncidentWorkflow.resolve, ONCALL)
 
