@@ -5,6 +5,7 @@ without `workflow.patched` is caught, and the same change behind a patch is not.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,20 @@ KEPT_ALIVE = HISTORIES / "runbook_controls_kept_alive@774e461.json"
 
 
 def history(path: Path) -> WorkflowHistory:
-    return WorkflowHistory.from_json(path.stem, path.read_text())
+    return WorkflowHistory.from_json(workflow_id(path), path.read_text())
+
+
+def workflow_id(path: Path) -> str:
+    """The id the workflow ran under, where its code reads it: a runbook's is its incident's
+    id and `-runbook-<n>` (its approvals are named after it); others replay under the file's
+    name."""
+    text = path.read_text()
+    name = path.stem.split("@")[0]
+    runbook = name.rpartition(".")[2]
+    if not runbook.startswith("runbook-"):
+        return path.stem
+    start = json.loads(text)["events"][0]["workflowExecutionStartedEventAttributes"]
+    return f"{start['parentWorkflowExecution']['workflowId']}-{runbook}"
 
 
 async def replay(path: Path, workflows: list[type] | None = None) -> WorkflowReplayResult:

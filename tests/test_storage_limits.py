@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, select
 
-from stores import controls, schema, silences
+from stores import schema, silences
 from stores.engine import create_schema, make_engine, ping
 from stores.llm_calls import CallRecord, LatencyRollup, LLMCall, UsageRollup
 from stores.quality import QualityRollup, ScoreRecord, write_scores
@@ -92,10 +92,16 @@ def test_the_upgrade_from_0003_keeps_the_rows_and_widens_ids_and_counters(pg: En
         starts_at=NOW, ends_at=NOW + timedelta(hours=1), author="a", reason="r", created_at=NOW
     )
     silences.create(pg, silence)
-    controls.upsert(
-        pg, incident_id="inc", kind="disable", feature="chat", model=None, value="", reason="r",
-        set_by="a", expires_at=NOW + timedelta(hours=1), now=NOW,
-    )  # fmt: skip
+    # The table as 0003 made it: today's model has columns added since.
+    with pg.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO controls (key, kind, feature, value, incident_id, reason, set_by,"
+                " created_at, updated_at, expires_at) VALUES ('inc/disable/chat/*', 'disable',"
+                " 'chat', '', 'inc', 'r', 'a', :now, :now, :until)"
+            ),
+            {"now": NOW, "until": NOW + timedelta(hours=1)},
+        )
 
     assert _data_types(pg)[("llm_calls", "id")] == "integer"
 

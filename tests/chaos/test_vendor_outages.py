@@ -288,6 +288,9 @@ def deadlines(policy: EscalationPolicy, start: datetime, until: datetime) -> lis
     return [d for d in due if d <= until]
 
 
+REPORT_HEAD = "*Incident report*"
+
+
 def told_lines(result: IncidentResult, since: int = 0) -> Counter[str]:
     """The lines the incident told Slack (thread) and Jira (comments): Slack's form."""
     return Counter(
@@ -334,7 +337,12 @@ def tally(
             "incident_id": handle.id}]  # fmt: skip
         counts.duplicates["slack messages"] += max(len(ours) - 1, 0)
         counts.missing["slack messages"] += 1 - min(len(ours), 1)
-        replies = lines([reply for m in ours for reply in m.replies])
+        thread = [reply for m in ours for reply in m.replies]
+        # The incident report's summary closes the thread, once.
+        reports = [reply for reply in thread if reply.startswith(REPORT_HEAD)]
+        counts.duplicates["slack reports"] += max(len(reports) - 1, 0)
+        counts.missing["slack reports"] += 1 - min(len(reports), 1)
+        replies = lines([reply for reply in thread if not reply.startswith(REPORT_HEAD)])
         _diff(counts, told_lines(result), replies, "slack replies")
         if ours and "RESOLVED" not in str(ours[0].blocks):
             counts.missing["slack updates"] += 1
