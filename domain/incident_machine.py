@@ -50,7 +50,7 @@ MAX_SNOOZE_MINUTES = 24 * 60
 TOLD = {"acknowledged", "escalated", "reminder", "snoozed", "note", "severity_raised",
         "recovered", "resolved", "diagnosis", "mitigation", "verified", "verification",
         "rolled_back", "controls_reverted", "controls_kept", "runbook_failed",
-        "proposed", "merged", "absorbed", "related", "users_notified"}  # fmt: skip
+        "proposed", "merged", "absorbed", "related", "users_notified", "canary"}  # fmt: skip
 
 
 @dataclass(frozen=True)

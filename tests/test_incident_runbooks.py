@@ -24,6 +24,7 @@ from activities.slack import RESOLVE_KEEP_ACTION, SlackActivities
 from config.settings import Settings
 from domain.incident import (
     ActionRequest,
+    ApprovalDecision,
     Breach,
     IncidentInput,
     IncidentState,
@@ -33,7 +34,16 @@ from domain.incident import (
     Severity,
     Trigger,
 )
-from runbooks.testing import Judge, RunbookKit, Snapshot, never_recovers, recovered_if
+from runbooks.testing import (
+    CanaryJudge,
+    Judge,
+    RunbookKit,
+    Snapshot,
+    canary_verdict,
+    never_recovers,
+    recovered_if,
+    too_little_traffic,
+)
 from stores import controls
 from tests.conftest import SIGNING_SECRET
 from tests.fakes.slack import FakeSlack, Message, button_click
@@ -86,8 +96,9 @@ class Stage:
         snapshot: Snapshot,
         after: Judge,
         updates_per_run: int = 1000,
+        canary: CanaryJudge = too_little_traffic,
     ) -> AsyncIterator[Incident]:
-        kit = RunbookKit(self.env.client, self.engine, snapshot, after)
+        kit = RunbookKit(self.env.client, self.engine, snapshot, after, canary)
         notify = NotificationPlan(
             slack_channel="#llm-oncall",
             runbook=RunbookPlan(
@@ -109,6 +120,8 @@ class Stage:
                 self.slack.update_incident,
                 self.slack.reply,
                 self.slack.notify,
+                self.slack.ask_approval,
+                self.slack.show_approval,
             ],
         ):
             breach = Breach(
@@ -343,3 +356,55 @@ async def test_resolve_and_keep_controls_from_slack(
         kinds = [entry.kind for entry in result.timeline]
         assert "controls_kept" in kinds
         assert "controls_reverted" not in kinds
+
+
+async def test_a_cost_incident_canaries_its_reroute_and_promotes_it_once_approved(
+    stage: Stage, fake_slack: FakeSlack
+) -> None:
+    spending = Snapshot(features=[feature("summaries", cost=41.0, share=0.82, concurrency=8.0)])
+    cheaper = recovered_if(lambda controls: any(c.kind == "reroute" for c in controls))
+    async with stage.open(
+        Trigger.COST_SPIKE, Severity.SEV2, spending, cheaper, canary=canary_verdict("promote")
+    ) as incident:
+        await eventually(lambda: incident.has("canary"))
+        # The cache first, then the reroute on a slice.
+        refs = (await incident.kit.controls.list_for(incident.id)).controls
+        assert {(r.kind, r.fraction) for r in refs} == {("cache", None), ("reroute", 0.1)}
+
+        await stage.env.sleep(timedelta(minutes=4))  # the canary's window
+        await eventually(lambda: incident.has("approval_asked"))
+        [ask] = (await incident.state()).pending_approvals()
+        assert ask.action == "Promote to all traffic: reroute gpt-4.1 -> gpt-4.1-nano"
+        decision = ApprovalDecision(ask.approval_id, True, "U024BE7LH", channel="slack")
+        await incident.handle.execute_update(IncidentWorkflow.decide_approval, decision)
+
+        # summaries is low priority: shedding it is asked too, and denied.
+        await eventually(lambda: has_pending(incident))
+        [shed] = (await incident.state()).pending_approvals()
+        assert shed.action == "Disable the low-priority features summaries"
+        decision = ApprovalDecision(shed.approval_id, False, "U024BE7LH", channel="slack")
+        await incident.handle.execute_update(IncidentWorkflow.decide_approval, decision)
+
+        await eventually(lambda: incident.has("mitigation"))
+        refs = (await incident.kit.controls.list_for(incident.id)).controls
+        assert "disable" not in {r.kind for r in refs}
+        promoted = next(r for r in refs if r.kind == "reroute")
+        assert (promoted.value, promoted.fraction) == ("gpt-4.1-nano", None)
+        await stage.env.sleep(timedelta(minutes=4))  # the verification
+        await eventually(lambda: incident.has("verified"))
+        told = replies(fake_slack)
+        assert "canary on 10% of the traffic: reroute gpt-4.1 -> gpt-4.1-nano" in told
+        assert "canary promoted: promote (synthetic)" in told
+        # Each ask in the thread now says who decided.
+        asks = [m.text for top in fake_slack.top_level() for m in top.thread]
+        assert (
+            ":white_check_mark: Approved by <@U024BE7LH>: Promote to all traffic: "
+            "reroute gpt-4.1 -> gpt-4.1-nano"
+        ) in asks
+        assert ":no_entry: Denied by <@U024BE7LH>: Disable the low-priority features summaries" in (
+            asks
+        )
+
+
+async def has_pending(incident: Incident) -> bool:
+    return bool((await incident.state()).pending_approvals())
