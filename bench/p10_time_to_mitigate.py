@@ -15,7 +15,7 @@ shared by the dev server, the worker and the app.
 Read from the run's store and the incidents' `state` query every 0.5 s:
 - first bad call: the start (`ts`) of the first recorded call of the faulty traffic (response
   cache hits excluded), per scenario: BAD_CALLS below;
-- first bad minute: that call's minute, the detector's unit (it judges whole minutes);
+- first bad minute: that call's minute, the detector's unit (its rollups count whole minutes);
 - incident: `opened_at` (the evaluation that fired) of the first incident whose trigger is one
   of the scenario's runbook's (e.g. cost_spike or budget_exhaustion);
 - first control: the earliest `controls.created_at` of those incidents (a canary slice counts:
@@ -30,8 +30,12 @@ through the same updates the CLI sends. That wait is inside the figures and prin
 zero-human-time: in a real incident a person's answer comes on top.
 
 Target (issue #15): incident within one detector interval + 3 s of the first bad minute, first
-control within 10 s after that. Judged on the median of the runs (the README's table); the
-number of runs within each target is printed beside it.
+control within 10 s after that. "Of the first bad minute" is read from the end of that minute,
+when it is whole in the per-minute rollups the detector reads (it reads the current minute too,
+so it may fire earlier: a negative figure). The first bad call lands anywhere in its minute:
+from the minute's start, the target is out of reach for a call late in it (that figure, and
+the runs within the target by it, are printed too). Judged on the median of the runs (the
+README's table); the number of runs within each target is printed beside it.
 
     uv run python -m bench.p10_time_to_mitigate [--runs 5] [--scenario X ...] [--interval 30]
         [--verify-seconds N] [--timeout 720]
@@ -276,25 +280,41 @@ async def incident_states(client: Client, task_queue: str) -> list[IncidentState
     return sorted(states, key=lambda s: s.opened_at)
 
 
-async def answer_asks(client: Client, state: IncidentState, answers: list[Answer]) -> None:
+async def answer_asks(
+    client: Client, state: IncidentState, answers: list[Answer], tried: set[str]
+) -> None:
     """Approve what the runbook asks and acknowledge what it waits for, at once, through the
-    updates the CLI sends (`pagerloop incidents approve|ack`)."""
+    updates the CLI sends (`pagerloop incidents approve|ack`); each once (`tried`: what was
+    answered, refused answers included)."""
     handle = client.get_workflow_handle_for(IncidentWorkflow.run, state.incident_id)
+    on = f"{state.trigger} on {state.scope}"
     for approval in state.pending_approvals():
+        if approval.approval_id in tried:
+            continue
+        tried.add(approval.approval_id)
         decision = ApprovalDecision(
             approval.approval_id, True, BENCH_USER, "p10: answered at once", "cli"
         )
-        with contextlib.suppress(WorkflowUpdateFailedError, RPCError):  # expired or withdrawn
+        what = f"approval of {approval.step} ({on})"
+        try:
             await handle.execute_update(IncidentWorkflow.decide_approval, decision)
-            waited = (datetime.now(UTC) - approval.asked_at).total_seconds()
-            answers.append(Answer(f"approval of {approval.step}", waited))
+        except (WorkflowUpdateFailedError, RPCError) as exc:  # expired or withdrawn meanwhile
+            what += f" refused: {getattr(exc, 'cause', None) or exc}"
+        answers.append(Answer(what, (datetime.now(UTC) - approval.asked_at).total_seconds()))
+    acknowledge = f"{state.incident_id}/acknowledge"
     if state.runbook_phase == "diagnosed" and state.acknowledged_by is None:
+        if acknowledge in tried:
+            return
+        tried.add(acknowledge)
         diagnosed = [e.at for e in state.timeline if e.kind == "diagnosis"]
+        since = diagnosed[-1] if diagnosed else state.opened_at
         request = ActionRequest(BENCH_USER, "cli", "p10: acknowledged at once")
-        with contextlib.suppress(WorkflowUpdateFailedError, RPCError):
+        what = f"acknowledgement ({on})"
+        try:
             await handle.execute_update(IncidentWorkflow.acknowledge, request)
-            since = diagnosed[-1] if diagnosed else state.opened_at
-            answers.append(Answer("acknowledgement", (datetime.now(UTC) - since).total_seconds()))
+        except (WorkflowUpdateFailedError, RPCError) as exc:
+            what += f" refused: {getattr(exc, 'cause', None) or exc}"
+        answers.append(Answer(what, (datetime.now(UTC) - since).total_seconds()))
 
 
 async def terminate_queue(client: Client, task_queue: str) -> None:
@@ -426,6 +446,7 @@ async def watch(
     triggers = runbook_triggers(scenario)
     run = Run(scenario, number, datetime.now(UTC), load=(os.getloadavg()[0], 0.0))
     started = time.monotonic()
+    tried: set[str] = set()
     # The app runs past the timeout: it is stopped, never out of traffic while measured.
     app = start_app(scenario, settings, folder, args.timeout + 60)
     meter = CpuMeter(app.pid)
@@ -446,7 +467,7 @@ async def watch(
             if ours:
                 run.incident = ours[0]
             for state in ours:
-                await answer_asks(client, state, run.answers)
+                await answer_asks(client, state, run.answers, tried)
             if run.first_control is None:
                 ids = [s.incident_id for s in ours]
                 run.first_control = await asyncio.to_thread(first_control, engine, ids)
@@ -571,7 +592,7 @@ def report(all_figures: list[Figures], args: argparse.Namespace, started: float)
         "bad→verdict": "to_verdict",
     }
     print("median / max, seconds (bad: the first bad call; bad minute: the start of its minute;")
-    print("minute over: the end of that minute, when the detector has it whole)")
+    print("minute over: the end of that minute, whole in the detector's rollups)")
     print(f"{'scenario':<22}" + "".join(f" {name:>21}" for name in columns) + "  verdicts")
     for f in all_figures:
         cells = "".join(f" {pair(f.median_max(attr)):>21}" for attr in columns.values())
@@ -579,7 +600,7 @@ def report(all_figures: list[Figures], args: argparse.Namespace, started: float)
     target = all_figures[0].detect_target
     print(
         f"\ntarget: incident <= interval + 3 s = {target:.0f} s after the first bad minute is "
-        f"over (the detector judges whole minutes), first control <= "
+        f"over (whole in the rollups the detector reads), first control <= "
         f"{FIRST_CONTROL_TARGET_S:.0f} s after the incident; judged on the median"
     )
     for f in all_figures:

@@ -65,6 +65,13 @@ def test_the_histories_hold_what_they_are_named_for() -> None:
     assert "EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW" in continued
     merged = next(HISTORIES.glob("correlated.error_rate@*.json")).read_text()
     assert '"merge_into"' in merged  # taken in by the api_outage incident
+    approved = next(HISTORIES.glob("cost_canary_approved@*.json")).read_text()
+    assert '"decide_approval"' in approved  # the promotion approved from Slack
+    assert '"reports.build"' in approved  # resolved, then reported
+    canary = next(HISTORIES.glob("cost_canary_approved.runbook-1@*.json")).read_text()
+    assert canary.count('"canary.compare"') == 2  # the look halfway, then the window's end
+    reverted = next(HISTORIES.glob("latency_canary_reverted.runbook-1@*.json")).read_text()
+    assert '"controls.revert"' in reverted
 
 
 # --- what the replay catches ----------------------------------------------------------------
