@@ -36,21 +36,14 @@ from dataclasses import dataclass, field
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError, field_validator
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities.webhook import (
-    WebhookActivities,
-    WebhookPermanentError,
-    _failure,
-    _reason,
-    encode,
-)
+from activities.signed_post import signed_post
+from activities.webhook import WebhookActivities
 
 _log = logging.getLogger(__name__)
 
 TARGET = "golden-set"  # how errors and logs name the eval (its URL may hold a token)
 EVENT = "golden_set"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Evals run a model over a set of prompts: longer than a webhook answers, shorter than the
 # policy's start-to-close (activities.policies.GOLDEN_SET_EVAL).
 TIMEOUT_SECONDS = 90.0
@@ -142,52 +135,36 @@ class GoldenSetActivities:
     async def evaluate(self, request: GoldenSetRequest) -> GoldenSetVerdict:
         if not self._configured:
             return GoldenSetVerdict(False, details="PAGERLOOP_GOLDEN_SET_URL is not set")
-        url = self._webhook._url(TARGET)
-        body = encode(
-            {
-                "incident_id": request.incident_id,
-                "scope": request.scope,
-                "model": request.model,
-                "candidate": request.candidate,
-                "current": request.current,
-                "snapshots": list(request.snapshots),
-            }
-        )
-        key = idempotency_key(request)
-        headers = self._webhook.headers(body, EVENT, key)
-        headers[IDEMPOTENCY_HEADER] = key
-        try:
-            async with self._client.stream(
-                "POST", url, content=body, headers=headers, follow_redirects=False
-            ) as response:
-                if response.is_success:
-                    answer = await _read(response)
-                    verdict = verdict_of(answer)
-                    _log.info(
-                        "golden set: %s as %s scored %s (passed: %s)",
-                        request.model,
-                        request.candidate,
-                        verdict.score,
-                        verdict.passed,
-                    )
-                    return verdict
-                reason = await _reason(response)
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-            raise WebhookPermanentError(f"{TARGET} is not a usable URL") from None
-        except httpx.TimeoutException as exc:
-            raise ApplicationError(
-                f"{TARGET} did not answer in time ({type(exc).__name__})", type="GoldenSetError"
-            ) from None
-        except httpx.TransportError as exc:
-            # The exception's text may quote the URL: name the kind only.
-            raise ApplicationError(
-                f"{TARGET} unreachable ({type(exc).__name__})", type="GoldenSetError"
-            ) from None
-        if response.is_redirect:
-            raise WebhookPermanentError(
-                f"{TARGET} answered HTTP {response.status_code} (a redirect, not followed)"
+
+        async def judged(response: httpx.Response) -> GoldenSetVerdict:
+            verdict = verdict_of(await _read(response))
+            _log.info(
+                "golden set: %s as %s scored %s (passed: %s)",
+                request.model,
+                request.candidate,
+                verdict.score,
+                verdict.passed,
             )
-        raise _failure(response.status_code, response.headers, reason, TARGET)
+            return verdict
+
+        payload = {
+            "incident_id": request.incident_id,
+            "scope": request.scope,
+            "model": request.model,
+            "candidate": request.candidate,
+            "current": request.current,
+            "snapshots": list(request.snapshots),
+        }
+        return await signed_post(
+            self._client,
+            self._webhook,
+            TARGET,
+            EVENT,
+            payload,
+            idempotency_key(request),
+            judged,
+            error_type="GoldenSetError",
+        )
 
 
 async def _read(response: httpx.Response) -> bytes:

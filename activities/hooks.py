@@ -26,19 +26,12 @@ from dataclasses import dataclass
 import httpx
 from pydantic import SecretStr
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities.webhook import (
-    WebhookActivities,
-    WebhookPermanentError,
-    _failure,
-    _reason,
-    encode,
-)
+from activities.signed_post import signed_post
+from activities.webhook import WebhookActivities
 
 _log = logging.getLogger(__name__)
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 EVENT = "notify_users"
 TARGET = "notify-users"  # how errors and logs name the receiver (its URL may hold a token)
 
@@ -98,34 +91,18 @@ class HookActivities:
     async def notify_users(self, request: NotifyUsers) -> NotifyUsersResult:
         if not self._configured:
             return NotifyUsersResult(False, "PAGERLOOP_NOTIFY_USERS_URL is not set")
-        url = self._webhook._url(TARGET)
-        body = encode(self.payload(request))
-        key = idempotency_key(request.incident_id)
-        headers = self._webhook.headers(body, EVENT, key)
-        headers[IDEMPOTENCY_HEADER] = key
-        try:
-            async with self._client.stream(
-                "POST", url, content=body, headers=headers, follow_redirects=False
-            ) as response:
-                if response.is_success:
-                    _log.info(
-                        "users told of %s (HTTP %s)", request.incident_id, response.status_code
-                    )
-                    return NotifyUsersResult(True, f"HTTP {response.status_code}")
-                reason = await _reason(response)
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-            raise WebhookPermanentError(f"{TARGET} is not a usable URL") from None
-        except httpx.TimeoutException as exc:
-            raise ApplicationError(
-                f"{TARGET} did not answer in time ({type(exc).__name__})", type="WebhookError"
-            ) from None
-        except httpx.TransportError as exc:
-            # The exception's text may quote the URL: name the kind only.
-            raise ApplicationError(
-                f"{TARGET} unreachable ({type(exc).__name__})", type="WebhookError"
-            ) from None
-        if response.is_redirect:
-            raise WebhookPermanentError(
-                f"{TARGET} answered HTTP {response.status_code} (a redirect, not followed)"
-            )
-        raise _failure(response.status_code, response.headers, reason, TARGET)
+
+        async def told(response: httpx.Response) -> NotifyUsersResult:
+            _log.info("users told of %s (HTTP %s)", request.incident_id, response.status_code)
+            return NotifyUsersResult(True, f"HTTP {response.status_code}")
+
+        return await signed_post(
+            self._client,
+            self._webhook,
+            TARGET,
+            EVENT,
+            self.payload(request),
+            idempotency_key(request.incident_id),
+            told,
+            error_type="WebhookError",
+        )

@@ -34,6 +34,7 @@ from api.deps import Services, services
 from api.errors import problems, store_unavailable
 from api.telemetry import REJECTED_REQUESTS, SLACK_ACTIONS
 from domain.incident import ActionRequest, ApprovalDecision, SnoozeRequest
+from domain.incident_machine import slack_user_refusal
 from stores import replay_guard
 from workflows.incident import IncidentWorkflow
 
@@ -180,12 +181,8 @@ async def slack_interactions(
 async def _apply_and_tell(
     svc: Services, update: Any, action_id: str, incident_id: str, user: str, channel: str
 ) -> None:
-    allowed = svc.settings.slack_allowed_users
-    if allowed and user not in allowed:
-        refusal: str | None = (
-            f"<@{user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
-        )
-    else:
+    refusal = slack_user_refusal(user, "slack", svc.settings.slack_allowed_users)
+    if refusal is None:
         keep = action_id == RESOLVE_KEEP_ACTION
         refusal = await _apply(svc, update, incident_id, user, keep_controls=keep)
     SLACK_ACTIONS.labels(action_id, "refused" if refusal else "applied").inc()
@@ -198,13 +195,10 @@ async def _decide_and_tell(
 ) -> None:
     """Approve / Deny on a runbook step's ask; the workflow shows who decided on that message."""
     target = parse_approval_value(value)
-    allowed = svc.settings.slack_allowed_users
-    refusal: str | None
+    refusal = slack_user_refusal(user, "slack", svc.settings.slack_allowed_users)
     if target is None:
         refusal = "This button does not name a runbook step's approval."
-    elif allowed and user not in allowed:
-        refusal = f"<@{user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
-    else:
+    elif refusal is None:
         incident_id, approval_id = target
         decision = ApprovalDecision(
             approval_id, approved=action_id == APPROVE_ACTION, decided_by=user, channel="slack"

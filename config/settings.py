@@ -24,6 +24,22 @@ def _split_csv(value: object) -> object:
     return value
 
 
+def _split_pairs(value: object, expected: str) -> object:
+    """`a=b,c=d` as {"a": "b", "c": "d"} (blank items skipped); `expected` names the form in the
+    error, e.g. "feature=priority". Anything but a string (a dict from code) passes through."""
+    if not isinstance(value, str):
+        return value
+    pairs = {}
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        key, sep, target = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected {expected}, got {item!r}")
+        pairs[key.strip()] = target.strip()
+    return pairs
+
+
 FeaturePriority = Literal["critical", "high", "normal", "low"]
 PublicEndpoint = Literal["metrics", "status", "openapi", "docs"]
 # Prometheus scrapes and a status page are meant to be read without a key; the schema and the
@@ -193,17 +209,7 @@ class Settings(BaseSettings):
     @field_validator("feature_priorities", mode="before")
     @classmethod
     def _pairs(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        pairs = {}
-        for item in value.split(","):
-            if not item.strip():
-                continue
-            feature, sep, priority = str(item).partition("=")
-            if not sep or not feature.strip():
-                raise ValueError(f"expected feature=priority, got {item!r}")
-            pairs[feature.strip()] = priority.strip()
-        return pairs
+        return _split_pairs(value, "feature=priority")
 
     @field_validator("fallback_targets", mode="before")
     @classmethod
@@ -211,16 +217,7 @@ class Settings(BaseSettings):
         # The SDK's own rule for a route, loaded (with openai) only when the setting is given.
         from pagerloop_sdk.endpoints import route_problem
 
-        if isinstance(value, str):
-            pairs = {}
-            for item in value.split(","):
-                if not item.strip():
-                    continue
-                model, sep, target = item.partition("=")
-                if not sep or not model.strip():
-                    raise ValueError(f"expected model=fallback, got {item!r}")
-                pairs[model.strip()] = target.strip()
-            value = pairs
+        value = _split_pairs(value, "model=fallback")
         if isinstance(value, dict):
             for model, target in value.items():
                 problem = route_problem("reroute", str(target))
@@ -234,16 +231,7 @@ class Settings(BaseSettings):
         # The SDK's own rule for a check name, loaded (with openai) only when the setting is given.
         from pagerloop_sdk.controls import check_problem
 
-        if isinstance(value, str):
-            pairs = {}
-            for item in value.split(","):
-                if not item.strip():
-                    continue
-                feature, sep, check = item.partition("=")
-                if not sep or not feature.strip():
-                    raise ValueError(f"expected feature=check, got {item!r}")
-                pairs[feature.strip()] = check.strip()
-            value = pairs
+        value = _split_pairs(value, "feature=check")
         if isinstance(value, dict):
             for feature, check in value.items():
                 problem = check_problem(str(check))
@@ -251,24 +239,10 @@ class Settings(BaseSettings):
                     raise ValueError(f"{feature}: {problem}")
         return value
 
-    @field_validator("golden_set_url", "golden_set_secret", mode="before")
+    @field_validator("golden_set_url", "notify_users_url")
     @classmethod
-    def _empty_golden_set_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("golden_set_url")
-    @classmethod
-    def _golden_set_http(cls, url: SecretStr | None) -> SecretStr | None:
-        return None if url is None else checked_webhook_urls([url])[0]
-
-    @field_validator("notify_users_url", "notify_users_secret", mode="before")
-    @classmethod
-    def _empty_notify_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("notify_users_url")
-    @classmethod
-    def _notify_users_http(cls, url: SecretStr | None) -> SecretStr | None:
+    def _hook_url_http(cls, url: SecretStr | None) -> SecretStr | None:
+        # A hook's URL is checked (and never quoted) as a webhook receiver's is.
         return None if url is None else checked_webhook_urls([url])[0]
 
     @field_validator(
@@ -277,10 +251,22 @@ class Settings(BaseSettings):
         "pagerduty_routing_key",
         "pagerduty_webhook_secret",
         "jira_token",
+        "jira_url",
+        "webhook_secret",
+        "golden_set_url",
+        "golden_set_secret",
+        "notify_users_url",
+        "notify_users_secret",
+        "smtp_host",
+        "smtp_username",
+        "smtp_password",
+        "email_from",
+        "spool_dir",
         mode="before",
     )
     @classmethod
-    def _empty_secret_is_unset(cls, value: object) -> object:
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty variable (`PAGERLOOP_X=` in a .env) means unset, not an empty value.
         return None if value == "" else value
 
     @field_validator("webhook_urls", mode="before")
@@ -292,16 +278,6 @@ class Settings(BaseSettings):
     @classmethod
     def _webhook_urls_http(cls, urls: list[SecretStr]) -> list[SecretStr]:
         return checked_webhook_urls(urls)
-
-    @field_validator("webhook_secret", mode="before")
-    @classmethod
-    def _empty_webhook_secret_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("smtp_host", "smtp_username", "smtp_password", "email_from", mode="before")
-    @classmethod
-    def _empty_smtp_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
 
     @field_validator("email_to", mode="before")
     @classmethod
@@ -322,16 +298,6 @@ class Settings(BaseSettings):
             if "@" not in address:
                 raise ValueError(f"address {position} ({address[:64]!r}) is not an email address")
         return value
-
-    @field_validator("jira_url", mode="before")
-    @classmethod
-    def _empty_url_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("spool_dir", mode="before")
-    @classmethod
-    def _empty_path_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
 
     @model_validator(mode="after")
     def _keys_kept_apart(self) -> Settings:

@@ -14,7 +14,7 @@ the channel's business (see `workflows/incident.py`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -397,7 +397,9 @@ def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
         request = event.request
     else:
         return None
-    if (refused := _not_allowed(request.user, request.channel, policy)) is not None:
+    if (
+        refused := slack_user_refusal(request.user, request.channel, policy.allowed_slack_users)
+    ) is not None:
         return refused
     acked = state.acknowledged_by is not None and state.acknowledged_at is not None
     if isinstance(event, Acknowledge) and acked:
@@ -412,8 +414,10 @@ def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
     return None
 
 
-def _not_allowed(user: str, channel: str, policy: Policy) -> str | None:
-    allowed = policy.allowed_slack_users
+def slack_user_refusal(user: str, channel: str, allowed: Collection[str]) -> str | None:
+    """Why `user` may not act on incidents, or None: with PAGERLOOP_SLACK_ALLOWED_USERS set, only
+    those Slack users may (other channels are gated by their own keys). The Slack endpoint asks
+    it too, to answer the clicker before the workflow is reached."""
     if channel == "slack" and allowed and user not in allowed:
         return f"<@{user}> is not allowed to act on incidents (PAGERLOOP_SLACK_ALLOWED_USERS)"
     return None
@@ -425,7 +429,11 @@ def _approval_refusal(
     """An answer needs someone allowed to give it, and an ask still waiting for one."""
     if not decision.decided_by.strip():
         return "an approval needs the name of who decides"
-    if (refused := _not_allowed(decision.decided_by, decision.channel, policy)) is not None:
+    if (
+        refused := slack_user_refusal(
+            decision.decided_by, decision.channel, policy.allowed_slack_users
+        )
+    ) is not None:
         return refused
     approval = state.approval(decision.approval_id)
     if approval is None:

@@ -58,7 +58,9 @@ class ApiOutageRunbook:
         if workflow.patched(QUEUE_AND_NOTIFY):
             queued = []
             for f in features:
-                if f.feature and steps.priority(f.feature) in QUEUED:
+                # Nothing of it succeeding: a queue would only hold its calls until they time
+                # out (tying up the app's threads meanwhile), so it is left to fail fast.
+                if f.feature and steps.priority(f.feature) in QUEUED and f.successes > 0:
                     # A low-priority feature is disabled too; its queue holds it back still
                     # if a person turns it on again before the outage is over.
                     rate = queue_rate(f)

@@ -93,6 +93,8 @@ class RunbookProgress:
     timeout_seconds: int = 0
     on_timeout: str = ""
     step: str = ""
+    # When the runbook stops waiting, by its own clock: the incident refuses answers after it.
+    expires_at: datetime | None = None
 
 
 # The severities that page at once: their L1 resolves within the runbook's expected time.

@@ -12,7 +12,7 @@ at once (patch SEED_STEPS).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Literal
 
 from temporalio import workflow
@@ -59,7 +59,7 @@ class CostSpikeRunbook:
         on_timeout: Literal["deny", "proceed"] = "proceed" if input.severity == "SEV1" else "deny"
         if offender is not None:
             await steps.apply(ControlSpec("cache", feature=offender.feature))
-        routes = cheapest_routes(input.scope, features, steps.priority)
+        routes = cheapest_routes(input.scope, features, input.feature_priorities)
         if routes:
             await steps.canary(
                 routes,
@@ -83,30 +83,35 @@ class CostSpikeRunbook:
 
 
 def cheapest_routes(
-    scope: str, features: list[FeatureUsage], priority: Callable[[str], Priority]
+    scope: str, features: list[FeatureUsage], priorities: Mapping[str, str]
 ) -> list[ControlSpec]:
-    """The scope's models rerouted to their cheapest viable sibling, then each critical
-    feature's to its mini sibling (more specific, so it wins for that feature). The first
-    route carries the scope's target, which the canary compares on."""
+    """The scope's models rerouted to their cheapest viable sibling, then, for every feature
+    declared critical (whether or not it is among the top spenders), the same models to their
+    mini sibling: more specific, so it wins for that feature. The first route carries the
+    scope's target, which the canary compares on."""
     kind, _, name = scope.partition(":")
     on_feature = name if kind == "feature" else None
     models = [name] if kind == "model" else []
     for f in features:
         models += [m for m in f.models if m not in models]
+    critical = sorted(f for f, level in priorities.items() if level == Priority.CRITICAL)
     # A critical feature's own incident reroutes it to mini, not nano.
-    table = MINI if on_feature and priority(on_feature) == Priority.CRITICAL else CHEAPEST
+    table = MINI if on_feature in critical else CHEAPEST
     routes = []
     for model in models:
         cheaper = table.get(family(model))
         if cheaper is not None and cheaper != model:
             routes.append(ControlSpec("reroute", feature=on_feature, model=model, value=cheaper))
-    for f in features:
-        if not f.feature or priority(f.feature) != Priority.CRITICAL or f.feature == on_feature:
-            continue
-        for model in f.models:
-            capable = MINI.get(family(model))
-            if capable is not None and capable != model and any(r.model == model for r in routes):
-                routes.append(ControlSpec("reroute", feature=f.feature, model=model, value=capable))
+    if on_feature is not None:
+        return routes  # one feature's scope: no other feature is touched
+    scope_wide = list(routes)
+    for feature in critical:
+        for route in scope_wide:
+            capable = MINI.get(family(route.model or ""))
+            if capable is not None and capable != route.model:
+                routes.append(
+                    ControlSpec("reroute", feature=feature, model=route.model, value=capable)
+                )
     return routes
 
 

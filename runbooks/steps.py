@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.canary import CanaryCheck, CanaryResult
@@ -358,6 +359,7 @@ class Steps:
             timeout_seconds=int(timeout.total_seconds()),
             on_timeout=on_timeout,
             step=step,
+            expires_at=approval.expires_at,
         )
         await self._ask(ask)
         try:
@@ -398,8 +400,13 @@ class Steps:
         if workflow.info().parent is not None:
             await self._signal_parent(ask)
             return
+        # Once: a runbook started by hand outside the kit has nobody to ask, and fails at once
+        # rather than retrying an activity no worker has.
         await workflow.execute_activity(
-            KIT_APPROVAL_ACTIVITY, ask, start_to_close_timeout=timedelta(seconds=30)
+            KIT_APPROVAL_ACTIVITY,
+            ask,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=1),
         )
 
     async def _signal_parent(self, progress: RunbookProgress) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from pagerloop_sdk.controls import canary_tag
 from sqlalchemy import ColumnElement, Engine, and_, case, func, literal, or_, select
 
 from stores.call_search import ERROR_STATUSES
@@ -57,7 +58,7 @@ class Target:
 
     @property
     def tags(self) -> tuple[str, ...]:
-        return tuple(f"canary#{control_id}" for control_id in self.control_ids)
+        return tuple(canary_tag(control_id) for control_id in self.control_ids)
 
 
 def _in_canary(target: Target) -> ColumnElement[bool]:

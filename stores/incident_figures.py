@@ -15,6 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import sqlmodel
+from pagerloop_sdk.controls import canary_tag
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session, col
 
@@ -123,7 +124,8 @@ def ended_at(control: Control) -> datetime | None:
 
 def tags(control: Control) -> frozenset[str]:
     """The tags a call it changed carries (`pagerloop_sdk.controls.Rule.tag`, `canary_tag`)."""
-    return frozenset({f"{control.kind}#{control.id}", f"canary#{control.id}"})
+    assert control.id is not None  # a stored control: only those are read here
+    return frozenset({f"{control.kind}#{control.id}", canary_tag(control.id)})
 
 
 def control_share(

@@ -369,12 +369,20 @@ async def test_a_cost_incident_canaries_its_reroute_and_promotes_it_once_approve
         await eventually(lambda: incident.has("canary"))
         # The cache first, then the reroute on a slice.
         refs = (await incident.kit.controls.list_for(incident.id)).controls
-        assert {(r.kind, r.fraction) for r in refs} == {("cache", None), ("reroute", 0.1)}
+        assert {(r.kind, r.feature, r.fraction) for r in refs} == {
+            ("cache", "summaries", None),
+            ("reroute", None, 0.1),
+            ("reroute", "chat", 0.1),
+        }
 
         await stage.env.sleep(timedelta(minutes=4))  # the canary's window
         await eventually(lambda: incident.has("approval_asked"))
         [ask] = (await incident.state()).pending_approvals()
-        assert ask.action == "Promote to all traffic: reroute gpt-4.1 -> gpt-4.1-nano"
+        # chat is critical: it keeps mini.
+        assert ask.action == (
+            "Promote to all traffic: reroute gpt-4.1 -> gpt-4.1-nano; "
+            "reroute gpt-4.1 -> gpt-4.1-mini (feature chat)"
+        )
         decision = ApprovalDecision(ask.approval_id, True, "U024BE7LH", channel="slack")
         await incident.handle.execute_update(IncidentWorkflow.decide_approval, decision)
 
@@ -388,8 +396,8 @@ async def test_a_cost_incident_canaries_its_reroute_and_promotes_it_once_approve
         await eventually(lambda: incident.has("mitigation"))
         refs = (await incident.kit.controls.list_for(incident.id)).controls
         assert "disable" not in {r.kind for r in refs}
-        promoted = next(r for r in refs if r.kind == "reroute")
-        assert (promoted.value, promoted.fraction) == ("gpt-4.1-nano", None)
+        promoted = {(r.feature, r.value, r.fraction) for r in refs if r.kind == "reroute"}
+        assert promoted == {(None, "gpt-4.1-nano", None), ("chat", "gpt-4.1-mini", None)}
         await stage.env.sleep(timedelta(minutes=4))  # the verification
         await eventually(lambda: incident.has("verified"))
         told = replies(fake_slack)
@@ -399,7 +407,7 @@ async def test_a_cost_incident_canaries_its_reroute_and_promotes_it_once_approve
         asks = [m.text for top in fake_slack.top_level() for m in top.thread]
         assert (
             ":white_check_mark: Approved by <@U024BE7LH>: Promote to all traffic: "
-            "reroute gpt-4.1 -> gpt-4.1-nano"
+            "reroute gpt-4.1 -> gpt-4.1-nano; reroute gpt-4.1 -> gpt-4.1-mini (feature chat)"
         ) in asks
         assert ":no_entry: Denied by <@U024BE7LH>: Disable the low-priority features summaries" in (
             asks

@@ -102,7 +102,7 @@ OUTAGE = Snapshot(
         feature("chat"),  # critical: never held back
         feature("search", per_minute=40.0, ok=100),  # a quarter still succeeds: 10/min
         feature("reports", per_minute=3.0, ok=20),  # 0.15/min: at least 1
-        feature("summaries", ok=0),  # low: disabled, and queued
+        feature("summaries", ok=0),  # low, nothing succeeding: disabled, not queued
     ],
 )
 PRIORITIES = {"chat": "critical", "summaries": "low", "reports": "high"}
@@ -127,7 +127,9 @@ async def test_the_outage_runbook_queues_the_non_critical_features_and_tells_use
     run = await kit.run(api_outage.SPEC, feature_priorities=PRIORITIES)
 
     queued = {ref.feature: ref.value for ref in run.controls if ref.kind == "queue"}
-    assert queued == {"search": "10", "summaries": "1"}  # normal and low; not high or critical
+    # Normal and low with calls still succeeding; not high or critical, not a feature whose
+    # every call fails (a queue would only hold its calls until they time out).
+    assert queued == {"search": "10"}
     assert run.control("disable", feature="summaries")
     assert run.control("cache")
     assert run.report.verification == Verification.NOT_RECOVERED
@@ -163,7 +165,7 @@ async def test_without_a_hook_the_runbook_says_users_were_not_told(
 ) -> None:
     kit = RunbookKit(time_skipping_env.client, engine, OUTAGE, after=never_recovers)
     run = await kit.run(api_outage.SPEC, feature_priorities=PRIORITIES)
-    assert sorted(run.kinds) == ["cache", "disable", "queue", "queue"]
+    assert sorted(run.kinds) == ["cache", "disable", "queue"]
     assert "users not notified: no hook in the runbook kit" in run.report.findings
 
 
@@ -181,7 +183,7 @@ async def test_a_hook_that_refuses_is_reported_and_the_mitigation_stands(
     assert "HTTP 404" in failed
     assert "notify-users" in failed
     assert receiver.hook_url not in failed  # the URL may hold the receiver's token
-    assert sorted(run.kinds) == ["cache", "disable", "queue", "queue"]
+    assert sorted(run.kinds) == ["cache", "disable", "queue"]
 
 
 async def test_a_runbook_without_leave_to_mitigate_neither_queues_nor_tells(

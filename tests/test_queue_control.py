@@ -189,11 +189,10 @@ def test_a_full_queue_refuses_at_once_sends_nothing_and_records_a_timeout(
         assert not thread.is_alive()
     assert len(llmock.requests) == 3
 
+    # What the queue held back is not a call OpenAI failed: only the calls sent are recorded.
     rows = recorded(recorder, engine)
-    [refused] = [r for r in rows if r.status != "success"]
-    assert (refused.status, refused.controls) == ("timeout", f"queue#{queue.id}")
-    assert refused.error_type == "QueueTimeout"
-    assert refused.feature == "digest"
+    assert [(r.status, r.controls) for r in rows] == [("success", f"queue#{queue.id}")] * 3
+    assert {r.feature for r in rows} == {"digest"}
 
 
 def test_a_turn_past_the_deadline_fails_at_once_and_gives_its_turn_back(
@@ -215,7 +214,7 @@ def test_a_turn_past_the_deadline_fails_at_once_and_gives_its_turn_back(
     assert gaps(llmock)[0] == pytest.approx(1.0, abs=0.3)
     statuses = [(r.status, r.controls) for r in recorded(recorder, engine)]
     tag = f"queue#{queue.id}"
-    assert statuses == [("success", tag), ("timeout", tag), ("success", tag)]
+    assert statuses == [("success", tag), ("success", tag)]
 
 
 # --- waiting until the deadline ------------------------------------------------------------------

@@ -32,7 +32,8 @@ GOOD = '{"invoice": "A-1", "total": 12}'
 
 @pytest.fixture
 def recorder(engine: Engine) -> Iterator[Recorder]:
-    recorder = Recorder(StoreSink(engine), quality_sample_rate=0.0, flush_interval=0.05)
+    # Every answer sampled: a failed one is scored 0 only when sampled, like any other.
+    recorder = Recorder(StoreSink(engine), quality_sample_rate=1.0, flush_interval=0.05)
     yield recorder
     recorder.close()
 
@@ -57,8 +58,27 @@ def ask(client: openai.OpenAI, feature: str = "extract", **kwargs: Any) -> str:
 
 
 def scores(engine: Engine) -> list[QualityScore]:
+    """The scores of answers that failed their check (the others get the heuristic's)."""
     with Session(engine) as session:
-        return list(session.exec(select(QualityScore)))
+        found = session.exec(select(QualityScore).where(QualityScore.label == "validation_failed"))
+        return list(found)
+
+
+def test_an_unsampled_failure_is_not_scored_so_the_quality_mean_stays_unbiased(
+    llmock: LLMock, engine: Engine
+) -> None:
+    recorder = Recorder(StoreSink(engine), quality_sample_rate=0.0, flush_interval=0.05)
+    try:
+        put_control(engine, "validate", "json", feature="extract")
+        client = client_for(llmock, recorder)
+        llmock.reply("not JSON", times=2)
+        assert ask(client) == "not JSON"
+        [row] = recorded(recorder, engine)
+        assert row.metadata_ == {"validation": "failed: json"}  # the failure is still noted
+        with Session(engine) as session:
+            assert list(session.exec(select(QualityScore))) == []
+    finally:
+        recorder.close()
 
 
 # --- json ---------------------------------------------------------------------------------------

@@ -353,6 +353,13 @@ class IncidentWorkflow:
     @decide_approval.validator
     def _validate_approval(self, decision: ApprovalDecision) -> None:
         self._refuse(ApprovalDecided(decision))
+        approval = self._state.approval(decision.approval_id)
+        if approval is not None and approval.pending and workflow.now() >= approval.expires_at:
+            # The runbook has stopped waiting: an answer now would be shown and then ignored.
+            raise ValueError(
+                f"{decision.approval_id}: too late, the ask expired at "
+                f"{approval.expires_at:%H:%M:%S} UTC ({approval.on_timeout})"
+            )
         if self._child is None:
             raise ValueError(f"{self._state.incident_id}: no runbook is running to ask")
 
@@ -365,7 +372,8 @@ class IncidentWorkflow:
                 progress.approval_id,
                 progress.text,
                 asked_at=asked_at,
-                expires_at=asked_at + timedelta(seconds=progress.timeout_seconds),
+                expires_at=progress.expires_at
+                or asked_at + timedelta(seconds=progress.timeout_seconds),
                 step=progress.step,
                 on_timeout=progress.on_timeout or "deny",
             )

@@ -55,6 +55,10 @@ class PendingCall:
     # Served from the response cache: nothing reached OpenAI and no tokens were spent. Its
     # record has source "cache", which keeps it out of the rollups and the diagnosis queries.
     cache_hit: bool = False
+    # Never sent: a queue control gave up on it. Like a disabled call it is not recorded, so
+    # that what a mitigation held back never reads as OpenAI failing (the golden signals); it
+    # is counted in pagerloop_control_actions_total{kind="queue"}.
+    unsent: bool = False
     # Why the answer returned failed its validate control (pagerloop_sdk.validation): the
     # recorder sends it as a quality score of 0.
     invalid: str | None = None

@@ -154,6 +154,12 @@ def _rebuild_disabled(
 # --- rules and decisions (pure) ------------------------------------------------------------
 
 
+def canary_tag(control_id: int) -> str:
+    """The tag of a call in control `control_id`'s canary slice, in the call's `controls` label;
+    the server's stores find the canary's side by it, so both read it from here."""
+    return f"canary#{control_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One active control, as enforced."""
@@ -174,7 +180,7 @@ class Rule:
 
     @property
     def canary_tag(self) -> str:
-        return f"canary#{self.id}"
+        return canary_tag(self.id)
 
     @property
     def number(self) -> int:

@@ -272,7 +272,9 @@ def _closer(
 
 
 def _gave_up(exc: Exception, call: PendingCall, plan: Plan, done: Callable[[], None]) -> Exception:
-    """Record a call that was never sent (a queue let it wait no longer): the error to raise."""
+    """End a call that was never sent (a queue let it wait no longer), unrecorded: the error
+    to raise."""
+    call.unsent = True
     call.fail(exc, time.perf_counter())
     _closer(call, plan, limiter.Held([]), done)()
     return exc

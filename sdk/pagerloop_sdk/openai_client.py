@@ -309,7 +309,8 @@ def _keep(call: PendingCall, payload: Any) -> None:
 def _finisher(call: PendingCall, span: Any, options: _Options) -> Callable[[], None]:
     def done() -> None:
         options.telemetry.finish(call, span)
-        options.recorder.submit(call)
+        if not call.unsent:
+            options.recorder.submit(call)
 
     return done
 

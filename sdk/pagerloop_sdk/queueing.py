@@ -13,7 +13,9 @@ in front and a deadline behind:
 
 Refused or late, the call raises `QueueTimeout`, an `openai.APITimeoutError`: the exception the
 OpenAI SDK raises on its own timeouts, so the app's existing timeout handling covers it. Nothing
-is sent, and the record has status `timeout` and names `queue#<id>`. A queue control that goes
+is sent and nothing recorded, as for a disabled call: a timeout in the call log would count in
+the golden signals as OpenAI failing, and would make the mitigation's verification read its own
+refusals. A queue control that goes
 (reverted, expired) lets its waiting calls through at once.
 """
 

@@ -389,7 +389,9 @@ def _restore(call: PendingCall, noted: tuple[int | None, str | None, int]) -> No
 
 def _failed(call: PendingCall, plan: Plan, rule: Rule, why: str) -> None:
     call.invalid = f"{rule.value}: {why}"[:ERROR_MESSAGE_MAX]
-    call.score_quality = True  # the recorder sends the failure as a quality score
+    # A sampled call's score is then 0 (the recorder sends the failure in place of the heuristic
+    # score); an unsampled one stays unscored, so the quality mean keeps sampling every answer
+    # at the same rate, failed or not.
     metadata = {**call.context.metadata, METADATA_KEY: f"failed: {rule.value}"}
     call.context = replace(call.context, metadata=metadata)
     plan.cache_key = None
