@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -113,3 +113,20 @@ def api_client(
     """The API app in this process over `engine`, for httpx (no server, no port)."""
     app = create_app(Services(settings, engine, client, slack))  # type: ignore[arg-type]
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@contextlib.asynccontextmanager
+async def running_service(client: Client, settings: Settings) -> AsyncIterator[Client]:
+    """The worker and the detector as worker.py wires them, over the settings' stores, until
+    the block ends (the detector is then terminated: it would outlive the test)."""
+    import worker
+    from domain.workflow_names import detector_workflow_id
+
+    engine = worker.open_store(settings)
+    try:
+        async with worker.build_worker(settings, client, engine):
+            await worker.ensure_detector(client, settings)
+            yield client
+            await client.get_workflow_handle(detector_workflow_id(settings.task_queue)).terminate()
+    finally:
+        engine.dispose()

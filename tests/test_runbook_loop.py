@@ -24,11 +24,10 @@ import worker
 from cli.main import app as cli_app
 from config import Settings
 from domain.incident import ActionRequest, IncidentStatus
-from domain.workflow_names import detector_workflow_id
 from instrumentation.store_sink import StoreSink
 from stores.llm_calls import LLMCall
 from tests.conftest import incident_ids
-from tests.helpers import eventually
+from tests.helpers import eventually, running_service
 from workflows.incident import IncidentWorkflow
 
 RPM = 120  # llmock's quota: 2 requests a second
@@ -49,14 +48,8 @@ def loop_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def service(dev_env: WorkflowEnvironment, loop_settings: Settings) -> AsyncIterator[Client]:
-    client = dev_env.client
-    engine = worker.open_store(loop_settings)
-    async with worker.build_worker(loop_settings, client, engine):
-        await worker.ensure_detector(client, loop_settings)
+    async with running_service(dev_env.client, loop_settings) as client:
         yield client
-        detector = client.get_workflow_handle(detector_workflow_id(loop_settings.task_queue))
-        await detector.terminate()
-    engine.dispose()
 
 
 class Traffic:
