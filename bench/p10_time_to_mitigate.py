@@ -4,8 +4,9 @@ first bad call → incident → first control applied → verified.
 One Temporal dev server and the Slack, PagerDuty and Jira fakes (tests/fakes, real HTTP) serve
 all runs. Each run (one scenario, once) gets its own SQLite store, task queue, worker and
 detector, wired as worker.py wires them (`build_worker`, `ensure_detector`) with
-PAGERLOOP_FEATURE_PRIORITIES=chat=critical,summaries=low, as `pagerloop simulate` asks. Once the
-detector has evaluated, the application starts: `pagerloop simulate SCENARIO --quiet` in a
+PAGERLOOP_FEATURE_PRIORITIES=chat=critical,summaries=low, as `pagerloop simulate` asks. At a
+random phase of the detector's cycle (0 to one interval after its first evaluation, seeded: as
+P4 draws its breach's), the application starts: `pagerloop simulate SCENARIO --quiet` in a
 process of its own (an app beside the worker, as deployed: it shares no interpreter lock with
 the worker, and its CPU is counted apart), recording through the instrumented OpenAI client into
 the run's store. It is stopped (SIGINT, which ends it with its summary) once the runbook has
@@ -38,7 +39,7 @@ the runs within the target by it, are printed too). Judged on the median of the 
 README's table); the number of runs within each target is printed beside it.
 
     uv run python -m bench.p10_time_to_mitigate [--runs 5] [--scenario X ...] [--interval 30]
-        [--verify-seconds N] [--timeout 720]
+        [--verify-seconds N] [--timeout 720] [--seed 10]
 
 `--verify-seconds` lowers PAGERLOOP_RUNBOOK_VERIFY_SECONDS (the canary and verification
 windows, 180 s by default): runs end sooner, the detection and first-control figures do not
@@ -51,6 +52,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -171,6 +173,7 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     load: tuple[float, float] = (0.0, 0.0)
+    phase: float = 0.0  # seconds after the detector's first evaluation the app started
 
     @property
     def first_bad_minute(self) -> datetime | None:
@@ -407,6 +410,7 @@ async def one_run(
     number: int,
     args: argparse.Namespace,
     vendors: tuple[TimedSlack, TimedPagerDuty, TimedJira],
+    phase: float,
 ) -> Run:
     overrides: dict[str, Any] = {"feature_priorities": FEATURE_PRIORITIES}
     if args.verify_seconds is not None:
@@ -426,10 +430,17 @@ async def one_run(
             async with worker.build_worker(settings, client, engine):
                 await worker.ensure_detector(client, settings)
                 await detector_evaluated(client, settings)
+                # The fault's phase in the detector's cycle, drawn per run: the same phase every
+                # run would measure one point of the cycle five times.
+                await asyncio.sleep(phase)
                 try:
-                    return await watch(client, engine, settings, scenario, number, folder, args)
+                    run = await watch(client, engine, settings, scenario, number, folder, args)
+                    run.phase = phase
+                    return run
                 finally:
-                    await terminate_queue(client, settings.task_queue)
+                    # Bounded: after a Ctrl-C the dev server may be gone already.
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(terminate_queue(client, settings.task_queue), 15)
         finally:
             engine.dispose()
 
@@ -506,7 +517,8 @@ def run_line(run: Run) -> str:
         f"{fmt(run.detect_after_minute)}s from its end); first control +{fmt(run.mitigate)}s "
         f"({control}); verdict {run.verdict} {fmt(run.to_verdict)}s after the first bad call\n"
         f"      answered by the bench (zero human time): {answered}\n"
-        f"      {run.wall:.0f}s wall; CPU {cpu} ({share:.0%} of {os.cpu_count()} cores); "
+        f"      app started {run.phase:.1f}s after the detector's first evaluation; "
+        f"{run.wall:.0f}s wall; CPU {cpu} ({share:.0%} of {os.cpu_count()} cores); "
         f"load average {run.load[0]:.1f} -> {run.load[1]:.1f}"
     )
 
@@ -628,15 +640,16 @@ def report(all_figures: list[Figures], args: argparse.Namespace, started: float)
 
 async def bench(args: argparse.Namespace, scenarios: list[Scenario]) -> list[Figures]:
     figures = {s: Figures(s, [], args.interval) for s in scenarios}
+    rng = random.Random(args.seed)
     env = await dev_server()
     try:
         with TimedSlack() as slack, TimedPagerDuty() as pagerduty, TimedJira() as jira:
             address = env.client.service_client.config.target_host
             for number in range(1, args.runs + 1):
                 for scenario in scenarios:
-                    run = await one_run(
-                        env.client, address, scenario, number, args, (slack, pagerduty, jira)
-                    )
+                    vendors = (slack, pagerduty, jira)
+                    phase = rng.uniform(0, args.interval)
+                    run = await one_run(env.client, address, scenario, number, args, vendors, phase)
                     figures[scenario].runs.append(run)
                     print(run_line(run), flush=True)
     finally:
@@ -658,6 +671,7 @@ def main() -> None:
         help="lower PAGERLOOP_RUNBOOK_VERIFY_SECONDS (default: the product's, 180)",
     )
     parser.add_argument("--timeout", type=float, default=720.0, help="per run, seconds")
+    parser.add_argument("--seed", type=int, default=10, help="of the runs' detector phases")
     args = parser.parse_args()
     scenarios = [Scenario(s) for s in args.scenario] if args.scenario else list(Scenario)
     for scenario in scenarios:

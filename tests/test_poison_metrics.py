@@ -431,9 +431,13 @@ async def test_a_page_pagerduty_refuses_is_on_the_timeline_and_the_rest_goes_on(
     await eventually(refused)
     assert clock.monotonic() - started < 15  # not a day of retries
     await eventually(lambda: len(fake_slack.messages) == 1 and len(fake_jira.issues) == 1)
+
+    async def recorded() -> bool:  # the vendors answered; the incident records their answers
+        state = await state_of(handle)
+        return state.slack_message is not None and state.jira_issue is not None
+
+    await eventually(recorded)
     assert len(fake_pagerduty.events("trigger")) == 1  # tried once: retrying cannot help
     state = await state_of(handle)
     assert state.paged == []
-    assert state.slack_message is not None
-    assert state.jira_issue is not None
     assert state.status == IncidentStatus.DETECTED
