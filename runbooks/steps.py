@@ -283,9 +283,9 @@ class Steps:
         )
         self.report.canaries.append(outcome)
         numbers = "\n".join(f"• {line}" for line in result.lines)
-        promote = result.verdict == "promote" or (
-            result.too_few and if_too_little_traffic == "promote"
-        )
+        # Too little traffic to judge the measure it is for, and worse on nothing.
+        unjudged = result.verdict == "inconclusive" and result.too_few
+        promote = result.verdict == "promote" or (unjudged and if_too_little_traffic == "promote")
         if promote and approval is not None:
             asked = f"Promote to all traffic: {'; '.join(described)}"
             if not await self.approve(asked, step=approval, on_timeout=on_approval_timeout):

@@ -558,3 +558,16 @@ def test_the_expected_resolution_is_the_paging_severities_l1_resolve_deadline() 
         for severity, asked in (("SEV4", "SEV4"), ("SEV1", None)):
             kept = spec.policy(DEFAULT_POLICIES[severity], asked).level(1).resolve_timeout_seconds
             assert kept == DEFAULT_POLICIES[severity].level(1).resolve_timeout_seconds
+
+
+async def test_a_canary_worse_on_a_guard_is_reverted_even_with_too_few_samples_to_judge(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    # Latency too sparse to judge, but errors significantly worse: never handed to `verify`.
+    snapshot = Snapshot(latency=[ModelLatency("gpt-4.1", 500, 6100.0, 16800.0, 9000.0, {})])
+    worse = canary_verdict("revert", too_few=True)
+    kit = RunbookKit(time_skipping_env.client, engine, snapshot, canary=worse)
+    run = await kit.run(elevated_latency.SPEC)
+
+    assert run.controls == []
+    assert not run.report.canaries[0].promoted
