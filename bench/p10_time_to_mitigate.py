@@ -10,8 +10,10 @@ P4 draws its breach's), the application starts: `pagerloop simulate SCENARIO --q
 process of its own (an app beside the worker, as deployed: it shares no interpreter lock with
 the worker, and its CPU is counted apart), recording through the instrumented OpenAI client into
 the run's store. It is stopped (SIGINT, which ends it with its summary) once the runbook has
-concluded, or at the timeout. Nothing else runs, so runs are sequential: the machine's cores are
-shared by the dev server, the worker and the app.
+concluded, or at the timeout. A process runs its runs one after another (the safe default).
+Processes started side by side (one per `--scenario`) share nothing but the CPU: each has its
+own dev server, stores, task queue, detector and llmock port; each run prints the CPU its stack
+used (this process, the dev server, the app) and the load average, so contention shows.
 
 Read from the run's store and the incidents' `state` query every 0.5 s:
 - first bad call: the start (`ts`) of the first recorded call of the faulty traffic (response
@@ -578,7 +580,8 @@ def report(all_figures: list[Figures], args: argparse.Namespace, started: float)
     print(
         f"\nP10 time to mitigate: {runs} run(s) per scenario on the embedded stack (Temporal dev "
         "server, worker + detector as worker.py wires them, SQLite stores, vendor fakes over "
-        "HTTP; the app is `pagerloop simulate --quiet` in its own process), runs sequential"
+        "HTTP; the app is `pagerloop simulate --quiet` in its own process), this process's runs "
+        "one after another"
     )
     print(
         f"detector interval {args.interval} s; worker PAGERLOOP_FEATURE_PRIORITIES="

@@ -1,7 +1,7 @@
 """Cost spike (the seed: hourly cost > 1.5x budget/24): which feature spiked and how, then the
-seed's four steps: serve repeated requests from cache, route all the scope's traffic to the
-cheapest viable model (on a canary slice first, all traffic once it proves cheaper and no worse,
-with a person's approval), shed the features marked low priority (approved too), and cap the
+seed's four steps: route all the scope's traffic to the cheapest viable model (on a canary
+slice first, all traffic once it proves cheaper and no worse, with a person's approval), serve
+repeated requests from cache, shed the features marked low priority (approved too), and cap the
 offender's tokens and pace. Retry amplification is looked for in the diagnosis.
 
 Critical features keep a capable model: their own reroute to the mini sibling is more specific
@@ -57,8 +57,6 @@ class CostSpikeRunbook:
             return await _reroute_offender(steps, offender)
         # SEV1 is a budget about to run out: no answer means go ahead.
         on_timeout: Literal["deny", "proceed"] = "proceed" if input.severity == "SEV1" else "deny"
-        if offender is not None:
-            await steps.apply(ControlSpec("cache", feature=offender.feature))
         routes = cheapest_routes(input.scope, features, input.feature_priorities)
         if routes:
             await steps.canary(
@@ -67,6 +65,10 @@ class CostSpikeRunbook:
                 on_approval_timeout=on_timeout,
                 if_too_little_traffic="promote",
             )
+        # After the canary: answers from the cache never reach OpenAI and are left out of the
+        # comparison, so a cache first could leave the canary nothing to compare.
+        if offender is not None:
+            await steps.apply(ControlSpec("cache", feature=offender.feature))
         low = [
             f.feature for f in features if f.feature and steps.priority(f.feature) == Priority.LOW
         ]
