@@ -151,10 +151,12 @@ def test_a_requests_per_minute_limit_holds_for_the_whole_application(
     print(f"rpm {rpm}: {len(calls)} calls in {seconds} s (allowed {allowed})")
     assert len(calls) <= allowed + PROCESSES, (len(calls), allowed)
     assert len(calls) >= 0.8 * allowed, (len(calls), allowed)
-    # Paced, not bursty: no second holds more than its share and a replica's first call.
+    # Paced, not bursty: no second holds more than its share, a replica's first call, and a
+    # turn a replica's thread took late (woken after its slot on a busy machine, it goes with
+    # the next one: seen in CI as 12 in a second, with the 60 calls of the 10 s on the dot).
     starts = sorted(start for start, _ in calls)
     busiest = max(sum(1 for s in starts if t <= s < t + 1.0) for t in starts)
-    assert busiest <= rpm / 60 + PROCESSES, busiest
+    assert busiest <= rpm / 60 + 2 * PROCESSES, busiest
 
 
 def test_a_tokens_per_minute_limit_holds_for_the_whole_application(
