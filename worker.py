@@ -258,7 +258,9 @@ def build_activities(
     retention = RetentionActivities(engine)
     controls = ControlActivities(engine)
     diagnosis = DiagnosisActivities(
-        engine, SignalJudge(load_rules(settings.rules_file), settings.daily_budget_usd)
+        engine,
+        SignalJudge(load_rules(settings.rules_file), settings.daily_budget_usd),
+        public_url=settings.public_url,  # the diagnosis links the worst calls' waterfalls
     )
     return [
         retention.purge,
@@ -277,6 +279,7 @@ def build_activities(
         jira_activities.open_ticket,
         jira_activities.comment,
         jira_activities.resolve,
+        jira_activities.reopen,
         jira_activities.postmortem,
         email_activities.send_incident_email,
         webhook_activities.post_alert,

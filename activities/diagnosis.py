@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from urllib.parse import quote
 
 from sqlalchemy import Engine
 from temporalio import activity
@@ -21,6 +22,7 @@ from temporalio import activity
 from domain.aggregates import WindowAggregates
 from domain.histogram import percentile
 from domain.usage import UsageCounters
+from domain.waterfall import TracedCall
 from stores import diagnosis as queries
 from stores.aggregates import window_aggregates
 
@@ -58,6 +60,8 @@ class FeatureUsage:
     # than calls is a retry storm (runbooks.retries).
     retries: int = 0
     successes: int = 0  # calls answered (what still gets through an outage)
+    # Its costliest calls' traces (the first TRACED_ROWS features only).
+    traces: list[TracedCall] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +71,7 @@ class ModelRateLimits:
     rate_limited: int
     share: float  # rate_limited / calls
     retries: int  # sum of retry_count: request amplification
+    traces: list[TracedCall] = field(default_factory=list)  # its latest 429s' traces
 
 
 @dataclass
@@ -78,6 +83,7 @@ class ModelLatency:
     avg_input_tokens: float | None
     # p95 latency per prompt-size band ("<1k", "1k-4k", "4k-16k", ">=16k" input tokens)
     p95_by_prompt_size: dict[str, float] = field(default_factory=dict)
+    traces: list[TracedCall] = field(default_factory=list)  # its slowest calls' traces
 
 
 @dataclass
@@ -89,6 +95,7 @@ class ErrorGroup:
     count: int
     last_seen: datetime
     sample_message: str
+    traces: list[TracedCall] = field(default_factory=list)  # its latest calls' traces
 
 
 @dataclass
@@ -99,6 +106,7 @@ class ModelQuality:
     mean: float
     first_seen: datetime
     last_seen: datetime
+    traces: list[TracedCall] = field(default_factory=list)  # its lowest-scored calls' traces
 
 
 @dataclass
@@ -128,36 +136,41 @@ JudgeReading = Callable[[SignalCheck, WindowAggregates], SignalReading]
 
 
 class DiagnosisActivities:
-    """Read-only store queries; every answer is for (end - window_seconds, end] in one scope."""
+    """Read-only store queries; every answer is for (end - window_seconds, end] in one scope.
 
-    def __init__(self, engine: Engine, judge: JudgeReading) -> None:
+    The first TRACED_ROWS rows of an answer carry the traces of their worst calls (slowest,
+    failed, rate-limited, costliest, lowest-scored), with their waterfall's URL when the API's
+    public URL is known (PAGERLOOP_PUBLIC_URL): the runbook's diagnosis links them."""
+
+    def __init__(self, engine: Engine, judge: JudgeReading, public_url: str = "") -> None:
         self._engine = engine
         self._judge = judge
+        self._public_url = public_url
 
     @activity.defn(name="diagnosis.top_features")
     async def top_features(self, q: DiagnosisQuery) -> list[FeatureUsage]:
         """The features spending most (cost, then tokens), at most q.limit."""
-        return await asyncio.to_thread(top_features, self._engine, q)
+        return await asyncio.to_thread(top_features, self._engine, q, self._public_url)
 
     @activity.defn(name="diagnosis.rate_limits")
     async def rate_limits(self, q: DiagnosisQuery) -> list[ModelRateLimits]:
         """Share of 429s per model, the worst first, at most q.limit."""
-        return await asyncio.to_thread(rate_limits, self._engine, q)
+        return await asyncio.to_thread(rate_limits, self._engine, q, self._public_url)
 
     @activity.defn(name="diagnosis.latency")
     async def latency(self, q: DiagnosisQuery) -> list[ModelLatency]:
         """Latency per model and prompt size, the slowest p95 first, at most q.limit."""
-        return await asyncio.to_thread(latency, self._engine, q)
+        return await asyncio.to_thread(latency, self._engine, q, self._public_url)
 
     @activity.defn(name="diagnosis.recent_errors")
     async def recent_errors(self, q: DiagnosisQuery) -> list[ErrorGroup]:
         """Non-success calls per model, feature, status and error type, the most recent first."""
-        return await asyncio.to_thread(recent_errors, self._engine, q)
+        return await asyncio.to_thread(recent_errors, self._engine, q, self._public_url)
 
     @activity.defn(name="diagnosis.quality")
     async def quality(self, q: DiagnosisQuery) -> list[ModelQuality]:
         """Quality per requested model and answering snapshot, the worst mean first."""
-        return await asyncio.to_thread(quality, self._engine, q)
+        return await asyncio.to_thread(quality, self._engine, q, self._public_url)
 
     @activity.defn(name="diagnosis.check_signal")
     async def check_signal(self, c: SignalCheck) -> SignalReading:
@@ -170,8 +183,34 @@ class DiagnosisActivities:
 
 # --- the queries, shaped for the runbooks (run in a worker thread) ---------------------------
 
+# Rows of an answer whose worst calls' traces are looked up (a query each): the diagnosis
+# links a few traces, from the rows ranked worst.
+TRACED_ROWS = 3
 
-def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
+
+def waterfall_url(public_url: str, trace_id: str) -> str:
+    """The trace's waterfall over HTTP (operator key); "" when the API's address is unknown."""
+    if not public_url:
+        return ""
+    return f"{public_url.rstrip('/')}/v1/waterfall/{quote(trace_id, safe='')}"
+
+
+def _linked(found: list[queries.Traced], why: str, public_url: str) -> list[TracedCall]:
+    return [
+        TracedCall(
+            trace_id=t.trace_id,
+            why=why,
+            model=t.model,
+            status=t.status,
+            latency_ms=t.latency_ms,
+            cost_usd=t.cost_usd,
+            url=waterfall_url(public_url, t.trace_id),
+        )
+        for t in found
+    ]
+
+
+def top_features(engine: Engine, q: DiagnosisQuery, public_url: str = "") -> list[FeatureUsage]:
     window = queries.Window.of(q.end, q.window_seconds)
     cells = queries.usage(engine, window, q.scope)
     total_cost = sum(cell.cost_usd for cell in cells.values())
@@ -214,11 +253,17 @@ def top_features(engine: Engine, q: DiagnosisQuery) -> list[FeatureUsage]:
     ]
     # Costs are sums of floats: ranked to the micro-dollar, so equal spend ties on tokens.
     found.sort(key=lambda f: (-round(f.cost_usd, 6), -f.tokens, -f.calls, f.feature))
-    return found[: max(q.limit, 0)]
+    found = found[: max(q.limit, 0)]
+    for f in found[:TRACED_ROWS]:
+        match = {"feature": f.feature or None}
+        costliest = queries.worst_calls(engine, window, q.scope, "costliest", match)
+        f.traces = _linked(costliest, "costliest", public_url)
+    return found
 
 
-def rate_limits(engine: Engine, q: DiagnosisQuery) -> list[ModelRateLimits]:
-    per_model = queries.rate_limits(engine, queries.Window.of(q.end, q.window_seconds), q.scope)
+def rate_limits(engine: Engine, q: DiagnosisQuery, public_url: str = "") -> list[ModelRateLimits]:
+    window = queries.Window.of(q.end, q.window_seconds)
+    per_model = queries.rate_limits(engine, window, q.scope)
     found = [
         ModelRateLimits(
             model=model,
@@ -230,10 +275,14 @@ def rate_limits(engine: Engine, q: DiagnosisQuery) -> list[ModelRateLimits]:
         for model, sums in per_model.items()
     ]
     found.sort(key=lambda m: (-m.share, -m.rate_limited, -m.calls, m.model))
-    return found[: max(q.limit, 0)]
+    found = found[: max(q.limit, 0)]
+    for m in [m for m in found if m.rate_limited][:TRACED_ROWS]:
+        limited = queries.worst_calls(engine, window, q.scope, "rate_limited", {"model": m.model})
+        m.traces = _linked(limited, "rate_limited", public_url)
+    return found
 
 
-def latency(engine: Engine, q: DiagnosisQuery) -> list[ModelLatency]:
+def latency(engine: Engine, q: DiagnosisQuery, public_url: str = "") -> list[ModelLatency]:
     window = queries.Window.of(q.end, q.window_seconds)
     histograms = queries.latency_histograms(engine, window, q.scope)
     sizes = queries.prompt_sizes(engine, window, q.scope)
@@ -256,27 +305,45 @@ def latency(engine: Engine, q: DiagnosisQuery) -> list[ModelLatency]:
             )
         )
     found.sort(key=lambda m: (m.p95_ms is None, -(m.p95_ms or 0.0), -m.calls, m.model))
-    return found[: max(q.limit, 0)]
+    found = found[: max(q.limit, 0)]
+    for m in found[:TRACED_ROWS]:
+        slowest = queries.worst_calls(engine, window, q.scope, "slowest", {"model": m.model})
+        m.traces = _linked(slowest, "slowest", public_url)
+    return found
 
 
-def recent_errors(engine: Engine, q: DiagnosisQuery) -> list[ErrorGroup]:
+def recent_errors(engine: Engine, q: DiagnosisQuery, public_url: str = "") -> list[ErrorGroup]:
     window = queries.Window.of(q.end, q.window_seconds)
-    return [
-        ErrorGroup(
-            model=group.model,
-            feature=group.feature or "",
-            status=group.status,
-            error_type=group.error_type or "",
-            count=group.count,
-            last_seen=group.last_seen,
-            sample_message=group.sample_message or "",
+    found = []
+    for index, group in enumerate(queries.recent_errors(engine, window, q.scope, q.limit)):
+        traces: list[TracedCall] = []
+        if index < TRACED_ROWS:
+            match = {
+                "model": group.model,
+                "feature": group.feature,
+                "status": group.status,
+                "error_type": group.error_type,
+            }
+            failed = queries.worst_calls(engine, window, q.scope, "failed", match)
+            traces = _linked(failed, "failed", public_url)
+        found.append(
+            ErrorGroup(
+                model=group.model,
+                feature=group.feature or "",
+                status=group.status,
+                error_type=group.error_type or "",
+                count=group.count,
+                last_seen=group.last_seen,
+                sample_message=group.sample_message or "",
+                traces=traces,
+            )
         )
-        for group in queries.recent_errors(engine, window, q.scope, q.limit)
-    ]
+    return found
 
 
-def quality(engine: Engine, q: DiagnosisQuery) -> list[ModelQuality]:
-    groups = queries.quality(engine, queries.Window.of(q.end, q.window_seconds), q.scope)
+def quality(engine: Engine, q: DiagnosisQuery, public_url: str = "") -> list[ModelQuality]:
+    window = queries.Window.of(q.end, q.window_seconds)
+    groups = queries.quality(engine, window, q.scope)
     found = [
         ModelQuality(
             model=group.model,
@@ -290,4 +357,8 @@ def quality(engine: Engine, q: DiagnosisQuery) -> list[ModelQuality]:
         if group.scores
     ]
     found.sort(key=lambda m: (m.mean, -m.scores, m.model, m.response_model))
-    return found[: max(q.limit, 0)]
+    found = found[: max(q.limit, 0)]
+    for m in found[:TRACED_ROWS]:
+        lowest = queries.lowest_scored_calls(engine, window, q.scope, m.model, m.response_model)
+        m.traces = _linked(lowest, "lowest_quality", public_url)
+    return found

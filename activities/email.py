@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-EmailEvent = Literal["opened", "escalated", "resolved"]
+EmailEvent = Literal["opened", "escalated", "reopened", "resolved"]
 EVENTS: tuple[str, ...] = get_args(EmailEvent)
 
 # Bounds on what one message carries (hostile or runaway values are cut, never refused).
@@ -179,7 +179,9 @@ def message_id(incident_id: str, event: str, level: str = "") -> str:
 
 
 def request_message_id(request: EmailRequest) -> str:
-    return message_id(request.state.incident_id, request.event, _event_level(request))
+    # A reopened incident's messages are new ones (its second resolve is not its first), in the
+    # same thread: the root stays the incident's own.
+    return message_id(request.state.episode_key, request.event, _event_level(request))
 
 
 def _event_level(request: EmailRequest) -> str:
@@ -217,6 +219,8 @@ def headline(request: EmailRequest) -> str:
         words = "Incident opened"
     elif request.event == "escalated":
         words = f"Escalated to {_one_line(_event_level(request), FIELD_MAX)}"
+    elif request.event == "reopened":
+        words = f"Reopened at {_one_line(_event_level(request), FIELD_MAX)}"
     else:
         words = "Resolved"
         if state.resolved_by:
@@ -269,6 +273,7 @@ def _links(request: EmailRequest) -> list[tuple[str, str]]:
     out (a `javascript:` URL, a URL with line breaks, one too long)."""
     links = []
     for label, url in (
+        ("Runbook", request.state.runbook_url or ""),
         ("Status page", request.status_url),
         ("Temporal UI", request.temporal_ui_url),
     ):

@@ -38,6 +38,7 @@ from domain import search_attributes as sa
 from domain.incident import (
     Breach,
     BreachReceipt,
+    CarriedState,
     Handover,
     IncidentInput,
     IncidentResult,
@@ -46,11 +47,14 @@ from domain.incident import (
     MergeRequest,
     NotificationPlan,
     Recovery,
+    ReopenRequest,
 )
+from domain.incident_machine import reopen_refusal
 from domain.workflow_names import (
     ABSORB,
     INCIDENT_WORKFLOW,
     MERGE_INTO,
+    REOPEN,
     REPORT_BREACH,
     REPORT_RECOVERY,
     REPORT_RELATED,
@@ -73,6 +77,9 @@ class OpenIncidentRequest:
     joins: str | None = None
     # ... or the open incidents of narrower problems the breach's incident takes in.
     absorbs: list[str] = field(default_factory=list)
+    # Its own incident resolved within the rule's cooldown: reopened rather than a new one.
+    reopen: str | None = None
+    cooldown_seconds: int = 0
 
 
 @dataclass
@@ -83,6 +90,9 @@ class OpenIncidentResult:
     silence_reason: str | None = None
     joined: bool = False  # noted on the wider problem's incident (`joins`)
     merged: list[str] = field(default_factory=list)  # the `absorbs` now merged into it
+    reopened: bool = False  # `incident_id` is the resolved incident `reopen` named, back
+    # That incident's resolved run is still finishing: nothing opened, ask again next time.
+    reopen_pending: bool = False
 
 
 @dataclass
@@ -107,6 +117,18 @@ def open_incidents_query(task_queue: str) -> str:
     return (
         f"WorkflowType = '{INCIDENT_WORKFLOW}' AND ExecutionStatus = 'Running' "
         f"AND TaskQueue = {sa.literal(task_queue)}"
+    )
+
+
+def _attributes(status: IncidentStatus, breach: Breach, level: int) -> TypedSearchAttributes:
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(sa.INCIDENT_STATUS, str(status)),
+            SearchAttributePair(sa.INCIDENT_SEVERITY, str(breach.severity)),
+            SearchAttributePair(sa.INCIDENT_TRIGGER, str(breach.trigger)),
+            SearchAttributePair(sa.INCIDENT_SCOPE, breach.scope),
+            SearchAttributePair(sa.INCIDENT_LEVEL, level),
+        ]
     )
 
 
@@ -169,6 +191,10 @@ class IncidentActivities:
         )
         if silence is not None:
             return OpenIncidentResult(None, silenced_by=silence.id, silence_reason=silence.reason)
+        if request.reopen and request.cooldown_seconds > 0:
+            reopened = await self._reopen(request.reopen, breach, request.cooldown_seconds)
+            if reopened is not None:
+                return reopened
         handovers: list[Handover] = []
         for target in request.absorbs:
             # The first one merged hands over where people were told of it.
@@ -184,6 +210,62 @@ class IncidentActivities:
                 await self._update(request.proposed_id, ABSORB, handover)
         merged = [handover.incident_id for handover in handovers]
         return OpenIncidentResult(request.proposed_id, opened=opened, merged=merged)
+
+    async def _reopen(
+        self, incident_id: str, breach: Breach, cooldown_seconds: int
+    ) -> OpenIncidentResult | None:
+        """A new run of the resolved incident, started with its final state, takes the breach
+        and comes back. None: it cannot be reopened (merged, gone, past the cooldown), so a
+        new incident opens."""
+        handle = self._client.get_workflow_handle(incident_id)
+        try:
+            state: IncidentState = await handle.query("state", result_type=IncidentState)
+        except (WorkflowQueryFailedError, RPCError) as exc:
+            if isinstance(exc, RPCError) and exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            log.info("incident %s not reopened: %s", incident_id, exc)
+            return None
+        refused = reopen_refusal(state, breach, cooldown_seconds, breach.observed_at)
+        if refused is not None:
+            log.info("incident %s not reopened: %s", incident_id, refused)
+            return None
+        start: WithStartWorkflowOperation[Any, IncidentResult] = WithStartWorkflowOperation(
+            INCIDENT_WORKFLOW,
+            IncidentInput(
+                incident_id=incident_id,
+                trigger=state.trigger,
+                scope=state.scope,
+                severity=state.severity,
+                opened_at=state.opened_at,
+                notify=self._plan,
+                detector_workflow_id=detector_workflow_id(self._task_queue),
+                carried=CarriedState(state),
+                reopen=True,
+            ),
+            id=incident_id,
+            task_queue=self._task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            # The closed run's id again: the incident keeps its id, its history its runs.
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            search_attributes=_attributes(state.status, breach, state.level),
+            static_summary=incident_summary(breach),
+            result_type=IncidentResult,
+        )
+        try:
+            await self._client.execute_update_with_start_workflow(
+                REOPEN,
+                ReopenRequest(breach, cooldown_seconds),
+                start_workflow_operation=start,
+                result_type=BreachReceipt,
+            )
+        except WorkflowUpdateFailedError as exc:
+            # A run that was not started to reopen it refused: the resolved one, still writing
+            # its report; or a reopened one (this is a retry), which takes the breach.
+            if await self._report(incident_id, breach) is not None:
+                return OpenIncidentResult(incident_id, reopened=True)
+            log.info("incident %s not reopened yet: %s", incident_id, exc)
+            return OpenIncidentResult(None, reopen_pending=True)
+        return OpenIncidentResult(incident_id, reopened=True)
 
     async def _absorb_into(self, into: MergeRequest, targets: list[str]) -> list[str]:
         """Merge `targets` into the running incident `into.into`, which keeps its own message,
@@ -247,15 +329,7 @@ class IncidentActivities:
             task_queue=self._task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(sa.INCIDENT_STATUS, str(IncidentStatus.DETECTED)),
-                    SearchAttributePair(sa.INCIDENT_SEVERITY, str(breach.severity)),
-                    SearchAttributePair(sa.INCIDENT_TRIGGER, str(breach.trigger)),
-                    SearchAttributePair(sa.INCIDENT_SCOPE, breach.scope),
-                    SearchAttributePair(sa.INCIDENT_LEVEL, 1),
-                ]
-            ),
+            search_attributes=_attributes(IncidentStatus.DETECTED, breach, 1),
             static_summary=incident_summary(breach),
             result_type=IncidentResult,
         )

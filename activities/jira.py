@@ -31,6 +31,8 @@ DONE_TRANSITIONS = (
     "close issue",
     "closed",
 )
+# Out of Done when an incident is reopened, the first of these the workflow offers.
+REOPEN_TRANSITIONS = ("reopen", "reopen issue", "reopened", "to do", "open", "in progress")
 COMMENT_MAX = 30_000
 ANCHOR_PREFIX = "pagerloop-"
 
@@ -175,6 +177,21 @@ def resolve(
         raise ERRORS.unencodable(f"resolving {issue}", exc) from exc
 
 
+def reopen(client: JIRA, issue: str, text: str, key: str | None, retry: bool) -> None:
+    """Back out of Done (a workflow without a way back keeps its status: the comment still
+    says the incident is open again), then the comment, once."""
+    try:
+        current = client.issue(issue, fields="status")
+        if str(current.fields.status.name).lower() in DONE_TRANSITIONS:
+            offered = {str(t["name"]).lower(): t["id"] for t in client.transitions(issue)}
+            back = next((offered[name] for name in REOPEN_TRANSITIONS if name in offered), None)
+            if back is not None:
+                client.transition_issue(issue, back)
+    except (JIRAError, RequestException) as exc:
+        raise _translate(exc, f"reopening {issue}") from exc
+    comment(client, issue, text, key, retry)
+
+
 def postmortem_key(incident_id: str) -> str:
     """The mark of an incident's postmortem: one per incident, whatever run or attempt posts it."""
     return "postmortem-" + hashlib.sha256(incident_id.encode()).hexdigest()[:32]
@@ -238,6 +255,18 @@ class JiraActivities:
             info.attempt > 1,
         )
 
+    @activity.defn(name="jira.reopen")
+    async def reopen(self, request: JiraComment) -> None:
+        info = activity.info()
+        await asyncio.to_thread(
+            reopen,
+            self._require_client(),
+            request.issue,
+            request.text,
+            attempt_key(info),
+            info.attempt > 1,
+        )
+
     @activity.defn(name="jira.postmortem")
     async def postmortem(self, request: JiraPostmortem) -> bool:
         return await asyncio.to_thread(
@@ -259,6 +288,11 @@ def _duration(start: datetime, end: datetime | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
+
+
+def runbook_line(state: IncidentState) -> str:
+    """The ticket's link to the runbook, a paragraph of its own (wiki markup links a bare URL)."""
+    return f"\n\nRunbook: {state.runbook_url}" if state.runbook_url else ""
 
 
 def postmortem(state: IncidentState) -> str:
@@ -362,6 +396,8 @@ class JiraChannel:
             case Tell(entry):
                 lane.push("comment", text=f"{entry.kind} by {entry.actor} via {entry.channel}: "
                           f"{entry.text}")  # fmt: skip
+            case Notify(level, reason, "reopened") if incident.state.jira_issue is not None:
+                lane.push("reopen", text=reason)
             case Notify(level):
                 target = level.target(self.name)
                 opened = incident.state.jira_issue is not None or lane.underway("open")
@@ -386,12 +422,19 @@ class JiraChannel:
                     summary=f"[{state.severity}] {state.trigger} on {state.scope}",
                     description=(
                         f"{state.summary}\n\nOpened by pagerloop at L{state.level}."
+                        + runbook_line(state)
                         + (f"\n\nRunbook diagnosis:\n{state.diagnosis}" if state.diagnosis else "")
                     ),
                 ),
                 summary=f"Jira: open a ticket in {action.text}",
             )
             incident.apply(TicketOpened(key))
+        elif action.kind == "reopen" and state.jira_issue is not None:
+            await incident.call(
+                JiraActivities.reopen,
+                JiraComment(state.jira_issue, f"reopened by pagerloop: {action.text}"),
+                summary=f"Jira: reopen {state.jira_issue}",
+            )
         elif action.kind == "comment" and state.jira_issue is not None:
             await incident.call(
                 JiraActivities.comment,
@@ -421,7 +464,7 @@ class JiraChannel:
         text = wiki(report.markdown) if report is not None else postmortem(state)
         await incident.call(
             JiraActivities.postmortem,
-            JiraPostmortem(state.jira_issue, state.incident_id, text),
+            JiraPostmortem(state.jira_issue, state.episode_key, text),
             summary=f"Jira: the postmortem on {state.jira_issue}",
         )
 

@@ -251,9 +251,7 @@ class PagerDutyChannel:
                 "level": level,
                 **state.metrics,
             },
-            links=[{"href": plan.status_url, "text": "pagerloop status"}]
-            if plan.status_url
-            else [],
+            links=page_links(state, plan),
             adopted=[t for t in state.paged if not _is_own(t.dedup_key, state.incident_id)],
         )
         paging = incident.start(
@@ -286,6 +284,15 @@ class PagerDutyChannel:
         else:
             target = await paging
         incident.apply(Paged(target, level))
+
+
+def page_links(state: IncidentState, plan: NotificationPlan) -> list[dict[str, str]]:
+    """The event's `links` (Events API v2: `{href, text}` each, shown on the PagerDuty
+    incident): the runbook first, the one thing a paged responder opens, then the status page."""
+    links = [{"href": state.runbook_url, "text": "Runbook"}] if state.runbook_url else []
+    if plan.status_url:
+        links.append({"href": plan.status_url, "text": "pagerloop status"})
+    return links
 
 
 def _is_own(dedup_key: str, incident_id: str) -> bool:

@@ -38,6 +38,7 @@ from domain.incident_machine import (
     ShowApproval,
     SlackPosted,
     Tell,
+    last_resolve,
 )
 from domain.lanes import Lane
 from domain.report import ReportText
@@ -48,6 +49,8 @@ RESOLVE_KEEP_ACTION = "incident_resolve_keep_controls"
 ESCALATE_ACTION = "incident_escalate"
 SNOOZE_ACTION = "incident_snooze"
 SNOOZE_MINUTES = 30
+# A link button (it opens the runbook's page; the click Slack also sends us is ignored).
+RUNBOOK_ACTION = "incident_runbook"
 # A runbook step's ask (Steps.approve): its buttons carry approval_value(...).
 APPROVE_ACTION = "approve_step"
 DENY_ACTION = "deny_step"
@@ -83,6 +86,7 @@ HEADER_MAX = 150
 SECTION_MAX = 3000
 FALLBACK_TEXT_MAX = 3000
 MAX_BLOCKS = 50
+URL_MAX = 3000  # a button's url
 
 # Slack errors worth another try; any other `ok: false` error gets the same answer however
 # often the request is sent (bad token, unknown channel, invalid blocks, missing scope...).
@@ -186,6 +190,9 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
         context.append(f"acknowledged by {_mention(state.acknowledged_by)}")
     if state.resolved_by:
         context.append(f"resolved by {_mention(state.resolved_by)}")
+    if state.reopened and state.reopened_at is not None:
+        times = "" if state.reopened == 1 else f" ({state.reopened} times)"
+        context.append(f"reopened {_date(state.reopened_at)}{times}")
     blocks.append(
         {
             "type": "context",
@@ -202,6 +209,10 @@ def incident_blocks(state: IncidentState) -> list[dict[str, Any]]:
             buttons.append(keep)
         buttons.append(_button("Escalate", ESCALATE_ACTION, state.incident_id))
         buttons.append(_button(f"Snooze {SNOOZE_MINUTES} min", SNOOZE_ACTION, state.incident_id))
+    # Still worth reading once resolved (the postmortem); a URL cut short would mislead.
+    if state.runbook_url and len(state.runbook_url) <= URL_MAX:
+        runbook = _button("Runbook", RUNBOOK_ACTION, state.incident_id)
+        buttons.append(runbook | {"url": state.runbook_url})
     if buttons:
         blocks.append({"type": "actions", "block_id": "incident_actions", "elements": buttons})
     return blocks[:MAX_BLOCKS]
@@ -802,6 +813,16 @@ class SlackActivities:
 # --- the channel: what the incident's effects mean for Slack -----------------------------------
 
 
+def reopened_reply(state: IncidentState, reason: str) -> str:
+    """The thread's word that the incident is back, to whoever resolved it: a Slack user is
+    mentioned (Slack notifies them), anyone else named."""
+    resolved = last_resolve(state)
+    who = ""
+    if resolved is not None and resolved.actor != "pagerloop":
+        who = f"{_mention(resolved.actor)}: "
+    return f"*reopened* {who}{reason} (at {state.level_name}, acknowledge again)"
+
+
 class SlackChannel:
     """One message per incident in the incident's channel, kept up to date; the timeline told
     in its thread; a heads-up in a level's own channel when it is reached."""
@@ -814,7 +835,7 @@ class SlackChannel:
     def react(self, effect: Effect, incident: Incident, lane: Lane) -> None:
         state = incident.state
         match effect:
-            case Notify(level, reason):
+            case Notify(level, reason, kind):
                 target = level.target(self.name)
                 if target is None:
                     return
@@ -822,6 +843,8 @@ class SlackChannel:
                     lane.push("post")
                 else:
                     lane.push("update")
+                if kind == "reopened":
+                    lane.push("reply", text=reopened_reply(state, reason))
                 for other in target.to:
                     if other != incident.plan.slack_channel:
                         lane.push("notify", text=reason or state.summary, level=other)

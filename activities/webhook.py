@@ -117,7 +117,7 @@ TIMESTAMP_SIGNATURE_HEADER = "X-Pagerloop-Timestamp-Signature"
 DELIVERY_HEADER = "X-Pagerloop-Delivery"
 EVENT_HEADER = "X-Pagerloop-Event"
 
-WebhookEvent = Literal["opened", "escalated", "reminded", "resolved"]
+WebhookEvent = Literal["opened", "escalated", "reminded", "reopened", "resolved"]
 EVENTS: frozenset[str] = frozenset(get_args(WebhookEvent))
 
 # Alertmanager receivers expect the Prometheus convention in `severity`.
@@ -515,6 +515,7 @@ class WebhookChannel:
         links = {
             "status_url": plan.status_url,
             "ui_url": plan.temporal_ui_url + quote(state.incident_id, safe=""),
+            "runbook_url": state.runbook_url or "",
         }
         level = action.level or state.level_name
         posts = [

@@ -23,6 +23,7 @@ from api import (
     silences,
     slack,
     status,
+    waterfall,
 )
 from api.auth import readable_by
 from api.bodies import add_components
@@ -110,6 +111,7 @@ def create_app(svc: Services) -> FastAPI:
         silences,
         controls,
         calls,
+        waterfall,
         costs,
         slack,
         pagerduty,

@@ -17,8 +17,10 @@ from rich.table import Column, Table
 from sqlalchemy import ColumnElement
 
 from api.calls import CallOut, CallsOut, GroupOut, StatsOut, stats_out
+from api.waterfall import WaterfallCallOut, WaterfallOut, waterfall_out
 from cli.stores import open_stores
 from config import load_settings
+from domain.waterfall import bar, draw
 from stores import call_search
 from stores.call_search import (
     CALL_COLUMNS,
@@ -31,8 +33,11 @@ from stores.call_search import (
     QueryError,
     SearchTimeoutError,
 )
+from stores.waterfall import TRACE_ID_MAX_LENGTH, trace_calls
 
-app = typer.Typer(help="Search the call log and sum it up by group.", no_args_is_help=True)
+app = typer.Typer(
+    help="Search the call log, sum it up by group, show a trace's calls.", no_args_is_help=True
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -312,3 +317,116 @@ def stats(
         f"error % counts {', '.join(ERROR_STATUSES)}; 429 % counts rate_limited",
         highlight=False,
     )
+
+
+# --- the request waterfall -----------------------------------------------------------------------
+
+TRACE_WIDTH = 40  # columns of the time axis
+
+
+def _axis(total_ms: float, width: int) -> str:
+    """The bar column's header: the axis from 0 to the trace's duration, `width` wide."""
+    end = _ms(total_ms)
+    return "0" + end.rjust(width - 1) if width > len(end) + 1 else end.rjust(width)
+
+
+def _notes(c: WaterfallCallOut) -> str:
+    notes = []
+    if c.cache_hit:
+        notes.append("cache hit")
+    if c.retry_count:
+        notes.append(f"{c.retry_count} retr{'y' if c.retry_count == 1 else 'ies'}")
+    if c.controls:
+        notes.append(c.controls)
+    if c.error_type:
+        notes.append(c.error_type)
+    return escape(", ".join(notes)) or "-"
+
+
+def _waterfall_table(document: WaterfallOut, width: int) -> Table:
+    fold: dict[str, Any] = {"overflow": "fold"}
+    table = Table(
+        Column("start", justify="right", no_wrap=True),
+        Column(_axis(document.duration_ms, width), no_wrap=True, min_width=width),
+        Column("duration", justify="right", no_wrap=True),
+        Column("model", **fold),
+        Column("status", no_wrap=True),
+        Column("tokens in/out", justify="right"),
+        Column("cost", justify="right"),
+        Column("feature", **fold),
+        Column("notes", **fold),
+    )
+    for c in document.calls:
+        start, columns = bar(c.offset_ms, c.duration_ms, document.duration_ms, width)
+        colour = "cyan" if c.cache_hit else "green" if c.status == "success" else "red"
+        table.add_row(
+            f"+{_ms(c.offset_ms)}",
+            f"[{colour}]{draw(start, columns, width)}[/{colour}]",
+            _ms(c.duration_ms),
+            _text(c.model),
+            _status(c.status),
+            _tokens(c.input_tokens, c.output_tokens),
+            _cost(c.cost_usd),
+            _text(c.feature),
+            _notes(c),
+        )
+    return table
+
+
+def _trace_id(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = "\x00"  # refused below, as the API refuses it
+    if not 1 <= len(value) <= TRACE_ID_MAX_LENGTH or "\x00" in value:
+        raise typer.BadParameter(
+            f"1 to {TRACE_ID_MAX_LENGTH} characters, without NUL", param_hint="TRACE_ID"
+        )
+    return value
+
+
+@app.command()
+def trace(
+    trace_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="TRACE_ID",
+            help="the trace id the calls carry (OpenTelemetry's: 32 hex digits)",
+            show_default=False,
+        ),
+    ],
+    width: Annotated[int, typer.Option(min=10, max=400, help="columns of the time axis")] = (
+        TRACE_WIDTH
+    ),
+    json_: JsonOption = False,
+) -> None:
+    """Every call of one trace on a time axis (the request waterfall): offset from the first
+    call, a bar for when it ran, duration, model, status, tokens, cost (as `GET
+    /v1/waterfall/TRACE_ID`; `--json` prints its document)."""
+    trace_id = _trace_id(trace_id)
+    try:
+        found = trace_calls(open_stores(), trace_id)
+    except SearchTimeoutError:
+        err.print("[red]reading the trace's calls took too long: retry later[/red]")
+        raise typer.Exit(1) from None
+    if not found.calls:
+        err.print(f"no call in the call log carries trace id {escape(trace_id)}", highlight=False)
+        raise typer.Exit(1)
+    document = waterfall_out(found)
+    if json_:
+        sys.stdout.write(document.model_dump_json(indent=2) + "\n")
+        return
+    console = _wide()
+    count = len(document.calls)
+    console.print(
+        f"trace {escape(document.trace_id)}: {count} call{'s' if count != 1 else ''} "
+        f"in {_ms(document.duration_ms)} from {document.started_at:%Y-%m-%d %H:%M:%S} UTC, "
+        f"{document.input_tokens:,}/{document.output_tokens:,} tokens, "
+        f"${document.cost_usd:.6f}",
+        highlight=False,
+    )
+    console.print(_waterfall_table(document, width))
+    if document.truncated:
+        console.print(
+            f"the first {count:,} calls by start; more carry this trace id", highlight=False
+        )

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 import worker
-from cli import calls, controls, costs, detector, incidents, silences
+from cli import calls, controls, costs, detector, incidents, quality, silences
 from cli.simulate import command as simulate_command
 from config import ConfigurationError, Settings, load_settings
 
@@ -24,6 +24,7 @@ app.add_typer(controls.app, name="controls")
 app.add_typer(detector.app, name="detector")
 app.add_typer(calls.app, name="calls")
 app.add_typer(costs.app, name="costs")
+app.add_typer(quality.app, name="quality")
 app.command("simulate")(simulate_command)
 err = Console(stderr=True)
 

@@ -7,12 +7,18 @@ recover_evaluations = 3
 [tpm_quota]                               # tokens per minute, per model ("*": global)
 "gpt-4.1" = 2_000_000
 
+[rpm_quota]                               # requests per minute, per model ("*": global)
+"gpt-4.1" = 10_000
+
 [rules.error_rate]                        # any field of a rule; names as in DEFAULT_RULES
 warning = 0.03
 critical = 0.08
 min_samples = 50
 critical_severity = "SEV1"
 window_seconds = 300                      # whole minutes, 60..3600; 0: the detector's
+include_rate_limited = true               # error_rate only: count 429s too (every non-200)
+runbook_url = "https://wiki.example.com/runbooks/error-rate"  # linked before the runbook's page
+cooldown_seconds = 600                    # reopen its resolved incident this soon after (0: never)
 
 [rules.budget_runway]                     # hours until the daily budget runs out
 warning = 12
@@ -33,9 +39,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, field_validator
 
 from config.tomlfile import read_toml
 from detectors.correlation import DEFAULT_RELATIONS, Relation
@@ -57,6 +63,10 @@ class RulesFileError(ValueError):
 MIN_WINDOW_SECONDS = 60
 MAX_WINDOW_SECONDS = 3600
 MAX_RULE_WINDOWS = 4
+# A day: a breach later than that after the resolve is a new problem, not the same one back.
+MAX_COOLDOWN_SECONDS = 86_400
+# A rule's runbook_url: what every channel can carry (email's links stop at 2,000 characters).
+RUNBOOK_URL_MAX = 2000
 
 
 class RuleOverride(BaseModel):
@@ -73,6 +83,11 @@ class RuleOverride(BaseModel):
     scopes: list[ScopeKind] | None = None
     enabled: bool | None = None
     window_seconds: int | None = Field(default=None, ge=0, le=MAX_WINDOW_SECONDS)
+    cooldown_seconds: int | None = Field(default=None, ge=0, le=MAX_COOLDOWN_SECONDS)
+    # error_rate only: read every non-200, 429s too (the seed's error rate), not just failures.
+    include_rate_limited: bool | None = None
+    # Absolute http(s) only: it becomes a link in Slack, PagerDuty, Jira, email and the page.
+    runbook_url: Annotated[AnyHttpUrl, UrlConstraints(max_length=RUNBOOK_URL_MAX)] | None = None
 
     @field_validator("window_seconds")
     @classmethod
@@ -104,6 +119,7 @@ class RulesFile(BaseModel):
     for_evaluations: int | None = Field(default=None, ge=1)
     recover_evaluations: int | None = Field(default=None, ge=1)
     tpm_quota: dict[str, int] = {}
+    rpm_quota: dict[str, int] = {}
     rules: dict[str, RuleOverride] = {}
     default_relations: bool = True
     relations: list[RelationEntry] = []
@@ -115,12 +131,27 @@ class DetectorRules:
     scopes: tuple[str, ...] = ("global", "model", "feature")
     tpm_quota: dict[str, int] = field(default_factory=dict)
     relations: tuple[Relation, ...] = DEFAULT_RELATIONS
+    rpm_quota: dict[str, int] = field(default_factory=dict)
 
     def quota_for(self, scope: str) -> float | None:
-        if scope == "global":
-            return self.tpm_quota.get("*")
-        kind, _, name = scope.partition(":")
-        return self.tpm_quota.get(name) if kind == "model" else None
+        """The tokens per minute allowed to the scope; None: no quota there."""
+        return _quota(self.tpm_quota, scope)
+
+    def request_quota_for(self, scope: str) -> float | None:
+        """The requests per minute allowed to the scope; None: no quota there."""
+        return _quota(self.rpm_quota, scope)
+
+
+def _quota(quotas: dict[str, int], scope: str) -> float | None:
+    """A quota is the account's, per model ("*": all of them, on global); features have none."""
+    if scope == "global":
+        return quotas.get("*")
+    kind, _, name = scope.partition(":")
+    return quotas.get(name) if kind == "model" else None
+
+
+# The error_rate rule's signal with `include_rate_limited = true`: every non-200, 429s too.
+NON_200_SIGNAL = "non_200_rate"
 
 
 def apply(parsed: RulesFile) -> DetectorRules:
@@ -142,6 +173,10 @@ def apply(parsed: RulesFile) -> DetectorRules:
             changes["scopes"] = tuple(changes["scopes"])
         if changes.get("window_seconds") == 0:
             changes["window_seconds"] = None  # the detector's
+        if "include_rate_limited" in changes:
+            changes |= _rate_limited(rule, changes.pop("include_rate_limited"))
+        if changes.get("runbook_url") is not None:
+            changes["runbook_url"] = str(changes["runbook_url"])  # plain data for Temporal
         rule = replace(rule, **changes)
         if rule.warning is None and rule.critical is None:
             raise RulesFileError(f"rules.{rule.name}: needs a warning or a critical threshold")
@@ -156,8 +191,23 @@ def apply(parsed: RulesFile) -> DetectorRules:
     relations += tuple(entry.relation() for entry in parsed.relations)
     _check_relations(relations)
     return DetectorRules(
-        tuple(rules), tuple(parsed.scopes), dict(parsed.tpm_quota), tuple(relations)
+        tuple(rules),
+        tuple(parsed.scopes),
+        dict(parsed.tpm_quota),
+        tuple(relations),
+        rpm_quota=dict(parsed.rpm_quota),
     )
+
+
+def _rate_limited(rule: Rule, include: bool | None) -> dict[str, Any]:
+    """`include_rate_limited`: the error rate counts 429s too, or not (the default: they are
+    the rate_limit rule's). Only the error rate has 429s to count or leave out."""
+    if rule.name != "error_rate":
+        raise RulesFileError(
+            f"rules.{rule.name}.include_rate_limited: only rules.error_rate takes it (whether "
+            "the error rate counts 429s too)"
+        )
+    return {"signal": NON_200_SIGNAL} if include else {}
 
 
 def _check_relations(relations: tuple[Relation, ...]) -> None:

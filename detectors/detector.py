@@ -61,6 +61,9 @@ CORRELATE_PATCH = "correlate-open-incidents"
 # Each rule reads its own window (2, 5, 10 minutes), all read by one activity call; a run begun
 # before reads the detector's window for every rule.
 PER_RULE_WINDOWS_PATCH = "per-rule-windows"
+# A breach within its rule's cooldown after its incident resolved reopens that incident
+# instead of opening (and paging for) a new one.
+REOPEN_PATCH = "reopen-within-cooldown"
 # Start a fresh run long before the history gets heavy.
 EVALUATIONS_PER_RUN = 500
 # A firing trigger refreshes its open incident's metrics at most this often (like
@@ -90,6 +93,10 @@ class TriggerState:
     # `incident_id` is a wider problem's incident this trigger + scope joined (or was merged
     # into), not its own.
     attached: bool = False
+    # Its own incident that closed last (resolved), and when the detector heard of it: a
+    # breach within the rule's cooldown reopens that one.
+    closed_id: str | None = None
+    closed_at: datetime | None = None
 
 
 @dataclass
@@ -122,6 +129,16 @@ def folded_line(kind: str, info: FoldedInfo) -> str:
         f"{kind}: {info.values:,} values beyond the top {info.top} folded into "
         f"{folded_scope(kind)} ({info.calls:,} calls)"
     )
+
+
+def _reopenable(state: TriggerState, finding: Finding, now: datetime) -> str | None:
+    """The resolved incident this breach reopens: its own last one, closed within the firing
+    rules' cooldown."""
+    if state.closed_id is None or state.closed_at is None or finding.cooldown_seconds <= 0:
+        return None
+    if now - state.closed_at > timedelta(seconds=finding.cooldown_seconds):
+        return None
+    return state.closed_id
 
 
 def proposed_incident_id(finding: Finding, at: datetime) -> str:
@@ -189,7 +206,11 @@ class DetectorWorkflow:
         self._closed.add(incident_id)
         for key, state in self._triggers.items():
             if state.incident_id == incident_id:
-                self._triggers[key] = TriggerState()
+                own = not state.attached
+                self._triggers[key] = TriggerState(
+                    closed_id=incident_id if own else None,
+                    closed_at=workflow.now() if own else None,
+                )
         self._wake = True
 
     @workflow.signal
@@ -304,6 +325,7 @@ class DetectorWorkflow:
         firing = [(f.trigger, f.scope) for f in findings]
         routing = Routing() if relations is None else route(relations, firing, self._open_keys())
         requests: list[OpenIncidentRequest] = []
+        reopening = workflow.patched(REOPEN_PATCH)
         for finding in findings:
             key = (finding.trigger, finding.scope)
             if key in routing.held:
@@ -331,9 +353,13 @@ class DetectorWorkflow:
                     observed_at=now,
                     summary=finding.summary,
                     metrics=finding.metrics,
+                    runbook_url=finding.runbook_url,
                 )
                 proposed = proposed_incident_id(finding, now)
-                requests.append(OpenIncidentRequest(breach, proposed, own, joins, absorbs))
+                request = OpenIncidentRequest(breach, proposed, own, joins, absorbs)
+                if reopening and own is None and (closed := _reopenable(state, finding, now)):
+                    request.reopen, request.cooldown_seconds = closed, finding.cooldown_seconds
+                requests.append(request)
         if not requests:
             return
         results: list[OpenIncidentResult] = await workflow.execute_activity_method(
@@ -347,8 +373,14 @@ class DetectorWorkflow:
         for request, result in zip(requests, results, strict=True):
             reported = trigger_key(request.breach.trigger, request.breach.scope)
             incident_id = result.incident_id
-            if incident_id in self._closed:
+            if result.reopened and incident_id is not None:
+                self._closed.discard(incident_id)  # back, under the same id
+            elif incident_id in self._closed:
                 incident_id = None
+            if result.reopen_pending:
+                # The resolved run is still finishing (its report): the next evaluation
+                # reopens it, while the cooldown lasts.
+                continue
             self._triggers[reported] = TriggerState(
                 incident_id=incident_id,
                 reported_at=now if incident_id else None,

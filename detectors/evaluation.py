@@ -24,6 +24,7 @@ from detectors.rules import Event, Rule, RuleState, step
 from detectors.signals import HISTOGRAM_SIGNALS, Earlier, values
 from domain import runway
 from domain.aggregates import Aggregate, WindowAggregates
+from domain.baselines import QualityBaseline
 from domain.escalation import span  # a window for people: "2 min", "1 h"
 from domain.incident import Severity, Trigger, severity_rank
 from domain.scopes import GLOBAL, kind_of
@@ -39,6 +40,11 @@ class Finding:
     summary: str
     metrics: dict[str, float]
     rules: list[str] = field(default_factory=list)
+    # The runbook page of the most severe firing rule that names one (the rules file's).
+    runbook_url: str | None = None
+    # How long after its incident resolves a breach reopens it: the longest of the firing
+    # rules' cooldowns.
+    cooldown_seconds: int = 0
 
 
 @dataclass
@@ -62,15 +68,18 @@ _LABELS = {
     "latency_p50_ms": ("p50 latency", "ms"),
     "latency_p95_ms": ("p95 latency", "ms"),
     "error_rate": ("error rate", "%"),
+    "non_200_rate": ("non-200 rate", "%"),
     "rate_limit_rate": ("429 rate", "%"),
     "server_error_rate": ("5xx rate", "%"),
     "tpm_quota_ratio": ("tokens/min of quota", "%"),
+    "rpm_quota_ratio": ("requests/min of quota", "%"),
     "cost_rate_ratio": ("cost rate of hourly budget", "x"),
     "budget_consumed_ratio": ("daily budget used", "%"),
     "quality_mean": ("quality", ""),
     "quality_drift_z": ("quality drift", "sd"),
     "budget_runway_hours": ("daily budget runs out", "h"),
     "tpm_runway_minutes": ("tokens/min reach the quota", "min"),
+    "rpm_runway_minutes": ("requests/min reach the quota", "min"),
 }
 # Today's spend: the same whatever the window (the window only counts the rule's samples).
 _WINDOWLESS = frozenset({"budget_consumed_ratio"})
@@ -81,11 +90,17 @@ _RUNWAY_BASIS = {
         "at the burn of the last",
     ),
     "tpm_runway_minutes": (("tpm_quota_ratio", "tokens_per_minute"), "at the trend of the last"),
+    "rpm_runway_minutes": (
+        ("rpm_quota_ratio", "requests_per_minute"),
+        "at the trend of the last",
+    ),
 }
 _RUN_OUT = {
     "budget_runway_hours": "daily budget used up",
     "tpm_runway_minutes": "tokens/min at the quota",
+    "rpm_runway_minutes": "requests/min at the quota",
 }
+DRIFT_SIGNAL = "quality_drift_z"
 
 
 def label(rule: Rule) -> str:
@@ -148,6 +163,22 @@ def describe(
     if rule.signal in _RUNWAY_BASIS:
         return f"{text}, {_RUNWAY_BASIS[rule.signal][1]} {span(window)}"
     return f"{text} over {span(window)}"
+
+
+# The signals of a quota: nothing to measure on a scope without that quota.
+_TOKEN_QUOTA_SIGNALS = frozenset({"tpm_quota_ratio", "tpm_runway_minutes"})
+_REQUEST_QUOTA_SIGNALS = frozenset({"rpm_quota_ratio", "rpm_runway_minutes"})
+
+
+def measurable(rule: Rule, config: DetectorRules, scope: str) -> bool:
+    """Whether the rule has something to measure on the scope: a quota's rules only where the
+    rules file sets that quota (the token and request quotas share one trigger, and one of
+    them is often set alone)."""
+    if rule.signal in _TOKEN_QUOTA_SIGNALS:
+        return bool(config.quota_for(scope))
+    if rule.signal in _REQUEST_QUOTA_SIGNALS:
+        return bool(config.request_quota_for(scope))
+    return True
 
 
 def rule_window(rule: Rule, detector_window: int) -> int:
@@ -265,6 +296,10 @@ class _Signals:
                 self._found[key] = self._values(window, scope, aggregate, widest)
         return self._found[key]
 
+    def baseline(self, window: int | None, scope: str) -> QualityBaseline | None:
+        """The quality baseline set by hand for the scope, if any (the drift reads it)."""
+        return self.views[window].baselines.get(scope)
+
     def rest(self, window: int | None, narrower: list[str]) -> Found:
         """The signals of global minus these scopes (of one kind) over the window."""
         rest = self.views[window].global_without(narrower)
@@ -274,14 +309,16 @@ class _Signals:
     def _values(
         self, window: int | None, scope: str, aggregate: Aggregate, widest: Aggregate | None
     ) -> Found:
-        """The tokens' trend: the average of the widest window is the rate at its centre, the
-        narrower window's at its own (`detectors.signals.values` takes it from there)."""
+        """The tokens' and requests' trends: the average of the widest window is the rate at
+        its centre, the narrower window's at its own (`detectors.signals.values` takes it from
+        there)."""
         view = self.views[window]
         earlier = None
         if window is not None and window != self.widest and widest is not None:
             long = self.views[self.widest].window_seconds
+            minutes = max(long, 1.0) / 60
             tokens = widest.input_tokens + widest.output_tokens
-            earlier = Earlier(tokens / (max(long, 1.0) / 60), long)
+            earlier = Earlier(tokens / minutes, long, requests_per_minute=widest.calls / minutes)
         return values(
             aggregate,
             view.window_seconds,
@@ -291,6 +328,8 @@ class _Signals:
             tpm_quota=self._config.quota_for(scope),
             now=None if window is None else self.end,
             earlier=earlier,
+            rpm_quota=self._config.request_quota_for(scope),
+            baseline=view.baselines.get(scope),
         )
 
 
@@ -372,6 +411,7 @@ def _finding(
     each one's value, line and window, the metrics hold their signals (and a runway's basis)."""
     trigger_name, _, scope = tkey.partition("|")
     parts, severity, names = [], Severity.SEV4, []
+    runbook_url, linked_rank = None, -1
     windows: list[int | None] = []
     metrics: dict[str, float] = {}
     for rule, value in rules:
@@ -389,8 +429,20 @@ def _finding(
             windows.append(window)
         if severity_rank(rule.severity(level)) > severity_rank(severity):
             severity = rule.severity(level)
+        if rule.runbook_url and severity_rank(rule.severity(level)) > linked_rank:
+            runbook_url, linked_rank = rule.runbook_url, severity_rank(rule.severity(level))
+        hand_set = signals.baseline(window, scope) if rule.signal == DRIFT_SIGNAL else None
+        if hand_set is not None:
+            metrics |= {
+                "quality_baseline_mean": hand_set.mean,
+                "quality_baseline_sd": hand_set.stddev,
+                "quality_baseline_hand_set": 1.0,
+            }
         if value is not None:
-            parts.append(describe(rule, value, level, window=window, at=signals.end))
+            text = describe(rule, value, level, window=window, at=signals.end)
+            if hand_set is not None:
+                text += f", against the baseline set by hand ({hand_set.describe()})"
+            parts.append(text)
     # The calls of the widest window the rules read (the one window of most findings).
     known = [window for window in windows if window is not None]
     widest = max(known) if known else signals.widest
@@ -401,7 +453,10 @@ def _finding(
         summary += f" ({int(calls)} calls{where})"
     if calls is not None:
         metrics = {"calls": float(calls), **metrics}
-    return Finding(Trigger(trigger_name), scope, severity, summary, metrics, names)
+    cooldown = max((rule.cooldown_seconds for rule, _ in rules if rule.name in names), default=0)
+    return Finding(
+        Trigger(trigger_name), scope, severity, summary, metrics, names, runbook_url, cooldown
+    )
 
 
 def _inhibited(

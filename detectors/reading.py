@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from activities.diagnosis import SignalCheck, SignalReading
 from detectors.config import DetectorRules
-from detectors.evaluation import describe, label, reading, show
+from detectors.evaluation import describe, label, measurable, reading, show
 from detectors.rules import Rule
 from detectors.signals import TREND_SIGNALS, values
 from domain.aggregates import WindowAggregates
@@ -54,12 +54,17 @@ def read_signal(
         daily_budget_usd=daily_budget_usd,
         cost_today_usd=aggregates.cost_today_usd,
         tpm_quota=config.quota_for(check.scope),
+        rpm_quota=config.request_quota_for(check.scope),
+        baseline=aggregates.baselines.get(check.scope),
         now=aggregates.end,
     )
     rules = [
         rule
         for rule in config.rules
-        if rule.enabled and rule.trigger == check.trigger and kind_of(check.scope) in rule.scopes
+        if rule.enabled
+        and rule.trigger == check.trigger
+        and kind_of(check.scope) in rule.scopes
+        and measurable(rule, config, check.scope)
     ]
     calls = int(found.get("calls") or 0)
     names = ["calls", *(rule.signal for rule in rules), *(rule.sample_signal for rule in rules)]

@@ -53,6 +53,12 @@ class Rule:
     enabled: bool = True
     # Seconds of traffic the signal is read over; None: the detector's window.
     window_seconds: int | None = None
+    # The team's own page for this rule (an absolute http(s) URL, from the rules file): the
+    # incident links it before its runbook's. The built-in rules name none.
+    runbook_url: str | None = None
+    # After its incident resolves, a breach within this many seconds reopens that incident
+    # (paging whoever resolved it) instead of opening a new one; 0: always a new one.
+    cooldown_seconds: int = 300
 
     def level(self, value: float) -> Level | None:
         def beyond(threshold: float | None) -> bool:
@@ -120,7 +126,7 @@ T = Trigger
 M2, M5, M10 = 120, 300, 600  # the seed's windows, in seconds
 
 # The seed's thresholds and windows. Latency in milliseconds, rates as fractions, ratios of
-# quota / budget, runways in hours (budget) and minutes (tokens per minute).
+# quota / budget, runways in hours (budget) and minutes (tokens and requests per minute).
 DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("latency_p50", "latency_p50_ms", T.ELEVATED_LATENCY, True, 2000, 5000, window_seconds=M5),
     Rule("latency_p95", "latency_p95_ms", T.ELEVATED_LATENCY, True, 8000, 15000, window_seconds=M5),
@@ -138,6 +144,13 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     # window to this one: only where a quota is set; a trend of a handful of calls is noise.
     Rule(
         "tpm_runway", "tpm_runway_minutes", T.TOKEN_QUOTA, False, 30.0, 5.0,
+        window_seconds=M2,
+    ),
+    # The account's other limit, requests per minute (`rpm_quota`): the same lines and trend,
+    # the same incident as the tokens'.
+    Rule("rpm_quota", "rpm_quota_ratio", T.TOKEN_QUOTA, True, 0.80, 0.95, min_samples=1),
+    Rule(
+        "rpm_runway", "rpm_runway_minutes", T.TOKEN_QUOTA, False, 30.0, 5.0,
         window_seconds=M2,
     ),
     Rule("cost_rate", "cost_rate_ratio", T.COST_SPIKE, True, 1.2, 1.5, min_samples=1),

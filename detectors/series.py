@@ -3,7 +3,9 @@ value at minute m is `detectors.signals.values` over the rule's window ending wi
 window slides), read from the rollups with a few grouped queries for the whole hour
 (stores.series) instead of one window query per minute. As in `detectors.evaluation`, each
 window is dated by its end (the budget's runway) and the tokens per minute take their trend
-from the widest window any enabled rule reads, ending at the same time (the token runway).
+from the widest window any enabled rule reads, ending at the same time (the token runway), and
+so do the requests per minute. A feature's quality baseline set by hand is the drift's baseline
+at every minute, as it is the detector's while it is set.
 
 Which signal: the rules of the incident's trigger that watch its scope (a trigger may have
 several, `latency_p50` and `latency_p95`); the chart shows the most relevant one, the rule
@@ -20,13 +22,15 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine
 
 from detectors.config import DetectorRules
-from detectors.evaluation import rule_window, windows_read
+from detectors.evaluation import measurable, rule_window, windows_read
 from detectors.rules import Level, Rule
 from detectors.signals import Earlier, values
 from domain.aggregates import Aggregate
+from domain.baselines import QualityBaseline
 from domain.chart import Chart, render_png, render_svg
 from domain.scopes import OTHER, kind_of
 from stores.llm_calls import utc
+from stores.quality_baselines import for_scope as baseline_for_scope
 from stores.series import ScopeHistory, UnchartableScopeError, scope_history
 
 SERIES_MINUTES = 60
@@ -35,7 +39,7 @@ BASELINE_DAYS = 7  # as the detector's drift baseline (stores.aggregates.window_
 DRIFT_LIMIT_SD = 50.0
 # A runway out of sight is the horizon (2 days): drawn at this many times the rule's highest
 # line instead, so that the lines stay apart.
-RUNWAY_SIGNALS = frozenset({"budget_runway_hours", "tpm_runway_minutes"})
+RUNWAY_SIGNALS = frozenset({"budget_runway_hours", "tpm_runway_minutes", "rpm_runway_minutes"})
 RUNWAY_SHOWN_LINES = 4.0
 
 # signal -> (label, unit shown, factor from the signal's unit to the one shown)
@@ -44,15 +48,18 @@ DISPLAY: dict[str, tuple[str, str, float]] = {
     "latency_p95_ms": ("p95 latency", " s", 0.001),
     "latency_p99_ms": ("p99 latency", " s", 0.001),
     "error_rate": ("error rate", "%", 100.0),
+    "non_200_rate": ("non-200 rate (429s included)", "%", 100.0),
     "rate_limit_rate": ("429 rate", "%", 100.0),
     "server_error_rate": ("5xx rate", "%", 100.0),
     "timeout_rate": ("timeout rate", "%", 100.0),
     "tpm_quota_ratio": ("tokens per minute, of the quota", "%", 100.0),
+    "rpm_quota_ratio": ("requests per minute, of the quota", "%", 100.0),
     "cost_rate_ratio": ("cost rate, times the hourly budget", "x", 1.0),
     "budget_consumed_ratio": ("daily budget used", "%", 100.0),
     "quality_mean": ("mean quality score", "", 1.0),
     "quality_drift_z": ("quality drift", " sd", 1.0),
     "tpm_runway_minutes": ("minutes until the token quota runs out", " min", 1.0),
+    "rpm_runway_minutes": ("minutes until the request quota runs out", " min", 1.0),
     "budget_runway_hours": ("hours until the daily budget runs out", " h", 1.0),
 }
 
@@ -68,6 +75,8 @@ class RuleSeries:
     minutes: tuple[datetime, ...]
     raw: tuple[float | None, ...]
     samples: tuple[float, ...]
+    # The quality baseline set by hand the drift was measured against (None: the rolling one).
+    baseline: QualityBaseline | None = None
 
     @property
     def points(self) -> list[tuple[datetime, float | None]]:
@@ -104,10 +113,15 @@ def _hour(value: datetime) -> datetime:
 
 
 def trigger_rules(config: DetectorRules, trigger: str, scope: str) -> list[Rule]:
+    """The enabled rules of the trigger on the scope with something to measure there (a token
+    quota incident charts no request quota that is not set)."""
     return [
         rule
         for rule in config.rules
-        if rule.enabled and rule.trigger == trigger and kind_of(scope) in rule.scopes
+        if rule.enabled
+        and rule.trigger == trigger
+        and kind_of(scope) in rule.scopes
+        and measurable(rule, config, scope)
     ]
 
 
@@ -169,9 +183,12 @@ def trigger_series(
         )
     except UnchartableScopeError:
         return []
+    hand_set = None
+    if "quality_drift_z" in watched and kind_of(scope) == "feature":
+        hand_set = baseline_for_scope(engine, scope)  # the detector reads it while it is set
     by_window = {
         seconds: [
-            _signals_at(history, end, seconds, widest, scope, config, daily_budget_usd)
+            _signals_at(history, end, seconds, widest, scope, config, daily_budget_usd, hand_set)
             for _, end in ends
         ]
         for seconds in set(windows.values())
@@ -188,6 +205,7 @@ def trigger_series(
                 minutes=minutes_shown,
                 raw=tuple(point.get(rule.signal) for point in found),
                 samples=tuple(float(point.get(rule.sample_signal) or 0.0) for point in found),
+                baseline=hand_set if rule.signal == "quality_drift_z" else None,
             )
         )
     return series
@@ -201,10 +219,12 @@ def _signals_at(
     scope: str,
     config: DetectorRules,
     daily_budget_usd: float,
+    baseline: QualityBaseline | None = None,
 ) -> dict[str, float | None]:
     """`signals.values` of the window ending at `end`, summed as window_aggregates sums it,
     dated and trended as `detectors.evaluation` does: `now` the window's end, `earlier` the
-    widest window read (`widest` seconds) ending there, for every narrower window."""
+    widest window read (`widest` seconds) ending there, for every narrower window; `baseline`
+    the scope's quality baseline set by hand, if any."""
     start = end - timedelta(seconds=window_seconds)
     first_minute = _floor_minute(start)
     aggregate: Aggregate = history.window(first_minute, end)
@@ -221,8 +241,9 @@ def _signals_at(
         wide_first = _floor_minute(end - timedelta(seconds=widest))
         wide = history.window(wide_first, end)
         long = (end - wide_first).total_seconds()
+        minutes = max(long, 1.0) / 60
         tokens = wide.input_tokens + wide.output_tokens
-        earlier = Earlier(tokens / (max(long, 1.0) / 60), long)
+        earlier = Earlier(tokens / minutes, long, requests_per_minute=wide.calls / minutes)
     return values(
         aggregate,
         (end - first_minute).total_seconds(),
@@ -232,6 +253,8 @@ def _signals_at(
         tpm_quota=config.quota_for(scope),
         now=end,
         earlier=earlier,
+        rpm_quota=config.request_quota_for(scope),
+        baseline=baseline,
     )
 
 
@@ -281,6 +304,11 @@ def to_chart(series: RuleSeries, trigger: str) -> Chart:
             " window ending there"
             + (f" · pale: fewer than {rule.min_samples} samples, not judged" if unjudged else "")
             + (f" · over {cap * factor:g}{unit} drawn at it" if capped and cap is not None else "")
+            + (
+                f" · against the baseline set by hand ({series.baseline.describe()})"
+                if series.baseline is not None
+                else ""
+            )
         ),
         faint=every if unjudged else (),
     )

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 
+from domain.baselines import QualityBaseline
 from domain.scopes import GLOBAL, SCOPE_KINDS, in_scope, kind_of, scope_name
 from domain.usage import SignalCounters
 
@@ -110,6 +111,9 @@ class WindowAggregates:
     # Narrower windows by the length asked for (seconds): the same scopes, ranked and folded
     # over this window (the widest), summed over each. Empty: the one window.
     windows: dict[int, WindowSums] = field(default_factory=dict)
+    # Quality baselines set by hand, by scope (feature scopes of this result only): the drift
+    # rule reads them instead of the rolling sums. Not sums: a scope's own, in every window.
+    baselines: dict[str, QualityBaseline] = field(default_factory=dict)
 
     @classmethod
     def of_scopes(
@@ -120,6 +124,7 @@ class WindowAggregates:
         cost_today_usd: float = 0.0,
         folded: dict[str, FoldedInfo] | None = None,
         windows: dict[int, WindowSums] | None = None,
+        baselines: dict[str, QualityBaseline] | None = None,
     ) -> WindowAggregates:
         return cls(
             end=end,
@@ -128,6 +133,7 @@ class WindowAggregates:
             by_scope=WindowSums.of_scopes(window_seconds, scopes).by_scope,
             folded=dict(folded or {}),
             windows=dict(windows or {}),
+            baselines=dict(baselines or {}),
         )
 
     def lacks(self, lengths: Iterable[int]) -> list[int]:

@@ -55,6 +55,17 @@ class Breach:
     observed_at: datetime
     summary: str
     metrics: dict[str, float] = field(default_factory=dict)
+    # The firing rule's own runbook page (the rules file's `runbook_url`), if it names one.
+    runbook_url: str | None = None
+
+
+@dataclass
+class ReopenRequest:
+    """Reopen the resolved incident with `breach`, if it was resolved at most
+    `cooldown_seconds` before (the firing rule's cooldown)."""
+
+    breach: Breach
+    cooldown_seconds: int
 
 
 @dataclass
@@ -123,6 +134,9 @@ class IncidentInput:
     # Updates handled per run before continuing as new (keeps week-long incidents' history
     # short; Temporal may also suggest it earlier).
     updates_per_run: int = 1000
+    # A resolved incident's new run (`carried` holds its final state), started because its
+    # trigger breached again within the rule's cooldown: it waits for the `reopen` update.
+    reopen: bool = False
     # Open incidents of the same problem merged into this one as it opens (detectors/
     # correlation.py): it takes over the Slack message, PagerDuty alert and Jira ticket of the
     # one handed over, so nobody is paged twice for one problem.
@@ -281,6 +295,9 @@ class IncidentState:
     resolved_at: datetime | None = None
     mitigation_started_at: datetime | None = None
     runbook: str | None = None
+    # Where responders read what to do: the firing rule's page, else the runbook's own, else
+    # the service's page of the runbook (runbooks.base.runbook_link); None: nowhere.
+    runbook_url: str | None = None
     # "" (not run yet), "diagnosed" (waits for an acknowledgement to mitigate), "running", "done"
     runbook_phase: str = ""
     runbook_runs: int = 0
@@ -304,6 +321,16 @@ class IncidentState:
     handed_over: Handover | None = None
     # Runbook steps that asked a person first (Steps.approve), oldest first.
     approvals: list[Approval] = field(default_factory=list)
+    # Times its trigger breached again within the rule's cooldown after a resolve, each time
+    # reopening this incident (a new run of its workflow) instead of opening a new one.
+    reopened: int = 0
+    reopened_at: datetime | None = None
+
+    @property
+    def episode_key(self) -> str:
+        """The incident id, then one more suffix per reopening: what marks this episode's
+        report and postmortem apart from the earlier ones."""
+        return self.incident_id + (f"/reopened-{self.reopened}" if self.reopened else "")
 
     def approval(self, approval_id: str) -> Approval | None:
         return next((a for a in self.approvals if a.approval_id == approval_id), None)

@@ -247,6 +247,14 @@ class ApprovalDecided:
 
 
 @dataclass(frozen=True)
+class Reopened:
+    """A resolved incident's trigger breached again within its rule's cooldown: the incident
+    comes back (in a new run) instead of a new one opening and paging everyone afresh."""
+
+    breach: Breach
+
+
+@dataclass(frozen=True)
 class ApprovalExpired:
     """Nobody answered in time: the runbook went on as the ask's `on_timeout` said."""
 
@@ -259,7 +267,7 @@ Event = (
     | RunbookFinished | QuietElapsed | VerifiedAwaitingResolve | ControlsExtended
     | ControlsReverted | Paged | PageCalledOff | SlackPosted | TicketOpened | Delivered
     | ChannelFailed | MergedInto | Absorbed | RelatedBreach | ApprovalRequested | ApprovalPosted
-    | ApprovalDecided | ApprovalExpired
+    | ApprovalDecided | ApprovalExpired | Reopened
 )  # fmt: skip
 
 
@@ -412,6 +420,34 @@ def refusal(state: IncidentState, event: Event, policy: Policy) -> str | None:
     if isinstance(event, AddNote) and not event.request.note.strip():
         return "a note needs some text"
     return None
+
+
+def reopen_refusal(
+    state: IncidentState, breach: Breach, cooldown_seconds: int, now: datetime
+) -> str | None:
+    """Why this incident cannot be reopened by `breach`, or None: only a resolved incident (not
+    one merged into another) of the same trigger and scope, within the cooldown."""
+    if state.merged_into is not None:
+        return f"{state.incident_id} was merged into {state.merged_into}: act on that one"
+    if state.status != IncidentStatus.RESOLVED or state.resolved_at is None:
+        return f"{state.incident_id} is not resolved ({state.status})"
+    if (breach.trigger, breach.scope) != (state.trigger, state.scope):
+        return (
+            f"{state.incident_id} is {state.trigger} on {state.scope}, "
+            f"not {breach.trigger} on {breach.scope}"
+        )
+    since = (now - state.resolved_at).total_seconds()
+    if since > cooldown_seconds:
+        return (
+            f"{state.incident_id} was resolved {span(since)} ago, "
+            f"beyond the cooldown of {span(cooldown_seconds)}"
+        )
+    return None
+
+
+def last_resolve(state: IncidentState) -> TimelineEntry | None:
+    """The timeline's last resolve: who resolved the incident, and from where."""
+    return next((e for e in reversed(state.timeline) if e.kind == "resolved"), None)
 
 
 def slack_user_refusal(user: str, channel: str, allowed: Collection[str]) -> str | None:
@@ -634,6 +670,8 @@ class _Step:
                 self.decided(decision)
             case ApprovalExpired(approval_id):
                 self.expired(approval_id)
+            case Reopened(breach):
+                self.reopen(breach)
 
     # --- the pieces several events share -----------------------------------------------------
 
@@ -656,12 +694,50 @@ class _Step:
         s.last_breach_at = breach.observed_at
         s.metrics = dict(breach.metrics)
         s.summary = breach.summary
+        if breach.runbook_url:  # the rule's own page comes before the runbook's
+            s.runbook_url = breach.runbook_url
         if s.breach_count == 1:
             self.record("breach", breach.summary, actor="detector", channel="detector")
         elif s.recovered_at is not None:
             self.record("breach", f"breaching again: {breach.summary}", "detector", "detector")
         s.recovered_at = None
         self.raise_severity(breach.severity, breach.summary)
+
+    def reopen(self, breach: Breach) -> None:
+        """Back to detected at the level that resolved it, which is paged again (Slack names
+        whoever resolved it); the runbook runs again; the escalation clock starts over."""
+        s = self.state
+        if s.status != IncidentStatus.RESOLVED or s.merged_into is not None:
+            return  # the validator refused it; an update replayed on a later state
+        resolved = last_resolve(s)
+        after = span((self.now - s.resolved_at).total_seconds()) if s.resolved_at else "just"
+        who = resolved.actor if resolved is not None else s.resolved_by or "someone"
+        s.status = IncidentStatus.DETECTED
+        s.reopened += 1
+        s.reopened_at = self.now
+        s.resolved_by = s.resolved_at = None
+        s.acknowledged_by = s.acknowledged_at = None
+        s.recovered_at = s.verified_at = s.mitigation_started_at = None
+        s.verification = None
+        s.runbook_phase = ""
+        s.breach_count += 1
+        s.last_breach_at = breach.observed_at
+        s.metrics = dict(breach.metrics)
+        s.summary = breach.summary
+        text = f"breaching again {after} after {who} resolved it: {breach.summary}"
+        self.record("reopened", text, actor="detector", channel="detector")
+        if severity_rank(breach.severity) > severity_rank(s.severity):
+            self.record(
+                "severity_raised", f"{s.severity} -> {breach.severity}: {breach.summary}",
+                "detector", "detector",
+            )  # fmt: skip
+            s.severity = breach.severity
+        level = self.policy.level(s)
+        s.level_name = level.name
+        deadlines = enter_level(level, self.now, acknowledged=False)
+        s.ack_by, s.resolve_by, s.remind_at = deadlines.ack_by, deadlines.resolve_by, None
+        s.remind_for = ""
+        self.effects += [Refresh(), Notify(level, text, "reopened"), RestartClock()]
 
     def raise_severity(self, severity: Severity, why: str) -> None:
         s = self.state

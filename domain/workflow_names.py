@@ -13,6 +13,9 @@ REPORT_RECOVERY = "report_recovery"
 MERGE_INTO = "merge_into"
 ABSORB = "absorb"
 REPORT_RELATED = "report_related"
+# A resolved incident's trigger breached again within its rule's cooldown: a new run of the
+# incident, started with its final state, takes the breach and comes back.
+REOPEN = "reopen"
 
 
 def detector_workflow_id(task_queue: str) -> str:

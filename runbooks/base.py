@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 from temporalio import workflow
 
@@ -125,6 +126,9 @@ class RunbookSpec:
     # The steps that ask a person first (`Steps.approve`), and at which severities: step name ->
     # severities, e.g. (("reroute_all", ("SEV1", "SEV2")),). Any other step goes ahead unasked.
     approvals: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The team's own page for this runbook (absolute http(s)); None: the service's page of it,
+    # `GET /runbooks/<name>`, which says what the runbook does from this declaration.
+    runbook_url: str | None = None
 
     def needs_approval(self, step: str, severity: str) -> bool:
         return severity in dict(self.approvals).get(step, ())
@@ -143,3 +147,23 @@ class RunbookSpec:
         if severity in RESOLVE_DEADLINE_SEVERITIES:
             policy = policy.resolving_within(self.expected_resolution_minutes * 60)
         return policy
+
+
+def runbook_page(status_url: str, name: str) -> str:
+    """The service's own page of a runbook, beside its status page (`<api>/status` ->
+    `<api>/runbooks/<name>`)."""
+    base = status_url.rstrip("/").removesuffix("/status")
+    return f"{base}/runbooks/{quote(name, safe='')}"
+
+
+def runbook_link(rule_url: str | None, spec: RunbookSpec | None, status_url: str) -> str | None:
+    """Where an incident's responders read what to do: the firing rule's page (the rules file),
+    else the runbook's own, else the service's page of the runbook (when the service knows its
+    own address), else nowhere."""
+    if rule_url:
+        return rule_url
+    if spec is None:
+        return None
+    if spec.runbook_url:
+        return spec.runbook_url
+    return runbook_page(status_url, spec.name) if status_url else None

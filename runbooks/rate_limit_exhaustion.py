@@ -31,6 +31,9 @@ with workflow.unsafe.imports_passed_through():
 BACKOFF_ATTEMPTS = 5
 PER_MINUTE_LIMITS = "rate-limits-per-minute"
 QUEUE_LOW_PRIORITY = "rate-limits-queue-low-priority"
+# A quota incident the request quota fired paces requests, not tokens (runs begun before the
+# request quota existed were all the tokens').
+REQUEST_QUOTA = "quota-incident-paces-what-ran-out"
 GOT_THROUGH_SHARE = 0.9
 # A token limit below this starves a feature of a single large call.
 MIN_TPM = 1_000
@@ -69,8 +72,11 @@ class RateLimitExhaustionRunbook:
         spared = [f for f in hitting if steps.priority(f.feature) != Priority.CRITICAL]
         hitting = spared or hitting
         if workflow.patched(PER_MINUTE_LIMITS):
+            trigger = input.trigger
+            if requests_ran_out(input.metrics) and workflow.patched(REQUEST_QUOTA):
+                trigger = "rate_limit_exhaustion"  # the requests per minute are what to halve
             for f in hitting[:3]:
-                await steps.apply(halved_pace(input.trigger, f))
+                await steps.apply(halved_pace(trigger, f))
             if not hitting:
                 minutes = max(input.diagnosis_window_seconds / 60, 1.0)
                 for m in limits[:3]:
@@ -102,6 +108,13 @@ def held_back(f: FeatureUsage) -> ControlSpec:
         pace = max(1, int(f.answered_per_minute / 2))
         return ControlSpec("queue", feature=f.feature, value=str(pace))
     return ControlSpec("disable", feature=f.feature)
+
+
+def requests_ran_out(metrics: dict[str, float]) -> bool:
+    """Whether the request quota, not the token quota, is the nearer one in a quota
+    incident's metrics (each is there only where its quota is set)."""
+    requests = metrics.get("rpm_quota_ratio")
+    return requests is not None and requests >= metrics.get("tpm_quota_ratio", 0.0)
 
 
 def halved_pace(trigger: str, f: FeatureUsage) -> ControlSpec:

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.policies import CONTROL_CHANGE, STORE_QUERY
     from domain.incident import Approval, ApprovalDecision
     from domain.scopes import OTHER
+    from domain.waterfall import TracedCall, traces_finding, worst_traces
     from runbooks.base import (
         CanaryOutcome,
         Priority,
@@ -63,6 +64,8 @@ class Steps:
         self.input = input
         self.report = RunbookReport(runbook=spec.name)
         self._applied_at: datetime | None = None
+        # The worst calls' traces the diagnosis queries found, in the order asked.
+        self._traces: list[TracedCall] = []
 
     # --- diagnosis -----------------------------------------------------------------------
 
@@ -105,6 +108,8 @@ class Steps:
             **STORE_QUERY.options(),
             summary=f"{activity} on {query.scope}",
         )
+        for row in result:
+            self._traces += getattr(row, "traces", None) or []
         return result
 
     def found(self, finding: str) -> None:
@@ -115,8 +120,14 @@ class Steps:
         return Priority(value) if value in Priority.__members__.values() else Priority.NORMAL
 
     async def tell_diagnosis(self) -> None:
-        findings = self.report.findings or ["nothing stood out"]
-        await self.tell("diagnosis", "\n".join(f"• {line}" for line in findings))
+        # Where to look next: the traces of the worst calls the diagnosis read (no query of its
+        # own: the rows carry them, so the runbook's commands stay as they were).
+        lines = list(self.report.findings) or ["nothing stood out"]
+        traces = traces_finding(worst_traces(self._traces))
+        if traces is not None and traces not in lines:
+            lines.append(traces)
+            self.found(traces)
+        await self.tell("diagnosis", "\n".join(f"• {line}" for line in lines))
 
     # --- mitigation ----------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ Rules with windows of their own (2, 5, 10 minutes) are answered by the same read
 window is ranked, folded and scanned once, each row grouped also by the narrowest window it
 falls in (a band), and each window is the sum of the bands inside it. Latency histograms, most
 of a result's bytes, are summed only for the windows whose rules read them.
+
+Quality baselines set by hand (stores.quality_baselines) come with the feature scopes they are
+set for: the drift rule reads them there instead of the rolling sums.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from domain.scopes import (
 from domain.usage import SIGNAL_COUNTERS
 from stores.llm_calls import LatencyRollup, UsageRollup, utc
 from stores.quality import QualityRollup, QualityScore
+from stores.quality_baselines import by_scope as baselines_by_scope
 
 DEFAULT_MAX_SCOPES = 50
 
@@ -71,7 +75,8 @@ def window_aggregates(
     `windows`: narrower lengths (seconds, at most `window_seconds`) read in the same scan; the
     result's `windows` holds the same scopes' sums over each (`WindowAggregates.over`). The
     quality baseline is the one of the widest window (the 7 days before its first hour) for
-    all. `latency_windows`: the lengths whose latency histograms are summed (None: all).
+    all; a feature scope with a baseline set by hand carries it (the result's `baselines`).
+    `latency_windows`: the lengths whose latency histograms are summed (None: all).
 
     `per_scope=False` answers in the per-cell shape (folded too) that detector runs begun
     before the folding read: they stay consistent while workers of both versions run."""
@@ -107,6 +112,7 @@ def window_aggregates(
         }
         bands = _folded_cells(connection, window, tops["model"].names, tops["feature"].names)
         cost_today = float(connection.execute(today_query).scalar_one())
+        set_by_hand = baselines_by_scope(connection) if per_scope else {}
     summed = _windows(bands, lengths, latency_windows)
     cells = summed[window_seconds]
     by_scope = _scopes(cells)
@@ -142,6 +148,8 @@ def window_aggregates(
             )
             for seconds in narrower
         },
+        # Only the scopes of this result: the payload stays bounded by the fold.
+        {scope: baseline for scope, baseline in set_by_hand.items() if scope in by_scope},
     )
 
 

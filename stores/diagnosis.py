@@ -17,13 +17,14 @@ characters that the scope name replaced.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select, true
 
-from domain.scopes import in_scope
+from domain.scopes import SCOPE_NAME_MAX, in_scope
 from domain.usage import (
     ERROR_COUNTER,
     FLOAT_COUNTERS,
@@ -420,3 +421,118 @@ def quality(engine: Engine, window: Window, scope: str) -> list[Quality]:
             group.first_seen = min(group.first_seen, first)
             group.last_seen = max(group.last_seen, last)
     return list(groups.values())
+
+
+# --- the worst calls' traces ---------------------------------------------------------------------
+
+# Why a call is among the worst: the calls each diagnosis question ranks first.
+WORST_ORDERS = ("slowest", "failed", "rate_limited", "costliest")
+# Calls read per question to find a few of distinct traces within the scope.
+TRACE_CANDIDATES = 50
+
+
+@dataclass
+class Traced:
+    trace_id: str
+    model: str
+    status: str
+    latency_ms: float
+    cost_usd: float | None
+
+
+def _scope_prefilter(scope: str) -> ColumnElement[bool]:
+    """A condition every call in `scope` meets, so that the candidates read are the scope's:
+    the scope's name as a LIKE pattern, each `_` (what `scope_name` puts for an odd character)
+    any one character; `in_scope` then decides on the raw names."""
+    kind, _, value = scope.partition(":")
+    column = {"model": _calls.model, "feature": _calls.feature}.get(kind)
+    if scope == "global" or column is None:
+        return true()
+    # A name cut at SCOPE_NAME_MAX stands for every name that begins with it.
+    pattern: ColumnElement[bool] = column.like(
+        value + ("%" if len(value) >= SCOPE_NAME_MAX else "")
+    )
+    return pattern
+
+
+def _traced(
+    engine: Engine, query: Any, scope: str, limit: int, *, check_scope: bool = True
+) -> list[Traced]:
+    found: list[Traced] = []
+    seen: set[str] = set()
+    with engine.connect() as connection:
+        for trace_id, model, feature, status, latency_ms, cost_usd in connection.execute(query):
+            if trace_id in seen or (check_scope and not in_scope(scope, model, feature)):
+                continue
+            seen.add(trace_id)
+            found.append(Traced(trace_id, model, status, float(latency_ms), cost_usd))
+            if len(found) >= limit:
+                break
+    return found
+
+
+_TRACED_COLUMNS = (
+    _calls.trace_id,
+    _calls.model,
+    _calls.feature,
+    _calls.status,
+    _calls.latency_ms,
+    _calls.cost_usd,
+)
+
+
+def worst_calls(
+    engine: Engine,
+    window: Window,
+    scope: str,
+    why: str,
+    match: Mapping[str, str | None] | None = None,
+    limit: int = 3,
+) -> list[Traced]:
+    """The worst calls in the window and scope that carry a trace id, one per trace, at most
+    `limit`: the slowest, the latest failed or rate-limited, or the costliest. `match`: columns
+    the calls have exactly (None: not set), e.g. an error group's model and status."""
+    conditions: list[ColumnElement[bool]] = [
+        window.all_rows(),
+        _calls.trace_id.is_not(None),
+        _scope_prefilter(scope),
+        *(_calls[name].is_not_distinct_from(value) for name, value in (match or {}).items()),
+    ]
+    if why == "slowest":
+        order = [_calls.latency_ms.desc(), _calls.ts.desc()]
+    elif why == "failed":
+        conditions.append(_calls.status != "success")
+        order = [_calls.ts.desc()]
+    elif why == "rate_limited":
+        conditions.append(_calls.status == "rate_limited")
+        order = [_calls.ts.desc()]
+    elif why == "costliest":
+        conditions.append(_calls.cost_usd.is_not(None))
+        order = [_calls.cost_usd.desc(), _calls.ts.desc()]
+    else:
+        raise ValueError(f"why: one of {', '.join(WORST_ORDERS)}")
+    query = select(*_TRACED_COLUMNS).where(*conditions).order_by(*order).limit(TRACE_CANDIDATES)
+    return _traced(engine, query, scope, limit)
+
+
+def lowest_scored_calls(
+    engine: Engine, window: Window, scope: str, model: str, response_model: str, limit: int = 3
+) -> list[Traced]:
+    """The calls of a requested model and answering snapshot ("" for none) scored lowest in the
+    window, that carry a trace id, one per trace. The quality group was chosen by scope already
+    (a model scope may name the snapshot): only a feature scope is checked again."""
+    query = (
+        select(*_TRACED_COLUMNS)
+        .select_from(_scores_table.join(_calls_table, _calls.call_id == _scores.call_id))
+        .where(
+            _scores.ts > window.start,
+            _scores.ts <= window.end,
+            _calls.trace_id.is_not(None),
+            _calls.model == model,
+            func.coalesce(_calls.response_model, "") == response_model,
+        )
+        .order_by(_scores.score, _scores.ts.desc())
+        .limit(TRACE_CANDIDATES)
+    )
+    feature_scope = scope.partition(":")[0] == "feature"
+    return _traced(engine, query, scope, limit, check_scope=feature_scope)

@@ -20,7 +20,13 @@ from sqlalchemy import Connection, Engine, text
 # Tables defined outside the modules stores/migrations/env.py imports: imported here so that
 # SQLModel.metadata (what the migrations are checked against) holds them wherever the stores
 # are opened.
-from stores import email_ledger, incident_reports, instances, replay_guard  # noqa: F401
+from stores import (  # noqa: F401
+    email_ledger,
+    incident_reports,
+    instances,
+    quality_baselines,
+    replay_guard,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_LOCK_KEY = 7_406_231_977  # any constant: "pagerloop schema"

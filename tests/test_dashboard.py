@@ -198,7 +198,7 @@ def write_traffic(engine: Engine, now: datetime) -> None:
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     rules = tmp_path / "rules.toml"
-    rules.write_text('[tpm_quota]\n"*" = 100000\n"gpt-4.1" = 50000\n')
+    rules.write_text('[tpm_quota]\n"*" = 100000\n"gpt-4.1" = 50000\n[rpm_quota]\n"gpt-4.1" = 500\n')
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         ingest_api_keys=KEY,
@@ -467,7 +467,8 @@ def detector_values(
         for scope, aggregate in view.scopes(rules.scopes).items():
             wide = trend.scope(scope)
             tokens = wide.input_tokens + wide.output_tokens
-            earlier = Earlier(tokens / (trend.window_seconds / 60), trend.window_seconds)
+            minutes = trend.window_seconds / 60
+            earlier = Earlier(tokens / minutes, trend.window_seconds, wide.calls / minutes)
             computed = values(
                 aggregate,
                 view.window_seconds,
@@ -477,6 +478,8 @@ def detector_values(
                 tpm_quota=rules.quota_for(scope),
                 now=end,
                 earlier=earlier if length != by_rules[-1] else None,
+                rpm_quota=rules.request_quota_for(scope),
+                baseline=view.baselines.get(scope),
             )
             for signal, value in computed.items():
                 if value is not None and window_of.get(signal, detector_window) == length:
@@ -519,13 +522,18 @@ async def test_the_signal_gauges_are_the_detectors_values_for_the_same_window(
         43 * 120 / (windows["tpm_quota_ratio"] / 60) / 50_000
     )
     assert exported[("quality_drift_z", "global")] < -2
-    # Every signal of the detector has a value on some scope of this traffic, but the tokens'
-    # runway, which needs a trend: the same tokens in both windows are none.
+    assert exported[("rpm_quota_ratio", "model:gpt-4.1")] == pytest.approx(
+        43 / (windows["rpm_quota_ratio"] / 60) / 500
+    )
+    # Every signal of the detector has a value on some scope of this traffic, but the runways
+    # of the tokens and requests, which need a trend: the same calls in both windows are none.
     every = values(
         aggregates.scope("global"), 300, scope="global", daily_budget_usd=1, cost_today_usd=0,
         tpm_quota=None,
     )  # fmt: skip
-    assert set(every) - {signal for signal, _ in exported} <= {"tpm_runway_minutes"}
+    assert set(every) - {signal for signal, _ in exported} <= {
+        "tpm_runway_minutes", "rpm_runway_minutes",
+    }  # fmt: skip
     assert {scope for _, scope in exported} == {
         "global", "model:gpt-4.1", "model:gpt-4.1-mini", "feature:chat", "feature:search",
     }  # fmt: skip

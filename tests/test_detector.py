@@ -8,7 +8,7 @@ from temporalio.client import Client, WorkflowHandle
 import worker
 from config import Settings
 from detectors.detector import DetectorWorkflow
-from domain.incident import ActionRequest
+from domain.incident import ActionRequest, IncidentState, IncidentStatus
 from domain.workflow_names import detector_workflow_id
 from tests.conftest import INGEST_KEY, incident_ids
 from tests.helpers import eventually
@@ -57,23 +57,31 @@ async def test_mostly_successful_traffic_opens_nothing(running: Client, settings
     assert await incident_ids(running, settings.task_queue) == []
 
 
-async def test_a_breach_after_resolution_opens_a_new_incident(
+async def test_a_breach_right_after_a_resolve_reopens_the_incident_instead_of_a_new_one(
     running: Client, settings: Settings
 ) -> None:
+    """A flap across a resolve: the rule still firing when someone resolves, the next
+    evaluation brings the same incident back (within the rule's 300 s cooldown)."""
     await post_calls(settings, 50)
     [first] = await eventually(lambda: incident_ids(running, settings.task_queue))
     handle = running.get_workflow_handle_for(IncidentWorkflow.run, first)
     await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
     await handle.result()
 
-    async def a_second_one() -> list[str]:
-        open_now = await incident_ids(
-            running, settings.task_queue, "AND ExecutionStatus = 'Running'"
+    async def reopened() -> IncidentState | None:
+        state = await running.get_workflow_handle_for(IncidentWorkflow.run, first).query(
+            IncidentWorkflow.state
         )
-        return [i for i in open_now if i != first]
+        return state if state.reopened else None
 
-    [second] = await eventually(a_second_one, timeout=30)
-    assert second.startswith("incident-error_rate-global-")
+    state = await eventually(reopened, timeout=30)
+    assert state.status != IncidentStatus.RESOLVED
+    assert any(e.kind == "reopened" and "alice resolved it" in e.text for e in state.timeline)
+    assert await incident_ids(running, settings.task_queue, "AND ExecutionStatus = 'Running'") == [
+        first
+    ]
+    status = await detector(running, settings).query(DetectorWorkflow.status)
+    assert status.trigger_states["error_rate|global"].incident_id == first
 
 
 async def test_a_detector_that_lost_its_state_joins_the_open_incident(

@@ -686,7 +686,7 @@ async def test_email_off_or_no_recipients_is_permanent(plain_port: int, engine: 
     with pytest.raises(EmailPermanentError, match="control characters"):
         await send(activities, request(incident(), recipients=["a@example.com\r\nBcc: x@y.z"]))
     with pytest.raises(EmailPermanentError, match="unknown email event"):
-        await send(activities, request(incident(), "reopened"))
+        await send(activities, request(incident(), "snoozed"))
     assert ledger(engine) == []
 
 

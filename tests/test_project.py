@@ -123,7 +123,15 @@ def test_only_the_api_the_temporal_ui_and_grafana_are_published_on_the_host() ->
         "api": [("8080", 8080)],
         "temporal-ui": [("8233", 8080)],
         "grafana": [("3000", 3000)],
+        # Jaeger's UI has no login, and the collector takes spans from anyone who reaches it:
+        # both on the host's loopback only.
+        "jaeger": [("16686", 16686)],
+        "otel-collector": [("4317", 4317), ("4318", 4318)],
     }
+    for name in ("jaeger", "otel-collector"):
+        assert {port.get("host_ip") for port in services[name]["ports"]} == {"127.0.0.1"}, name
+    for name in ("api", "temporal-ui", "grafana"):
+        assert {port.get("host_ip") for port in services[name]["ports"]} == {None}, name
     # Prometheus too stays on the compose network, where Grafana reads it.
     assert "ports" not in services["prometheus"]
     assert services["prometheus"]["expose"] == ["9090"]
@@ -259,6 +267,102 @@ def test_prometheus_scrapes_the_api_and_grafana_shows_the_dashboard_from_this_re
     assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert "healthcheck" in prometheus
     assert "healthcheck" in grafana
+
+
+def merged(*documents: dict[str, Any]) -> dict[str, Any]:
+    """Collector configurations given as several `--config`, merged as the collector merges
+    them: maps joined key by key, anything else (lists too) replaced by the later one."""
+    result: dict[str, Any] = {}
+    for document in documents:
+        for key, value in document.items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = merged(result[key], value)
+            else:
+                result[key] = value
+    return result
+
+
+def collector_config(service: dict[str, Any]) -> dict[str, Any]:
+    """The collector's configuration as its command names it, read from the mounted folder."""
+    mount = mounts(service)["/etc/otelcol-contrib"]
+    assert mount["source"] == str(ROOT / "deploy" / "otel-collector")
+    assert mount["read_only"]
+    files = [arg.removeprefix("--config=") for arg in service["command"]]
+    assert files
+    assert all(f.startswith("/etc/otelcol-contrib/") for f in files), files
+    documents = []
+    for name in files:
+        path = Path(mount["source"]) / Path(name).relative_to("/etc/otelcol-contrib")
+        assert path.is_file(), path
+        documents.append(yaml.safe_load(path.read_text()))
+    return merged(*documents)
+
+
+def check_pipelines(config: dict[str, Any]) -> None:
+    """Every pipeline takes spans from defined receivers, through defined processors, to
+    defined exporters (what the collector refuses to start without)."""
+    assert config["service"]["pipelines"], "no pipeline"
+    for name, pipeline in config["service"]["pipelines"].items():
+        assert pipeline["receivers"], name
+        assert pipeline["exporters"], name
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline.get(kind, []):
+                assert component in config[kind], (name, kind, component)
+
+
+def test_the_collector_sends_the_apps_spans_to_jaeger_and_on_demand_to_the_api() -> None:
+    services = compose_services()
+    collector, jaeger, api = services["otel-collector"], services["jaeger"], services["api"]
+    assert collector["image"].startswith("otel/opentelemetry-collector-contrib:")
+    assert jaeger["image"].startswith("jaegertracing/jaeger:")
+    for service in (collector, jaeger):  # pinned, never `latest`
+        assert re.fullmatch(r"\d+\.\d+\.\d+", service["image"].rsplit(":", 1)[1]), service["image"]
+    assert collector["depends_on"]["jaeger"]["condition"] == "service_started"
+
+    config = collector_config(collector)
+    check_pipelines(config)
+    # OTLP in on both protocols, on every interface of the container, on the published ports.
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"] == "0.0.0.0:4317"
+    assert protocols["http"]["endpoint"] == "0.0.0.0:4318"
+    assert {port["target"] for port in collector["ports"]} == {4317, 4318}
+    # Out to Jaeger's OTLP port on the compose network, which Jaeger listens on.
+    [traces] = [p for name, p in config["service"]["pipelines"].items() if name == "traces"]
+    assert traces["receivers"] == ["otlp"]
+    assert traces["exporters"] == ["otlp_grpc/jaeger"]  # by default, Jaeger only
+    exporter = config["exporters"]["otlp_grpc/jaeger"]
+    host, port = exporter["endpoint"].split(":")
+    assert host == "jaeger"
+    assert host in services
+    assert port in jaeger["expose"]
+    assert exporter["tls"]["insecure"] is True
+    assert jaeger["environment"]["JAEGER_LISTEN_HOST"] == "0.0.0.0"  # noqa: S104 (its container)
+    assert [p["target"] for p in jaeger["ports"]] == [16686]  # its UI
+
+    # On demand, the API's OTLP intake too, with an ingest key of the collector's own.
+    both = compose_services(
+        PAGERLOOP_COLLECTOR_PIPELINE="jaeger-and-pagerloop", PAGERLOOP_COLLECTOR_API_KEY="k1"
+    )["otel-collector"]
+    forwarding = collector_config(both)
+    check_pipelines(forwarding)
+    assert forwarding["service"]["pipelines"]["traces"]["exporters"] == [
+        "otlp_grpc/jaeger",
+        "otlp_http/pagerloop",
+    ]
+    intake = forwarding["exporters"]["otlp_http/pagerloop"]
+    assert intake["endpoint"] == f"http://api:{api['environment']['PAGERLOOP_API_PORT']}"
+    assert intake["headers"]["Authorization"] == "Bearer ${env:PAGERLOOP_COLLECTOR_API_KEY}"
+    assert both["environment"]["PAGERLOOP_COLLECTOR_API_KEY"] == "k1"
+    assert collector["environment"]["PAGERLOOP_COLLECTOR_API_KEY"] == ""  # no key by default
+    # Every pipeline file there is makes a configuration the collector can start with.
+    base = yaml.safe_load((ROOT / "deploy/otel-collector/config.yaml").read_text())
+    pipelines = sorted((ROOT / "deploy/otel-collector").glob("pipeline-*.yaml"))
+    assert [p.name for p in pipelines] == [
+        "pipeline-jaeger-and-pagerloop.yaml",
+        "pipeline-jaeger.yaml",
+    ]
+    for path in pipelines:
+        check_pipelines(merged(base, yaml.safe_load(path.read_text())))
 
 
 def test_the_image_copies_the_sdk_before_installing() -> None:

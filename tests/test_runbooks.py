@@ -136,6 +136,28 @@ async def test_an_exhausted_token_quota_halves_tokens_per_minute(
     assert not [c for c in run.controls if c.kind in ("rpm", "concurrency")]
 
 
+async def test_a_quota_incident_the_request_quota_fired_halves_requests_per_minute(
+    time_skipping_env: WorkflowEnvironment, engine: Engine
+) -> None:
+    kit = RunbookKit(
+        time_skipping_env.client, engine, RATE_LIMITED, after=recovered_if(has("backoff"))
+    )
+    metrics = {"rpm_quota_ratio": 0.97, "tpm_quota_ratio": 0.41}
+    run = await kit.run(rate_limit_exhaustion.SPEC, trigger="token_quota", metrics=metrics)
+
+    assert run.control("rpm", feature="search").value == "121"  # as for 429s, not tokens
+    assert not [c for c in run.controls if c.kind in ("tpm", "concurrency")]
+
+
+def test_the_nearer_quota_is_the_one_paced() -> None:
+    assert rate_limit_exhaustion.requests_ran_out({"rpm_quota_ratio": 0.9})
+    assert rate_limit_exhaustion.requests_ran_out({"rpm_quota_ratio": 0.9, "tpm_quota_ratio": 0.8})
+    assert not rate_limit_exhaustion.requests_ran_out(
+        {"rpm_quota_ratio": 0.5, "tpm_quota_ratio": 0.96}
+    )
+    assert not rate_limit_exhaustion.requests_ran_out({"tpm_quota_ratio": 0.96})
+
+
 async def test_without_a_feature_to_hold_back_the_model_is_paced_per_minute(
     time_skipping_env: WorkflowEnvironment, engine: Engine
 ) -> None:

@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         MergeRequest,
         NotificationPlan,
         Recovery,
+        ReopenRequest,
         Severity,
         SnoozeRequest,
         TimelineEntry,
@@ -84,6 +85,7 @@ with workflow.unsafe.imports_passed_through():
         QuietElapsed,
         RecoveryReported,
         RelatedBreach,
+        Reopened,
         Resolve,
         RestartClock,
         RevertRunbookControls,
@@ -99,11 +101,13 @@ with workflow.unsafe.imports_passed_through():
         next_deadline,
         next_deadline_text,
         refusal,
+        reopen_refusal,
     )
     from domain.lanes import Lane, compact
     from domain.report import ReportText
+    from domain.workflow_names import REOPEN
     from runbooks import runbook_for
-    from runbooks.base import RunbookInput, RunbookProgress, RunbookReport
+    from runbooks.base import RunbookInput, RunbookProgress, RunbookReport, runbook_link
     from runbooks.steps import APPROVAL_SIGNAL, PROGRESS_SIGNAL
 
 TIMELINE_IN_ANSWERS = 10
@@ -121,6 +125,9 @@ RUNBOOK_RESOLVE_DEADLINE = "runbook-expected-resolution-deadline"
 # Once resolved (every lane drained, the controls reverted), the incident writes its report,
 # then posts it: the Jira postmortem (the resolve no longer posts one) and the Slack summary.
 INCIDENT_REPORT = "incident-report"
+# A reopening run waits this long for its `reopen` update (started with it: a refused one
+# leaves the run nothing to do).
+REOPEN_WAIT = timedelta(minutes=1)
 # How often an open incident pushes back the expiry of its runbook's controls.
 CONTROLS_KEEPALIVE = timedelta(hours=1)
 ZERO = timedelta(0)
@@ -154,6 +161,8 @@ class IncidentWorkflow:
         self._changed = False
         self._published: tuple[object, ...] = ()
         self._policy = self._policy_for(input)
+        # A resolved incident's new run: it comes back once the `reopen` update is taken.
+        self._awaiting_reopen = input.reopen
         if input.carried is not None:
             self._state = input.carried.state
             if self._runbook is not None and self._state.runbook is None:
@@ -171,6 +180,7 @@ class IncidentWorkflow:
             status=IncidentStatus.DETECTED,
             opened_at=input.opened_at,
             runbook=self._runbook.name if self._runbook else None,
+            runbook_url=runbook_link(None, self._runbook, plan.status_url),  # a rule's: on breach
         )
         for handover in input.absorbs:
             adopt(self._state, handover)  # opening then updates their message, pages their alert
@@ -194,6 +204,14 @@ class IncidentWorkflow:
 
     @workflow.run
     async def run(self, input: IncidentInput) -> IncidentResult:
+        if input.reopen:
+            await workflow.wait_condition(
+                lambda: not self._awaiting_reopen,
+                timeout=REOPEN_WAIT,
+                timeout_summary="the breach that reopens this incident",
+            )
+            if self._awaiting_reopen:  # refused: still the resolved incident, told of nothing
+                return self._result()
         self._publish()
         lanes = [
             asyncio.create_task(self._drain(lane, partial(channel.perform, incident=self._view)))
@@ -220,12 +238,15 @@ class IncidentWorkflow:
                     for lane in self._lanes
                 },
             )
-            workflow.continue_as_new(replace(input, carried=carried, absorbs=[]))
+            workflow.continue_as_new(replace(input, carried=carried, absorbs=[], reopen=False))
         reporting = self._reports()
         report = await self._write_report() if reporting else None
         await self._tell_detector()
         if reporting:
             await self._post_report(report)
+        return self._result()
+
+    def _result(self) -> IncidentResult:
         state = self._state
         return IncidentResult(
             incident_id=state.incident_id,
@@ -249,6 +270,25 @@ class IncidentWorkflow:
     @report_breach.validator
     def _validate_breach(self, breach: Breach) -> None:
         self._refuse(BreachReported(breach))
+
+    @workflow.update(name=REOPEN)
+    def reopen(self, request: ReopenRequest) -> BreachReceipt:
+        self._updates += 1
+        self._awaiting_reopen = False
+        self._apply(Reopened(request.breach))
+        state = self._state
+        return BreachReceipt(state.incident_id, state.status, state.breach_count)
+
+    @reopen.validator
+    def _validate_reopen(self, request: ReopenRequest) -> None:
+        if not self._awaiting_reopen:
+            raise ValueError(f"{self._state.incident_id}: this run was not started to reopen it")
+        # Judged at the breach's time, as the detector's activity judged it before starting
+        # this run (not seconds later, which could fall past the cooldown).
+        state, breach = self._state, request.breach
+        reason = reopen_refusal(state, breach, request.cooldown_seconds, breach.observed_at)
+        if reason is not None:
+            raise ValueError(reason)
 
     @workflow.update
     def report_recovery(self, recovery: Recovery) -> IncidentState:

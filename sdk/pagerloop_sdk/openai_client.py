@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
+    from pagerloop_sdk.pricing import PriceTable
+
 C = TypeVar("C", openai.OpenAI, openai.AsyncOpenAI)
 
 OPERATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -112,7 +114,7 @@ def instrument(
     source = _control_source(controls, recorder)
     options = _Options(
         recorder,
-        _telemetry(tracer_provider, meter_provider),
+        _telemetry(tracer_provider, meter_provider, recorder.prices),
         send_user,
         send_metadata,
         _server(client),
@@ -171,12 +173,16 @@ class _NoTelemetry:
         return None
 
 
-def _telemetry(tracer_provider: TracerProvider | None, meter_provider: MeterProvider | None) -> Any:
+def _telemetry(
+    tracer_provider: TracerProvider | None,
+    meter_provider: MeterProvider | None,
+    prices: PriceTable,
+) -> Any:
     try:
         from pagerloop_sdk.telemetry import Telemetry
     except ImportError:  # opentelemetry is not installed
         return _NoTelemetry()
-    return Telemetry(tracer_provider, meter_provider)
+    return Telemetry(tracer_provider, meter_provider, prices)
 
 
 def _server(client: openai.OpenAI | openai.AsyncOpenAI) -> tuple[str, int] | None:

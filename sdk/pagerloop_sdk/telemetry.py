@@ -1,5 +1,6 @@
 """OpenTelemetry for each call, when the app has configured a tracer or meter provider:
-a CLIENT span with the GenAI semantic conventions (a child of the app's current span) and the
+a CLIENT span with the GenAI semantic conventions (a child of the app's current span), the
+seed's `llm.latency_ms` and `llm.cost_usd` beside them, and the
 `gen_ai.client.operation.duration` / `gen_ai.client.token.usage` histograms."""
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from opentelemetry.semconv.attributes import error_attributes, server_attributes
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from pagerloop_sdk.capture import PendingCall
+from pagerloop_sdk.pricing import DEFAULT_PRICES, PriceTable
 
 PROVIDER = "openai"
+# The seed's own span attributes (its LLMTracer's LLM span), beside the GenAI ones: what a
+# trace backend's waterfall shows without knowing the price table.
+LLM_LATENCY_MS = "llm.latency_ms"
+LLM_COST_USD = "llm.cost_usd"
 OPERATION_NAMES = {"chat": "chat", "responses": "chat", "embeddings": "embeddings"}
 _DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                      40.96, 81.92]  # fmt: skip
@@ -55,7 +61,9 @@ class Telemetry:
         self,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        prices: PriceTable = DEFAULT_PRICES,
     ) -> None:
+        self._prices = prices
         self._fixed_tracer_provider = tracer_provider
         self._fixed_meter_provider = meter_provider
         self._tracer_provider: object = None
@@ -169,6 +177,7 @@ class Telemetry:
                 span.set_attribute(
                     gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, call.cached_input_tokens
                 )
+            span.set_attributes(llm_attributes(call, self._prices))
             if call.status != "success":
                 span.set_status(Status(StatusCode.ERROR, call.error_message or call.status))
             span.end()
@@ -178,3 +187,23 @@ class Telemetry:
             for kind, count in (("input", call.input_tokens), ("output", call.output_tokens)):
                 if count is not None:
                     tokens.record(count, {**attributes, gen_ai.GEN_AI_TOKEN_TYPE: kind})
+
+
+def llm_attributes(call: PendingCall, prices: PriceTable) -> dict[str, float]:
+    """The seed's `llm.latency_ms` and `llm.cost_usd` of a finished call, priced as its record
+    will be (a cache hit cost nothing; a model without a price has no cost)."""
+    attributes: dict[str, float] = {}
+    if call.ended >= call.started:
+        attributes[LLM_LATENCY_MS] = round((call.ended - call.started) * 1000, 3)
+    if call.cache_hit:
+        attributes[LLM_COST_USD] = 0.0
+    elif call.input_tokens is not None:
+        cost = prices.cost_usd(
+            call.response_model or call.model,
+            call.input_tokens,
+            call.output_tokens or 0,
+            call.cached_input_tokens or 0,
+        )
+        if cost is not None:
+            attributes[LLM_COST_USD] = cost
+    return attributes

@@ -33,6 +33,7 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -266,7 +267,15 @@ def children(history: dict[str, Any]) -> Iterator[str]:
 
 
 async def all_runs(client: Client, workflow_id: str) -> list[WorkflowHandle[Any, Any]]:
-    """The runs of a workflow id, first to last, following continue-as-new."""
+    """The runs of a workflow id, first to last: every execution under it (a reopened incident
+    is a new one), where the server lists them; else the last one's continue-as-new chain."""
+    try:
+        listed = [e async for e in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+    except RPCError:  # the time-skipping server lists nothing by id
+        listed = []
+    if len(listed) > 1:
+        listed.sort(key=lambda execution: execution.start_time)
+        return [client.get_workflow_handle(workflow_id, run_id=e.run_id) for e in listed]
     first = client.get_workflow_handle(workflow_id)
     run_id = (await first.describe()).raw_description.workflow_execution_info
     handle = client.get_workflow_handle(workflow_id, run_id=run_id.first_run_id or None)
@@ -472,6 +481,41 @@ async def detector(stage: Stage) -> None:
         stage.started.append(handle.id)
 
 
+async def reopened(stage: Stage) -> None:
+    """On the dev server, in real time: failed calls open an error_rate incident; resolved
+    from Slack while they still fail, the detector's next evaluation reopens it (a new run of
+    the same id, within the rule's cooldown); the detector paused, it is resolved again."""
+    settings = stage.settings.model_copy(update={"runbooks_enabled": False})
+    async with worker.build_worker(settings, stage.client, stage.engine):
+        await worker.ensure_detector(stage.client, settings)
+        now = datetime.now(UTC)
+        write_calls(stage.engine, [
+            CallRecord(ts=now, model="gpt-4.1", status="error", latency_ms=800, error_type="api")
+            for _ in range(60)
+        ])  # fmt: skip
+
+        async def opened() -> str:
+            query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{settings.task_queue}'"
+            return next(iter([w.id async for w in stage.client.list_workflows(query)]), "")
+
+        incident_id = await eventually(opened, timeout=30)
+        incident = stage.client.get_workflow_handle_for(IncidentWorkflow.run, incident_id)
+        await incident.execute_update(IncidentWorkflow.resolve, ONCALL)
+        await incident.result()
+
+        async def back() -> bool:
+            state = await incident.query(IncidentWorkflow.state)
+            return state.reopened == 1 and state.slack_message is not None
+
+        await eventually(back, timeout=30)
+        detector = stage.client.get_workflow_handle(detector_workflow_id(settings.task_queue))
+        await detector.signal(DetectorWorkflow.pause)
+        await incident.execute_update(IncidentWorkflow.resolve, ActionRequest("pytest", "cli"))
+        await incident.result()
+        await detector.terminate("recorded")
+        stage.started += [detector.id, incident_id]
+
+
 async def correlated(stage: Stage) -> None:
     """On the dev server, in real time: failed calls open an error_rate incident; then an
     outage's 5xx open api_outage, which takes the error_rate incident in (its Slack message,
@@ -563,7 +607,7 @@ ON_TIME_SKIPPING: dict[str, Callable[[Stage], Awaitable[None]]] = {
     "emailed_and_alerted": emailed_and_alerted,
     "retention": retention,
 }
-ON_DEV_SERVER = {"detector": detector, "correlated": correlated}
+ON_DEV_SERVER = {"detector": detector, "correlated": correlated, "reopened": reopened}
 
 
 # --- the ground they run on --------------------------------------------------------------------
