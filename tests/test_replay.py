@@ -72,6 +72,9 @@ def test_the_histories_hold_what_they_are_named_for() -> None:
     assert canary.count('"canary.compare"') == 2  # the look halfway, then the window's end
     reverted = next(HISTORIES.glob("latency_canary_reverted.runbook-1@*.json")).read_text()
     assert '"controls.revert"' in reverted
+    reopened = next(HISTORIES.glob("reopened.error_rate.run2@*.json")).read_text()
+    assert '"reopen"' in reopened  # the resolved incident's new run, back within the cooldown
+    assert '"pagerduty.trigger"' in reopened  # paged again
 
 
 # --- what the replay catches ----------------------------------------------------------------
