@@ -91,6 +91,9 @@ class OpenIncidentResult:
     joined: bool = False  # noted on the wider problem's incident (`joins`)
     merged: list[str] = field(default_factory=list)  # the `absorbs` now merged into it
     reopened: bool = False  # `incident_id` is the resolved incident `reopen` named, back
+    # Which episode of `incident_id` took the breach (BreachReceipt.reopened): one that has
+    # closed since is over, one reopened after a close is not.
+    episode: int = 0
     # That incident's resolved run is still finishing: nothing opened, ask again next time.
     reopen_pending: bool = False
 
@@ -120,15 +123,13 @@ def open_incidents_query(task_queue: str) -> str:
     )
 
 
-def _attributes(status: IncidentStatus, breach: Breach, level: int) -> TypedSearchAttributes:
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(sa.INCIDENT_STATUS, str(status)),
-            SearchAttributePair(sa.INCIDENT_SEVERITY, str(breach.severity)),
-            SearchAttributePair(sa.INCIDENT_TRIGGER, str(breach.trigger)),
-            SearchAttributePair(sa.INCIDENT_SCOPE, breach.scope),
-            SearchAttributePair(sa.INCIDENT_LEVEL, level),
-        ]
+def _open_again(state: IncidentState, breach: Breach) -> bool:
+    """A reopened incident of this trigger and scope, open again (not resolved since)."""
+    return (
+        state.reopened > 0
+        and state.status != IncidentStatus.RESOLVED
+        and state.merged_into is None
+        and (state.trigger, state.scope) == (breach.trigger, breach.scope)
     )
 
 
@@ -166,7 +167,7 @@ class IncidentActivities:
 
     async def _open_or_update(self, request: OpenIncidentRequest) -> OpenIncidentResult:
         breach = request.breach
-        if request.joins and await self._update(request.joins, REPORT_RELATED, breach):
+        if request.joins and (related := await self._related(request.joins, breach)):
             # Its own incident, if it had one, is the wider one's too now.
             merged = []
             if request.known_id:
@@ -176,25 +177,36 @@ class IncidentActivities:
                 merged = await self._absorb_into(
                     MergeRequest(request.joins, wider.trigger, wider.scope), [request.known_id]
                 )
-            return OpenIncidentResult(request.joins, joined=True, merged=merged)
+            return OpenIncidentResult(
+                request.joins, joined=True, merged=merged, episode=related.reopened
+            )
         # (a wider incident that is over leaves the breach a problem of its own)
         known = request.known_id
-        if not (known and await self._report(known, breach)):
+        resolved = None  # the detector's incident on record, found over
+        took = await self._report(known, breach) if known else None
+        if took is None:
+            resolved = known
             known = await self._find_open(breach)
-            if not (known and await self._report(known, breach)):
-                known = None
-        if known is not None:
+            took = await self._report(known, breach) if known else None
+        if known is not None and took is not None:
             into = MergeRequest(known, breach.trigger, breach.scope)
-            return OpenIncidentResult(known, merged=await self._absorb_into(into, request.absorbs))
+            merged = await self._absorb_into(into, request.absorbs)
+            return OpenIncidentResult(known, merged=merged, episode=took.reopened)
         silence = await asyncio.to_thread(
             silences.matching, self._engine, breach.trigger, breach.scope, breach.observed_at
         )
         if silence is not None:
             return OpenIncidentResult(None, silenced_by=silence.id, silence_reason=silence.reason)
-        if request.reopen and request.cooldown_seconds > 0:
-            reopened = await self._reopen(request.reopen, breach, request.cooldown_seconds)
-            if reopened is not None:
-                return reopened
+        if request.cooldown_seconds > 0:
+            # The incident it closed, or the one on record that turned out resolved (the
+            # detector hears of the close only once its run ends).
+            for candidate in dict.fromkeys(c for c in (request.reopen, resolved) if c):
+                reopened = await self._reopen(candidate, breach, request.cooldown_seconds)
+                if reopened is not None:
+                    if reopened.incident_id is not None:
+                        into = MergeRequest(reopened.incident_id, breach.trigger, breach.scope)
+                        reopened.merged = await self._absorb_into(into, request.absorbs)
+                    return reopened
         handovers: list[Handover] = []
         for target in request.absorbs:
             # The first one merged hands over where people were told of it.
@@ -209,7 +221,9 @@ class IncidentActivities:
             for handover in handovers:
                 await self._update(request.proposed_id, ABSORB, handover)
         merged = [handover.incident_id for handover in handovers]
-        return OpenIncidentResult(request.proposed_id, opened=opened, merged=merged)
+        return OpenIncidentResult(
+            request.proposed_id, opened=opened, merged=merged, episode=receipt.reopened
+        )
 
     async def _reopen(
         self, incident_id: str, breach: Breach, cooldown_seconds: int
@@ -227,10 +241,12 @@ class IncidentActivities:
             return None
         refused = reopen_refusal(state, breach, cooldown_seconds, breach.observed_at)
         if refused is not None:
+            if _open_again(state, breach) and (took := await self._report(incident_id, breach)):
+                # Reopened already (an earlier attempt of this activity): it takes the breach.
+                return OpenIncidentResult(incident_id, reopened=True, episode=took.reopened)
             log.info("incident %s not reopened: %s", incident_id, refused)
             return None
-        start: WithStartWorkflowOperation[Any, IncidentResult] = WithStartWorkflowOperation(
-            INCIDENT_WORKFLOW,
+        start = self._start(
             IncidentInput(
                 incident_id=incident_id,
                 trigger=state.trigger,
@@ -242,17 +258,14 @@ class IncidentActivities:
                 carried=CarriedState(state),
                 reopen=True,
             ),
-            id=incident_id,
-            task_queue=self._task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            breach,
+            state.status,
+            state.level,
             # The closed run's id again: the incident keeps its id, its history its runs.
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            search_attributes=_attributes(state.status, breach, state.level),
-            static_summary=incident_summary(breach),
-            result_type=IncidentResult,
+            WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         )
         try:
-            await self._client.execute_update_with_start_workflow(
+            receipt: BreachReceipt = await self._client.execute_update_with_start_workflow(
                 REOPEN,
                 ReopenRequest(breach, cooldown_seconds),
                 start_workflow_operation=start,
@@ -261,11 +274,11 @@ class IncidentActivities:
         except WorkflowUpdateFailedError as exc:
             # A run that was not started to reopen it refused: the resolved one, still writing
             # its report; or a reopened one (this is a retry), which takes the breach.
-            if await self._report(incident_id, breach) is not None:
-                return OpenIncidentResult(incident_id, reopened=True)
+            if (took := await self._report(incident_id, breach)) is not None:
+                return OpenIncidentResult(incident_id, reopened=True, episode=took.reopened)
             log.info("incident %s not reopened yet: %s", incident_id, exc)
             return OpenIncidentResult(None, reopen_pending=True)
-        return OpenIncidentResult(incident_id, reopened=True)
+        return OpenIncidentResult(incident_id, reopened=True, episode=receipt.reopened)
 
     async def _absorb_into(self, into: MergeRequest, targets: list[str]) -> list[str]:
         """Merge `targets` into the running incident `into.into`, which keeps its own message,
@@ -297,6 +310,18 @@ class IncidentActivities:
             log.info("incident %s not merged into %s: %s", target, request.into, exc)
             return None
 
+    async def _related(self, incident_id: str, breach: Breach) -> BreachReceipt | None:
+        """Note `breach` on the running incident of a wider problem; None when it is over."""
+        try:
+            receipt: BreachReceipt = await self._client.get_workflow_handle(
+                incident_id
+            ).execute_update(REPORT_RELATED, breach, result_type=BreachReceipt)
+        except (WorkflowUpdateFailedError, RPCError) as exc:
+            _unless_over(exc)
+            log.info("incident %s did not take %s: %s", incident_id, REPORT_RELATED, exc)
+            return None
+        return receipt
+
     async def _update(self, incident_id: str, update: str, arg: object) -> bool:
         """Whether the running incident took the update (not when it is over; any other
         failure raises, so that the activity is retried)."""
@@ -313,8 +338,7 @@ class IncidentActivities:
     ) -> BreachReceipt | None:
         """Update-with-start: the breach lands on the running incident or starts it (taking in
         `absorbs`). None when that incident is over (closed, or running but resolved)."""
-        start: WithStartWorkflowOperation[Any, IncidentResult] = WithStartWorkflowOperation(
-            INCIDENT_WORKFLOW,
+        start = self._start(
             IncidentInput(
                 incident_id=incident_id,
                 trigger=breach.trigger,
@@ -325,13 +349,10 @@ class IncidentActivities:
                 detector_workflow_id=detector_workflow_id(self._task_queue),
                 absorbs=absorbs or [],
             ),
-            id=incident_id,
-            task_queue=self._task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=_attributes(IncidentStatus.DETECTED, breach, 1),
-            static_summary=incident_summary(breach),
-            result_type=IncidentResult,
+            breach,
+            IncidentStatus.DETECTED,
+            1,
+            WorkflowIDReusePolicy.REJECT_DUPLICATE,
         )
         try:
             receipt: BreachReceipt = await self._client.execute_update_with_start_workflow(
@@ -344,6 +365,36 @@ class IncidentActivities:
             log.info("incident %s is over (%s)", incident_id, exc)
             return None
         return receipt
+
+    def _start(
+        self,
+        input: IncidentInput,
+        breach: Breach,
+        status: IncidentStatus,
+        level: int,
+        reuse: WorkflowIDReusePolicy,
+    ) -> WithStartWorkflowOperation[Any, IncidentResult]:
+        """The incident workflow's start, for an update-with-start: a run already going on
+        under its id takes the update instead."""
+        return WithStartWorkflowOperation(
+            INCIDENT_WORKFLOW,
+            input,
+            id=input.incident_id,
+            task_queue=self._task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=reuse,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(sa.INCIDENT_STATUS, str(status)),
+                    SearchAttributePair(sa.INCIDENT_SEVERITY, str(breach.severity)),
+                    SearchAttributePair(sa.INCIDENT_TRIGGER, str(breach.trigger)),
+                    SearchAttributePair(sa.INCIDENT_SCOPE, breach.scope),
+                    SearchAttributePair(sa.INCIDENT_LEVEL, level),
+                ]
+            ),
+            static_summary=incident_summary(breach),
+            result_type=IncidentResult,
+        )
 
     async def _find_open(self, breach: Breach) -> str | None:
         query = (

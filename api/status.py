@@ -387,10 +387,13 @@ def _href(url: str | None) -> str | None:
     if not url:
         return None
     try:
-        scheme = urlsplit(url).scheme.lower()
+        parts = urlsplit(url)
     except ValueError:
         return None
-    return url if scheme in {"http", "https", ""} else None
+    if parts.scheme.lower() in {"http", "https"}:
+        return url
+    # A path of ours only: "//host/..." would leave the page for another host.
+    return url if not parts.scheme and not parts.netloc else None
 
 
 def _link_html(url: str | None, label: str = "Runbook page") -> str:

@@ -47,7 +47,7 @@ with workflow.unsafe.imports_passed_through():
     from detectors.rules import RuleState
     from domain.aggregates import FoldedInfo, WindowAggregates
     from domain.escalation import span
-    from domain.incident import Breach, Recovery, severity_rank
+    from domain.incident import Breach, Recovery, episode_of, severity_rank
     from domain.scopes import DIMENSIONS, folded_scope, kind_of
 
 PER_SCOPE_PATCH = "detector-per-scope-aggregates"
@@ -97,6 +97,8 @@ class TriggerState:
     # breach within the rule's cooldown reopens that one.
     closed_id: str | None = None
     closed_at: datetime | None = None
+    # Which episode of `incident_id` (a reopened incident's are numbered from 1).
+    episode: int = 0
 
 
 @dataclass
@@ -160,7 +162,8 @@ class DetectorWorkflow:
         self._windows: list[int] = [input.config.window_seconds]  # read by the last evaluation
         # The last evaluation asked for the rules' windows and got the widest alone.
         self._one_window_read = False
-        self._closed: set[str] = set()
+        # Incident id -> the last of its episodes heard closed (a reopened incident keeps its id).
+        self._closed: dict[str, int] = {}
         self._wake = False
 
     @workflow.run
@@ -201,11 +204,13 @@ class DetectorWorkflow:
         self._wake = True
 
     @workflow.signal
-    def incident_closed(self, incident_id: str) -> None:
+    def incident_closed(self, closed: str) -> None:
+        """`closed`: the incident's episode key (its id, and which reopening ended)."""
+        incident_id, episode = episode_of(closed)
         # Also remembered: an evaluation in flight may be about to write this id back.
-        self._closed.add(incident_id)
+        self._closed[incident_id] = max(episode, self._closed.get(incident_id, 0))
         for key, state in self._triggers.items():
-            if state.incident_id == incident_id:
+            if state.incident_id == incident_id and state.episode <= episode:
                 own = not state.attached
                 self._triggers[key] = TriggerState(
                     closed_id=incident_id if own else None,
@@ -357,8 +362,11 @@ class DetectorWorkflow:
                 )
                 proposed = proposed_incident_id(finding, now)
                 request = OpenIncidentRequest(breach, proposed, own, joins, absorbs)
-                if reopening and own is None and (closed := _reopenable(state, finding, now)):
-                    request.reopen, request.cooldown_seconds = closed, finding.cooldown_seconds
+                if reopening:
+                    # Also for the incident on record: it may be resolved, its close not heard yet.
+                    request.cooldown_seconds = finding.cooldown_seconds
+                    if own is None:
+                        request.reopen = _reopenable(state, finding, now)
                 requests.append(request)
         if not requests:
             return
@@ -373,20 +381,23 @@ class DetectorWorkflow:
         for request, result in zip(requests, results, strict=True):
             reported = trigger_key(request.breach.trigger, request.breach.scope)
             incident_id = result.incident_id
-            if result.reopened and incident_id is not None:
-                self._closed.discard(incident_id)  # back, under the same id
-            elif incident_id in self._closed:
-                incident_id = None
+            if incident_id is not None and result.episode <= self._closed.get(incident_id, -1):
+                incident_id = None  # that episode closed while this was asked
             if result.reopen_pending:
                 # The resolved run is still finishing (its report): the next evaluation
                 # reopens it, while the cooldown lasts.
                 continue
+            # Without an incident now, the one it closed last may still be reopened.
+            before = self._triggers.get(reported, TriggerState())
             self._triggers[reported] = TriggerState(
                 incident_id=incident_id,
                 reported_at=now if incident_id else None,
                 severity=str(request.breach.severity) if incident_id else None,
                 silenced_by=result.silenced_by,
                 attached=result.joined and incident_id is not None,
+                episode=result.episode if incident_id else 0,
+                closed_id=None if incident_id else before.closed_id,
+                closed_at=None if incident_id else before.closed_at,
             )
             if incident_id is None:
                 continue

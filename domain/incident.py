@@ -14,6 +14,9 @@ from enum import StrEnum
 
 from domain.escalation import DEFAULT_POLICIES, EscalationPolicy
 
+# After an incident id, the episode of a reopened incident (IncidentState.episode_key).
+EPISODE_MARK = "/reopened-"
+
 
 class IncidentStatus(StrEnum):
     DETECTED = "detected"
@@ -329,8 +332,8 @@ class IncidentState:
     @property
     def episode_key(self) -> str:
         """The incident id, then one more suffix per reopening: what marks this episode's
-        report and postmortem apart from the earlier ones."""
-        return self.incident_id + (f"/reopened-{self.reopened}" if self.reopened else "")
+        report, postmortem and close apart from the earlier ones."""
+        return self.incident_id + (f"{EPISODE_MARK}{self.reopened}" if self.reopened else "")
 
     def approval(self, approval_id: str) -> Approval | None:
         return next((a for a in self.approvals if a.approval_id == approval_id), None)
@@ -364,11 +367,20 @@ class IncidentState:
         )
 
 
+def episode_of(key: str) -> tuple[str, int]:
+    """An episode key's incident id and episode (0 for an incident never reopened)."""
+    incident_id, mark, episode = key.rpartition(EPISODE_MARK)
+    if mark and episode.isdigit():
+        return incident_id, int(episode)
+    return key, 0
+
+
 @dataclass
 class BreachReceipt:
     incident_id: str
     status: IncidentStatus
     breach_count: int
+    reopened: int = 0  # the incident's episode that took it (IncidentState.reopened)
 
 
 @dataclass

@@ -714,7 +714,7 @@ def _interrupted(exc: OperationalError) -> bool:
 
 
 @contextlib.contextmanager
-def _bounded(engine: Engine, seconds: float) -> Iterator[Connection]:
+def bounded(engine: Engine, seconds: float) -> Iterator[Connection]:
     """A connection whose statements stop after `seconds` (SearchTimeoutError)."""
     with engine.connect() as connection:
         handler: Any = None
@@ -814,7 +814,7 @@ def search(
     statement = (
         select(*columns).where(*conditions).order_by(_c.ts.desc(), _c.id.desc()).limit(limit + 1)
     )
-    with _bounded(engine, timeout_seconds) as connection:
+    with bounded(engine, timeout_seconds) as connection:
         rows = connection.execute(statement).all()
     more = len(rows) > limit
     rows = rows[:limit]
@@ -899,7 +899,7 @@ def stats(
     ).subquery("ranked")
     counted = select(ranked, func.max(ranked.c.rank).over().label("groups_total")).subquery()
     statement = select(counted).where(counted.c.rank <= max_groups)
-    with _bounded(engine, timeout_seconds) as connection:
+    with bounded(engine, timeout_seconds) as connection:
         rows = connection.execute(statement).all()
     if not rows:
         return Stats(by, 0, 0, [])

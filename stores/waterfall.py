@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from domain.waterfall import TraceCall
-from stores.call_search import SEARCH_TIMEOUT_SECONDS, _bounded
+from stores.call_search import SEARCH_TIMEOUT_SECONDS, bounded
 from stores.llm_calls import LLMCall, utc
 
 MAX_TRACE_CALLS = 1_000
@@ -73,6 +73,6 @@ def trace_calls(
         .order_by(_c.ts, _c.id)
         .limit(limit + 1)
     )
-    with _bounded(engine, timeout_seconds) as connection:
+    with bounded(engine, timeout_seconds) as connection:
         rows = connection.execute(statement).all()
     return Trace(trace_id, [_call(row) for row in rows[:limit]], truncated=len(rows) > limit)

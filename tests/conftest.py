@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import Engine
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -260,6 +261,15 @@ async def running(dev_env: WorkflowEnvironment, settings: Settings) -> AsyncIter
             yield client
         await client.get_workflow_handle(detector_workflow_id(settings.task_queue)).terminate()
     engine.dispose()
+
+
+async def terminate_incidents(client: Client, task_queue: str) -> None:
+    """End every incident of the task queue still running (a failed test leaves some)."""
+    query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{task_queue}'"
+    async for execution in client.list_workflows(query):
+        if execution.status == WorkflowExecutionStatus.RUNNING:
+            with contextlib.suppress(RPCError):  # it may have ended since it was listed
+                await client.get_workflow_handle(execution.id).terminate("test over")
 
 
 async def incident_ids(client: Client, task_queue: str, where: str = "") -> list[str]:

@@ -7,15 +7,13 @@ is open joins it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
@@ -34,7 +32,7 @@ from domain.incident import (
     Severity,
     Trigger,
 )
-from tests.conftest import incident_worker
+from tests.conftest import incident_worker, terminate_incidents
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from tests.helpers import eventually
@@ -56,15 +54,7 @@ async def activities(
             merge_settings, load_escalation(merge_settings.escalation_policy_file)
         )
         yield IncidentActivities(client, merge_settings.task_queue, plan, engine)
-        await _close_all(client, merge_settings.task_queue)
-
-
-async def _close_all(client: Client, task_queue: str) -> None:
-    query = f"WorkflowType = 'IncidentWorkflow' AND TaskQueue = '{task_queue}'"
-    async for execution in client.list_workflows(query):
-        if execution.status == WorkflowExecutionStatus.RUNNING:
-            with contextlib.suppress(RPCError):  # it may have ended since it was listed
-                await client.get_workflow_handle(execution.id).terminate("test over")
+        await terminate_incidents(client, merge_settings.task_queue)
 
 
 def breach(trigger: Trigger, severity: Severity) -> Breach:

@@ -7,20 +7,38 @@ server with Slack, PagerDuty and Jira on their fakes."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 import worker
-from activities.incidents import IncidentActivities, OpenIncidentRequest
+from activities.incidents import (
+    IncidentActivities,
+    OpenIncidentRequest,
+    OpenIncidentResult,
+    RecoveryReport,
+    RecoveryResults,
+)
+from activities.metrics import WindowQuery
 from config.escalation import load_escalation
 from config.settings import Settings
 from detectors.config import RulesFile, RulesFileError, apply
-from detectors.detector import TriggerState, _reopenable
+from detectors.detector import (
+    DetectorConfig,
+    DetectorInput,
+    DetectorStatus,
+    DetectorWorkflow,
+    TriggerState,
+    _reopenable,
+)
 from detectors.evaluation import Finding
+from domain.aggregates import Aggregate, WindowAggregates
 from domain.incident import (
     ActionRequest,
     Breach,
@@ -38,7 +56,7 @@ from domain.incident_machine import (
     decide,
     reopen_refusal,
 )
-from tests.conftest import incident_worker
+from tests.conftest import incident_worker, terminate_incidents
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
@@ -161,6 +179,7 @@ async def activities(
             reopen_settings, load_escalation(reopen_settings.escalation_policy_file)
         )
         yield IncidentActivities(client, reopen_settings.task_queue, plan, engine)
+        await terminate_incidents(client, reopen_settings.task_queue)
 
 
 async def state_of(client: Client, incident_id: str) -> IncidentState:
@@ -315,3 +334,150 @@ def test_the_slack_message_and_thread_say_it_was_reopened_and_to_whom() -> None:
     by_cli = resolved_by("alice", "cli", T0 + timedelta(minutes=10))
     by_cli, _ = decide(by_cli, Reopened(breach_at(again)), Policy(), again)
     assert "*reopened* alice: " in reopened_reply(by_cli, "x")
+
+
+def new_id() -> str:
+    return f"incident-error_rate-global-{uuid.uuid4().hex[:8]}"
+
+
+async def test_a_retried_reopen_lands_on_the_reopened_incident_and_opens_nothing(
+    activities: IncidentActivities, dev_env: WorkflowEnvironment, fake_pagerduty: FakePagerDuty
+) -> None:
+    """The detector's activity is retried as a whole batch: a reopen asked again finds the
+    incident open again and reports the breach to it, instead of opening a second one."""
+    client = dev_env.client
+    incident_id, _ = await open_and_resolve(activities, client, "alice", "cli")
+    request = OpenIncidentRequest(
+        breach_at(datetime.now(UTC)), new_id(), reopen=incident_id, cooldown_seconds=300
+    )
+    [first] = await activities.open_or_update([request])
+    [again] = await activities.open_or_update([request])
+
+    assert (first.incident_id, again.incident_id) == (incident_id, incident_id)
+    # Found open again (by visibility, or by the reopen asked once more): its episode 1.
+    assert (again.episode, again.opened) == (1, False)
+    query = "WorkflowType = 'IncidentWorkflow' AND ExecutionStatus = 'Running'"
+    running = {w.id async for w in client.list_workflows(query)}
+    assert incident_id in running
+    assert request.proposed_id not in running
+    assert (await state_of(client, incident_id)).breach_count >= 2
+
+
+async def test_the_incident_on_record_found_resolved_is_reopened_once_its_run_has_ended(
+    activities: IncidentActivities,
+    dev_env: WorkflowEnvironment,
+    fake_slack: FakeSlack,
+) -> None:
+    """The detector hears of a close only when the resolved run ends (after its vendors, its
+    report): meanwhile it reports to the incident on record, which refuses. That asks again
+    (pending, nothing opens) while the run finishes, then reopens it."""
+    client = dev_env.client
+    proposed = new_id()
+    [opened] = await activities.open_or_update(
+        [OpenIncidentRequest(breach_at(datetime.now(UTC)), proposed)]
+    )
+    assert opened.incident_id == proposed
+
+    async def posted() -> bool:
+        return (await state_of(client, proposed)).slack_message is not None
+
+    await eventually(posted)
+    fake_slack.delay_next("chat.update", 4)  # the resolve's update keeps the run going a while
+    handle = client.get_workflow_handle(proposed)
+    await handle.execute_update(IncidentWorkflow.resolve, ActionRequest("alice", "cli"))
+
+    def on_record() -> OpenIncidentRequest:
+        return OpenIncidentRequest(
+            breach_at(datetime.now(UTC)), new_id(), known_id=proposed, cooldown_seconds=300
+        )
+
+    [pending] = await activities.open_or_update([on_record()])
+    assert (pending.incident_id, pending.reopen_pending, pending.opened) == (None, True, False)
+    await handle.result()
+    [reopened] = await activities.open_or_update([on_record()])
+    assert (reopened.incident_id, reopened.reopened) == (proposed, True)
+    assert (await state_of(client, proposed)).reopened == 1
+
+
+def test_an_episode_key_names_the_incident_and_its_reopening() -> None:
+    from domain.incident import episode_of
+
+    assert episode_of("incident-error_rate-global-20261206T120000Z") == (
+        "incident-error_rate-global-20261206T120000Z",
+        0,
+    )
+    assert episode_of("incident-x/reopened-2") == ("incident-x", 2)
+    assert episode_of("incident-x/reopened-") == ("incident-x/reopened-", 0)
+
+
+# --- the detector's bookkeeping, against stand-in activities on the time-skipping server --------
+
+
+async def test_the_detector_asks_to_reopen_its_closed_incident_and_tells_episodes_apart(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    asked: list[OpenIncidentRequest] = []
+    episode = 0  # of incident-1, as the stand-in incident answers
+
+    @activity.defn(name="metrics.window_aggregates")
+    async def window_aggregates(query: WindowQuery) -> WindowAggregates:
+        failing = Aggregate(calls=200, successes=100, errors=100, latency_histogram={120: 200})
+        return WindowAggregates.of_scopes(query.end, 300, {"global": failing})
+
+    @activity.defn(name="incidents.open_or_update")
+    async def open_or_update(requests: list[OpenIncidentRequest]) -> list[OpenIncidentResult]:
+        nonlocal episode
+        asked.extend(requests)
+        results = []
+        for r in requests:
+            if r.reopen == "incident-1":
+                episode += 1
+                results.append(OpenIncidentResult("incident-1", reopened=True, episode=episode))
+            else:
+                results.append(OpenIncidentResult("incident-1", episode=episode))
+        return results
+
+    @activity.defn(name="incidents.report_recovery")
+    async def report_recovery(reports: list[RecoveryReport]) -> RecoveryResults:
+        return RecoveryResults()
+
+    async def status() -> DetectorStatus:
+        found: DetectorStatus = await handle.query(DetectorWorkflow.status)
+        return found
+
+    client = time_skipping_env.client
+    config = DetectorConfig(interval_seconds=30, window_seconds=300)
+    activities: list[Callable[..., Any]] = [window_aggregates, open_or_update, report_recovery]
+    async with Worker(
+        client, task_queue=task_queue, workflows=[DetectorWorkflow], activities=activities
+    ):
+        handle = await client.start_workflow(
+            DetectorWorkflow.run, DetectorInput(config), id=task_queue, task_queue=task_queue
+        )
+        try:
+            await time_skipping_env.sleep(70)
+            opened = (await status()).trigger_states["error_rate|global"]
+            assert (opened.incident_id, opened.episode) == ("incident-1", 0)
+            assert all(r.cooldown_seconds == 300 and r.reopen is None for r in asked)
+
+            await handle.signal(DetectorWorkflow.incident_closed, "incident-1")
+            await time_skipping_env.sleep(40)
+            back = (await status()).trigger_states["error_rate|global"]
+            [reopen] = [r for r in asked if r.reopen]
+            assert (reopen.reopen, reopen.known_id, reopen.cooldown_seconds) == (
+                "incident-1",
+                None,
+                300,
+            )
+            assert (back.incident_id, back.episode, back.closed_id) == ("incident-1", 1, None)
+
+            # Its first episode's close heard late changes nothing; its own close is heard.
+            await handle.signal(DetectorWorkflow.incident_closed, "incident-1")
+            assert (await status()).trigger_states["error_rate|global"].episode == 1
+            await handle.signal(DetectorWorkflow.incident_closed, "incident-1/reopened-1")
+            await time_skipping_env.sleep(40)
+            again = (await status()).trigger_states["error_rate|global"]
+            assert (again.incident_id, again.episode) == ("incident-1", 2)
+            assert [r.reopen for r in asked if r.reopen] == ["incident-1", "incident-1"]
+        finally:
+            await handle.terminate("test over")

@@ -265,7 +265,7 @@ class IncidentWorkflow:
         self._updates += 1
         self._apply(BreachReported(breach))
         state = self._state
-        return BreachReceipt(state.incident_id, state.status, state.breach_count)
+        return BreachReceipt(state.incident_id, state.status, state.breach_count, state.reopened)
 
     @report_breach.validator
     def _validate_breach(self, breach: Breach) -> None:
@@ -277,7 +277,7 @@ class IncidentWorkflow:
         self._awaiting_reopen = False
         self._apply(Reopened(request.breach))
         state = self._state
-        return BreachReceipt(state.incident_id, state.status, state.breach_count)
+        return BreachReceipt(state.incident_id, state.status, state.breach_count, state.reopened)
 
     @reopen.validator
     def _validate_reopen(self, request: ReopenRequest) -> None:
@@ -375,7 +375,7 @@ class IncidentWorkflow:
         self._updates += 1
         self._apply(RelatedBreach(breach))
         state = self._state
-        return BreachReceipt(state.incident_id, state.status, state.breach_count)
+        return BreachReceipt(state.incident_id, state.status, state.breach_count, state.reopened)
 
     @report_related.validator
     def _validate_related(self, breach: Breach) -> None:
@@ -784,7 +784,7 @@ class IncidentWorkflow:
             return
         try:
             await workflow.get_external_workflow_handle(detector).signal(
-                "incident_closed", self._state.incident_id
+                "incident_closed", self._state.episode_key
             )
         except Exception as err:  # the detector is optional; the incident is over regardless
             workflow.logger.info("detector %s not told: %s", detector, err)

@@ -219,6 +219,21 @@ def _metadata(ctx: LLMContext, endpoint: str | None) -> dict[str, Any] | None:
     return metadata or None
 
 
+def call_cost(call: PendingCall, prices: PriceTable) -> float | None:
+    """The SDK's price of a finished call (a cache hit, its tokens zeroed, costs nothing); None
+    without tokens or without a price for its model."""
+    if call.cache_hit:
+        return 0.0
+    if call.input_tokens is None:
+        return None
+    return prices.cost_usd(
+        call.response_model or call.model,
+        call.input_tokens,
+        call.output_tokens or 0,
+        call.cached_input_tokens or 0,
+    )
+
+
 def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
     """The stored record of a finished call (runs in the recorder's thread)."""
     if call.headers is not None:
@@ -238,12 +253,7 @@ def finalize(call: PendingCall, salt: str, prices: PriceTable) -> CallRecord:
         call.status = "error"
         call.error_type = call.error_type or "IncompleteStream"
     ctx = call.context
-    model = call.response_model or call.model
-    cost = None
-    if call.input_tokens is not None:
-        cost = prices.cost_usd(
-            model, call.input_tokens, call.output_tokens or 0, call.cached_input_tokens or 0
-        )
+    cost = call_cost(call, prices)
     ttft = None
     if call.first_token is not None:
         ttft = round((call.first_token - call.started) * 1000, 3)

@@ -20,7 +20,7 @@ from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
 from opentelemetry.semconv.attributes import error_attributes, server_attributes
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from pagerloop_sdk.capture import PendingCall
+from pagerloop_sdk.capture import PendingCall, call_cost
 from pagerloop_sdk.pricing import DEFAULT_PRICES, PriceTable
 
 PROVIDER = "openai"
@@ -190,20 +190,11 @@ class Telemetry:
 
 
 def llm_attributes(call: PendingCall, prices: PriceTable) -> dict[str, float]:
-    """The seed's `llm.latency_ms` and `llm.cost_usd` of a finished call, priced as its record
-    will be (a cache hit cost nothing; a model without a price has no cost)."""
+    """The seed's `llm.latency_ms` and `llm.cost_usd` of a finished call: the SDK's own price
+    (an API that prices with a table of its own may store another cost for the record)."""
     attributes: dict[str, float] = {}
     if call.ended >= call.started:
         attributes[LLM_LATENCY_MS] = round((call.ended - call.started) * 1000, 3)
-    if call.cache_hit:
-        attributes[LLM_COST_USD] = 0.0
-    elif call.input_tokens is not None:
-        cost = prices.cost_usd(
-            call.response_model or call.model,
-            call.input_tokens,
-            call.output_tokens or 0,
-            call.cached_input_tokens or 0,
-        )
-        if cost is not None:
-            attributes[LLM_COST_USD] = cost
+    if (cost := call_cost(call, prices)) is not None:
+        attributes[LLM_COST_USD] = cost
     return attributes

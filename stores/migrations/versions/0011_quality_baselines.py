@@ -1,9 +1,9 @@
 """Quality baselines set by hand, one per feature (`pagerloop quality baseline set`): the drift
 rule reads them instead of the rolling 7 days until they are cleared.
 
-Revision ID: 0012
+Revision ID: 0011
 Revises: 0010
-Create Date: 2026-12-20
+Create Date: 2026-12-06
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0012"
+revision = "0011"
 down_revision = "0010"
 branch_labels = None
 depends_on = None
