@@ -23,9 +23,11 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 import worker
+from activities.incidents import IncidentActivities
 from api.app import create_app
 from api.deps import Services
 from config import Settings
+from config.escalation import load_escalation
 from domain import search_attributes as sa
 from domain.workflow_names import detector_workflow_id
 from stores import schema
@@ -234,6 +236,16 @@ async def incident_worker(client: Client, settings: Settings) -> AsyncIterator[E
             yield engine
     finally:
         engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def incident_opener(client: Client, settings: Settings) -> AsyncIterator[IncidentActivities]:
+    """The detector's activity that opens incidents, with an incident worker behind it; the
+    incidents it leaves running are ended afterwards."""
+    async with incident_worker(client, settings) as engine:
+        plan = worker.notification_plan(settings, load_escalation(settings.escalation_policy_file))
+        yield IncidentActivities(client, settings.task_queue, plan, engine)
+        await terminate_incidents(client, settings.task_queue)
 
 
 @contextlib.asynccontextmanager

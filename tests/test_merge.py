@@ -17,10 +17,8 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
-import worker
 from activities.incidents import IncidentActivities, OpenIncidentRequest, OpenIncidentResult
 from cli.main import app as cli_app
-from config.escalation import load_escalation
 from config.settings import Settings
 from domain import search_attributes as sa
 from domain.incident import (
@@ -32,7 +30,7 @@ from domain.incident import (
     Severity,
     Trigger,
 )
-from tests.conftest import incident_worker, terminate_incidents
+from tests.conftest import incident_opener
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
 from tests.helpers import eventually
@@ -48,13 +46,8 @@ def merge_settings(settings: Settings) -> Settings:
 async def activities(
     dev_env: WorkflowEnvironment, merge_settings: Settings
 ) -> AsyncIterator[IncidentActivities]:
-    client = dev_env.client
-    async with incident_worker(client, merge_settings) as engine:
-        plan = worker.notification_plan(
-            merge_settings, load_escalation(merge_settings.escalation_policy_file)
-        )
-        yield IncidentActivities(client, merge_settings.task_queue, plan, engine)
-        await terminate_incidents(client, merge_settings.task_queue)
+    async with incident_opener(dev_env.client, merge_settings) as opener:
+        yield opener
 
 
 def breach(trigger: Trigger, severity: Severity) -> Breach:

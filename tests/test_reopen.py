@@ -17,7 +17,6 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-import worker
 from activities.incidents import (
     IncidentActivities,
     OpenIncidentRequest,
@@ -26,7 +25,6 @@ from activities.incidents import (
     RecoveryResults,
 )
 from activities.metrics import WindowQuery
-from config.escalation import load_escalation
 from config.settings import Settings
 from detectors.config import RulesFile, RulesFileError, apply
 from detectors.detector import (
@@ -56,7 +54,7 @@ from domain.incident_machine import (
     decide,
     reopen_refusal,
 )
-from tests.conftest import incident_worker, terminate_incidents
+from tests.conftest import incident_opener
 from tests.fakes.jira import FakeJira
 from tests.fakes.pagerduty import FakePagerDuty
 from tests.fakes.slack import FakeSlack
@@ -173,13 +171,8 @@ def reopen_settings(settings: Settings) -> Settings:
 async def activities(
     dev_env: WorkflowEnvironment, reopen_settings: Settings
 ) -> AsyncIterator[IncidentActivities]:
-    client = dev_env.client
-    async with incident_worker(client, reopen_settings) as engine:
-        plan = worker.notification_plan(
-            reopen_settings, load_escalation(reopen_settings.escalation_policy_file)
-        )
-        yield IncidentActivities(client, reopen_settings.task_queue, plan, engine)
-        await terminate_incidents(client, reopen_settings.task_queue)
+    async with incident_opener(dev_env.client, reopen_settings) as opener:
+        yield opener
 
 
 async def state_of(client: Client, incident_id: str) -> IncidentState:
