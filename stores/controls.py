@@ -30,9 +30,9 @@ from typing import Any
 from pagerloop_sdk import controls as sdk_controls
 from pagerloop_sdk.endpoints import split_route
 from sqlalchemy import Column, DateTime, Engine, Float, Index, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from stores import dialect
 from stores.llm_calls import big, utc
 
 # The kinds, which take a count, and which are limits of the whole application shared out among
@@ -171,10 +171,6 @@ def fraction_problem(fraction: float | None) -> str | None:
     return f"a canary's fraction is between 0 and 1 (exclusive), not {fraction!r}"
 
 
-def _insert(engine: Engine) -> Any:
-    return (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
-
-
 def upsert(
     engine: Engine,
     *,
@@ -207,7 +203,7 @@ def upsert(
         "reverted_by": None,
         "revert_reason": None,
     }
-    statement = _insert(engine)(Control).values(
+    statement = dialect.insert(engine)(Control).values(
         key=key,
         kind=kind,
         feature=feature,

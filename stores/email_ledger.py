@@ -15,11 +15,11 @@ send is retried for a day at most).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Column, DateTime, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
+
+from stores import dialect
 
 MESSAGE_ID_MAX = 255
 INCIDENT_ID_MAX = 1000  # Temporal's default limit on workflow ids
@@ -47,9 +47,8 @@ def record_sent(engine: Engine, message_id: str, incident_id: str, at: datetime)
     """Put the message on record as sent at `at` (UTC); False when it already was (the first
     record stands)."""
     table = SentEmail.__table__  # type: ignore[attr-defined]
-    dialect: Any = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
-        dialect.insert(table)
+        dialect.insert(engine)(table)
         .values(message_id=message_id, incident_id=incident_id, sent_at=at)
         .on_conflict_do_nothing(index_elements=[table.c.message_id])
         .returning(table.c.message_id)  # a row back: recorded now (rowcount varies by driver)

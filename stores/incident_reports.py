@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Engine, Text, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
+from stores import dialect
 from stores.llm_calls import utc
 
 INCIDENT_ID_MAX = 1000  # Temporal's default limit on workflow ids
@@ -53,9 +53,8 @@ def save(
     """Write the incident's report, replacing any earlier one (one statement: two retries
     racing leave one row)."""
     values = {"markdown": markdown, "summary": summary, "figures": figures, "created_at": utc(at)}
-    dialect: Any = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
-        dialect.insert(_table)
+        dialect.insert(engine)(_table)
         .values(incident_id=incident_id, **values)
         .on_conflict_do_update(index_elements=[_table.c.incident_id], set_=values)
     )

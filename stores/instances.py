@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import Column, DateTime, Engine, Index, case, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel, col
 
+from stores import dialect
 from stores.llm_calls import utc
 from stores.pruning import Pruner
 
@@ -86,16 +85,12 @@ def share(
 # --- the registry ----------------------------------------------------------------------------
 
 
-def _insert(engine: Engine) -> Any:
-    return (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
-
-
 def touch(engine: Engine, instance_id: str, now: datetime) -> None:
     """Record a poll of `instance_id` at `now` (one upsert). Its `last_seen` never goes back
     (API replicas' clocks differ a little); its `first_seen` restarts when it was not live."""
     now = utc(now)
     table = SdkInstance.__table__  # type: ignore[attr-defined]
-    statement = _insert(engine)(table).values(
+    statement = dialect.insert(engine)(table).values(
         instance_id=instance_id, first_seen=now, last_seen=now
     )
     gone = table.c.last_seen <= now - timedelta(seconds=LIVE_SECONDS)

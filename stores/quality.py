@@ -15,9 +15,9 @@ from typing import Any
 
 from pagerloop_sdk.records import ScoreRecord as ScoreRecord
 from sqlalchemy import Column, Connection, DateTime, Engine, Index, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
+from stores import dialect
 from stores.llm_calls import big, utc
 
 
@@ -75,8 +75,7 @@ def _rollup(scores: Sequence[ScoreRecord]) -> list[dict[str, object]]:
 
 def _upsert_rollup(engine: Engine) -> Any:
     table = QualityRollup.__table__  # type: ignore[attr-defined]
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table)
+    statement = dialect.insert(engine)(table)
     return statement.on_conflict_do_update(
         index_elements=["hour", "model", "feature"],
         set_={

@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Column, Connection, DateTime, Engine, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
 from domain.baselines import BASELINE_MIN_SCORES, TYPED_IN, QualityBaseline, mean_and_stddev
 from domain.scopes import scope_name
+from stores import dialect
 from stores.llm_calls import BIG, utc
 from stores.quality import QualityRollup
 
@@ -116,9 +116,8 @@ def set_baseline(
         "set_by": set_by[:SET_BY_MAX],
         "set_at": utc(at),
     }
-    dialect: Any = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
-        dialect.insert(_table)
+        dialect.insert(engine)(_table)
         .values(feature=feature, **values)
         .on_conflict_do_update(index_elements=[_table.c.feature], set_=values)
     )

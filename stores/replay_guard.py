@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Column, DateTime, Engine, Index, delete
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel, col
 
+from stores import dialect
 from stores.pruning import Pruner
 
 KEY_LENGTH = 64  # a SHA-256 hex digest
@@ -45,8 +44,7 @@ def first_use(engine: Engine, key: str, now: datetime, expires_at: datetime) -> 
     """Record `key` until `expires_at`; False when it is already on record and not expired at
     `now` (a replay). Times are UTC."""
     table = SeenRequest.__table__  # type: ignore[attr-defined]
-    dialect: Any = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table).values(key=key, expires_at=expires_at)
+    statement = dialect.insert(engine)(table).values(key=key, expires_at=expires_at)
     statement = statement.on_conflict_do_update(
         index_elements=[table.c.key],
         set_={"expires_at": statement.excluded.expires_at},

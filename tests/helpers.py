@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import httpx
+import openai
+from llmock.pytest_plugin import LLMock
+from pagerloop_sdk import instrument, llm_context
 from pagerloop_sdk.recorder import Recorder
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
@@ -25,6 +29,7 @@ from api.app import create_app
 from api.deps import Services
 from config import Settings
 from domain.incident import ActionRequest
+from instrumentation.store_sink import StoreSink
 from stores import controls
 from stores.llm_calls import LLMCall
 from workflows.incident import IncidentWorkflow
@@ -130,3 +135,38 @@ async def running_service(client: Client, settings: Settings) -> AsyncIterator[C
             await client.get_workflow_handle(detector_workflow_id(settings.task_queue)).terminate()
     finally:
         engine.dispose()
+
+
+class FeatureTraffic:
+    """One thread per name in `features`, each calling gpt-4.1 on llmock for that feature as
+    fast as it is let, through the instrumented client, recorded into `engine`'s stores."""
+
+    def __init__(self, llmock: LLMock, engine: Engine, features: list[str], prompt: str) -> None:
+        self.recorder = Recorder(StoreSink(engine), flush_interval=0.05, quality_sample_rate=0)
+        self.client = instrument(
+            openai.OpenAI(base_url=llmock.base_url(), api_key="test", max_retries=0),
+            recorder=self.recorder,
+        )
+        self.prompt = prompt
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(name,), daemon=True) for name in features
+        ]
+
+    def _run(self, feature: str) -> None:
+        while not self.stop.is_set():
+            with llm_context(feature=feature), contextlib.suppress(openai.APIError):
+                self.client.chat.completions.create(
+                    model="gpt-4.1", messages=[{"role": "user", "content": self.prompt}]
+                )
+
+    def __enter__(self) -> FeatureTraffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        self.recorder.close()

@@ -6,14 +6,10 @@ falls -> verification passes -> resolve reverts the controls."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterator
 
-import openai
 import pytest
 from llmock.pytest_plugin import LLMock
-from pagerloop_sdk import Recorder, instrument, llm_context
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 from temporalio.client import Client
@@ -24,10 +20,9 @@ import worker
 from cli.main import app as cli_app
 from config import Settings
 from domain.incident import ActionRequest, IncidentStatus
-from instrumentation.store_sink import StoreSink
 from stores.llm_calls import LLMCall
 from tests.conftest import incident_ids
-from tests.helpers import eventually, running_service
+from tests.helpers import FeatureTraffic, eventually, running_service
 from workflows.incident import IncidentWorkflow
 
 RPM = 120  # llmock's quota: 2 requests a second
@@ -50,37 +45,6 @@ def loop_settings(settings: Settings) -> Settings:
 async def service(dev_env: WorkflowEnvironment, loop_settings: Settings) -> AsyncIterator[Client]:
     async with running_service(dev_env.client, loop_settings) as client:
         yield client
-
-
-class Traffic:
-    """`WORKERS` threads calling gpt-4.1 for feature "search" as fast as they are let."""
-
-    def __init__(self, llmock: LLMock, engine: Engine) -> None:
-        self.recorder = Recorder(StoreSink(engine), flush_interval=0.05, quality_sample_rate=0)
-        self.client = instrument(
-            openai.OpenAI(base_url=llmock.base_url(), api_key="test", max_retries=0),
-            recorder=self.recorder,
-        )
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(WORKERS)]
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            with llm_context(feature="search"), contextlib.suppress(openai.APIError):
-                self.client.chat.completions.create(
-                    model="gpt-4.1", messages=[{"role": "user", "content": "find it"}]
-                )
-
-    def __enter__(self) -> Traffic:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
-        self.recorder.close()
 
 
 @pytest.fixture
@@ -110,7 +74,7 @@ async def test_rate_limits_are_throttled_verified_and_reverted_on_resolve(
         "PAGERLOOP_DATABASE_URL": loop_settings.database_url,
         "PAGERLOOP_TASK_QUEUE": loop_settings.task_queue,
     }
-    with Traffic(llmock, stores):
+    with FeatureTraffic(llmock, stores, ["search"] * WORKERS, "find it"):
         [incident_id] = await eventually(
             lambda: incident_ids(client, loop_settings.task_queue), timeout=90
         )

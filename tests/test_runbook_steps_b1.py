@@ -7,20 +7,16 @@ runbook kit in the time-skipping server, with the real controls store."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import openai
 import pytest
 from llmock.pytest_plugin import LLMock
-from pagerloop_sdk import Recorder, instrument, llm_context
 from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlmodel import Session, select
@@ -37,7 +33,6 @@ from activities.diagnosis import FeatureUsage, ModelQuality, ModelRateLimits
 from activities.golden_set import GoldenSetActivities, GoldenSetAnswerError, GoldenSetRequest
 from config import Settings
 from domain.incident import ActionRequest, IncidentStatus
-from instrumentation.store_sink import StoreSink
 from runbooks import quality_degradation, rate_limit_exhaustion
 from runbooks.base import Verification
 from runbooks.testing import RunbookKit, Snapshot, recovered_if
@@ -45,7 +40,7 @@ from stores import controls
 from stores.llm_calls import LLMCall
 from tests.conftest import incident_ids
 from tests.fakes.server import ThreadedServer
-from tests.helpers import eventually, running_service
+from tests.helpers import FeatureTraffic, eventually, running_service
 from workflows.incident import IncidentWorkflow
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC)
@@ -317,41 +312,6 @@ async def service(dev_env: WorkflowEnvironment, loop_settings: Settings) -> Asyn
         yield client
 
 
-class Traffic:
-    """Threads calling gpt-4.1 as fast as they are let: four for "search", three for the
-    low-priority "digest"."""
-
-    def __init__(self, llmock: LLMock, engine: Engine) -> None:
-        self.recorder = Recorder(StoreSink(engine), flush_interval=0.05, quality_sample_rate=0)
-        self.client = instrument(
-            openai.OpenAI(base_url=llmock.base_url(), api_key="test", max_retries=0),
-            recorder=self.recorder,
-        )
-        self.stop = threading.Event()
-        features = ["search"] * 4 + ["digest"] * 3
-        self.threads = [
-            threading.Thread(target=self._run, args=(name,), daemon=True) for name in features
-        ]
-
-    def _run(self, feature: str) -> None:
-        while not self.stop.is_set():
-            with llm_context(feature=feature), contextlib.suppress(openai.APIError):
-                self.client.chat.completions.create(
-                    model="gpt-4.1", messages=[{"role": "user", "content": "go"}]
-                )
-
-    def __enter__(self) -> Traffic:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-        self.recorder.close()
-
-
 def queue_controls(engine: Engine, incident_id: str) -> list[controls.Control]:
     return [c for c in controls.active(engine, datetime.now(UTC), incident_id) if c.kind == "queue"]
 
@@ -363,7 +323,7 @@ async def test_a_rate_limit_incident_queues_the_low_priority_feature_and_the_app
     llmock.limits(rpm=RPM).delay(LATENCY, times=None)
     engine = worker.open_store(loop_settings)
     try:
-        with Traffic(llmock, engine):
+        with FeatureTraffic(llmock, engine, ["search"] * 4 + ["digest"] * 3, "go"):
             [incident_id] = await eventually(
                 lambda: incident_ids(client, loop_settings.task_queue), timeout=90
             )

@@ -22,6 +22,7 @@ refusals. A queue control that goes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -230,6 +231,28 @@ def _leave(entered: list[Queue]) -> None:
         queue.leave()
 
 
+@contextlib.contextmanager
+def _lined_up(
+    queues: Queues,
+    original: Callable[..., Any],
+    kwargs: Mapping[str, Any],
+    operation: str,
+    tags: list[str],
+) -> Iterator[tuple[QueueTimeout | None, float]]:
+    """In every queue's waiting room for the wait (the refusal when one is full) and its
+    deadline; out of them all afterwards."""
+    tags.extend(rule.tag for rule, _ in queues)
+    entered, full = _enter(queues)
+    try:
+        if full is not None:
+            yield QueueTimeout(_request(original, operation), *full), 0.0
+        else:
+            cap = min(q.timeout_cap for _, q in queues)
+            yield None, time.monotonic() + budget(original, kwargs, cap)
+    finally:
+        _leave(entered)
+
+
 def wait(
     queues: Queues,
     original: Callable[..., Any],
@@ -239,14 +262,9 @@ def wait(
 ) -> QueueTimeout | None:
     """Wait for the call's turn on every queue, in order (by control id); None when it may
     go, else the error to raise (nothing sent)."""
-    tags.extend(rule.tag for rule, _ in queues)
-    entered, full = _enter(queues)
-    try:
-        if full is not None:
-            return QueueTimeout(_request(original, operation), *full)
-        deadline = time.monotonic() + budget(
-            original, kwargs, min(q.timeout_cap for _, q in queues)
-        )
+    with _lined_up(queues, original, kwargs, operation, tags) as (refused, deadline):
+        if refused is not None:
+            return refused
         for rule, queue in queues:
             turn = _Turn(queue)
             try:
@@ -257,8 +275,6 @@ def wait(
             except BaseException:
                 turn.give_back()
                 raise
-    finally:
-        _leave(entered)
     return None
 
 
@@ -271,14 +287,9 @@ async def wait_async(
 ) -> QueueTimeout | None:
     """`wait` for async clients: the event loop keeps running meanwhile; a cancelled call
     gives its turn back."""
-    tags.extend(rule.tag for rule, _ in queues)
-    entered, full = _enter(queues)
-    try:
-        if full is not None:
-            return QueueTimeout(_request(original, operation), *full)
-        deadline = time.monotonic() + budget(
-            original, kwargs, min(q.timeout_cap for _, q in queues)
-        )
+    with _lined_up(queues, original, kwargs, operation, tags) as (refused, deadline):
+        if refused is not None:
+            return refused
         for rule, queue in queues:
             turn = _Turn(queue)
             try:
@@ -289,6 +300,4 @@ async def wait_async(
             except BaseException:
                 turn.give_back()
                 raise
-    finally:
-        _leave(entered)
     return None

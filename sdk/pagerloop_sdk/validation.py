@@ -397,51 +397,71 @@ def _failed(call: PendingCall, plan: Plan, rule: Rule, why: str) -> None:
     plan.cache_key = None
 
 
-def checked_sync(result: Any, call: PendingCall, plan: Plan, send: Callable[[], Any]) -> Any:
-    """The answer to return: `result` when it passes its check, else a second attempt's."""
+# A check an answer failed: the control's rule, its check, and why.
+Failed = tuple[Rule, Check, str]
+
+
+def _first_failed(result: Any, call: PendingCall, plan: Plan) -> Failed | None:
+    """The call's check, and why its answer failed it; None when there is none or it passed."""
     found = _check(call, plan)
     if found is None:
-        return result
+        return None
     rule, check = found
     why = _verdict(rule, check, call.operation, result)
-    if why is None:
-        return result
-    limiter.pace(_retrying(call, plan, rule))
-    noted = _attempt_noted(call)
-    try:
-        again = send()
-    except Exception as exc:
-        _restore(call, noted)
-        _failed(call, plan, rule, f"{why}; the second attempt raised {type(exc).__name__}")
-        return result
+    return None if why is None else (rule, check, why)
+
+
+def _second_judged(call: PendingCall, plan: Plan, failed: Failed, again: Any) -> Any:
+    """The second attempt's answer, noted as failed when it fails the check too."""
+    rule, check, _ = failed
     why = _verdict(rule, check, call.operation, again)
     if why is not None:
         _failed(call, plan, rule, why)
     return again
+
+
+def _second_raised(
+    call: PendingCall,
+    plan: Plan,
+    failed: Failed,
+    noted: tuple[int | None, str | None, int],
+    exc: Exception,
+) -> None:
+    """The second attempt raised: the first answer stands, noted as failed."""
+    rule, _, why = failed
+    _restore(call, noted)
+    _failed(call, plan, rule, f"{why}; the second attempt raised {type(exc).__name__}")
+
+
+def checked_sync(result: Any, call: PendingCall, plan: Plan, send: Callable[[], Any]) -> Any:
+    """The answer to return: `result` when it passes its check, else a second attempt's."""
+    failed = _first_failed(result, call, plan)
+    if failed is None:
+        return result
+    limiter.pace(_retrying(call, plan, failed[0]))
+    noted = _attempt_noted(call)
+    try:
+        again = send()
+    except Exception as exc:
+        _second_raised(call, plan, failed, noted, exc)
+        return result
+    return _second_judged(call, plan, failed, again)
 
 
 async def checked_async(
     result: Any, call: PendingCall, plan: Plan, send: Callable[[], Awaitable[Any]]
 ) -> Any:
-    found = _check(call, plan)
-    if found is None:
+    failed = _first_failed(result, call, plan)
+    if failed is None:
         return result
-    rule, check = found
-    why = _verdict(rule, check, call.operation, result)
-    if why is None:
-        return result
-    await limiter.pace_async(_retrying(call, plan, rule))
+    await limiter.pace_async(_retrying(call, plan, failed[0]))
     noted = _attempt_noted(call)
     try:
         again = await send()
     except Exception as exc:
-        _restore(call, noted)
-        _failed(call, plan, rule, f"{why}; the second attempt raised {type(exc).__name__}")
+        _second_raised(call, plan, failed, noted, exc)
         return result
-    why = _verdict(rule, check, call.operation, again)
-    if why is not None:
-        _failed(call, plan, rule, why)
-    return again
+    return _second_judged(call, plan, failed, again)
 
 
 def failure_score(call: PendingCall, record: CallRecord) -> ScoreRecord:
